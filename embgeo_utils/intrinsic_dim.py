@@ -1,0 +1,631 @@
+"""Intrinsic-dimension estimators (chapters 3 and 4).
+
+Three families, all running as batched torch code on the chosen device:
+
+* ``local_pca_id``: per-point ID from PCA of each point's k-neighbourhood
+  (chapter 3, per-token ID of the embedding table, after Lee et al. 2025).
+* ``twonn``: the TwoNN estimator of Facco et al. (2017), with DADApy's default
+  fit (a least-squares line through the origin on the empirical distribution of
+  ``mu = r2 / r1``, the largest 10 % of ``mu`` discarded).
+* ``gride`` / ``gride_scaling``: the maximum-likelihood GRIDE estimator of Denti
+  et al. (2022) at one or several neighbour ranks, solved exactly as DADApy's
+  ``return_id_scaling_gride`` does (same outlier filter, same bisection).
+
+``twonn_batched`` and ``gride_batched`` evaluate many equal-sized clouds at once
+(chapter 4: every layer of a prompt), sharing one distance computation.
+
+Duplicate points. Identical rows (common in quantized embedding tables and in
+hidden states of repeated tokens) give zero distances and infinite ratios. The
+single-cloud functions delete duplicate rows first. The batched functions keep
+the array shape and instead mask duplicates: each group of identical rows is
+represented by its first row, the other copies contribute no ratio, and every
+point's neighbour list skips the copies of itself and the non-first copies of
+other groups. This is exactly the neighbour structure of the de-duplicated
+cloud, so both routes give the same estimates (tested).
+
+References:
+    E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), Estimating the intrinsic
+    dimension of datasets by a minimal neighborhood information, Sci. Rep. 7, 12140.
+
+    F. Denti, D. Doimo, A. Laio, A. Mira (2022), The generalized ratios intrinsic
+    dimension estimator, Sci. Rep. 12, 20005.
+
+    A. Glielmo et al. (2022), DADApy: Distance-based analysis of data-manifolds in
+    Python, Patterns 3(10). (Reference implementation matched here.)
+
+    A. Lee, M. Weber, F. Viégas, M. Wattenberg (2025), Shared Global and Local
+    Geometry of Language Model Embeddings, arXiv:2503.21073.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .device import get_device
+from .neighbors import knn
+from .validation import EmbgeoInputError, as_matrix
+
+__all__ = [
+    "local_pca_id",
+    "twonn",
+    "twonn_batched",
+    "gride",
+    "gride_scaling",
+    "gride_batched",
+    "default_scales",
+]
+
+ArrayLike = np.ndarray | torch.Tensor
+
+_EPS64 = float(np.finfo(np.float64).eps)
+# DADApy's search interval and precision for the GRIDE likelihood root.
+_D_LOW, _D_HIGH, _D_TOL = 1e-3, 1e3, 1e-7
+
+
+# ----------------------------------------------------------------------------------------
+# Local PCA (chapter 3)
+
+
+@torch.no_grad()
+def local_pca_id(
+    X: ArrayLike,
+    k: int = 50,
+    variance: float = 0.9,
+    device: str | torch.device = "auto",
+    indices: ArrayLike | None = None,
+    include_self: bool = True,
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """Per-point intrinsic dimension from PCA of each point's neighbourhood.
+
+    Chapter 3 (per-token local ID). The neighbourhood of point ``i`` is the
+    point itself plus its ``k`` nearest Euclidean neighbours (the point is
+    excluded from its own neighbour list by index, so duplicate rows still count
+    as neighbours), centred on their own mean. The ID is the fewest principal
+    components whose eigenvalues sum to at least ``variance`` of the total
+    variance of that neighbourhood. With ``include_self=False`` the
+    neighbourhood is the ``k`` neighbours only, which is how scikit-dimension's
+    ``lPCA(ver="ratio").fit_pw`` builds it; the two choices differ by one point.
+
+    Eigenvalues come from the ``(m, m)`` Gram matrix of the centred
+    neighbourhood (``m`` = its size) when ``m <= d``, else from the ``(d, d)``
+    covariance; both have the same non-zero spectrum. All neighbourhoods of a
+    chunk share one batched ``torch.linalg.eigvalsh`` call in float64.
+
+    Args:
+        X: ``(n, d)`` points (numpy or torch).
+        k: neighbours per point, ``1 <= k < n``.
+        variance: fraction of variance to explain, in ``(0, 1]``.
+        device: where to compute (``"auto"``: GPU if present).
+        indices: optional precomputed ``(n, k')`` neighbour indices sorted by
+            distance, self excluded (the first ``k`` columns are used).
+        include_self: add the point itself to its neighbourhood (default, our
+            choice for the book).
+        chunk_size: neighbourhoods per batch; default keeps a batch near 128 MiB.
+
+    Returns:
+        ``(n,)`` int array of local IDs (0 where a neighbourhood has no spread).
+
+    Raises:
+        EmbgeoInputError: on NaN/inf, a bad shape, or invalid ``k``/``variance``/``indices``.
+
+    References:
+        A. Lee, M. Weber, F. Viégas, M. Wattenberg (2025), arXiv:2503.21073.
+        K. Fukunaga, D. R. Olsen (1971), An algorithm for finding intrinsic
+        dimensionality of data, IEEE Trans. Comput. C-20(2).
+    """
+    dev = get_device(device)
+    data = as_matrix(X, "X", device=dev, dtype=torch.float32)
+    n, d = data.shape
+    if not 0.0 < variance <= 1.0:
+        raise EmbgeoInputError(f"variance must be in (0, 1], got {variance}.")
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= n - 1:
+        raise EmbgeoInputError(f"k must be an integer between 1 and {n - 1} for {n} points, got {k!r}.")
+    if indices is None:
+        _, idx_np = knn(data, int(k), device=dev)
+        idx = torch.as_tensor(idx_np, device=dev)
+    else:
+        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices)
+        if idx.ndim != 2 or idx.shape[0] != n or idx.shape[1] < k:
+            raise EmbgeoInputError(
+                f"indices must have shape ({n}, >= {k}) (neighbours of every point), got {tuple(idx.shape)}."
+            )
+        idx = idx[:, :k].to(device=dev, dtype=torch.long)
+        if bool(((idx < 0) | (idx >= n)).any()):
+            raise EmbgeoInputError(f"indices must lie in [0, {n}); fix the neighbour table.")
+    if include_self:
+        idx = torch.cat([torch.arange(n, device=dev)[:, None], idx], dim=1)
+    m = idx.shape[1]
+    step = chunk_size or max(1, (1 << 27) // (8 * m * max(m, d) + 8 * m * d))
+    out = torch.empty(n, dtype=torch.long, device=dev)
+    for start in range(0, n, step):
+        block = data[idx[start : start + step]].to(torch.float64)  # (c, m, d)
+        block = block - block.mean(dim=1, keepdim=True)
+        if m <= d:
+            small = block @ block.transpose(1, 2)
+        else:
+            small = block.transpose(1, 2) @ block
+        eig = torch.linalg.eigvalsh(small).flip(-1).clamp_(min=0.0)
+        total = eig.sum(dim=1, keepdim=True)
+        ratio = eig.cumsum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))
+        ids = (ratio < variance).sum(dim=1) + 1
+        out[start : start + step] = torch.where(total[:, 0] > 0, ids, torch.zeros_like(ids))
+    return out.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------
+# Shared neighbour-distance machinery
+
+
+def _check_scales(scales: Sequence[int] | np.ndarray | int) -> np.ndarray:
+    arr = np.atleast_1d(np.asarray(scales))
+    if arr.size == 0 or not np.issubdtype(arr.dtype, np.integer) or bool((arr < 2).any()) or bool((arr % 2).any()):
+        raise EmbgeoInputError(
+            f"scales must be even integers >= 2 (the rank n2, with n1 = n2 / 2), got {list(np.ravel(scales))}."
+        )
+    return arr.astype(np.int64)
+
+
+def default_scales(n_points: int, max_scale: int | None = None) -> np.ndarray:
+    """GRIDE ranks ``n2 = 2, 4, 8, ...`` up to ``max_scale`` and to ``n_points - 1``.
+
+    DADApy's ``return_id_scaling_gride(range_max=R)`` uses the same ranks with
+    ``max_scale = R``. Chapter 4 uses ``max_scale = 256`` as Viswanathan et al.
+    """
+    top = n_points - 1 if max_scale is None else min(int(max_scale), n_points - 1)
+    if top < 2:
+        raise EmbgeoInputError(f"GRIDE needs at least 3 distinct points, got {n_points}: use a longer prompt.")
+    return 2 ** np.arange(1, int(np.log2(top)) + 1, dtype=np.int64)
+
+
+def _too_few(n_distinct: int, needed_rank: int, what: str) -> EmbgeoInputError:
+    return EmbgeoInputError(
+        f"{what} at neighbour rank {needed_rank} needs at least {needed_rank + 1} distinct points, "
+        f"but only {n_distinct} remain after removing duplicates: use a longer prompt or smaller scales."
+    )
+
+
+def _unique_rows(data: torch.Tensor) -> torch.Tensor:
+    """Rows of ``data`` with exact duplicates removed (first occurrences, original order)."""
+    _, inverse = torch.unique(data, dim=0, return_inverse=True)
+    n = data.shape[0]
+    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=data.device)
+    first.scatter_reduce_(0, inverse, torch.arange(n, device=data.device), reduce="amin")
+    if first.numel() == n:
+        return data
+    return data[torch.sort(first).values]
+
+
+def _smallest_sorted(d2: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` smallest entries of each row, ascending (numpy's selection is faster on the CPU)."""
+    if d2.device.type == "cpu":
+        part = np.partition(d2.numpy(), k - 1, axis=1)[:, :k]
+        part.sort(axis=1)
+        return torch.from_numpy(part)
+    return torch.topk(d2, k, dim=1, largest=False, sorted=True).values
+
+
+def _sorted_knn_distances(data: torch.Tensor, kmax: int, chunk_size: int | None = None) -> tuple[torch.Tensor, bool]:
+    """Sorted distances to the ``kmax`` nearest neighbours in a float64 cloud (self excluded by index).
+
+    Also reports whether the cloud holds identical rows (near-zero distances
+    confirmed by exact comparison), in which case the caller de-duplicates and
+    calls again.
+    """
+    n = data.shape[0]
+    centred = data - data.mean(dim=0, keepdim=True)
+    sq = (centred * centred).sum(dim=1)
+    tol = 2e-5 * float(sq.max()) + 1e-30
+    step = chunk_size or max(1, min(n, (1 << 27) // (8 * n)))
+    out = torch.empty((n, kmax), dtype=torch.float64, device=data.device)
+    has_duplicates = False
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        d2 = torch.addmm(sq[None, :], centred[start:stop], centred.T, alpha=-2.0).add_(sq[start:stop, None])
+        rows = torch.arange(stop - start, device=data.device)
+        d2[rows, rows + start] = float("inf")
+        if not has_duplicates:
+            ci, cj = (d2 <= tol).nonzero().unbind(1)
+            has_duplicates = bool((data[ci + start] == data[cj]).all(dim=1).any()) if ci.numel() else False
+        out[start:stop] = _smallest_sorted(d2, kmax)
+    return out.clamp_(min=0.0).sqrt_().clamp_(min=_EPS64), has_duplicates
+
+
+def _deduplicated_knn_distances(
+    data: torch.Tensor, kmax: int, what: str, shrink: bool = False
+) -> tuple[torch.Tensor, int]:
+    """Neighbour distances of the cloud with identical rows removed, and its number of distinct points.
+
+    With ``shrink``, ``kmax`` is lowered to what the distinct points allow instead of raising.
+    """
+    dist = None
+    if data.shape[0] >= kmax + 1:
+        dist, has_duplicates = _sorted_knn_distances(data, kmax)
+        if not has_duplicates:
+            return dist, data.shape[0]
+    data = _unique_rows(data)
+    if shrink and data.shape[0] >= 3:
+        kmax = min(kmax, data.shape[0] - 1)
+    if data.shape[0] < kmax + 1:
+        raise _too_few(data.shape[0], kmax, what)
+    return _sorted_knn_distances(data, kmax)[0], data.shape[0]
+
+
+def _sort_rows(values: torch.Tensor) -> torch.Tensor:
+    """Sort along the last axis (numpy's SIMD sort on the CPU is several times faster than torch's)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.sort(values.numpy(), axis=-1))
+    return torch.sort(values, dim=-1).values
+
+
+def _duplicate_groups(stack: torch.Tensor, d2: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """For every point, the index of the first identical row in its cloud (itself when unique).
+
+    Candidate pairs are those whose computed squared distance is within rounding
+    error of zero; each candidate is confirmed by exact row comparison.
+    """
+    b, n, _ = stack.shape
+    tol = 2e-5 * sq.max(dim=1).values + 1e-30
+    close = d2 <= tol[:, None, None]
+    close.diagonal(dim1=1, dim2=2).fill_(False)
+    group = torch.arange(n, device=stack.device).repeat(b, 1)
+    cand = close.nonzero()
+    if cand.numel():
+        cb, ci, cj = cand.unbind(1)
+        same = (stack[cb, ci] == stack[cb, cj]).all(dim=1)
+        cb, ci, cj = cb[same], ci[same], cj[same]
+        group.view(-1).scatter_reduce_(0, cb * n + ci, cj, reduce="amin")
+    return group
+
+
+def _batched_knn_distances(
+    stack: torch.Tensor, kmax: int, dtype: torch.dtype = torch.float64, what: str = "GRIDE"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted neighbour distances of every point of every cloud, duplicates masked.
+
+    Args:
+        stack: ``(b, n, d)`` clouds.
+        kmax: largest neighbour rank needed.
+        dtype: precision of the Gram matrix (float64 by default).
+
+    Returns:
+        ``(dist, valid)``: ``(b, n, kmax)`` float64 distances and a ``(b, n)``
+        mask that is False for non-first copies of duplicate rows.
+    """
+    x = stack.to(dtype)
+    x = x - x.mean(dim=1, keepdim=True)
+    sq = (x * x).sum(dim=2)
+    d2 = torch.bmm(x, x.transpose(1, 2)).mul_(-2.0).add_(sq[:, :, None]).add_(sq[:, None, :])
+    return _knn_from_sq_distances(stack, d2, sq, kmax, what)
+
+
+def _knn_from_sq_distances(
+    stack: torch.Tensor, d2: torch.Tensor, sq: torch.Tensor, kmax: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask duplicates in squared distances ``d2`` (modified in place) and return sorted neighbour distances."""
+    b, n, _ = d2.shape
+    group = _duplicate_groups(stack, d2, sq)
+    arange = torch.arange(n, device=d2.device)
+    valid = group == arange
+    n_distinct = valid.sum(dim=1)
+    if int(n_distinct.min()) < kmax + 1:
+        raise _too_few(int(n_distinct.min()), kmax, what)
+    d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    if not bool(valid.all()):
+        same = group[:, :, None] == group[:, None, :]
+        d2.masked_fill_(same | ~valid[:, None, :], float("inf"))
+    dist = _sort_rows(d2)[:, :, :kmax].to(torch.float64)
+    return dist.clamp_(min=0.0).sqrt_().clamp_(min=_EPS64), valid
+
+
+# ----------------------------------------------------------------------------------------
+# TwoNN
+
+
+def _twonn_from_mu(mu: torch.Tensor, valid: torch.Tensor, discard_fraction: float, algorithm: str) -> torch.Tensor:
+    """TwoNN estimates for ``(b, n)`` ratios, ignoring entries where ``valid`` is False."""
+    n_valid = valid.sum(dim=1).to(torch.float64)
+    log_mu = torch.where(valid, torch.log(mu), torch.full_like(mu, float("inf")))
+    if algorithm == "ml":
+        return (n_valid - 1.0) / torch.where(valid, log_mu, torch.zeros_like(log_mu)).sum(dim=1)
+    keep = 1.0 - discard_fraction
+    n_eff = torch.floor(n_valid * keep)
+    x = torch.sort(log_mu, dim=1).values
+    rank = torch.arange(1, mu.shape[1] + 1, device=mu.device, dtype=torch.float64)[None, :]
+    used = rank <= n_eff[:, None]
+    x = torch.where(used, x, torch.zeros_like(x))
+    y = torch.where(used, -torch.log1p(-rank / n_valid[:, None]), torch.zeros_like(x))
+    return (x * y).sum(dim=1) / (x * x).sum(dim=1)
+
+
+def _check_twonn_args(discard_fraction: float, algorithm: str) -> str:
+    if not 0.0 <= discard_fraction < 1.0:
+        raise EmbgeoInputError(f"discard_fraction must be in [0, 1), got {discard_fraction}.")
+    if algorithm not in ("base", "ml"):
+        raise EmbgeoInputError(f"algorithm must be 'base' or 'ml', got {algorithm!r}.")
+    # As in DADApy: keeping every ratio makes the fit the maximum-likelihood estimate.
+    return "ml" if np.isclose(discard_fraction, 0.0) else algorithm
+
+
+@torch.no_grad()
+def twonn(
+    X: ArrayLike,
+    discard_fraction: float = 0.1,
+    algorithm: Literal["base", "ml"] = "base",
+    device: str | torch.device = "auto",
+) -> float:
+    """TwoNN intrinsic dimension of a point cloud (chapters 3 and 4).
+
+    Duplicate rows are removed first. With ``mu_i = r_{i,2} / r_{i,1}`` the
+    ratio of the second to the first neighbour distance and ``N`` distinct
+    points, ``algorithm="base"`` (DADApy's default) sorts ``log mu``, keeps the
+    smallest ``floor(N * (1 - discard_fraction))`` and fits the line
+    ``-log(1 - i/N) = d * log mu_(i)`` through the origin by least squares;
+    ``algorithm="ml"`` (or ``discard_fraction=0``) uses the maximum-likelihood
+    value ``(N - 1) / sum_i log mu_i`` over all points. This reproduces
+    ``dadapy.Data(X).compute_id_2NN(algorithm, mu_fraction=1 - discard_fraction)``.
+
+    Args:
+        X: ``(n, d)`` points.
+        discard_fraction: fraction of the largest ``mu`` left out of the fit.
+        algorithm: ``"base"`` (linear fit) or ``"ml"`` (maximum likelihood).
+        device: where to compute.
+
+    Returns:
+        The estimated intrinsic dimension.
+
+    Raises:
+        EmbgeoInputError: on NaN/inf, a bad shape, bad arguments or fewer than 3 distinct points.
+
+    References:
+        E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), Sci. Rep. 7, 12140.
+    """
+    algorithm = _check_twonn_args(discard_fraction, algorithm)
+    data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
+    dist, _ = _deduplicated_knn_distances(data, 2, "TwoNN")
+    mu = (dist[:, 1] / dist[:, 0])[None, :]
+    return float(_twonn_from_mu(mu, torch.ones_like(mu, dtype=torch.bool), discard_fraction, algorithm)[0])
+
+
+@torch.no_grad()
+def twonn_batched(
+    stack: ArrayLike,
+    discard_fraction: float = 0.1,
+    algorithm: Literal["base", "ml"] = "base",
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float64,
+) -> np.ndarray:
+    """TwoNN for a stack of equal-sized clouds ``(b, n, d)`` (chapter 4); same rule as :func:`twonn`.
+
+    Duplicates are masked per cloud (see the module docstring), which gives the
+    same values as :func:`twonn` on each cloud.
+
+    Returns:
+        ``(b,)`` float array.
+    """
+    algorithm = _check_twonn_args(discard_fraction, algorithm)
+    x = _as_stack(stack, get_device(device))
+    dist, valid = _batched_knn_distances(x, 2, dtype=dtype, what="TwoNN")
+    return _twonn_from_mu(dist[:, :, 1] / dist[:, :, 0], valid, discard_fraction, algorithm).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------
+# GRIDE
+
+
+def _gride_root(log_mu: torch.Tensor, count: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Root of the GRIDE likelihood equation, reported as DADApy's bisection reports it.
+
+    ``g(d) = sum_i (a / (1 - mu_i^-d) + c) log mu_i - (N - 1) / d`` (minus the
+    derivative of the log-likelihood, increasing in ``d``) is solved by Newton
+    steps in ``log d`` kept inside a shrinking bracket. DADApy then halves ``[1e-3, 1e3]``
+    until it is narrower than ``1e-7``, keeping the half that holds the sign
+    change; replaying those halvings with the known root returns the same
+    number without evaluating ``g`` 34 more times.
+    """
+    n_minus_1 = count - 1.0
+    lo = torch.full_like(count, _D_LOW)
+    hi = torch.full_like(count, _D_HIGH)
+    d = (n_minus_1 / (c[:, :, 0] * log_mu.sum(dim=2))).nan_to_num_(_D_HIGH).clamp_(_D_LOW, _D_HIGH)
+
+    def g_and_slope(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = torch.mul(log_mu, -d[:, :, None]).exp_()
+        one_m = torch.sub(1.0, e).clamp_(min=2 * _D_TOL)
+        g = (a / one_m + c).mul_(log_mu).sum(dim=2) - n_minus_1 / d
+        slope = (e / one_m.square_()).mul_(log_mu.square()).mul_(-a).sum(dim=2) + n_minus_1 / d**2
+        return g, slope
+
+    for _ in range(200):
+        g, slope = g_and_slope(d)
+        hi = torch.where(g > 0, d, hi)
+        lo = torch.where(g > 0, lo, d)
+        step = d * torch.exp(-g / (slope * d))  # Newton step in log d
+        step = torch.where((step >= lo) & (step <= hi), step, (lo * hi).sqrt())
+        done = bool(((step - d).abs() <= 1e-12 * d).all())
+        d = step
+        if done:
+            break
+
+    sign_hi, _ = g_and_slope(torch.full_like(count, _D_HIGH))
+    lo = torch.full_like(count, _D_LOW)
+    hi = torch.full_like(count, _D_HIGH)
+    width = _D_HIGH - _D_LOW
+    while width > _D_TOL:  # the same halvings as DADApy's loop
+        mid = (lo + hi) / 2.0
+        same_side = torch.where(sign_hi > 0, mid > d, torch.ones_like(mid, dtype=torch.bool))
+        hi = torch.where(same_side, mid, hi)
+        lo = torch.where(same_side, lo, mid)
+        width /= 2.0
+    return (lo + hi) / 2.0
+
+
+def _gride_from_mu(
+    mu: torch.Tensor, valid: torch.Tensor, n1: torch.Tensor, n2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRIDE maximum-likelihood ID and its error for ``(b, s, n)`` ratios ``mu = r_n2 / r_n1``.
+
+    Follows DADApy 0.3.4: ratios equal to 1 are nudged up by ``10 eps``; ratios
+    at or above ``q50 + 20 (q95 - q50)`` are dropped as outliers; the root of the
+    derivative of the log-likelihood is bracketed in ``[1e-3, 1e3]`` and bisected
+    to ``1e-7`` (see :func:`_gride_root`); the error is the inverse square root of the Fisher information.
+    """
+    mu = torch.where(mu == 1.0, mu + 10 * _EPS64, mu).contiguous()
+    valid = valid[:, None, :].expand_as(mu)
+    q95, q50 = torch.nanquantile(torch.where(valid, mu, torch.full_like(mu, float("nan"))),
+                                 torch.tensor([0.95, 0.5], dtype=mu.dtype, device=mu.device), dim=2)
+    keep = valid & (mu < (20.0 * (q95 - q50) + q50)[:, :, None])
+    count = keep.sum(dim=2).to(mu.dtype)
+    log_mu = torch.where(keep, torch.log(mu), torch.zeros_like(mu))
+    a = (1.0 + n1 - n2).to(mu.dtype)[None, :, None]
+    c = (n2 - 1.0).to(mu.dtype)[None, :, None]
+
+    ids = _gride_root(log_mu, count, a, c)
+
+    one_m = (-torch.expm1(-ids[:, :, None] * log_mu)).clamp_(min=5 * _EPS64)
+    term = (log_mu / one_m) ** 2 * torch.exp(-ids[:, :, None] * log_mu)
+    fisher = count / ids**2 + (-a * torch.where(keep, term, torch.zeros_like(term))).sum(dim=2)
+    return ids, fisher.rsqrt()
+
+
+def _gride_on_distances(dist: torch.Tensor, valid: torch.Tensor, n1s: np.ndarray, n2s: np.ndarray):
+    dev = dist.device
+    mu = dist[:, :, torch.as_tensor(n2s - 1, device=dev)] / dist[:, :, torch.as_tensor(n1s - 1, device=dev)]
+    return _gride_from_mu(
+        mu.transpose(1, 2),
+        valid,
+        torch.as_tensor(n1s, device=dev, dtype=torch.float64),
+        torch.as_tensor(n2s, device=dev, dtype=torch.float64),
+    )
+
+
+@torch.no_grad()
+def gride(
+    X: ArrayLike,
+    n1: int = 1,
+    n2: int = 2,
+    device: str | torch.device = "auto",
+    return_error: bool = False,
+) -> float | tuple[float, float]:
+    """GRIDE maximum-likelihood intrinsic dimension at one pair of neighbour ranks.
+
+    Chapter 4 (and the global estimates of chapter 3). Duplicate rows are
+    removed first. With ``mu_i = r_{i,n2} / r_{i,n1}`` the ID maximises
+    ``sum_i log f(mu_i)``, where
+    ``f(mu) = d (mu^d - 1)^(n2-n1-1) / (B(n2-n1, n1) mu^((n2-1) d + 1))``.
+    The log-likelihood is concave in ``d``; its derivative is bisected on
+    ``[1e-3, 1e3]`` exactly as in DADApy, after DADApy's outlier filter (ratios
+    at or above ``q50 + 20 (q95 - q50)`` are dropped).
+
+    Args:
+        X: ``(n, d)`` points.
+        n1: rank of the inner neighbour (``>= 1``).
+        n2: rank of the outer neighbour (``> n1``); needs ``n2 + 1`` distinct points.
+        device: where to compute.
+        return_error: also return the Fisher-information standard error.
+
+    Returns:
+        The ID, or ``(id, error)`` when ``return_error`` is True.
+
+    Raises:
+        EmbgeoInputError: on NaN/inf, a bad shape, bad ranks, or too few distinct points.
+
+    References:
+        F. Denti, D. Doimo, A. Laio, A. Mira (2022), Sci. Rep. 12, 20005.
+    """
+    if not (isinstance(n1, (int, np.integer)) and isinstance(n2, (int, np.integer)) and 1 <= n1 < n2):
+        raise EmbgeoInputError(f"GRIDE needs integer ranks 1 <= n1 < n2, got n1={n1!r}, n2={n2!r}.")
+    data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
+    dist = _deduplicated_knn_distances(data, int(n2), "GRIDE")[0][None]
+    valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
+    ids, err = _gride_on_distances(dist, valid, np.array([n1]), np.array([n2]))
+    return (float(ids[0, 0]), float(err[0, 0])) if return_error else float(ids[0, 0])
+
+
+@torch.no_grad()
+def gride_scaling(
+    X: ArrayLike,
+    max_scale: int | None = None,
+    device: str | torch.device = "auto",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GRIDE IDs at neighbour ranks ``n2 = 2, 4, 8, ...`` with ``n1 = n2 / 2`` (chapters 3 and 4).
+
+    Equivalent to DADApy's ``Data(X).return_id_scaling_gride(range_max=max_scale)``
+    on the de-duplicated cloud (DADApy returns mean distances as its scales;
+    here the scales are the ranks ``n2``).
+
+    Args:
+        X: ``(n, d)`` points.
+        max_scale: largest ``n2`` (default: as large as the distinct points allow).
+        device: where to compute.
+
+    Returns:
+        ``(scales, ids, errors)``: the ranks ``n2``, the IDs and their
+        Fisher-information standard errors.
+
+    Raises:
+        EmbgeoInputError: on NaN/inf, a bad shape, or too few distinct points.
+
+    References:
+        F. Denti, D. Doimo, A. Laio, A. Mira (2022), Sci. Rep. 12, 20005.
+    """
+    data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
+    scales = default_scales(data.shape[0], max_scale)
+    dist, n_distinct = _deduplicated_knn_distances(data, int(scales[-1]), "GRIDE", shrink=True)
+    scales = default_scales(n_distinct, max_scale)
+    dist = dist[None, :, : int(scales[-1])]
+    valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
+    ids, err = _gride_on_distances(dist, valid, scales // 2, scales)
+    return scales, ids[0].cpu().numpy(), err[0].cpu().numpy()
+
+
+def _as_stack(stack: ArrayLike, dev: torch.device) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(stack) if not isinstance(stack, torch.Tensor) else stack)
+    if tensor.ndim != 3:
+        raise EmbgeoInputError(f"stack must be 3-D (clouds x points x features), got shape {tuple(tensor.shape)}.")
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.float64)
+    if not bool(torch.isfinite(tensor).all()):
+        raise EmbgeoInputError("stack holds NaN or infinite values; drop or fix those points first.")
+    return tensor.to(dev)
+
+
+@torch.no_grad()
+def gride_batched(
+    stack: ArrayLike,
+    scales: Sequence[int] | np.ndarray | None = None,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float64,
+    return_error: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """GRIDE at several ranks for a stack of equal-sized clouds (chapter 4).
+
+    One batched distance computation and one sort serve every cloud and scale;
+    the likelihood is solved for all clouds and scales at once. Duplicate rows
+    are masked per cloud (see the module docstring), giving the same values as
+    :func:`gride` on each de-duplicated cloud.
+
+    Args:
+        stack: ``(b, n, d)`` clouds, e.g. all layers of one prompt.
+        scales: even ranks ``n2`` (``n1 = n2 / 2``); default ``2, 4, ...`` up to ``n - 1``.
+        device: where to compute.
+        dtype: precision of the Gram matrix; float32 is faster but distances
+            then carry relative errors of order 1e-6 for typical clouds.
+        return_error: also return the Fisher-information standard errors.
+
+    Returns:
+        ``(b, n_scales)`` IDs (and errors when ``return_error``).
+
+    Raises:
+        EmbgeoInputError: on NaN/inf, a bad shape, bad scales, or a cloud with
+            fewer than ``max(scales) + 1`` distinct points.
+    """
+    x = _as_stack(stack, get_device(device))
+    scales = default_scales(x.shape[1]) if scales is None else _check_scales(scales)
+    dist, valid = _batched_knn_distances(x, int(scales.max()), dtype=dtype)
+    ids, err = _gride_on_distances(dist, valid, scales // 2, scales)
+    ids, err = ids.cpu().numpy(), err.cpu().numpy()
+    return (ids, err) if return_error else ids

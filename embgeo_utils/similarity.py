@@ -1,0 +1,451 @@
+"""Global similarity of two point clouds over the same items (chapter 1).
+
+Chapter 1 (global orientation) compares two models through the same tokens:
+the cosine-similarity matrix of the tokens in model A against that in model B
+(Pearson of the upper triangles), with Spearman, linear CKA and mutual k-NN as
+complements, and a permutation null that breaks the token correspondence.
+
+All measures take ``X`` ``(n, d1)`` and ``Y`` ``(n, d2)`` whose rows are the same
+items; the widths may differ. ``measure(name, X, Y)`` is the single entry point
+used by the notebooks.
+
+References:
+    Lee, Weber, Viegas, Wattenberg (2025). Shared Global and Local Geometry of
+    Language Model Embeddings. arXiv:2503.21073.
+    Kornblith, Norouzi, Lee, Hinton (2019). Similarity of Neural Network
+    Representations Revisited. ICML. arXiv:1905.00414.
+    Huh, Cheung, Wang, Isola (2024). The Platonic Representation Hypothesis.
+    arXiv:2405.07987 (mutual k-NN).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from .device import get_device
+from .neighbors import _check_k, knn, shared_neighbor_counts
+from .validation import EmbgeoInputError, as_matrix
+
+__all__ = [
+    "PermutationResult",
+    "cka",
+    "cosine_matrix_correlation",
+    "measure",
+    "measures",
+    "mutual_knn",
+    "permutation_test",
+    "spearman_cosine",
+]
+
+Array = np.ndarray | torch.Tensor
+
+_BLOCK_BYTES = 1 << 28  # 256 MiB per block of a similarity matrix
+_FULL_MATRIX_ROWS = 5000  # up to this many rows the permutation test keeps both cosine matrices
+
+
+def _pair(X: Array, Y: Array, dev: torch.device, min_rows: int = 3, dtype: torch.dtype = torch.float32):
+    x = as_matrix(X, "X", device=dev, dtype=dtype, min_rows=min_rows)
+    y = as_matrix(Y, "Y", device=dev, dtype=dtype, min_rows=min_rows)
+    if x.shape[0] != y.shape[0]:
+        raise EmbgeoInputError(
+            f"X and Y must hold the same items, row for row: {x.shape[0]} rows != {y.shape[0]} rows "
+            "(select the shared tokens in both models first)."
+        )
+    return x, y
+
+
+def _unit(data: torch.Tensor, name: str, center: bool) -> torch.Tensor:
+    if center:
+        data = data - data.mean(dim=0, keepdim=True)
+    norms = data.norm(dim=1, keepdim=True)
+    zero = int((norms <= 1e-12 * max(1.0, float(norms.max()))).sum())
+    if zero:
+        where = "after mean-centring " if center else ""
+        raise EmbgeoInputError(
+            f"{name} holds {zero} zero vectors {where}: cosine similarity is undefined for them; drop those rows first."
+        )
+    return data / norms
+
+
+def _mean_offdiag_cos(unit: torch.Tensor) -> float:
+    """Exact mean of the off-diagonal cosines: (||sum_i u_i||^2 - n) / (n (n - 1))."""
+    n = unit.shape[0]
+    total = unit.to(torch.float64).sum(dim=0)
+    return float(((total * total).sum() - n) / (n * (n - 1)))
+
+
+def _pearson_from_sums(sa: float, sb: float, saa: float, sbb: float, sab: float, m: int) -> float:
+    var_a = saa - sa * sa / m
+    var_b = sbb - sb * sb / m
+    if var_a <= 0 or var_b <= 0:
+        raise EmbgeoInputError(
+            "The cosine similarities of one cloud are all equal, so their correlation is undefined; "
+            "check that the rows are not all parallel."
+        )
+    return float((sab - sa * sb / m) / math.sqrt(var_a * var_b))
+
+
+@torch.no_grad()
+def cosine_matrix_correlation(
+    X: Array,
+    Y: Array,
+    center: bool = False,
+    device: str | torch.device = "auto",
+    chunk_size: int | None = None,
+) -> float:
+    """Chapter 1: Pearson r between the cosine-similarity matrices of X's rows and Y's rows.
+
+    Only the upper triangles (pairs ``i < j``) enter, so the unit diagonal does
+    not inflate r. The matrices are never stored: row blocks of both matrices
+    are computed together and the five sums of the Pearson formula are
+    accumulated in float64 (after subtracting each matrix's exact mean
+    off-diagonal cosine, to avoid cancellation), so memory stays bounded for
+    ``n`` in the tens of thousands.
+
+    Args:
+        X: ``(n, d1)`` model A's vectors of n items.
+        Y: ``(n, d2)`` model B's vectors of the same items.
+        center: subtract each cloud's mean vector first (anisotropic embedding
+            clouds have large raw cosines; chapter 1 reports both).
+        device: where to compute.
+        chunk_size: rows per block (default: a block pair under ~512 MiB).
+
+    Returns:
+        r as a Python float.
+
+    Raises:
+        EmbgeoInputError: mismatched rows, fewer than 3 rows, NaN/inf, zero vectors.
+
+    References:
+        Lee et al. (2025), arXiv:2503.21073.
+    """
+    dev = get_device(device)
+    x, y = _pair(X, Y, dev)
+    ux, uy = _unit(x, "X", center), _unit(y, "Y", center)
+    n = ux.shape[0]
+    cx, cy = _mean_offdiag_cos(ux), _mean_offdiag_cos(uy)
+    step = int(chunk_size or max(1, min(n, _BLOCK_BYTES // (4 * n))))
+    sa = sb = saa = sbb = sab = 0.0
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        # Columns start.. only: the block's own square is masked to its strict upper triangle.
+        a = ux[start:stop] @ ux[start:].T - cx
+        b = uy[start:stop] @ uy[start:].T - cy
+        width = stop - start
+        a[:, :width] = torch.triu(a[:, :width], diagonal=1)
+        b[:, :width] = torch.triu(b[:, :width], diagonal=1)
+        sa += float(a.sum(dtype=torch.float64))
+        sb += float(b.sum(dtype=torch.float64))
+        saa += float((a * a).sum(dtype=torch.float64))
+        sbb += float((b * b).sum(dtype=torch.float64))
+        sab += float((a * b).sum(dtype=torch.float64))
+    return _pearson_from_sums(sa, sb, saa, sbb, sab, n * (n - 1) // 2)
+
+
+def _centered64(data: torch.Tensor) -> torch.Tensor:
+    data = data.to(torch.float64)
+    return data - data.mean(dim=0, keepdim=True)
+
+
+@torch.no_grad()
+def cka(X: Array, Y: Array, device: str | torch.device = "auto") -> float:
+    """Chapter 1: linear centred kernel alignment between two representations of the same items.
+
+    ``CKA = ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred
+    ``Xc, Yc`` (float64). Invariant to orthogonal transforms and isotropic scaling
+    of either cloud; 1 for identical clouds.
+
+    Args:
+        X: ``(n, d1)``; Y: ``(n, d2)``, same rows.
+        device: where to compute.
+
+    Returns:
+        CKA in ``[0, 1]`` as a Python float.
+
+    References:
+        Kornblith et al. (2019), Similarity of Neural Network Representations
+        Revisited, ICML (arXiv:1905.00414).
+    """
+    dev = get_device(device)
+    x, y = _pair(X, Y, dev, min_rows=2, dtype=torch.float64)
+    xc, yc = _centered64(x), _centered64(y)
+    hxx = torch.linalg.matrix_norm(xc.T @ xc)
+    hyy = torch.linalg.matrix_norm(yc.T @ yc)
+    if float(hxx) == 0 or float(hyy) == 0:
+        raise EmbgeoInputError("One cloud has zero variance (all rows equal): CKA is undefined.")
+    hxy = torch.linalg.matrix_norm(xc.T @ yc) ** 2
+    return float(hxy / (hxx * hyy))
+
+
+def mutual_knn(X: Array, Y: Array, k: int = 10, device: str | torch.device = "auto") -> float:
+    """Chapter 1: mean fraction of shared cosine k-nearest neighbours (self excluded).
+
+    ``mean_i |N_k^X(i) & N_k^Y(i)| / k`` with neighbours by cosine similarity.
+    Chance level for unrelated clouds is ``k / (n - 1)``.
+
+    References:
+        Huh et al. (2024), The Platonic Representation Hypothesis, arXiv:2405.07987.
+    """
+    dev = get_device(device)
+    x, y = _pair(X, Y, dev)
+    _check_k(k, x.shape[0], exclude_self=True)
+    _, ix = knn(x, k, metric="cosine", device=dev)
+    _, iy = knn(y, k, metric="cosine", device=dev)
+    return float(shared_neighbor_counts(ix, iy).mean() / k)
+
+
+def _sample_pairs(n: int, max_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs i < j when there are at most ``max_pairs``, else ``max_pairs`` random ones (seeded)."""
+    total = n * (n - 1) // 2
+    if total <= max_pairs:
+        return np.triu_indices(n, k=1)
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, n, size=max_pairs)
+    j = rng.integers(0, n - 1, size=max_pairs)
+    j = j + (j >= i)  # uniform over j != i
+    return np.minimum(i, j), np.maximum(i, j)
+
+
+@torch.no_grad()
+def spearman_cosine(
+    X: Array,
+    Y: Array,
+    center: bool = False,
+    max_pairs: int = 2_000_000,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> float:
+    """Chapter 1: Spearman rank correlation of the cosine upper triangles of X and Y.
+
+    With ``n (n - 1) / 2 <= max_pairs`` all pairs ``i < j`` are used (exact).
+    Beyond that, ``max_pairs`` pairs are drawn uniformly at random (with
+    replacement, fixed ``seed``, so the result is deterministic) and the rank
+    correlation is computed on them: an estimate whose standard error is about
+    ``1 / sqrt(max_pairs)`` (below 0.001 at the default). Ties get average ranks.
+
+    References:
+        Lee et al. (2025), arXiv:2503.21073.
+    """
+    dev = get_device(device)
+    x, y = _pair(X, Y, dev)
+    ux, uy = _unit(x, "X", center), _unit(y, "Y", center)
+    rows, cols = _sample_pairs(ux.shape[0], max_pairs, seed)
+    a = np.empty(len(rows), dtype=np.float64)
+    b = np.empty(len(rows), dtype=np.float64)
+    step = max(1, _BLOCK_BYTES // (4 * max(ux.shape[1], uy.shape[1]) * 2))
+    for start in range(0, len(rows), step):
+        r = torch.from_numpy(rows[start : start + step]).to(dev)
+        c = torch.from_numpy(cols[start : start + step]).to(dev)
+        a[start : start + step] = (ux[r] * ux[c]).sum(dim=1).double().cpu().numpy()
+        b[start : start + step] = (uy[r] * uy[c]).sum(dim=1).double().cpu().numpy()
+    ra, rb = rankdata(a), rankdata(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    if denom == 0:
+        raise EmbgeoInputError("The cosine similarities of one cloud are all equal: Spearman is undefined.")
+    return float(ra @ rb / denom)
+
+
+_MEASURES: dict[str, Callable[..., float]] = {
+    "cosine_corr": cosine_matrix_correlation,
+    "cosine_corr_centered": lambda X, Y, **kw: cosine_matrix_correlation(X, Y, center=True, **kw),
+    "cka": cka,
+    "mutual_knn": mutual_knn,
+    "spearman": spearman_cosine,
+}
+
+
+def measures() -> list[str]:
+    """Names accepted by ``measure`` and ``permutation_test`` (chapter 1)."""
+    return sorted(_MEASURES)
+
+
+def measure(name: str, X: Array, Y: Array, **kw: Any) -> float:
+    """Chapter 1: compute a similarity measure by name.
+
+    Names: ``"cosine_corr"``, ``"cosine_corr_centered"``, ``"cka"``,
+    ``"mutual_knn"`` (``k=10`` by default) and ``"spearman"``. Extra keyword
+    arguments go to the underlying function (e.g. ``device``, ``k``).
+    """
+    if name not in _MEASURES:
+        raise EmbgeoInputError(f"Unknown similarity measure {name!r}; choose one of {measures()}.")
+    return float(_MEASURES[name](X, Y, **kw))
+
+
+@dataclass(frozen=True)
+class PermutationResult:
+    """Outcome of ``permutation_test`` (chapter 1).
+
+    Attributes:
+        statistic: the observed value.
+        null_mean: mean of the statistic over permutations.
+        null_std: standard deviation (ddof=1) over permutations.
+        z: ``(statistic - null_mean) / null_std`` (nan when the null has no spread).
+        p_value: one-sided ``(1 + #{null >= statistic}) / (1 + n_permutations)``.
+        n_permutations: number of permutations.
+        null: the null values themselves.
+    """
+
+    statistic: float
+    null_mean: float
+    null_std: float
+    z: float
+    p_value: float
+    n_permutations: int
+    null: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False, compare=False)
+
+
+class _FastNull:
+    """Permutation null for cosine correlation and CKA without recomputing the clouds' geometry.
+
+    Permuting Y's rows leaves every per-cloud quantity of these statistics
+    unchanged (the set of off-diagonal cosines of Y, the Gram norms of CKA);
+    only the cross term depends on the permutation ``p``:
+
+    * cosine correlation, n <= 5000: ``sum_{i != j} A_ij B_{p_i p_j}`` with both
+      (mean-shifted, zero-diagonal) cosine matrices kept on the device and
+      ``B`` re-indexed by ``p``;
+    * cosine correlation, larger n: the same sum as
+      ``||Ux^T Uy[p]||_F^2 - n`` (unit rows), in float64, shifted by the means;
+    * CKA: ``||Xc^T Yc[p]||_F^2``.
+    """
+
+    def __init__(self, kind: str, X: Array, Y: Array, dev: torch.device, center: bool = False) -> None:
+        self.kind = kind
+        if kind == "cka":
+            x, y = _pair(X, Y, dev, min_rows=2, dtype=torch.float64)
+            self.x, self.y = _centered64(x), _centered64(y)
+            self.norm = float(torch.linalg.matrix_norm(self.x.T @ self.x) * torch.linalg.matrix_norm(self.y.T @ self.y))
+            if self.norm == 0:
+                raise EmbgeoInputError("One cloud has zero variance (all rows equal): CKA is undefined.")
+            return
+        x, y = _pair(X, Y, dev)
+        ux, uy = _unit(x, "X", center), _unit(y, "Y", center)
+        n = ux.shape[0]
+        self.n, self.m = n, n * (n - 1) // 2
+        self.cx, self.cy = _mean_offdiag_cos(ux), _mean_offdiag_cos(uy)
+        # Off-diagonal sums of the shifted matrices over pairs i<j (the shift makes the first-order sums ~0).
+        self.sa = self.sb = 0.0
+        if n <= _FULL_MATRIX_ROWS:
+            a = ux @ ux.T - self.cx
+            b = uy @ uy.T - self.cy
+            a.fill_diagonal_(0)
+            b.fill_diagonal_(0)
+            self.sa, self.sb = float(a.sum(dtype=torch.float64)) / 2, float(b.sum(dtype=torch.float64)) / 2
+            self.saa = float((a * a).sum(dtype=torch.float64)) / 2
+            self.sbb = float((b * b).sum(dtype=torch.float64)) / 2
+            self.a, self.b = a, b
+            self.full = True
+        else:
+            self.full = False
+            self.ux, self.uy = ux.to(torch.float64), uy.to(torch.float64)
+            # Sum of squares of the shifted off-diagonal entries via ||U^T U||_F^2 = sum_ij cos_ij^2.
+            for name, u, c in (("saa", self.ux, self.cx), ("sbb", self.uy, self.cy)):
+                total_sq = float(torch.linalg.matrix_norm(u.T @ u) ** 2) - n  # sum_{i != j} cos^2
+                total = float((u.sum(dim=0) ** 2).sum()) - n  # sum_{i != j} cos
+                off = n * (n - 1)
+                setattr(self, name, (total_sq - 2 * c * total + c * c * off) / 2)
+
+    def __call__(self, perm: torch.Tensor | None) -> float:
+        if self.kind == "cka":
+            y = self.y if perm is None else self.y[perm]
+            return float(torch.linalg.matrix_norm(self.x.T @ y) ** 2 / self.norm)
+        if self.full:
+            b = self.b if perm is None else self.b[perm[:, None], perm[None, :]]
+            sab = float((self.a * b).sum(dtype=torch.float64)) / 2
+        else:
+            uy = self.uy if perm is None else self.uy[perm]
+            n = self.n
+            cross = float(torch.linalg.matrix_norm(self.ux.T @ uy) ** 2) - n  # sum_{i != j} cosX_ij cosY_pipj
+            tx = float((self.ux.sum(dim=0) ** 2).sum()) - n
+            ty = float((self.uy.sum(dim=0) ** 2).sum()) - n
+            sab = (cross - self.cy * tx - self.cx * ty + self.cx * self.cy * n * (n - 1)) / 2
+        return _pearson_from_sums(self.sa, self.sb, self.saa, self.sbb, sab, self.m)
+
+
+def _fast_kind(stat: str | Callable[..., float], kw: dict[str, Any]) -> tuple[str, bool] | None:
+    """Which fast null applies to ``stat`` (with keyword arguments ``kw``), if any."""
+    extra = set(kw) - {"center"}
+    if extra:
+        return None
+    if stat in ("cosine_corr", "cosine_corr_centered") or stat is cosine_matrix_correlation:
+        if stat == "cosine_corr_centered" and "center" in kw:
+            return None
+        return "cosine", bool(kw.get("center", stat == "cosine_corr_centered"))
+    if (stat == "cka" or stat is cka) and not kw:
+        return "cka", False
+    return None
+
+
+def permutation_test(
+    stat: str | Callable[..., float],
+    X: Array,
+    Y: Array,
+    n: int = 200,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    **kw: Any,
+) -> PermutationResult:
+    """Chapter 1: permutation null for a similarity statistic by shuffling Y's rows.
+
+    The null permutes the rows of ``Y`` (breaking the token correspondence
+    between the two models) ``n`` times with a seeded generator; the p-value is
+    one-sided, ``(1 + #{null >= observed}) / (1 + n)``.
+
+    For ``"cosine_corr"``, ``"cosine_corr_centered"`` and ``"cka"`` (names or the
+    functions themselves) the clouds' geometry is computed once and each
+    permutation only re-indexes it (see ``_FastNull``); any other statistic is
+    recomputed from scratch for every permutation.
+
+    Args:
+        stat: a name from ``measures()`` or a callable ``stat(X, Y, **kw) -> float``.
+        X: ``(n_items, d1)``; Y: ``(n_items, d2)``, same rows.
+        n: number of permutations (chapter 1 uses at least 200).
+        seed: seed of the permutations.
+        device: where to compute.
+        **kw: passed to the statistic.
+
+    Returns:
+        ``PermutationResult``.
+
+    References:
+        Lee et al. (2025), arXiv:2503.21073.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise EmbgeoInputError(f"n (number of permutations) must be a positive integer, got {n!r}.")
+    dev = get_device(device)
+    rows_x = as_matrix(X, "X").shape[0]
+    rows_y = as_matrix(Y, "Y").shape[0]
+    if rows_x != rows_y:
+        raise EmbgeoInputError(f"X and Y must hold the same items, row for row: {rows_x} rows != {rows_y} rows.")
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(rows_y) for _ in range(n)]
+    fast = _fast_kind(stat, kw)
+    if fast is not None:
+        null_fn = _FastNull(fast[0], X, Y, dev, center=fast[1])
+        observed = null_fn(None)
+        null = np.array([null_fn(torch.from_numpy(p).to(dev)) for p in perms])
+    else:
+        if isinstance(stat, str):
+            if stat not in _MEASURES:
+                raise EmbgeoInputError(f"Unknown similarity measure {stat!r}; choose one of {measures()} or pass a callable.")
+            fn: Callable[..., float] = _MEASURES[stat]
+            kw = {"device": dev, **kw}
+        else:
+            fn = stat
+        y_all = Y if isinstance(Y, torch.Tensor) else np.asarray(Y)
+        observed = float(fn(X, y_all, **kw))
+        take = (lambda p: y_all[torch.from_numpy(p)]) if isinstance(y_all, torch.Tensor) else (lambda p: y_all[p])
+        null = np.array([float(fn(X, take(p), **kw)) for p in perms])
+    null_mean = float(null.mean())
+    null_std = float(null.std(ddof=1)) if n > 1 else float("nan")
+    z = (observed - null_mean) / null_std if null_std > 0 else float("nan")
+    p_value = (1 + int((null >= observed).sum())) / (1 + n)
+    return PermutationResult(float(observed), null_mean, null_std, float(z), float(p_value), int(n), null)
