@@ -55,10 +55,15 @@ def prepare_ids(ids: Sequence[Sequence[int]] | np.ndarray, n_tokens: int | None 
     if not seqs:
         raise ValueError("No prompts given.")
     length = n_tokens or min(len(s) for s in seqs)
-    short = [i for i, s in enumerate(seqs) if len(s) < length]
-    if short or length < 2:
+    if length < 2:
         raise PromptTooShortError(
-            f"Prompts {short[:5]} have fewer than {max(length, 2)} tokens; choose longer passages "
+            f"Prompts need at least 2 tokens (got {length}): a next-token loss and a token cloud need two; "
+            "prefix single tokens with a context token, or pass longer prompts."
+        )
+    short = [i for i, s in enumerate(seqs) if len(s) < length]
+    if short:
+        raise PromptTooShortError(
+            f"Prompts {short[:5]} have fewer than {length} tokens; choose longer passages "
             "(load_passages(min_tokens=...)) or a smaller n_tokens."
         )
     return np.stack([s[:length] for s in seqs])

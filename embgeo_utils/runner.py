@@ -78,13 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     sources = chapter_sources(root)
     if args.only:
         sources = [s for s in sources if any(s.stem == o or s.stem.startswith(o) for o in args.only)]
-    for source in sources:
+    import papermill as pm
+
+    failed = []
+    for source in sources + [root / LEDGER]:
         print(f"[embgeo] executing {source.name} ...", flush=True)
-        _, seconds = execute(source, out, small.get(source.stem, {}))
+        try:
+            _, seconds = execute(source, out, {} if source.parent.name == "book" else small.get(source.stem, {}))
+        except pm.PapermillExecutionError as exc:
+            failed.append(source.name)
+            print(
+                f"[embgeo] {source.name} FAILED in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+                f"         the executed copy with the traceback is {out / source.name}",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
         print(f"[embgeo] {source.name} done in {seconds:.0f} s", flush=True)
-    ledger = root / LEDGER
-    _, seconds = execute(ledger, out, {})
-    print(f"[embgeo] ledger done in {seconds:.0f} s; executed notebooks in {out}", flush=True)
+    if failed:
+        print(f"[embgeo] {len(failed)} notebook(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"[embgeo] executed notebooks in {out}", flush=True)
     return 0
 
 
