@@ -307,6 +307,9 @@ def shuffle_tokens(ids: Sequence[int] | np.ndarray, S: int, seed: int = 0) -> np
     (nearly) equal length (lengths differ by at most one, the longer first) and
     the blocks are put in a random order drawn from ``seed`` and ``S``.
     ``S = 0`` is the identity; at ``4**S >= T`` every token is its own block.
+    The order depends only on ``(seed, S)`` and the block count: give each
+    prompt its own seed (e.g. ``seed * 100_003 + prompt_index``) for independent
+    shuffles across prompts.
 
     Returns:
         The shuffled ids as an int64 array, a permutation of the input.
