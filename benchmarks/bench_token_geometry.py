@@ -68,14 +68,29 @@ def dadapy_loop(hidden: np.ndarray) -> dict[str, np.ndarray]:
     return {key: np.stack(value) for key, value in res.items()}
 
 
+def real_hidden(prompts: int, tokens: int = 512, model: str = "smollm2-135m") -> np.ndarray:
+    """Real hidden states of every layer for real passages (cached on disk after the first run)."""
+    from embgeo_utils import activations, corpus, models
+
+    loaded = models.load(model, device="cpu")
+    passages = corpus.load_passages(prompts, loaded.tokenizer, min_tokens=tokens, max_tokens=tokens, seed=0)
+    acts = activations.hidden_states(loaded, [p.token_ids for p in passages], tokens, with_loss=False)
+    return acts.hidden
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--peer-prompts", type=int, default=3)
+    parser.add_argument("--real", action="store_true", help="real SmolLM2-135M hidden states of real passages")
     args = parser.parse_args()
 
-    hidden = synthetic_hidden(args.prompts)
-    print(f"synthetic hidden states {hidden.shape} float32 (seeded)")
+    if args.real:
+        hidden = real_hidden(args.prompts)
+        print(f"real SmolLM2-135M hidden states {hidden.shape} float32")
+    else:
+        hidden = synthetic_hidden(args.prompts)
+        print(f"synthetic hidden states {hidden.shape} float32 (seeded)")
     layer_observables(hidden[:1], scales=SCALES, overlap_k=OVERLAP_K, device="cpu")  # warm-up
 
     start = time.perf_counter()

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .device import get_device
-from .neighbors import knn
+from .neighbors import _check_queries, knn
 from .validation import EmbgeoInputError, as_matrix
 
 __all__ = [
@@ -79,6 +79,7 @@ def local_pca_id(
     indices: ArrayLike | None = None,
     include_self: bool = True,
     chunk_size: int | None = None,
+    rows: np.ndarray | torch.Tensor | Sequence[int] | None = None,
 ) -> np.ndarray:
     """Per-point intrinsic dimension from PCA of each point's neighbourhood.
 
@@ -93,25 +94,35 @@ def local_pca_id(
 
     Eigenvalues come from the ``(m, m)`` Gram matrix of the centred
     neighbourhood (``m`` = its size) when ``m <= d``, else from the ``(d, d)``
-    covariance; both have the same non-zero spectrum. All neighbourhoods of a
-    chunk share one batched ``torch.linalg.eigvalsh`` call in float64.
+    covariance; both have the same non-zero spectrum. The neighbourhoods are
+    centred and their small matrices formed in float32 (the input precision);
+    all small matrices of a chunk then share one batched
+    ``torch.linalg.eigvalsh`` call in float64.
 
     Args:
         X: ``(n, d)`` points (numpy or torch).
         k: neighbours per point, ``1 <= k < n``.
         variance: fraction of variance to explain, in ``(0, 1]``.
         device: where to compute (``"auto"``: GPU if present).
-        indices: optional precomputed ``(n, k')`` neighbour indices sorted by
-            distance, self excluded (the first ``k`` columns are used).
+        indices: optional precomputed ``(n, k')`` neighbour indices (rows of
+            ``X``) sorted by distance, self excluded; ``(len(rows), k')`` when
+            ``rows`` is given. The first ``k`` columns are used.
         include_self: add the point itself to its neighbourhood (default, our
             choice for the book).
         chunk_size: neighbourhoods per batch; default keeps a batch near 128 MiB.
+        rows: row indices of ``X`` to evaluate (1-D integers in ``[0, n)``);
+            their neighbours are still searched among all rows of ``X``
+            (``neighbors.knn(..., queries=rows)``). Chapter 3 uses it to give
+            an ID to a sample of a large vocabulary. ``None`` evaluates every row.
 
     Returns:
-        ``(n,)`` int array of local IDs (0 where a neighbourhood has no spread).
+        ``(n,)`` int array of local IDs, ``(len(rows),)`` with ``rows`` (0 where
+        a neighbourhood has no spread). Entry ``j`` equals entry ``rows[j]`` of
+        the all-rows result.
 
     Raises:
-        EmbgeoInputError: on NaN/inf, a bad shape, or invalid ``k``/``variance``/``indices``.
+        EmbgeoInputError: on NaN/inf, a bad shape, invalid ``k``/``variance``/``indices``,
+            or ``rows`` that are not 1-D integer row indices in ``[0, n)``.
 
     References:
         A. Lee, M. Weber, F. Viégas, M. Wattenberg (2025), arXiv:2503.21073.
@@ -125,31 +136,34 @@ def local_pca_id(
         raise EmbgeoInputError(f"variance must be in (0, 1], got {variance}.")
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= n - 1:
         raise EmbgeoInputError(f"k must be an integer between 1 and {n - 1} for {n} points, got {k!r}.")
+    own = torch.arange(n, device=dev) if rows is None else _check_queries(rows, n, dev)
+    n_out = own.shape[0]
     if indices is None:
-        _, idx_np = knn(data, int(k), device=dev)
+        _, idx_np = knn(data, int(k), device=dev, queries=None if rows is None else own)
         idx = torch.as_tensor(idx_np, device=dev)
     else:
         idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices)
-        if idx.ndim != 2 or idx.shape[0] != n or idx.shape[1] < k:
+        if idx.ndim != 2 or idx.shape[0] != n_out or idx.shape[1] < k:
+            what = "every point" if rows is None else "each of the rows"
             raise EmbgeoInputError(
-                f"indices must have shape ({n}, >= {k}) (neighbours of every point), got {tuple(idx.shape)}."
+                f"indices must have shape ({n_out}, >= {k}) (neighbours of {what}), got {tuple(idx.shape)}."
             )
         idx = idx[:, :k].to(device=dev, dtype=torch.long)
         if bool(((idx < 0) | (idx >= n)).any()):
             raise EmbgeoInputError(f"indices must lie in [0, {n}); fix the neighbour table.")
     if include_self:
-        idx = torch.cat([torch.arange(n, device=dev)[:, None], idx], dim=1)
+        idx = torch.cat([own[:, None], idx], dim=1)
     m = idx.shape[1]
-    step = chunk_size or max(1, (1 << 27) // (8 * m * max(m, d) + 8 * m * d))
-    out = torch.empty(n, dtype=torch.long, device=dev)
-    for start in range(0, n, step):
-        block = data[idx[start : start + step]].to(torch.float64)  # (c, m, d)
+    step = chunk_size or max(1, (1 << 27) // (4 * m * max(m, d) + 4 * m * d))
+    out = torch.empty(n_out, dtype=torch.long, device=dev)
+    for start in range(0, n_out, step):
+        block = data[idx[start : start + step]]  # (c, m, d) float32
         block = block - block.mean(dim=1, keepdim=True)
         if m <= d:
             small = block @ block.transpose(1, 2)
         else:
             small = block.transpose(1, 2) @ block
-        eig = torch.linalg.eigvalsh(small).flip(-1).clamp_(min=0.0)
+        eig = torch.linalg.eigvalsh(small.to(torch.float64)).flip(-1).clamp_(min=0.0)
         total = eig.sum(dim=1, keepdim=True)
         ratio = eig.cumsum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))
         ids = (ratio < variance).sum(dim=1) + 1

@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -48,6 +49,36 @@ def _check_k(k: int, n: int, exclude_self: bool) -> None:
         )
 
 
+def _check_queries(
+    queries: np.ndarray | torch.Tensor | Sequence[int], n: int, device: torch.device
+) -> torch.Tensor:
+    """``queries`` as a 1-D int64 tensor of row indices in ``[0, n)``, or a clear error."""
+    if isinstance(queries, torch.Tensor):
+        q = queries.detach().cpu()
+        integer = not q.is_floating_point() and not q.is_complex() and q.dtype != torch.bool
+    else:
+        arr = np.asarray(queries)
+        if arr.size == 0 and arr.dtype == np.float64:  # an empty list
+            arr = arr.astype(np.int64)
+        integer = np.issubdtype(arr.dtype, np.integer)
+        q = torch.as_tensor(arr.astype(np.int64)) if integer else None
+    if not integer:
+        raise EmbgeoInputError(
+            "queries must hold integer row indices of X (not booleans or floats); "
+            "for a mask use np.flatnonzero(mask), and cast float indices with .astype(int)."
+        )
+    if q.ndim != 1:
+        raise EmbgeoInputError(f"queries must be a 1-D array of row indices, got shape {tuple(q.shape)}.")
+    q = q.to(torch.long)
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= n):
+        bad = q[(q < 0) | (q >= n)]
+        raise EmbgeoInputError(
+            f"queries must be row indices in [0, {n}) for {n} rows of X; got {bad.numel()} out of range "
+            f"(e.g. {int(bad[0])}). Negative indices are not wrapped: pass row numbers of X."
+        )
+    return q.to(device)
+
+
 def _unit_rows(data: torch.Tensor, name: str = "X") -> torch.Tensor:
     norms = data.norm(dim=1, keepdim=True)
     zero = int((norms == 0).sum())
@@ -66,11 +97,14 @@ def knn(
     exclude_self: bool = True,
     device: str | torch.device = "auto",
     chunk_size: int | None = None,
+    queries: np.ndarray | torch.Tensor | Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours of every row of ``X`` among the rows of ``X``.
+    """Exact k nearest neighbours of rows of ``X`` among all the rows of ``X``.
 
     Used by chapter 2 (LLE neighbourhoods, neighbour-set overlap) and chapter 3
-    (local PCA intrinsic dimension).
+    (local PCA intrinsic dimension; with ``queries``, the neighbours of a sample
+    of a large vocabulary searched in the whole embedding table, since a
+    sub-sampled cloud would have sparser, larger neighbourhoods).
 
     Args:
         X: ``(n, d)`` points (numpy array or torch tensor); computed in float32.
@@ -81,14 +115,21 @@ def knn(
         device: where to compute (``"auto"``: GPU if present, see ``get_device``).
         chunk_size: query rows per block; the default keeps one block of the
             distance matrix under 256 MiB.
+        queries: row indices of ``X`` whose neighbours are searched (1-D
+            integers in ``[0, n)``, repeats allowed); candidates are still all
+            ``n`` rows, and with ``exclude_self`` each query drops its own index.
+            ``None`` (default) searches for every row. Row ``j`` of the result
+            equals row ``queries[j]`` of the all-rows result.
 
     Returns:
         ``(distances, indices)``: float32 and int64 numpy arrays of shape
-        ``(n, k)``, sorted by increasing distance.
+        ``(n, k)`` (``(len(queries), k)`` with ``queries``), sorted by
+        increasing distance; indices are rows of ``X``.
 
     Raises:
-        EmbgeoInputError: for NaN/inf, a non 2-D input, a bad ``k``, or zero
-            vectors with the cosine metric.
+        EmbgeoInputError: for NaN/inf, a non 2-D input, a bad ``k``, zero
+            vectors with the cosine metric, or ``queries`` that are not 1-D
+            integer row indices in ``[0, n)``.
 
     References:
         Lee et al. (2025), arXiv:2503.21073 (section on local geometry).
@@ -98,9 +139,10 @@ def knn(
     dev = get_device(device)
     data = as_matrix(X, "X", device=dev)
     _check_k(k, data.shape[0], exclude_self)
+    query_rows = None if queries is None else _check_queries(queries, data.shape[0], dev)
     if metric == "cosine":
         data = _unit_rows(data)
-    out_d, out_i = _search(data, k, exclude_self, chunk_size)
+    out_d, out_i = _search(data, k, exclude_self, chunk_size, queries=query_rows)
     if metric == "euclidean":
         out_d.sqrt_()
     else:
@@ -116,11 +158,17 @@ def _search(
     chunk_size: int | None = None,
     start_row: int = 0,
     stop_row: int | None = None,
+    queries: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distances and indices of the k nearest rows of ``data`` for query rows ``start_row:stop_row``."""
+    """Squared distances and indices of the k nearest rows of ``data`` for some query rows.
+
+    The queries are rows ``start_row:stop_row`` of ``data``, or, when ``queries``
+    (validated int64 row indices on ``data``'s device) is given, entries
+    ``start_row:stop_row`` of ``queries``.
+    """
     dev = data.device
     n = data.shape[0]
-    stop_row = n if stop_row is None else stop_row
+    stop_row = (n if queries is None else queries.shape[0]) if stop_row is None else stop_row
     sq = (data * data).sum(dim=1)
     step = int(chunk_size or _chunk_rows(n))
     # Rows per pass of the exact refinement: a (rows, k, d) gather under the budget.
@@ -129,12 +177,16 @@ def _search(
     out_i = torch.empty((stop_row - start_row, k), dtype=torch.long, device=dev)
     for start in range(start_row, stop_row, step):
         stop = min(stop_row, start + step)
-        block = data[start:stop]
+        if queries is None:
+            block = data[start:stop]
+            own = torch.arange(start, stop, device=dev)
+        else:
+            own = queries[start:stop]
+            block = data[own]
         # ||r||^2 - 2 q.r ranks candidates like ||q - r||^2 (the ||q||^2 term is constant per row).
         score = torch.addmm(sq[None, :], block, data.T, alpha=-2.0)
         if exclude_self:
-            rows = torch.arange(stop - start, device=dev)
-            score[rows, rows + start] = float("inf")
+            score[torch.arange(stop - start, device=dev), own] = float("inf")
         _, index = torch.topk(score, k, dim=1, largest=False, sorted=False)
         del score
         for sub in range(0, stop - start, refine_step):

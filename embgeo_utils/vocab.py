@@ -63,8 +63,6 @@ __all__ = [
     "CoherenceResult",
     "coherence_test",
     "WORD_ZIPF_THRESHOLD",
-    "table_neighbors",
-    "local_id_of_rows",
 ]
 
 Scheme = Literal["byte-level", "sentencepiece", "wordpiece"]
@@ -497,7 +495,7 @@ def neighbor_label_agreement(
 
     Args:
         labels: one label per row of the table (entries never referenced may be anything).
-        indices: ``(n, k)`` neighbour rows (self excluded), e.g. from :func:`table_neighbors`.
+        indices: ``(n, k)`` neighbour rows (self excluded), e.g. from ``neighbors.knn(table, k, queries=rows)``.
         rows: the ``n`` query rows the neighbours belong to; default ``0..n-1``.
         adjust: subtract the chance agreement.
 
@@ -570,129 +568,3 @@ def coherence_test(
         float(vals[lo].mean()), float(vals[hi].mean()), observed, float(null.mean()), std, float(z), float(p),
         len(lo), len(hi), int(n),
     )
-
-
-# ----------------------------------------------------------------------------------------
-# Neighbours and local ID of selected rows of a full embedding table (chapter 3)
-
-
-def _as_table(table: Any, dev: Any):
-    import torch
-
-    data = table if isinstance(table, torch.Tensor) else torch.as_tensor(np.asarray(table))
-    if data.ndim != 2:
-        raise VocabularyError(f"table must be a 2-D [vocab, d] embedding table, got shape {tuple(data.shape)}.")
-    data = data.to(device=dev, dtype=torch.float32)
-    if not bool(torch.isfinite(data).all()):
-        raise VocabularyError("table holds NaN or infinite values; fix the embedding table first.")
-    return data
-
-
-def table_neighbors(
-    table: Any, rows: np.ndarray | Sequence[int], k: int, device: Any = "auto", block: int = 512
-) -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean k nearest neighbours of selected rows, searched among *all* rows of a table (chapter 3).
-
-    Chapter 3 computes per-token ID for a sample of a large vocabulary while
-    the neighbours come from the whole embedding table (a sub-sampled cloud
-    would have sparser, larger neighbourhoods). Each query row is excluded
-    from its own list by index (duplicate rows stay, at distance 0). Candidates
-    are ranked with ``||r||^2 - 2 q.r`` and the ``k`` kept distances are
-    recomputed from the differences, like ``neighbors.knn``, which this matches
-    when ``rows`` is every row.
-
-    Args:
-        table: ``[vocab, d]`` embedding table (numpy or torch).
-        rows: ids of the query rows.
-        k: neighbours per query row.
-        device: where to compute.
-        block: query rows per matrix product.
-
-    Returns:
-        ``(distances, indices)``: float32 and int64 arrays ``(len(rows), k)`` sorted by distance; indices are table rows.
-    """
-    import torch
-
-    from .device import get_device
-
-    dev = get_device(device)
-    data = _as_table(table, dev)
-    q = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=dev)
-    n = data.shape[0]
-    if q.ndim != 1 or (q.numel() and (int(q.min()) < 0 or int(q.max()) >= n)):
-        raise VocabularyError(f"rows must be a 1-D array of row ids in [0, {n}).")
-    if not 1 <= k <= n - 1:
-        raise VocabularyError(f"k must be between 1 and {n - 1} for a table of {n} rows, got {k}.")
-    sq = (data * data).sum(dim=1)
-    out_d = np.empty((len(q), k), dtype=np.float32)
-    out_i = np.empty((len(q), k), dtype=np.int64)
-    with torch.no_grad():
-        for start in range(0, len(q), block):
-            ids = q[start : start + block]
-            x = data[ids]
-            score = torch.addmm(sq[None, :], x, data.T, alpha=-2.0)
-            score[torch.arange(len(ids), device=dev), ids] = float("inf")
-            idx = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
-            del score
-            d2 = ((data[idx] - x[:, None, :]) ** 2).sum(dim=2)
-            d2, order = torch.sort(d2, dim=1, stable=True)
-            out_d[start : start + len(ids)] = d2.sqrt().cpu().numpy()
-            out_i[start : start + len(ids)] = idx.gather(1, order).cpu().numpy()
-    return out_d, out_i
-
-
-def local_id_of_rows(
-    table: Any,
-    rows: np.ndarray | Sequence[int],
-    k: int = 50,
-    variance: float = 0.9,
-    device: Any = "auto",
-    indices: np.ndarray | None = None,
-) -> np.ndarray:
-    """Local PCA intrinsic dimension of selected rows of a full table (chapter 3).
-
-    Same rule as ``intrinsic_dim.local_pca_id`` (the row itself plus its ``k``
-    nearest neighbours, centred; the fewest principal components explaining at
-    least ``variance`` of the variance), but evaluated only for ``rows`` while
-    the neighbours come from the whole table (:func:`table_neighbors`).
-
-    Args:
-        table: ``[vocab, d]`` embedding table.
-        rows: ids of the rows to evaluate.
-        k: neighbours per row.
-        variance: fraction of variance to explain.
-        device: where to compute.
-        indices: precomputed ``(len(rows), >= k)`` neighbour table rows (from :func:`table_neighbors`).
-
-    Returns:
-        int64 array ``(len(rows),)``.
-    """
-    import torch
-
-    from .device import get_device
-
-    if not 0.0 < variance <= 1.0:
-        raise VocabularyError(f"variance must be in (0, 1], got {variance}.")
-    dev = get_device(device)
-    data = _as_table(table, dev)
-    rows = np.asarray(rows, dtype=np.int64)
-    if indices is None:
-        _, indices = table_neighbors(data, rows, k, device=dev)
-    idx = np.asarray(indices)[:, :k]
-    if idx.shape != (len(rows), k):
-        raise VocabularyError(f"indices must have shape ({len(rows)}, >= {k}), got {np.shape(indices)}.")
-    hood = torch.as_tensor(np.concatenate([rows[:, None], idx], axis=1), device=dev)
-    m, d = hood.shape[1], data.shape[1]
-    out = np.empty(len(rows), dtype=np.int64)
-    step = max(1, (1 << 27) // (8 * m * max(m, d) + 8 * m * d))
-    with torch.no_grad():
-        for start in range(0, len(rows), step):
-            x = data[hood[start : start + step]].to(torch.float64)
-            x = x - x.mean(dim=1, keepdim=True)
-            small = x @ x.transpose(1, 2) if m <= d else x.transpose(1, 2) @ x
-            eig = torch.linalg.eigvalsh(small).flip(-1).clamp_(min=0.0)
-            total = eig.sum(dim=1, keepdim=True)
-            ratio = eig.cumsum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))
-            ids = (ratio < variance).sum(dim=1) + 1
-            out[start : start + step] = torch.where(total[:, 0] > 0, ids, torch.zeros_like(ids)).cpu().numpy()
-    return out

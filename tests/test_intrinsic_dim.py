@@ -74,6 +74,31 @@ def test_local_pca_precomputed_indices_and_torch_input() -> None:
     np.testing.assert_array_equal(a, b)
 
 
+def test_local_pca_rows_equal_full_result_restricted() -> None:
+    from embgeo_utils.neighbors import knn
+
+    rng = np.random.default_rng(3)
+    X = (_subspace(400, 3, 20, seed=3) + 0.01 * rng.standard_normal((400, 20))).astype(np.float32)
+    X[7] = X[3]  # a duplicate row stays a neighbour of its twin
+    full = idm.local_pca_id(X, k=20, device="cpu")
+    rows = np.array([399, 3, 7, 0, 3, 250])  # unsorted, with a repeat
+    sub = idm.local_pca_id(X, k=20, device="cpu", rows=rows)
+    np.testing.assert_array_equal(sub, full[rows])
+    assert np.all(sub <= 3)
+    np.testing.assert_array_equal(
+        idm.local_pca_id(X, k=20, device="cpu", rows=rows, include_self=False),
+        idm.local_pca_id(X, k=20, device="cpu", include_self=False)[rows],
+    )
+    _, idx = knn(X, 25, device="cpu", queries=rows)
+    np.testing.assert_array_equal(idm.local_pca_id(X, k=20, device="cpu", rows=rows, indices=idx, chunk_size=2), sub)
+    with pytest.raises(EmbgeoInputError, match="indices must have shape"):
+        idm.local_pca_id(X, k=20, device="cpu", rows=rows, indices=idx[:3])
+    with pytest.raises(EmbgeoInputError, match="row indices"):
+        idm.local_pca_id(X, k=20, device="cpu", rows=[400])
+    with pytest.raises(EmbgeoInputError, match="integer"):
+        idm.local_pca_id(X, k=20, device="cpu", rows=np.array([1.5]))
+
+
 def test_local_pca_errors() -> None:
     X = _cube(50, 3, seed=0)
     with pytest.raises(EmbgeoInputError, match="k must"):

@@ -106,3 +106,45 @@ def test_errors() -> None:
         neighborhood_overlap_batched(X, X, 2, device="cpu")
     with pytest.raises(EmbgeoInputError, match="same batch"):
         neighborhood_overlap_batched(X[None], X[None, :9], 2, device="cpu")
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_knn_queries_equal_full_search_restricted(metric: str, chunk_size: int | None) -> None:
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(200, 7)).astype(np.float32)
+    X[150] = X[20]  # duplicate rows: each keeps the other, at distance 0, and drops itself by index
+    X[151] = X[20]
+    full_d, full_i = knn(X, 6, metric=metric, device="cpu")
+    queries = np.array([20, 150, 151, 0, 199, 20, 77])  # unsorted, with a repeat
+    dist, idx = knn(X, 6, metric=metric, device="cpu", chunk_size=chunk_size, queries=queries)
+    assert dist.shape == idx.shape == (len(queries), 6)
+    np.testing.assert_array_equal(idx, full_i[queries])
+    np.testing.assert_allclose(dist, full_d[queries], atol=1e-6)
+    assert not np.any(idx == queries[:, None])
+    for q, twins in ((20, {150, 151}), (150, {20, 151}), (151, {20, 150})):
+        row = int(np.flatnonzero(queries == q)[0])
+        assert set(idx[row, :2].tolist()) == twins and np.all(dist[row, :2] == 0.0)
+    # Torch and list inputs, and keeping self.
+    d2, i2 = knn(torch.as_tensor(X), 6, metric=metric, device="cpu", queries=torch.as_tensor(queries))
+    np.testing.assert_array_equal(i2, idx)
+    _, i3 = knn(X, 3, metric=metric, exclude_self=False, device="cpu", queries=[5, 9])
+    np.testing.assert_array_equal(i3[:, 0], [5, 9])
+    empty_d, empty_i = knn(X, 3, device="cpu", queries=np.array([], dtype=np.int64))
+    assert empty_d.shape == empty_i.shape == (0, 3)
+
+
+def test_knn_query_errors() -> None:
+    X = np.random.default_rng(9).normal(size=(10, 3))
+    with pytest.raises(EmbgeoInputError, match=r"in \[0, 10\)"):
+        knn(X, 2, device="cpu", queries=[0, 10])
+    with pytest.raises(EmbgeoInputError, match="not wrapped"):
+        knn(X, 2, device="cpu", queries=np.array([-1]))
+    with pytest.raises(EmbgeoInputError, match="integer"):
+        knn(X, 2, device="cpu", queries=np.array([0.0, 2.0]))
+    with pytest.raises(EmbgeoInputError, match="integer"):
+        knn(X, 2, device="cpu", queries=np.ones(10, dtype=bool))
+    with pytest.raises(EmbgeoInputError, match="integer"):
+        knn(X, 2, device="cpu", queries=torch.tensor([1.0]))
+    with pytest.raises(EmbgeoInputError, match="1-D"):
+        knn(X, 2, device="cpu", queries=np.zeros((2, 2), dtype=int))

@@ -114,24 +114,6 @@ def test_label_agreement_and_coherence():
     assert res0.p_value > 0.01
 
 
-def test_table_neighbors_and_local_id_match_full_versions():
-    rng = np.random.default_rng(0)
-    basis = rng.normal(size=(3, 20))
-    table = (rng.normal(size=(400, 3)) @ basis + 0.01 * rng.normal(size=(400, 20))).astype(np.float32)
-    table[7] = table[3]  # a duplicate row must stay a neighbour
-    rows = np.array([0, 3, 7, 399])
-    dist, idx = vocab.table_neighbors(table, rows, 10, device="cpu")
-    full_d, full_i = neighbors.knn(table, 10, device="cpu")
-    np.testing.assert_array_equal(idx, full_i[rows])
-    np.testing.assert_allclose(dist, full_d[rows], atol=1e-4)
-    assert 7 in idx[1] and 3 not in idx[1]
-    ids = vocab.local_id_of_rows(table, rows, k=20, device="cpu")
-    np.testing.assert_array_equal(ids, intrinsic_dim.local_pca_id(table, k=20, device="cpu")[rows])
-    assert np.all(ids <= 3)
-
-
 def test_errors():
-    with pytest.raises(vocab.VocabularyError, match="rows"):
-        vocab.table_neighbors(np.zeros((5, 2), dtype=np.float32), [9], 2, device="cpu")
     with pytest.raises(vocab.VocabularyError, match="positive"):
         vocab.stratified_sample(np.zeros(10), 0)
