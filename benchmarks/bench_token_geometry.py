@@ -86,8 +86,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.real:
-        hidden = real_hidden(args.prompts)
-        print(f"real SmolLM2-135M hidden states {hidden.shape} float32")
+        # the embedding layer is skipped as in Viswanathan et al.: repeated tokens are exact duplicates there
+        hidden = np.ascontiguousarray(real_hidden(args.prompts)[:, 1:])
+        print(f"real SmolLM2-135M hidden states {hidden.shape} float32 (embedding layer skipped)")
     else:
         hidden = synthetic_hidden(args.prompts)
         print(f"synthetic hidden states {hidden.shape} float32 (seeded)")
