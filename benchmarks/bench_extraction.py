@@ -10,9 +10,9 @@ does). Checks that both give the same hidden states.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _timing import best_time
 
 from embgeo_utils import corpus, models
 from embgeo_utils.activations import _base_model
@@ -20,10 +20,7 @@ from embgeo_utils.activations import _base_model
 
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+    return best_time(fn, repeats)[0]
 
 
 @torch.no_grad()

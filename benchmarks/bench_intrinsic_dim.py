@@ -14,21 +14,16 @@ if the estimates disagree.
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
 
+import _timing
 from embgeo_utils import intrinsic_dim as idm
 
 
 def best_time(fn, repeats: int = 3) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+    return _timing.best_time(fn, repeats)
 
 
 def report(name: str, ours: float, peer: float) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import numpy as np
 import torch
@@ -40,13 +39,7 @@ def load_table(rows: int | None) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(table), source
 
 
-def timed(fn, repeats: int = 1):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+from _timing import best_time as timed  # noqa: E402
 
 
 def matmul_rate(data: torch.Tensor, block_rows: int, blocks: int = 3) -> float:
