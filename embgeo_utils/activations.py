@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import atomic_path, cache_dir, content_key
-from .corpus import PromptTooShortError
+from .device import chunk_rows
+from .errors import EmbgeoInputError, PromptTooShortError
 from .models import LoadedModel
 
 __all__ = ["Activations", "hidden_states", "token_losses", "prepare_ids"]
@@ -53,7 +54,7 @@ def prepare_ids(ids: Sequence[Sequence[int]] | np.ndarray, n_tokens: int | None 
     """
     seqs = [np.asarray(s, dtype=np.int64).ravel() for s in ids]
     if not seqs:
-        raise ValueError("No prompts given.")
+        raise EmbgeoInputError("No prompts given.")
     length = n_tokens or min(len(s) for s in seqs)
     if length < 2:
         raise PromptTooShortError(
@@ -74,7 +75,7 @@ def _bos_id(loaded: LoadedModel) -> int | None:
         return None
     bos = loaded.tokenizer.bos_token_id
     if bos is None:
-        raise ValueError(f"Model {loaded.info.name} needs a BOS token but its tokenizer has none.")
+        raise EmbgeoInputError(f"Model {loaded.info.name} needs a BOS token but its tokenizer has none.")
     return int(bos)
 
 
@@ -84,9 +85,11 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return base if base is not None else getattr(model, "model", model)
 
 
-def _loss_from_last(model: torch.nn.Module, last: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def _loss_from_last(model: torch.nn.Module, last: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy per sequence, with the LM head applied in position chunks."""
     head = model.get_output_embeddings()
+    # float32 logits, their softmax and gradient-free temporaries: about 3 copies per position.
+    chunk = chunk_rows(12 * last.shape[0] * head.weight.shape[0], last.device, max_rows=targets.shape[1])
     cap = getattr(model.config, "final_logit_softcapping", None)
     total = torch.zeros(last.shape[0], dtype=torch.float64, device=last.device)
     for start in range(0, targets.shape[1], chunk):
@@ -115,7 +118,7 @@ def _forward(loaded: LoadedModel, ids: np.ndarray, with_loss: bool, layers: list
     loss = None
     if with_loss:
         if not loaded.info.causal:
-            raise ValueError(f"{loaded.info.name} is an encoder: it has no next-token loss; pass with_loss=False.")
+            raise EmbgeoInputError(f"{loaded.info.name} is an encoder: it has no next-token loss; pass with_loss=False.")
         last = out.hidden_states[-1][:, offset:]
         # predict content tokens 1..T-1 from their prefixes (the BOS-only prediction is left out)
         loss = _loss_from_last(loaded.model, last[:, :-1], batch[:, offset + 1 :]).cpu().numpy()
@@ -166,11 +169,11 @@ def hidden_states(
         :class:`Activations` with ``hidden`` ``[prompts, layers, tokens, d]`` float32.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        raise EmbgeoInputError(f"batch_size must be at least 1, got {batch_size}.")
     arr = prepare_ids(ids, n_tokens)
     vocab = loaded.info.vocab_size
     if arr.min() < 0 or arr.max() >= vocab:
-        raise ValueError(f"Token ids must lie in [0, {vocab}) for {loaded.info.name}: were they made by its tokenizer?")
+        raise EmbgeoInputError(f"Token ids must lie in [0, {vocab}) for {loaded.info.name}: were they made by its tokenizer?")
     layer_list = list(layers) if layers is not None else None
     folder = cache_dir("activations", loaded.info.name.replace("/", "__"))
     results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(arr)

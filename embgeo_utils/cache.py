@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["cache_dir", "content_key", "atomic_path", "sha256_file", "CacheError"]
 
+__all__ = ["cache_dir", "content_key", "atomic_path", "sha256_file", "package_dir"]
 
-class CacheError(RuntimeError):
-    """A cache entry exists but cannot be read; delete it or rerun to rebuild."""
 
 
 def cache_dir(*parts: str) -> Path:
@@ -80,3 +79,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def package_dir(module: str) -> Path | None:
+    """Folder of an installed package (model and text wheels), or ``None`` when absent.
+
+    ``find_spec`` locates the package without executing it (some model wheels
+    import plugin hosts that the book does not need).
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])

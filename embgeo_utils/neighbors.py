@@ -24,22 +24,25 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .device import get_device
-from .validation import EmbgeoInputError, as_matrix
+from .device import chunk_rows, get_device
+from .errors import EmbgeoInputError
+from .validation import as_matrix
 
-__all__ = ["knn", "neighborhood_overlap", "neighborhood_overlap_batched", "shared_neighbor_counts"]
+__all__ = [
+    "knn",
+    "neighborhood_overlap",
+    "neighborhood_overlap_batched",
+    "shared_neighbor_counts",
+    "check_k",
+    "check_queries",
+]
 
 Metric = Literal["euclidean", "cosine"]
 
-_BLOCK_BYTES = 1 << 28  # 256 MiB for one block of the distance matrix
 
 
-def _chunk_rows(n_ref: int, budget_bytes: int = _BLOCK_BYTES) -> int:
-    """Query rows per block so that a float32 block of ``n_ref`` columns fits the budget."""
-    return max(1, min(8192, budget_bytes // max(1, 4 * n_ref)))
-
-
-def _check_k(k: int, n: int, exclude_self: bool) -> None:
+def check_k(k: int, n: int, exclude_self: bool) -> None:
+    """Raise a clear error unless ``1 <= k <= n - 1`` (``n`` when self is kept) (chapters 1-4)."""
     limit = n - 1 if exclude_self else n
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= limit:
         raise EmbgeoInputError(
@@ -49,7 +52,7 @@ def _check_k(k: int, n: int, exclude_self: bool) -> None:
         )
 
 
-def _check_queries(
+def check_queries(
     queries: np.ndarray | torch.Tensor | Sequence[int], n: int, device: torch.device
 ) -> torch.Tensor:
     """``queries`` as a 1-D int64 tensor of row indices in ``[0, n)``, or a clear error."""
@@ -138,8 +141,8 @@ def knn(
         raise EmbgeoInputError(f"metric must be 'euclidean' or 'cosine', not {metric!r}.")
     dev = get_device(device)
     data = as_matrix(X, "X", device=dev)
-    _check_k(k, data.shape[0], exclude_self)
-    query_rows = None if queries is None else _check_queries(queries, data.shape[0], dev)
+    check_k(k, data.shape[0], exclude_self)
+    query_rows = None if queries is None else check_queries(queries, data.shape[0], dev)
     if metric == "cosine":
         data = _unit_rows(data)
     out_d, out_i = _search(data, k, exclude_self, chunk_size, queries=query_rows)
@@ -170,9 +173,9 @@ def _search(
     n = data.shape[0]
     stop_row = (n if queries is None else queries.shape[0]) if stop_row is None else stop_row
     sq = (data * data).sum(dim=1)
-    step = int(chunk_size or _chunk_rows(n))
+    step = chunk_rows(4 * n, dev, chunk_size, max_rows=8192)
     # Rows per pass of the exact refinement: a (rows, k, d) gather under the budget.
-    refine_step = max(1, _BLOCK_BYTES // (4 * k * max(1, data.shape[1])))
+    refine_step = chunk_rows(4 * k * max(1, data.shape[1]), dev)
     out_d = torch.empty((stop_row - start_row, k), dtype=torch.float32, device=dev)
     out_i = torch.empty((stop_row - start_row, k), dtype=torch.long, device=dev)
     for start in range(start_row, stop_row, step):
@@ -200,7 +203,7 @@ def _search(
 
 
 def shared_neighbor_counts(
-    ix: np.ndarray | torch.Tensor, iy: np.ndarray | torch.Tensor, chunk_size: int = 1 << 14
+    ix: np.ndarray | torch.Tensor, iy: np.ndarray | torch.Tensor, chunk_size: int | None = None
 ) -> np.ndarray:
     """Number of indices that row ``i`` of ``ix`` and row ``i`` of ``iy`` have in common.
 
@@ -218,7 +221,7 @@ def shared_neighbor_counts(
     a = a.reshape(-1, a.shape[-1])
     b = b.reshape(-1, b.shape[-1])
     out = torch.empty(a.shape[0], dtype=torch.long, device=a.device)
-    step = max(1, chunk_size * 64 // max(1, a.shape[1] * b.shape[1]))
+    step = chunk_rows(a.shape[1] * b.shape[1], a.device, chunk_size, budget_bytes=1 << 20)
     for start in range(0, a.shape[0], step):
         stop = min(a.shape[0], start + step)
         out[start:stop] = (a[start:stop, :, None] == b[start:stop, None, :]).any(dim=2).sum(dim=1)
@@ -278,7 +281,7 @@ def _batched_knn_indices(stack: torch.Tensor, k: int, dev: torch.device) -> torc
     """Indices ``[batch, n, k]`` of the k nearest other points within each item of a stack."""
     b, n, _ = stack.shape
     per_item = 4 * n * n
-    step = max(1, _BLOCK_BYTES // per_item)
+    step = chunk_rows(per_item, dev)
     out = torch.empty((b, n, k), dtype=torch.long, device=dev)
     eye = torch.eye(n, dtype=torch.bool, device=dev)
     for start in range(0, b, step):
@@ -327,7 +330,7 @@ def neighborhood_overlap_batched(
     n = xs.shape[1]
     if n < 2:
         raise EmbgeoInputError(f"Each item needs at least 2 points, got {n}.")
-    _check_k(k, n, exclude_self=True)
+    check_k(k, n, exclude_self=True)
     ix = _batched_knn_indices(xs, k, dev)
     iy = _batched_knn_indices(ys, k, dev)
     return shared_neighbor_counts(ix, iy).astype(np.float64).mean(axis=1) / k

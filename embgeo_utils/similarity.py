@@ -21,19 +21,19 @@ References:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from .device import get_device
-from .neighbors import _check_k, knn, shared_neighbor_counts
-from .validation import EmbgeoInputError, as_matrix
+from .device import chunk_rows, get_device
+from .neighbors import check_k, knn, shared_neighbor_counts
+from .errors import EmbgeoInputError
+from .stats import PermutationResult, from_null
+from .validation import as_matrix
 
 __all__ = [
-    "PermutationResult",
     "cka",
     "cosine_matrix_correlation",
     "measure",
@@ -45,7 +45,6 @@ __all__ = [
 
 Array = np.ndarray | torch.Tensor
 
-_BLOCK_BYTES = 1 << 28  # 256 MiB per block of a similarity matrix
 _FULL_MATRIX_ROWS = 5000  # up to this many rows the permutation test keeps both cosine matrices
 
 
@@ -130,7 +129,7 @@ def cosine_matrix_correlation(
     ux, uy = _unit(x, "X", center), _unit(y, "Y", center)
     n = ux.shape[0]
     cx, cy = _mean_offdiag_cos(ux), _mean_offdiag_cos(uy)
-    step = int(chunk_size or max(1, min(n, _BLOCK_BYTES // (4 * n))))
+    step = chunk_rows(4 * n, dev, chunk_size, max_rows=n)
     sa = sb = saa = sbb = sab = 0.0
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -194,7 +193,7 @@ def mutual_knn(X: Array, Y: Array, k: int = 10, device: str | torch.device = "au
     """
     dev = get_device(device)
     x, y = _pair(X, Y, dev)
-    _check_k(k, x.shape[0], exclude_self=True)
+    check_k(k, x.shape[0], exclude_self=True)
     _, ix = knn(x, k, metric="cosine", device=dev)
     _, iy = knn(y, k, metric="cosine", device=dev)
     return float(shared_neighbor_counts(ix, iy).mean() / k)
@@ -238,7 +237,7 @@ def spearman_cosine(
     rows, cols = _sample_pairs(ux.shape[0], max_pairs, seed)
     a = np.empty(len(rows), dtype=np.float64)
     b = np.empty(len(rows), dtype=np.float64)
-    step = max(1, _BLOCK_BYTES // (4 * max(ux.shape[1], uy.shape[1]) * 2))
+    step = chunk_rows(8 * max(ux.shape[1], uy.shape[1]), dev)
     for start in range(0, len(rows), step):
         r = torch.from_numpy(rows[start : start + step]).to(dev)
         c = torch.from_numpy(cols[start : start + step]).to(dev)
@@ -277,29 +276,6 @@ def measure(name: str, X: Array, Y: Array, **kw: Any) -> float:
     if name not in _MEASURES:
         raise EmbgeoInputError(f"Unknown similarity measure {name!r}; choose one of {measures()}.")
     return float(_MEASURES[name](X, Y, **kw))
-
-
-@dataclass(frozen=True)
-class PermutationResult:
-    """Outcome of ``permutation_test`` (chapter 1).
-
-    Attributes:
-        statistic: the observed value.
-        null_mean: mean of the statistic over permutations.
-        null_std: standard deviation (ddof=1) over permutations.
-        z: ``(statistic - null_mean) / null_std`` (nan when the null has no spread).
-        p_value: one-sided ``(1 + #{null >= statistic}) / (1 + n_permutations)``.
-        n_permutations: number of permutations.
-        null: the null values themselves.
-    """
-
-    statistic: float
-    null_mean: float
-    null_std: float
-    z: float
-    p_value: float
-    n_permutations: int
-    null: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False, compare=False)
 
 
 class _FastNull:
@@ -413,7 +389,7 @@ def permutation_test(
         **kw: passed to the statistic.
 
     Returns:
-        ``PermutationResult``.
+        :class:`~embgeo_utils.stats.PermutationResult`.
 
     References:
         Lee et al. (2025), arXiv:2503.21073.
@@ -444,8 +420,4 @@ def permutation_test(
         observed = float(fn(X, y_all, **kw))
         take = (lambda p: y_all[torch.from_numpy(p)]) if isinstance(y_all, torch.Tensor) else (lambda p: y_all[p])
         null = np.array([float(fn(X, take(p), **kw)) for p in perms])
-    null_mean = float(null.mean())
-    null_std = float(null.std(ddof=1)) if n > 1 else float("nan")
-    z = (observed - null_mean) / null_std if null_std > 0 else float("nan")
-    p_value = (1 + int((null >= observed).sum())) / (1 + n)
-    return PermutationResult(float(observed), null_mean, null_std, float(z), float(p_value), int(n), null)
+    return from_null(float(observed), null)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .device import get_device
+from .device import chunk_rows, get_device
 from .intrinsic_dim import (
     _check_scales,
     _check_twonn_args,
@@ -42,7 +42,7 @@ from .intrinsic_dim import (
     _twonn_from_mu,
     default_scales,
 )
-from .validation import EmbgeoInputError
+from .errors import EmbgeoInputError
 
 __all__ = ["LayerObservables", "layer_observables"]
 
@@ -94,14 +94,14 @@ def _one_prompt(
     discard_fraction: float,
     twonn_algorithm: str,
     dtype: torch.dtype,
-    chunk: int,
+    chunk_size: int,
 ) -> tuple[torch.Tensor, ...]:
     """All observables of one prompt ``x`` of shape ``(layers, tokens, d)``."""
     n_layers, n_tokens, _ = x.shape
     gride_ids, gride_err, two, cmean, cstd, knn_idx = [], [], [], [], [], []
     off = n_tokens * (n_tokens - 1)
-    for start in range(0, n_layers, chunk):
-        raw = x[start : start + chunk]
+    for start in range(0, n_layers, chunk_size):
+        raw = x[start : start + chunk_size]
         if not bool(torch.isfinite(raw).all()):
             raise EmbgeoInputError("hidden holds NaN or infinite values; fix the activations first.")
         xs = raw.to(dtype)
@@ -156,7 +156,7 @@ def layer_observables(
     scales: Sequence[int] | np.ndarray | None = None,
     overlap_k: Sequence[int] = (1, 2, 4),
     device: str | torch.device = "auto",
-    chunk: int | None = None,
+    chunk_size: int | None = None,
     discard_fraction: float = 0.1,
     twonn_algorithm: str = "base",
     dtype: torch.dtype = torch.float64,
@@ -178,7 +178,8 @@ def layer_observables(
             ``tokens - 1``), the range of Viswanathan et al.
         overlap_k: neighbourhood sizes for ``chi_k``.
         device: where to compute (``"auto"``: GPU if present).
-        chunk: layers per batch; default keeps each ``(chunk, T, T)`` buffer near 256 MiB.
+        chunk_size: layers per batch; default keeps each ``(chunk_size, T, T)`` buffer within
+            the device's chunk budget (:func:`~embgeo_utils.device.chunk_rows`).
         discard_fraction: TwoNN fraction of largest ratios left out (DADApy default 0.1).
         twonn_algorithm: ``"base"`` (DADApy's linear fit) or ``"ml"``.
         dtype: precision of the Gram matrices. float64 (default) reproduces the
@@ -203,10 +204,7 @@ def layer_observables(
     twonn_algorithm = _check_twonn_args(discard_fraction, twonn_algorithm)
     if dtype not in (torch.float32, torch.float64):
         raise EmbgeoInputError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
-    if chunk is None:
-        chunk = max(1, (1 << 28) // (torch.finfo(dtype).bits // 8 * n_tokens * n_tokens))
-    elif chunk < 1:
-        raise EmbgeoInputError(f"chunk must be a positive number of layers, got {chunk}.")
+    chunk_size = chunk_rows(torch.finfo(dtype).bits // 8 * n_tokens * n_tokens, dev, chunk_size)
     show = n_prompts >= 10 if progress is None else progress
 
     results: list[tuple[torch.Tensor, ...]] = []
@@ -214,7 +212,7 @@ def layer_observables(
         x = torch.as_tensor(hidden[p]).to(dev)
         if not x.is_floating_point():
             x = x.to(torch.float32)
-        results.append(_one_prompt(x, scales_arr, ks, discard_fraction, twonn_algorithm, dtype, chunk))
+        results.append(_one_prompt(x, scales_arr, ks, discard_fraction, twonn_algorithm, dtype, chunk_size))
 
     def stack(i: int) -> np.ndarray:
         return torch.stack([r[i] for r in results]).cpu().numpy()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["as_matrix", "EmbgeoInputError"]
+from .errors import EmbgeoInputError
 
+__all__ = ["as_matrix"]
 
-class EmbgeoInputError(ValueError):
-    """Raised when an input array cannot be used as given; the message says what to do."""
 
 
 def as_matrix(

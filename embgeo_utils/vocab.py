@@ -37,7 +37,6 @@ References:
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -47,9 +46,11 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from .cache import package_dir
+from .errors import VocabularyError
+
 __all__ = [
     "SharedVocabulary",
-    "VocabularyError",
     "byte_to_unicode",
     "tokenizer_scheme",
     "normalized_vocabulary",
@@ -73,9 +74,6 @@ WORD_ZIPF_THRESHOLD = 3.0
 _PLACEHOLDER = re.compile(r"^(<unused\d+>|\[unused\d+\]|\[PAD\d+\]|<extra_id_\d+>|<pad_\d+>)$")
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
-
-class VocabularyError(ValueError):
-    """A tokenizer cannot be aligned (unknown scheme, no vocabulary, ...); the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -315,10 +313,10 @@ def shared_vocabulary(
 
 
 def _questions_words() -> Path:
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_dir("gensim")
+    if folder is None:
         raise VocabularyError("gensim is not installed: `pip install gensim==4.4.0` provides questions-words.txt.")
-    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / "questions-words.txt"
+    path = folder / "test" / "test_data" / "questions-words.txt"
     if not path.exists():
         raise VocabularyError(f"{path} is missing; reinstall gensim (`pip install --force-reinstall gensim==4.4.0`).")
     return path

@@ -10,18 +10,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda", "mps"),
+        help="device the tests compute on (default cpu; cuda or mps to check the GPU path)",
+    )
+
+
 @pytest.fixture(scope="session")
-def smollm():
+def device(pytestconfig) -> str:
+    """The device chosen with ``--device`` (checked to exist)."""
+    from embgeo_utils.device import get_device
+
+    return str(get_device(pytestconfig.getoption("device")))
+
+
+@pytest.fixture(scope="session")
+def smollm(device):
     from embgeo_utils import models
 
-    return models.load("smollm2-135m", device="cpu")
+    return models.load("smollm2-135m", device=device)
 
 
 @pytest.fixture(scope="session")
-def gemma():
+def gemma(device):
     from embgeo_utils import models
 
-    return models.load("gemma3-270m", device="cpu")
+    return models.load("gemma3-270m", device=device)
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import activations, corpus
+from embgeo_utils import activations, corpus, errors
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_bos_is_added_for_gemma_and_left_out_of_the_cloud(gemma, tmp_cache):
 
 
 def test_bad_prompts_are_explained(smollm):
-    with pytest.raises(corpus.PromptTooShortError, match="fewer than 32 tokens"):
+    with pytest.raises(errors.PromptTooShortError, match="fewer than 32 tokens"):
         activations.hidden_states(smollm, [[1, 2, 3]], 32, progress=False)
     with pytest.raises(ValueError, match="must lie in"):
         activations.hidden_states(smollm, [[10**6, 2, 3]], progress=False)

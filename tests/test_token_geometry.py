@@ -9,7 +9,7 @@ import torch
 from embgeo_utils import intrinsic_dim as idm
 from embgeo_utils.neighbors import neighborhood_overlap
 from embgeo_utils.token_geometry import layer_observables
-from embgeo_utils.validation import EmbgeoInputError
+from embgeo_utils.errors import EmbgeoInputError
 
 
 def _hidden(prompts: int = 2, layers: int = 4, tokens: int = 200, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -35,10 +35,10 @@ def _off_diagonal_cosines(X: np.ndarray) -> np.ndarray:
     return cos[~np.eye(len(X), dtype=bool)]
 
 
-def test_layer_observables_equals_per_cloud_loop() -> None:
+def test_layer_observables_equals_per_cloud_loop(device) -> None:
     hidden = _hidden()
     scales = [2, 4, 8, 16, 32]
-    out = layer_observables(hidden, scales=scales, overlap_k=(1, 2, 4), device="cpu", chunk=3)
+    out = layer_observables(hidden, scales=scales, overlap_k=(1, 2, 4), device=device, chunk_size=3)
     n_prompts, n_layers = hidden.shape[:2]
     assert out.gride.shape == (n_prompts, n_layers, len(scales))
     assert out.twonn.shape == out.cos_mean.shape == out.cos_std.shape == (n_prompts, n_layers)
@@ -46,54 +46,54 @@ def test_layer_observables_equals_per_cloud_loop() -> None:
     for p in range(n_prompts):
         for layer in range(n_layers):
             cloud = hidden[p, layer]
-            s, ids, errs = idm.gride_scaling(cloud, max_scale=32, device="cpu")
+            s, ids, errs = idm.gride_scaling(cloud, max_scale=32, device=device)
             np.testing.assert_array_equal(out.scales, s)
             np.testing.assert_allclose(out.gride[p, layer], ids, rtol=1e-9)
             np.testing.assert_allclose(out.gride_err[p, layer], errs, rtol=1e-6)
-            assert out.twonn[p, layer] == pytest.approx(idm.twonn(cloud, device="cpu"), rel=1e-9)
+            assert out.twonn[p, layer] == pytest.approx(idm.twonn(cloud, device=device), rel=1e-9)
             cos = _off_diagonal_cosines(cloud)
             assert out.cos_mean[p, layer] == pytest.approx(cos.mean(), rel=1e-9, abs=1e-12)
             assert out.cos_std[p, layer] == pytest.approx(cos.std(), rel=1e-7)
             if layer + 1 < n_layers:
                 has_ties = len(np.unique(hidden[p, layer : layer + 2].reshape(-1, hidden.shape[-1]), axis=0)) < 2 * len(cloud)
                 for k in (1, 2, 4):
-                    expected = neighborhood_overlap(cloud, hidden[p, layer + 1], k, device="cpu")
+                    expected = neighborhood_overlap(cloud, hidden[p, layer + 1], k, device=device)
                     # Duplicated tokens are tied neighbours, listed in either order.
                     tolerance = 3 / len(cloud) if has_ties else 1e-12
                     assert out.overlap[k][p, layer] == pytest.approx(expected, abs=tolerance)
 
 
-def test_float32_and_torch_input_agree() -> None:
+def test_float32_and_torch_input_agree(device) -> None:
     hidden = _hidden(prompts=1, layers=3, tokens=150, seed=1)
-    ref = layer_observables(hidden, scales=[2, 4, 8], device="cpu")
-    fast = layer_observables(torch.as_tensor(hidden), scales=[2, 4, 8], device="cpu", dtype=torch.float32)
+    ref = layer_observables(hidden, scales=[2, 4, 8], device=device)
+    fast = layer_observables(torch.as_tensor(hidden), scales=[2, 4, 8], device=device, dtype=torch.float32)
     np.testing.assert_allclose(fast.gride, ref.gride, rtol=1e-3)
     np.testing.assert_allclose(fast.twonn, ref.twonn, rtol=1e-3)
     np.testing.assert_allclose(fast.cos_mean, ref.cos_mean, atol=1e-5)
 
 
-def test_default_scales_are_capped() -> None:
-    out = layer_observables(_hidden(prompts=1, layers=2, tokens=100), overlap_k=(1,), device="cpu")
+def test_default_scales_are_capped(device) -> None:
+    out = layer_observables(_hidden(prompts=1, layers=2, tokens=100), overlap_k=(1,), device=device)
     np.testing.assert_array_equal(out.scales, [2, 4, 8, 16, 32, 64])
     assert out.overlap[1].shape == (1, 1)
     assert np.isfinite(out.gride).all() and np.isfinite(out.twonn).all()
 
 
-def test_errors() -> None:
+def test_errors(device) -> None:
     hidden = _hidden(prompts=1, layers=2, tokens=40)
     with pytest.raises(EmbgeoInputError, match="4-D"):
-        layer_observables(hidden[0], device="cpu")
+        layer_observables(hidden[0], device=device)
     bad = hidden.copy()
     bad[0, 1, 2, 3] = np.nan
     with pytest.raises(EmbgeoInputError, match="NaN"):
-        layer_observables(bad, scales=[2], device="cpu")
+        layer_observables(bad, scales=[2], device=device)
     with pytest.raises(EmbgeoInputError, match="even integers"):
-        layer_observables(hidden, scales=[2, 5], device="cpu")
+        layer_observables(hidden, scales=[2, 5], device=device)
     with pytest.raises(EmbgeoInputError, match="overlap_k"):
-        layer_observables(hidden, scales=[2], overlap_k=(0,), device="cpu")
+        layer_observables(hidden, scales=[2], overlap_k=(0,), device=device)
     with pytest.raises(EmbgeoInputError, match="distinct points"):
-        layer_observables(hidden, scales=[64], device="cpu")
+        layer_observables(hidden, scales=[64], device=device)
     zero = hidden.copy()
     zero[0, 0, 5] = 0.0
     with pytest.raises(EmbgeoInputError, match="zero vectors"):
-        layer_observables(zero, scales=[2], device="cpu")
+        layer_observables(zero, scales=[2], device=device)

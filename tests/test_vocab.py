@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embgeo_utils import intrinsic_dim, neighbors, vocab
+from embgeo_utils import errors, vocab
 
 
 @pytest.fixture(scope="module")
-def minilm_tok():
+def minilm_tok(device):
     from embgeo_utils import models
 
-    return models.load("minilm-l6", device="cpu").tokenizer
+    return models.load("minilm-l6", device=device).tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -115,5 +115,5 @@ def test_label_agreement_and_coherence():
 
 
 def test_errors():
-    with pytest.raises(vocab.VocabularyError, match="positive"):
+    with pytest.raises(errors.VocabularyError, match="positive"):
         vocab.stratified_sample(np.zeros(10), 0)
