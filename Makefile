@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: book test test-fast install models models-book models-all html bench clean
+.PHONY: book test test-fast lint install models models-book models-all html bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,14 @@ book: models-book
 html:
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 
-## The test suite: unit tests, every notebook with small parameters, the book build.
-test: models
+## Lint (ruff), format check and types (mypy); configuration in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check embgeo_utils tests benchmarks
+	$(VENV)/bin/ruff format --check embgeo_utils tests benchmarks
+	$(VENV)/bin/mypy
+
+## The test suite: lint and types, unit tests, every notebook with small parameters, the book build.
+test: models lint
 	$(PY) -m pytest -ra
 
 test-fast: models

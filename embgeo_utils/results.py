@@ -41,6 +41,7 @@ __all__ = [
     "results_dir",
     "load_records",
     "load_ledger",
+    "load_runs",
     "VERDICTS",
     "CLAIMS",
 ]
@@ -158,7 +159,7 @@ class ChapterRecord:
         return item
 
     def run_info(self, device: str = "cpu") -> dict[str, Any]:
-        versions = {}
+        versions: dict[str, str | None] = {}
         for pkg in _PACKAGES:
             try:
                 versions[pkg] = metadata.version(pkg)
@@ -322,3 +323,24 @@ def load_ledger(folder: str | Path | None = None):
     columns = ["claim", "statement", "chapter", "statistic", "value", "null", "p", "verdict", "checks", "failing checks"]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values(["claim", "chapter"]).reset_index(drop=True)
+
+
+def load_runs(folder: str | Path | None = None):
+    """One row per chapter record: where and how it ran (Claims ledger page)."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "chapter": r["title"],
+                "device": r["run"]["device"],
+                "models": ", ".join(r["run"]["models"]),
+                "wall time (s)": r["run"]["wall_seconds"],
+                "torch": r["run"]["packages"].get("torch"),
+                "transformers": r["run"]["packages"].get("transformers"),
+                "finished": r["run"]["finished"],
+                "parameters": r["run"]["parameters"],
+            }
+            for r in load_records(folder)
+        ]
+    )

@@ -19,6 +19,13 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that load a packaged model get the ``models`` marker (``-m "not models"`` skips them)."""
+    for item in items:
+        if {"smollm", "gemma"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.models)
+
+
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> str:
     """The device chosen with ``--device`` (checked to exist)."""

@@ -30,6 +30,8 @@ def test_record_round_trip_and_ledger(tmp_path, monkeypatch):
     assert ledger.loc[7, "verdict"] == "partly reproduced"
     assert ledger.loc[7, "failing checks"] == "a vs b"
     assert ledger.loc[1, "verdict"] == "not yet run"
+    runs = results.load_runs(tmp_path)
+    assert list(runs["chapter"]) == ["Test chapter"] and runs.loc[0, "models"] == "a, b"
 
 
 def test_verdicts_come_from_the_rule_and_bad_files_are_refused(tmp_path):
