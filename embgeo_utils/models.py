@@ -29,6 +29,7 @@ from .device import get_device
 from .errors import ChecksumError, EmbgeoInputError, ModelNotInstalledError, UnknownModelError
 
 __all__ = [
+    "transformer_blocks",
     "REGISTRY",
     "ModelSpec",
     "ModelInfo",
@@ -444,3 +445,22 @@ def input_embeddings(name: str, loader: Callable[[str], LoadedModel] | None = No
         loaded = (loader or load)(name, device="cpu")
         _EMBED_CACHE[name] = loaded.model.get_input_embeddings().weight.detach().float().cpu().clone()
     return _EMBED_CACHE[name]
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's transformer blocks, in order (chapters 5 and 6: hooks on block outputs).
+
+    Block ``l`` (1-based) produces hidden state ``l`` of
+    :func:`embgeo_utils.activations.hidden_states`.
+
+    Raises:
+        EmbgeoInputError: if no list of blocks with the configured number of layers is found.
+    """
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and (n_layers is None or len(module) == n_layers):
+            return module
+    raise EmbgeoInputError(
+        f"Could not find the transformer blocks of {type(model).__name__}; "
+        "expected a ModuleList with config.num_hidden_layers entries."
+    )

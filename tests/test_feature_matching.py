@@ -1,0 +1,123 @@
+"""Feature matching and decoder-geometry similarity (chapter 5) against numpy/scipy and planted structure."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+from scipy.optimize import linear_sum_assignment
+
+from embgeo_utils import feature_matching as fm
+from embgeo_utils.errors import EmbgeoInputError
+
+
+def _sparse_latents(n, m, density, seed):
+    g = np.random.default_rng(seed)
+    return (g.random((n, m)) < density) * g.exponential(1.0, (n, m))
+
+
+@pytest.mark.parametrize("density", [0.05, 0.5])
+def test_activation_correlation_matches_numpy(density, device):
+    za, zb = _sparse_latents(400, 30, density, 0), _sparse_latents(400, 20, density, 1)
+    zb[:, 3] = za[:, 7] * 2 + 0.1  # a perfectly correlated pair
+    zb[:, 5] = 1.5  # a constant latent: correlation 0, never NaN
+    za[:, 0] = 0.0  # a dead latent
+    ours = fm.activation_correlation(za.astype(np.float32), zb.astype(np.float32), device=device, chunk_size=64)
+    ref = np.corrcoef(za.T, zb.T)[:30, 30:]
+    ref = np.nan_to_num(ref, nan=0.0)
+    assert ours.shape == (30, 20)
+    assert np.allclose(ours, ref, atol=1e-5)
+    assert ours[7, 3] == pytest.approx(1.0, abs=1e-6)
+    assert not np.isnan(ours).any() and np.all(ours[:, 5] == 0) and np.all(ours[0] == 0)
+
+
+def test_activation_correlation_refuses_mismatched_tokens(device):
+    with pytest.raises(EmbgeoInputError, match="same tokens"):
+        fm.activation_correlation(np.zeros((10, 3)), np.zeros((11, 3)), device=device)
+    bad = np.ones((10, 3))
+    bad[2, 1] = np.nan
+    with pytest.raises(EmbgeoInputError, match="NaN"):
+        fm.activation_correlation(bad, np.ones((10, 3)), device=device)
+
+
+def test_match_features_max_and_hungarian_against_scipy():
+    g = np.random.default_rng(3)
+    for shape in [(6, 6), (8, 5), (5, 9)]:
+        c = g.uniform(-1, 1, shape)
+        h = fm.match_features(c, "hungarian")
+        rows, cols = linear_sum_assignment(-c)
+        assert c[h.a, h.b].sum() == pytest.approx(c[rows, cols].sum())
+        assert len(set(h.a)) == len(h) and len(set(h.b)) == len(h)
+        m = fm.match_features(c, "max")
+        assert np.array_equal(m.b, np.arange(shape[1])) and np.array_equal(m.a, c.argmax(axis=0))
+        assert np.allclose(m.corr, c.max(axis=0))
+    with pytest.raises(EmbgeoInputError, match="method"):
+        fm.match_features(c, "greedy")
+
+
+def test_filter_pairs_counts_each_step():
+    ids = np.array([10, 11, 12, 13, 1, 1, 14, 15])  # token 1 is punctuation
+    za = np.zeros((8, 3))
+    zb = np.zeros((8, 3))
+    za[[0, 1], 0] = [2, 1]
+    zb[[0, 2], 0] = [1, 2]  # shares token 10 with A latent 0: kept
+    za[[4, 5], 1] = [3, 3]
+    zb[[4, 5], 1] = [3, 3]  # top tokens are punctuation: dropped
+    za[[2, 3], 2] = [1, 1]
+    zb[[6, 7], 2] = [1, 1]  # top tokens do not intersect: dropped
+    pairs = fm.FeaturePairs(np.array([0, 1, 2, 0]), np.array([0, 1, 2, 2]), np.array([0.5, 0.9, 0.05, 0.2]), "max")
+    non_concept = np.zeros(20, dtype=bool)
+    non_concept[1] = True
+    zb_dead = zb.copy()
+    kept, counts = fm.filter_pairs(pairs, za, zb_dead, ids, non_concept, top=2)
+    assert [c["pairs left"] for c in counts] == [4, 4, 3, 1, 1]
+    assert list(kept.a) == [0] and list(kept.b) == [0]
+
+
+def test_svcca_recovers_planted_canonical_correlations(device):
+    g = np.random.default_rng(4)
+    n = 6000
+    z = g.normal(size=(n, 2))
+    rho = np.array([0.9, 0.5])
+    x = z @ g.normal(size=(2, 16))  # rank-2 side A
+    y = (rho * z + np.sqrt(1 - rho**2) * g.normal(size=(n, 2))) @ g.normal(size=(2, 12))
+    assert fm.svcca(x, y, n_components=2, device=device) == pytest.approx(rho.mean(), abs=0.02)
+    assert fm.svcca(x, x @ g.normal(size=(16, 16)), n_components=2, device=device) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rsa_matches_scipy(device):
+    g = np.random.default_rng(5)
+    x = g.normal(size=(60, 10))
+    y = x @ g.normal(size=(10, 7)) + g.normal(size=(60, 7))
+    tri = np.tril_indices(60, -1)
+    ref = sps.spearmanr(np.corrcoef(x)[tri], np.corrcoef(y)[tri]).statistic
+    assert fm.rsa(x, y, max_rows=None, device=device) == pytest.approx(ref, abs=1e-10)
+
+
+def test_tests_find_planted_pairing_and_are_uniform_under_independence(device):
+    g = np.random.default_rng(6)
+    x = g.normal(size=(300, 20))
+    y = x @ g.normal(size=(20, 24)) + 0.5 * g.normal(size=(300, 24))
+    assert fm.svcca_test(x, y, 10, 200, device=device).p_value == pytest.approx(1 / 201)
+    assert fm.rsa_test(x, y, None, 200, device=device).p_value == pytest.approx(1 / 201)
+    ps = [fm.svcca_test(g.normal(size=(80, 8)), g.normal(size=(80, 8)), 3, 99, seed=i, device=device).p_value
+          for i in range(40)]
+    assert sps.kstest(ps, "uniform").pvalue > 0.01
+
+
+def test_pair_layers_and_errors():
+    assert fm.pair_layers(24, 28, [0.25, 0.5, 1.0]) == [(6, 7), (12, 14), (24, 28)]
+    with pytest.raises(EmbgeoInputError):
+        fm.pair_layers(24, 28, [0.0])
+    with pytest.raises(EmbgeoInputError, match="below the number"):
+        fm.svcca(np.ones((5, 3)) + np.arange(5)[:, None], np.ones((5, 3)), n_components=5)
+
+
+def test_non_concept_tokens_on_a_real_tokenizer(smollm):
+    mask = fm.non_concept_tokens(smollm.tokenizer)
+    tok = smollm.tokenizer
+    for text in [",", ".", "\n", " ", ")"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert mask[ids].all(), text
+    assert not mask[tok.encode(" house", add_special_tokens=False)].any()
+    assert mask[tok.all_special_ids].all()
+    torch.manual_seed(0)
