@@ -18,9 +18,11 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -30,6 +32,7 @@ from .errors import ChecksumError, EmbgeoInputError, ModelNotInstalledError, Unk
 
 __all__ = [
     "transformer_blocks",
+    "block_output_hook",
     "REGISTRY",
     "ModelSpec",
     "ModelInfo",
@@ -464,3 +467,23 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
         f"Could not find the transformer blocks of {type(model).__name__}; "
         "expected a ModuleList with config.num_hidden_layers entries."
     )
+
+
+@contextmanager
+def block_output_hook(block: torch.nn.Module, fn: Any) -> Iterator[None]:
+    """Replace a transformer block's hidden-state output by ``fn(hidden)`` while active (chapters 5 and 6).
+
+    Works whether the block returns a tensor or a tuple whose first entry is the
+    hidden state; the hook is removed on exit, also when the body raises.
+    """
+
+    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        return fn(output)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

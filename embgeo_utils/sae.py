@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,6 @@ __all__ = [
     "sae_metrics",
     "encode_all",
     "loss_recovered",
-    "block_output_hook",
 ]
 
 _CACHE_VERSION = 1
@@ -454,26 +452,6 @@ def sae_metrics(sae: TopKSAE, x: ArrayLike, chunk_size: int | None = None) -> di
     }
 
 
-@contextmanager
-def block_output_hook(block: torch.nn.Module, fn: Any) -> Iterator[None]:
-    """Replace a transformer block's hidden-state output by ``fn(hidden)`` while active (chapters 5 and 6).
-
-    Works whether the block returns a tensor or a tuple whose first entry is the
-    hidden state; the hook is removed on exit, also when the body raises.
-    """
-
-    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (fn(output[0]), *output[1:])
-        return fn(output)
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def loss_recovered(
     loaded: Any,
@@ -497,7 +475,7 @@ def loss_recovered(
         ``clean``, ``spliced``, ``ablated`` losses (nats) and ``recovered`` =
         ``(ablated - spliced) / (ablated - clean)``.
     """
-    from .models import transformer_blocks
+    from .models import block_output_hook, transformer_blocks
 
     blocks = transformer_blocks(loaded.model)
     if not 1 <= layer <= len(blocks):

@@ -1,0 +1,63 @@
+"""EMB2EMB maps (chapter 6): the ridge solution, a recovered rotation, clear errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from embgeo_utils import emb2emb
+from embgeo_utils.errors import EmbgeoInputError
+
+
+def test_fit_linear_map_equals_numpy_ridge_and_lstsq():
+    g = np.random.default_rng(0)
+    a = g.normal(size=(400, 12))
+    b = a @ g.normal(size=(12, 9)) + 0.1 * g.normal(size=(400, 9)) + 3.0
+    m = emb2emb.fit_linear_map(a, b, ridge=0.05, holdout=0.0, min_rows=2)
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    lam = 0.05 * np.trace(ac.T @ ac) / 12
+    ref = np.linalg.solve(ac.T @ ac + lam * np.eye(12), ac.T @ bc)
+    assert np.allclose(m.matrix.numpy(), ref, atol=1e-10)
+    plain = emb2emb.fit_linear_map(a, b, ridge=0.0, holdout=0.0, min_rows=2)
+    assert np.allclose(plain.matrix.numpy(), np.linalg.lstsq(ac, bc, rcond=None)[0], atol=1e-9)
+    # apply() maps directions without the offset; predict() maps points with it
+    v = g.normal(size=12)
+    assert np.allclose(m.apply(v).numpy(), (v @ ref).astype(np.float32), atol=1e-5)
+    assert np.allclose(m.predict(a[:3]).numpy(), (a[:3] - a.mean(0)) @ ref + b.mean(0), atol=1e-9)
+
+
+def test_map_recovers_an_orthogonal_matrix_and_reports_heldout_r2():
+    g = np.random.default_rng(1)
+    b = g.normal(size=(2000, 16))
+    r, _ = np.linalg.qr(g.normal(size=(16, 16)))
+    a = b @ r
+    m = emb2emb.fit_linear_map(b, a, ridge=0.0, holdout=0.1)
+    assert np.allclose(m.matrix.numpy(), r, atol=1e-8)
+    assert m.r2_heldout == pytest.approx(1.0, abs=1e-10) and m.n_heldout == 200
+    noisy = emb2emb.fit_linear_map(b, g.normal(size=(2000, 16)), holdout=0.2)
+    assert noisy.r2_heldout < 0.05
+
+
+def test_clear_errors():
+    g = np.random.default_rng(2)
+    with pytest.raises(EmbgeoInputError, match="shared vocabulary is this small"):
+        emb2emb.fit_linear_map(g.normal(size=(50, 8)), g.normal(size=(50, 8)))
+    with pytest.raises(EmbgeoInputError, match="paired row for row"):
+        emb2emb.fit_linear_map(g.normal(size=(50, 8)), g.normal(size=(40, 8)), min_rows=2)
+    bad = g.normal(size=(50, 8))
+    bad[0, 0] = np.nan
+    with pytest.raises(EmbgeoInputError, match="NaN"):
+        emb2emb.fit_linear_map(bad, g.normal(size=(50, 8)), min_rows=2)
+    m = emb2emb.fit_linear_map(g.normal(size=(50, 8)), g.normal(size=(50, 5)), min_rows=2, holdout=0)
+    with pytest.raises(EmbgeoInputError, match="width"):
+        m.apply(torch.ones(7))
+    assert emb2emb.matching_layer(12, 24, 28) == 14
+    with pytest.raises(EmbgeoInputError):
+        emb2emb.matching_layer(0, 24, 28)
+
+
+def test_embedding_pairs_across_tokenizers(smollm, gemma):
+    xa, xb, shared = emb2emb.embedding_pairs(smollm, gemma, "input")
+    assert xa.shape == (len(shared), 576) and xb.shape == (len(shared), 640)
+    assert len(shared) > 40_000
+    i = shared.strings.index(" the")
+    assert torch.equal(xa[i], smollm.model.get_input_embeddings().weight[shared.ids_a[i]].float())
