@@ -1,0 +1,59 @@
+"""Coherence statistics of token neighbourhoods (embgeo_utils.coherence; chapter 3), on synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embgeo_utils import coherence
+from embgeo_utils.errors import EmbgeoInputError
+
+
+def test_label_agreement():
+    lab = np.array(["a"] * 50 + ["b"] * 50)
+    same = np.array([[(i + 1) % 50 + 50 * (i >= 50)] for i in range(100)])
+    assert np.all(coherence.neighbor_label_agreement(lab, same, adjust=False) == 1.0)
+    assert np.allclose(coherence.neighbor_label_agreement(lab, same), 0.5)
+    # Query rows: the neighbours of rows 3 and 60 only.
+    agree = coherence.neighbor_label_agreement(lab, same[[3, 60]], rows=[3, 60], adjust=False)
+    np.testing.assert_array_equal(agree, [1.0, 1.0])
+    with pytest.raises(EmbgeoInputError, match="one row per query row"):
+        coherence.neighbor_label_agreement(lab, same[:5], rows=[1, 2])
+
+
+def test_coherence_test_planted_and_absent():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(1, 0.1, 30), rng.normal(0, 0.1, 30)])
+    res = coherence.coherence_test(values, np.arange(30), np.arange(30, 60), n=200, seed=0)
+    assert res.difference > 0.8 and res.p_value == pytest.approx(1 / 201) and res.z > 5
+    res0 = coherence.coherence_test(values[30:], np.arange(15), np.arange(15, 30), n=200, seed=0)
+    assert res0.p_value > 0.01
+    mask = np.zeros(60, dtype=bool)
+    mask[:30] = True
+    assert coherence.coherence_test(values, mask, ~mask, n=200, seed=0) == res
+
+
+def test_coherence_test_matches_the_permutation_loop():
+    """The batched null is the loop `rng.permutation(pooled)` of the chapter's first version, draw for draw."""
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=80)
+    lo, hi = np.arange(0, 25), np.arange(40, 80)
+    res = coherence.coherence_test(values, lo, hi, n=300, seed=7)
+    pooled = np.concatenate([values[lo], values[hi]])
+    gen = np.random.default_rng(7)
+    null = np.empty(300)
+    for t in range(300):
+        perm = gen.permutation(pooled)
+        null[t] = perm[:25].mean() - perm[25:].mean()
+    observed = pooled[:25].mean() - pooled[25:].mean()
+    assert res.difference == pytest.approx(observed, abs=1e-15)
+    assert res.p_value == (1 + int((null >= observed).sum())) / 301
+    assert res.null_mean == pytest.approx(null.mean(), abs=1e-14)
+    assert res.null_std == pytest.approx(null.std(ddof=1), rel=1e-12)
+
+
+def test_coherence_test_errors():
+    with pytest.raises(EmbgeoInputError, match="at least one token"):
+        coherence.coherence_test(np.ones(5), np.array([], dtype=int), np.arange(5))
+    with pytest.raises(EmbgeoInputError, match="positive integer"):
+        coherence.coherence_test(np.ones(5), np.arange(2), np.arange(2, 5), n=0)
