@@ -7,6 +7,38 @@ import pytest
 
 from embgeo_utils import coherence
 from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.token_dimension import COHERENCE_LABEL, LocalIDs
+
+SYMBOLS = "!#$%&*+-"
+
+
+def _string(kind: int, t: int) -> str:
+    """A unique token string of a known kind: number, punctuation/code, other, whitespace."""
+    if kind == 0:
+        return f" {t}"
+    if kind == 1:
+        return "".join(SYMBOLS[int(c)] for c in np.base_repr(t + 8, 8))
+    if kind == 2:
+        return f"x{t}"
+    return "".join(" \t\n"[int(c)] for c in np.base_repr(t + 3, 3))
+
+
+def _local_ids(planted: bool, n: int = 400, k: int = 10, seed: int = 0) -> LocalIDs:
+    """Tokens 0..n-1; the lower half has low IDs. Planted: low-ID tokens' neighbours share their kind."""
+    rng = np.random.default_rng(seed)
+    kinds = rng.integers(0, 4, size=n)
+    local_id = np.where(np.arange(n) < n // 2, 2, 9)
+    nbrs = np.empty((n, k), dtype=np.int64)
+    for i in range(n):
+        pool = np.flatnonzero((kinds == kinds[i]) & (np.arange(n) != i)) if planted and i < n // 2 else None
+        if pool is None:
+            pool = np.delete(np.arange(n), i)
+        nbrs[i] = rng.choice(pool, size=k, replace=False)
+    order = np.argsort(local_id + rng.random(n) * 0.1, kind="stable")
+    strings = {t: _string(int(kinds[t]), t) for t in range(n)}
+    return LocalIDs(
+        "toy", np.arange(n), local_id, np.full(n, 9), nbrs, order, np.arange(10), strings, 64, n, n, (0.0, 0.0)
+    )
 
 
 def test_label_agreement():
@@ -57,3 +89,43 @@ def test_coherence_test_errors():
         coherence.coherence_test(np.ones(5), np.array([], dtype=int), np.arange(5))
     with pytest.raises(EmbgeoInputError, match="positive integer"):
         coherence.coherence_test(np.ones(5), np.arange(2), np.arange(2, 5), n=0)
+
+
+def test_coherence_table_planted_and_absent():
+    planted = coherence.coherence_table({"toy": _local_ids(True)}, coherence_k=5, n_permutations=200, seed=0)
+    assert list(planted.columns) == [
+        "model",
+        "label",
+        "groups",
+        "tokens per group",
+        "coherence low ID",
+        "coherence high ID",
+        "difference",
+        "z",
+        "p",
+    ]
+    row = planted[planted["label"] == COHERENCE_LABEL].iloc[0]
+    assert row["tokens per group"] == 40 and row["difference"] > 0.5 and row["p"] == pytest.approx(1 / 201)
+    assert row["coherence low ID"] == pytest.approx(0.75, abs=0.05)  # 1 minus the chance of one of 4 kinds
+    assert (planted["label"] == "analogy category").sum() == 0  # no whole word: that label is skipped
+    absent = coherence.coherence_table({"toy": _local_ids(False)}, coherence_k=5, n_permutations=200, seed=0)
+    row = absent.iloc[0]
+    assert abs(row["difference"]) < 0.1 and row["p"] > 0.01
+
+
+def test_coherence_table_errors():
+    with pytest.raises(EmbgeoInputError, match="No model"):
+        coherence.coherence_table({})
+    with pytest.raises(EmbgeoInputError, match="coherence_k"):
+        coherence.coherence_table({"toy": _local_ids(True)}, coherence_k=11)
+
+
+def test_low_id_examples():
+    ids = _local_ids(True)
+    table = coherence.low_id_examples({"toy": ids}, n_examples=4, n_neighbours=3, seed=0)
+    assert list(table.columns) == ["model", "token", "local ID", "nearest neighbours"] and len(table) == 4
+    assert (table["local ID"] == 2).all()
+    assert all(len(cell.split(", ")) == 3 for cell in table["nearest neighbours"])
+    assert table.equals(coherence.low_id_examples({"toy": ids}, n_examples=4, n_neighbours=3, seed=0))
+    with pytest.raises(EmbgeoInputError, match="positive"):
+        coherence.low_id_examples({"toy": ids}, n_examples=0)
