@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["use_book_style", "model_colors", "PALETTE"]
+__all__ = ["PALETTE", "model_colors", "use_book_style"]
 
 PALETTE = "colorblind"
 
@@ -31,3 +32,184 @@ def model_colors(names: Sequence[str]) -> dict[str, tuple[float, float, float]]:
     order = list(REGISTRY) + [n for n in names if n not in REGISTRY]
     colors = sns.color_palette(PALETTE, n_colors=max(10, len(order)))
     return {name: colors[order.index(name) % len(colors)] for name in names}
+
+
+# Chapter 3
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+__all__ += [
+    "embedding_gride_curves",
+    "neighbourhood_coherence_bars",
+    "token_id_by_frequency",
+    "token_id_correlation_heatmap",
+    "token_id_distributions",
+]
+
+
+def _need_columns(frame: pd.DataFrame, columns: Sequence[str], made_by: str) -> None:
+    from .errors import EmbgeoInputError
+
+    missing = [c for c in columns if c not in getattr(frame, "columns", ())]
+    if missing:
+        raise EmbgeoInputError(f"The table lacks the columns {missing}; pass the output of {made_by}.")
+
+
+def token_id_distributions(tokens: pd.DataFrame, k: int, variance: float) -> Figure:
+    """Chapter 3: violins of per-token local ID, nearest against random neighbourhoods, one per model.
+
+    Args:
+        tokens: ``token_dimension.token_frame`` (``model``, ``width``, ``local ID``, ``random ID``).
+        k: neighbours per token (the ceiling of the ID, drawn as a line).
+        variance: the variance threshold of the local PCA (for the axis label).
+
+    Returns:
+        The matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    _need_columns(tokens, ("model", "width", "local ID", "random ID"), "token_dimension.token_frame")
+    label = tokens["model"] + " (d=" + tokens["width"].astype(str) + ")"
+    dist = pd.concat(
+        [
+            pd.DataFrame({"model": label, "local ID": tokens["local ID"], "neighbourhood": "nearest"}),
+            pd.DataFrame({"model": label, "local ID": tokens["random ID"], "neighbourhood": "random"}),
+        ],
+        ignore_index=True,
+    )
+    fig, ax = plt.subplots(figsize=(9, 4))
+    sns.violinplot(data=dist, x="model", y="local ID", hue="neighbourhood", split=True, cut=0, inner="quartile", ax=ax)
+    ax.axhline(k, color="grey", ls=":", lw=1)
+    ax.text(-0.45, k + 0.5, f"ceiling k = {k}", color="grey", fontsize=8)
+    ax.set_xlabel("")
+    ax.set_ylabel(f"local PCA ID ({int(variance * 100)} % variance, k = {k})")
+    ax.set_title("Per-token intrinsic dimension")
+    return fig
+
+
+def token_id_by_frequency(tokens: pd.DataFrame) -> Figure:
+    """Chapter 3: mean local ID (95 % CI) by word-frequency stratum, one line per model.
+
+    Args:
+        tokens: ``token_dimension.token_frame`` with its ``Zipf stratum`` column.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    _need_columns(tokens, ("model", "Zipf stratum", "local ID"), "token_dimension.token_frame(ids, strata=True)")
+    names = list(dict.fromkeys(tokens["model"]))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    sns.pointplot(
+        data=tokens,
+        x="Zipf stratum",
+        y="local ID",
+        hue="model",
+        palette=model_colors(names),
+        dodge=0.3,
+        errorbar=("ci", 95),
+        ax=ax,
+    )
+    ax.set_xlabel("word-frequency stratum (0: unknown; 1: Zipf 1–2 … 5: Zipf ≥ 5)")
+    ax.set_ylabel("mean local ID")
+    ax.set_title("Local ID by token frequency")
+    return fig
+
+
+def token_id_correlation_heatmap(correlations: pd.DataFrame) -> Figure | None:
+    """Chapter 3: Spearman of per-token ID for every pair of models, as a symmetric heatmap.
+
+    Args:
+        correlations: ``token_dimension.id_correlations``.
+
+    Returns:
+        The Figure, or None when there is no pair (a single model).
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+    import seaborn as sns
+
+    _need_columns(correlations, ("model A", "model B", "tokens", "Spearman"), "token_dimension.id_correlations")
+    if len(correlations) == 0:
+        return None
+    names = list(dict.fromkeys([*correlations["model A"], *correlations["model B"]]))
+    mat = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
+    for row in correlations.to_dict(orient="records"):
+        mat.loc[row["model A"], row["model B"]] = mat.loc[row["model B"], row["model A"]] = row["Spearman"]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    sns.heatmap(
+        mat,
+        annot=True,
+        fmt=".2f",
+        vmin=-1,
+        vmax=1,
+        cmap="vlag",
+        square=True,
+        ax=ax,
+        cbar_kws={"label": "Spearman of per-token ID"},
+    )
+    ax.set_title(f"Per-token ID across models\n({int(correlations['tokens'].iloc[0])} common tokens)")
+    return fig
+
+
+def neighbourhood_coherence_bars(
+    coherence: pd.DataFrame, coherence_k: int, label: str = "kind + capitalised"
+) -> Figure | None:
+    """Chapter 3: coherence of the lowest- and highest-ID groups per model, for one label.
+
+    Args:
+        coherence: ``coherence.coherence_table``.
+        coherence_k: neighbours compared (for the title).
+        label: which label's rows to draw.
+
+    Returns:
+        The Figure, or None when the table has no row of that label.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    _need_columns(coherence, ("model", "label", "coherence low ID", "coherence high ID"), "coherence.coherence_table")
+    rows = coherence[coherence["label"] == label]
+    if len(rows) == 0:
+        return None
+    long = rows.melt(
+        id_vars=["model", "label"],
+        value_vars=["coherence low ID", "coherence high ID"],
+        var_name="group",
+        value_name="coherence",
+    )
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    sns.barplot(data=long, x="model", y="coherence", hue="group", ax=ax)
+    ax.set_xlabel("")
+    ax.set_ylabel("neighbour label agreement − chance")
+    shown = "kind + capitalisation" if label == "kind + capitalised" else label
+    ax.set_title(f"Coherence of the {coherence_k} nearest neighbours ({shown})")
+    return fig
+
+
+def embedding_gride_curves(curves: pd.DataFrame, n_points: int) -> Figure:
+    """Chapter 3: GRIDE ID against the neighbour rank n2 (error bars: Fisher standard error), one line per model.
+
+    Args:
+        curves: the curves of ``token_dimension.global_ids``.
+        n_points: rows sampled per table (for the title).
+    """
+    import matplotlib.pyplot as plt
+
+    _need_columns(curves, ("model", "n2", "ID", "error"), "token_dimension.global_ids")
+    names = list(dict.fromkeys(curves["model"]))
+    colors = model_colors(names)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        c = curves[curves["model"] == name]
+        ax.errorbar(c["n2"], c["ID"], yerr=c["error"], marker="o", ms=4, capsize=2, label=name, color=colors[name])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("neighbour rank n2 (n1 = n2 / 2)")
+    ax.set_ylabel("GRIDE intrinsic dimension")
+    ax.set_title(f"GRIDE scale curve, {n_points} rows per table")
+    ax.legend(fontsize=8)
+    return fig

@@ -1,4 +1,4 @@
-"""Shared vocabulary and token labels (embgeo_utils.vocab; chapters 1-3), on the real packaged tokenizers."""
+"""Shared vocabulary across tokenizers (embgeo_utils.vocab; chapters 1-3), on the real packaged tokenizers."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_size_and_no_specials(smollm, gemma, smol_gemma):
     assert not set(smol_gemma.ids_a) & set(smollm.tokenizer.all_special_ids)
     assert not set(smol_gemma.ids_b) & set(gemma.tokenizer.all_special_ids)
     gem_tokens = gemma.tokenizer.convert_ids_to_tokens([int(i) for i in smol_gemma.ids_b])
-    assert not any(t.startswith("<0x") or t.startswith("<unused") for t in gem_tokens)
+    assert not any(t.startswith(("<0x", "<unused")) for t in gem_tokens)
 
 
 def test_uniqueness(smol_gemma):
@@ -77,43 +77,24 @@ def test_sample_is_seeded(smol_gemma):
     assert a.strings == b.strings and len(a) == 100
 
 
-def test_token_labels():
-    labels = vocab.token_labels([" the", "ing", " 1,000", "});", " \n", " Paris", "x86", " zzyzx", " king"])
-    assert list(labels.kind) == ["word", "fragment", "number", "punctuation/code", "whitespace", "word", "other",
-                                 "fragment", "word"]
-    assert labels.capitalised.tolist() == [False, False, False, False, False, True, False, False, False]
-    assert labels.analogy[5] == "capital-common-countries"
-    assert labels.analogy[0] == ""
-
-
-def test_analogy_file_sections():
-    cats = vocab.analogy_categories()
-    assert len(set(cats.values())) == 14
-    assert cats["athens"] == "capital-common-countries"
-
-
-def test_stratified_sample():
-    strata = np.array([0] * 100 + [1] * 5 + [2] * 50)
-    pick = vocab.stratified_sample(strata, 40, seed=0)
-    counts = np.bincount(strata[pick], minlength=3)
-    assert counts.sum() == 40 and counts[1] == 5 and abs(int(counts[0]) - int(counts[2])) <= 1
-    assert len(np.unique(pick)) == 40
-
-
-def test_label_agreement_and_coherence():
-    labels = np.array(["a"] * 50 + ["b"] * 50)
-    same = np.array([[(i + 1) % 50 + 50 * (i >= 50)] for i in range(100)])
-    agree = vocab.neighbor_label_agreement(labels, same, adjust=False)
-    assert np.all(agree == 1.0)
-    assert np.allclose(vocab.neighbor_label_agreement(labels, same), 0.5)
+def test_common_strings_sorted_and_seeded():
+    a = {" the": 0, " cat": 1, "ing": 2, "x": 3}
+    b = {" cat": 10, " the": 11, "ing": 12, "y": 13}
+    c = {"ing": 5, " the": 6, " cat": 7}
+    assert vocab.common_strings([a, b, c]) == [" cat", " the", "ing"]
+    pick = vocab.common_strings([a, b, c], n=2, seed=3)
+    assert len(pick) == 2 and pick == sorted(pick) and pick == vocab.common_strings([a, b, c], n=2, seed=3)
+    assert vocab.common_strings([a, b], n=10) == [" cat", " the", "ing"]
+    # A generator is advanced, so two draws from one generator continue one stream.
     rng = np.random.default_rng(0)
-    values = np.concatenate([rng.normal(1, 0.1, 30), rng.normal(0, 0.1, 30)])
-    res = vocab.coherence_test(values, np.arange(30), np.arange(30, 60), n=200, seed=0)
-    assert res.difference > 0.8 and res.p_value < 0.01
-    res0 = vocab.coherence_test(values[30:], np.arange(15), np.arange(15, 30), n=200, seed=0)
-    assert res0.p_value > 0.01
+    first = vocab.common_strings([a, b], n=1, seed=rng)
+    assert rng.random() != np.random.default_rng(0).random() and len(first) == 1
 
 
-def test_errors():
+def test_common_strings_errors():
+    with pytest.raises(errors.VocabularyError, match="at least one"):
+        vocab.common_strings([])
+    with pytest.raises(errors.VocabularyError, match="share no string"):
+        vocab.common_strings([{"a": 0}, {"b": 0}])
     with pytest.raises(errors.VocabularyError, match="positive"):
-        vocab.stratified_sample(np.zeros(10), 0)
+        vocab.common_strings([{"a": 0}], n=0)

@@ -1,0 +1,131 @@
+"""Coherence statistics of token neighbourhoods (embgeo_utils.coherence; chapter 3), on synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embgeo_utils import coherence
+from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.token_dimension import COHERENCE_LABEL, LocalIDs
+
+SYMBOLS = "!#$%&*+-"
+
+
+def _string(kind: int, t: int) -> str:
+    """A unique token string of a known kind: number, punctuation/code, other, whitespace."""
+    if kind == 0:
+        return f" {t}"
+    if kind == 1:
+        return "".join(SYMBOLS[int(c)] for c in np.base_repr(t + 8, 8))
+    if kind == 2:
+        return f"x{t}"
+    return "".join(" \t\n"[int(c)] for c in np.base_repr(t + 3, 3))
+
+
+def _local_ids(planted: bool, n: int = 400, k: int = 10, seed: int = 0) -> LocalIDs:
+    """Tokens 0..n-1; the lower half has low IDs. Planted: low-ID tokens' neighbours share their kind."""
+    rng = np.random.default_rng(seed)
+    kinds = rng.integers(0, 4, size=n)
+    local_id = np.where(np.arange(n) < n // 2, 2, 9)
+    nbrs = np.empty((n, k), dtype=np.int64)
+    for i in range(n):
+        pool = np.flatnonzero((kinds == kinds[i]) & (np.arange(n) != i)) if planted and i < n // 2 else None
+        if pool is None:
+            pool = np.delete(np.arange(n), i)
+        nbrs[i] = rng.choice(pool, size=k, replace=False)
+    order = np.argsort(local_id + rng.random(n) * 0.1, kind="stable")
+    strings = {t: _string(int(kinds[t]), t) for t in range(n)}
+    return LocalIDs(
+        "toy", np.arange(n), local_id, np.full(n, 9), nbrs, order, np.arange(10), strings, 64, n, n, (0.0, 0.0)
+    )
+
+
+def test_label_agreement():
+    lab = np.array(["a"] * 50 + ["b"] * 50)
+    same = np.array([[(i + 1) % 50 + 50 * (i >= 50)] for i in range(100)])
+    assert np.all(coherence.neighbor_label_agreement(lab, same, adjust=False) == 1.0)
+    assert np.allclose(coherence.neighbor_label_agreement(lab, same), 0.5)
+    # Query rows: the neighbours of rows 3 and 60 only.
+    agree = coherence.neighbor_label_agreement(lab, same[[3, 60]], rows=[3, 60], adjust=False)
+    np.testing.assert_array_equal(agree, [1.0, 1.0])
+    with pytest.raises(EmbgeoInputError, match="one row per query row"):
+        coherence.neighbor_label_agreement(lab, same[:5], rows=[1, 2])
+
+
+def test_coherence_test_planted_and_absent():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(1, 0.1, 30), rng.normal(0, 0.1, 30)])
+    res = coherence.coherence_test(values, np.arange(30), np.arange(30, 60), n=200, seed=0)
+    assert res.difference > 0.8 and res.p_value == pytest.approx(1 / 201) and res.z > 5
+    res0 = coherence.coherence_test(values[30:], np.arange(15), np.arange(15, 30), n=200, seed=0)
+    assert res0.p_value > 0.01
+    mask = np.zeros(60, dtype=bool)
+    mask[:30] = True
+    assert coherence.coherence_test(values, mask, ~mask, n=200, seed=0) == res
+
+
+def test_coherence_test_matches_the_permutation_loop():
+    """The batched null is the loop `rng.permutation(pooled)` of the chapter's first version, draw for draw."""
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=80)
+    lo, hi = np.arange(0, 25), np.arange(40, 80)
+    res = coherence.coherence_test(values, lo, hi, n=300, seed=7)
+    pooled = np.concatenate([values[lo], values[hi]])
+    gen = np.random.default_rng(7)
+    null = np.empty(300)
+    for t in range(300):
+        perm = gen.permutation(pooled)
+        null[t] = perm[:25].mean() - perm[25:].mean()
+    observed = pooled[:25].mean() - pooled[25:].mean()
+    assert res.difference == pytest.approx(observed, abs=1e-15)
+    assert res.p_value == (1 + int((null >= observed).sum())) / 301
+    assert res.null_mean == pytest.approx(null.mean(), abs=1e-14)
+    assert res.null_std == pytest.approx(null.std(ddof=1), rel=1e-12)
+
+
+def test_coherence_test_errors():
+    with pytest.raises(EmbgeoInputError, match="at least one token"):
+        coherence.coherence_test(np.ones(5), np.array([], dtype=int), np.arange(5))
+    with pytest.raises(EmbgeoInputError, match="positive integer"):
+        coherence.coherence_test(np.ones(5), np.arange(2), np.arange(2, 5), n=0)
+
+
+def test_coherence_table_planted_and_absent():
+    planted = coherence.coherence_table({"toy": _local_ids(True)}, coherence_k=5, n_permutations=200, seed=0)
+    assert list(planted.columns) == [
+        "model",
+        "label",
+        "groups",
+        "tokens per group",
+        "coherence low ID",
+        "coherence high ID",
+        "difference",
+        "z",
+        "p",
+    ]
+    row = planted[planted["label"] == COHERENCE_LABEL].iloc[0]
+    assert row["tokens per group"] == 40 and row["difference"] > 0.5 and row["p"] == pytest.approx(1 / 201)
+    assert row["coherence low ID"] == pytest.approx(0.75, abs=0.05)  # 1 minus the chance of one of 4 kinds
+    assert (planted["label"] == "analogy category").sum() == 0  # no whole word: that label is skipped
+    absent = coherence.coherence_table({"toy": _local_ids(False)}, coherence_k=5, n_permutations=200, seed=0)
+    row = absent.iloc[0]
+    assert abs(row["difference"]) < 0.1 and row["p"] > 0.01
+
+
+def test_coherence_table_errors():
+    with pytest.raises(EmbgeoInputError, match="No model"):
+        coherence.coherence_table({})
+    with pytest.raises(EmbgeoInputError, match="coherence_k"):
+        coherence.coherence_table({"toy": _local_ids(True)}, coherence_k=11)
+
+
+def test_low_id_examples():
+    ids = _local_ids(True)
+    table = coherence.low_id_examples({"toy": ids}, n_examples=4, n_neighbours=3, seed=0)
+    assert list(table.columns) == ["model", "token", "local ID", "nearest neighbours"] and len(table) == 4
+    assert (table["local ID"] == 2).all()
+    assert all(len(cell.split(", ")) == 3 for cell in table["nearest neighbours"])
+    assert table.equals(coherence.low_id_examples({"toy": ids}, n_examples=4, n_neighbours=3, seed=0))
+    with pytest.raises(EmbgeoInputError, match="positive"):
+        coherence.low_id_examples({"toy": ids}, n_examples=0)
