@@ -47,6 +47,18 @@ __all__ = [
     "svcca_test",
     "rsa_test",
     "pair_layers",
+    "AlignedTokens",
+    "align_positions",
+    "aligned_activations",
+    "LayerSAE",
+    "train_layer_saes",
+    "compare_layer",
+    "best_depth_subsamples",
+    "check_claim10",
+    "PairResult",
+    "run_pair",
+    "seed_ceiling",
+    "feature_examples",
 ]
 
 
@@ -377,3 +389,482 @@ def pair_layers(n_layers_a: int, n_layers_b: int, depths: Sequence[float]) -> li
             raise EmbgeoInputError(f"relative depths must lie in (0, 1], got {d}.")
         out.append((max(1, round(d * n_layers_a)), max(1, round(d * n_layers_b))))
     return out
+
+
+# --- Chapter 5: from passages to layer-by-layer comparisons and the claim-10 check ---------------------------
+
+
+@dataclass
+class AlignedTokens:
+    """Token positions that two tokenizers cut identically, with both models' activations (chapter 5).
+
+    Attributes:
+        acts_a, acts_b: ``{layer: (tokens, d)}`` float32 activations (block outputs) of the aligned positions.
+        ids_a, ids_b: the token ids of each position in each tokenizer.
+        passage: index of the passage each position comes from; position: its index in A's tokens.
+        texts: the passages' texts; spans: ``(start, end)`` characters of each position.
+        n_positions_a, n_positions_b: positions each model saw (before alignment).
+    """
+
+    acts_a: dict[int, np.ndarray]
+    acts_b: dict[int, np.ndarray]
+    ids_a: np.ndarray
+    ids_b: np.ndarray
+    passage: np.ndarray
+    position: np.ndarray
+    texts: list[str]
+    spans: np.ndarray
+    n_positions_a: int
+    n_positions_b: int
+
+    def __len__(self) -> int:
+        return int(self.ids_a.size)
+
+    def split(self, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """Row masks (train, held-out): the last passages are held out whole."""
+        n_pass = int(self.passage.max()) + 1
+        cut = n_pass - max(1, int(round(heldout_fraction * n_pass)))
+        train = self.passage < cut
+        return train, ~train
+
+
+def _offsets(tokenizer: Any, text: str, max_tokens: int) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"][:max_tokens]), [tuple(o) for o in enc["offset_mapping"][:max_tokens]]
+
+
+def align_positions(spans_a: Sequence[tuple[int, int]], spans_b: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Pairs ``(i, j)`` of positions whose character spans coincide exactly (chapter 5).
+
+    Empty spans are never paired. For one tokenizer every position pairs with itself.
+    """
+    index_b = {tuple(s): j for j, s in enumerate(spans_b) if s[1] > s[0]}
+    pairs = [(i, index_b[tuple(s)]) for i, s in enumerate(spans_a) if s[1] > s[0] and tuple(s) in index_b]
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def aligned_activations(
+    a: Any,
+    b: Any,
+    texts: Sequence[str],
+    layers_a: Sequence[int],
+    layers_b: Sequence[int],
+    max_tokens: int = 256,
+    skip_first: int = 1,
+    progress: bool = True,
+) -> AlignedTokens:
+    """Block-output activations of two models on the same texts, at the positions both tokenizers share (chapter 5).
+
+    Each text is tokenized by each model (no special tokens; BOS added and left
+    out by :func:`~embgeo_utils.activations.hidden_states` where a model needs
+    it); positions whose character spans coincide are kept, except the first
+    ``skip_first`` positions of each text (outsized activations in these models).
+    Hidden states are cached per text and model.
+    """
+    from .activations import hidden_states
+
+    for loaded, layers in ((a, layers_a), (b, layers_b)):
+        bad = [lay for lay in layers if not 1 <= lay < loaded.info.n_layers]
+        if bad:
+            raise EmbgeoInputError(
+                f"layers {bad} out of range for {loaded.info.name}: use blocks 1..{loaded.info.n_layers - 1} "
+                "(the last hidden state is taken after the final norm)."
+            )
+    rows_a: dict[int, list[np.ndarray]] = {lay: [] for lay in layers_a}
+    rows_b: dict[int, list[np.ndarray]] = {lay: [] for lay in layers_b}
+    ids_a, ids_b, passage, position, spans = [], [], [], [], []
+    seen_a = seen_b = 0
+    kept_texts = []
+    for text in tqdm_texts(texts, progress):
+        ia, sa = _offsets(a.tokenizer, text, max_tokens)
+        end = sa[-1][1] if sa else 0
+        ib, sb = _offsets(b.tokenizer, text[:end], 10 * max_tokens)
+        if len(ia) <= skip_first + 1 or len(ib) <= skip_first + 1:
+            continue
+        pairs = align_positions(sa, sb)
+        pairs = pairs[(pairs[:, 0] >= skip_first) & (pairs[:, 1] >= skip_first)]
+        if not len(pairs):
+            continue
+        ha = hidden_states(a, [ia], len(ia), with_loss=False, layers=list(layers_a), progress=False).hidden[0]
+        hb = hidden_states(b, [ib], len(ib), with_loss=False, layers=list(layers_b), progress=False).hidden[0]
+        for j, lay in enumerate(layers_a):
+            rows_a[lay].append(ha[j, pairs[:, 0]])
+        for j, lay in enumerate(layers_b):
+            rows_b[lay].append(hb[j, pairs[:, 1]])
+        ids_a.append(np.asarray(ia)[pairs[:, 0]])
+        ids_b.append(np.asarray(ib)[pairs[:, 1]])
+        passage.append(np.full(len(pairs), len(kept_texts)))
+        position.append(pairs[:, 0])
+        spans.append(np.asarray(sa)[pairs[:, 0]])
+        kept_texts.append(text)
+        seen_a += len(ia) - skip_first
+        seen_b += len(ib) - skip_first
+    if not kept_texts:
+        raise EmbgeoInputError("No text gave aligned positions; use longer texts or check the tokenizers.")
+    return AlignedTokens(
+        {lay: np.concatenate(v) for lay, v in rows_a.items()},
+        {lay: np.concatenate(v) for lay, v in rows_b.items()},
+        np.concatenate(ids_a),
+        np.concatenate(ids_b),
+        np.concatenate(passage),
+        np.concatenate(position),
+        kept_texts,
+        np.concatenate(spans),
+        seen_a,
+        seen_b,
+    )
+
+
+def tqdm_texts(texts: Sequence[str], progress: bool) -> Any:
+    """The texts, wrapped in a compact progress bar when ``progress`` (chapter 5)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(list(texts), desc="texts", unit="text", disable=not progress, mininterval=5.0)
+
+
+@dataclass
+class LayerSAE:
+    """One trained SAE with its held-out quality (chapter 5)."""
+
+    model: str
+    layer: int
+    sae: Any
+    history: Any
+    metrics: dict[str, float]
+
+
+def train_layer_saes(
+    acts: dict[int, np.ndarray],
+    train: np.ndarray,
+    heldout: np.ndarray,
+    model_key: str,
+    model_name: str,
+    *,
+    expansion: int = 4,
+    k: int = 32,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    **train_kwargs: Any,
+) -> dict[int, LayerSAE]:
+    """A cached TopK SAE per layer on the training rows, evaluated on the held-out rows (chapter 5).
+
+    The cache key holds ``model_key`` (the model's digest), the layer, a digest of
+    the training activations and every hyperparameter.
+    """
+    from .cache import content_key
+    from .sae import cached_sae, sae_metrics
+
+    out = {}
+    for layer, x in acts.items():
+        x_train = np.ascontiguousarray(x[train])
+        key = {"model": model_key, "layer": layer, "tokens": content_key(x_train.tobytes())}
+        sae, history = cached_sae(x_train, expansion * x.shape[1], k, key, seed=seed, device=device,
+                                  progress=progress, **train_kwargs)
+        out[layer] = LayerSAE(model_name, layer, sae, history, sae_metrics(sae, x[heldout]))
+    return out
+
+
+def compare_layer(
+    za: Any,
+    zb: Any,
+    dec_a: np.ndarray,
+    dec_b: np.ndarray,
+    ids: np.ndarray,
+    non_concept: np.ndarray,
+    *,
+    n_components: Sequence[int] = (5, 10, 20, 50, 100),
+    n_permutations: int = 1000,
+    rsa_rows: int = 1000,
+    min_corr: float = 0.1,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> tuple[dict[str, Any], list[dict[str, Any]], FeaturePairs]:
+    """Match two SAEs' latents on the same tokens and compare the paired decoder rows (chapter 5).
+
+    Returns:
+        A row of statistics (pairs kept, mean matched correlation, RSA and its
+        null, SVCCA at the first usable ``n_components`` and its null), the
+        SVCCA curve rows (one per ``n_components`` with its null), and the kept pairs.
+    """
+    corr = activation_correlation(za, zb, device=device)
+    pairs = match_features(corr, "max")
+    kept, counts = filter_pairs(pairs, za, zb, ids, non_concept, min_corr=min_corr)
+    row: dict[str, Any] = {f"after: {c['filter']}": c["pairs left"] for c in counts}
+    row.update({"pairs": len(kept), "mean corr (kept)": float(kept.corr.mean()) if len(kept) else float("nan")})
+    curve = []
+    if len(kept) >= 10:
+        x, y = dec_a[kept.a], dec_b[kept.b]
+        r = rsa_test(x, y, max_rows=rsa_rows, n_permutations=n_permutations, seed=seed, device=device)
+        row.update({"RSA": r.statistic, "RSA null mean": r.null_mean, "RSA null max": r.null_max, "RSA p": r.p_value})
+        for n in n_components:
+            if n < len(kept) - 1:
+                s = svcca_test(x, y, n, n_permutations=n_permutations, seed=seed, device=device)
+                curve.append({"n_components": n, "SVCCA": s.statistic, "null mean": s.null_mean,
+                              "null max": s.null_max, "p": s.p_value})
+        if curve:
+            head = curve[min(2, len(curve) - 1)]  # n = 20 when the pairs allow it (the google/svcca tutorial's choice)
+            row.update({"SVCCA": head["SVCCA"], "SVCCA n": head["n_components"], "SVCCA null mean": head["null mean"],
+                        "SVCCA p": head["p"]})
+    return row, curve, kept
+
+
+def best_depth_subsamples(
+    decoder_pairs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
+    depth: dict[tuple[int, int], float],
+    n_subsamples: int = 50,
+    fraction: float = 0.5,
+    rsa_rows: int = 500,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> np.ndarray:
+    """Relative depth of the layer pair with the highest RSA, over subsamples of the matched pairs (chapter 5).
+
+    Each replicate draws ``fraction`` of every layer pair's matched features
+    without replacement (a subsampling bootstrap: resampling with replacement
+    would duplicate rows, whose correlation of 1 inflates RSA) and recomputes RSA
+    on at most ``rsa_rows`` of them.
+    """
+    rng = np.random.default_rng(seed)
+    keys = [key for key, (x, _) in decoder_pairs.items() if len(x) >= 20]
+    if not keys:
+        raise EmbgeoInputError("No layer pair has 20 matched features; lower the filters or use more tokens.")
+    best = np.empty(n_subsamples)
+    for i in range(n_subsamples):
+        values = []
+        for key in keys:
+            x, y = decoder_pairs[key]
+            pick = rng.choice(len(x), max(10, int(fraction * len(x))), replace=False)
+            values.append(rsa(x[pick], y[pick], max_rows=rsa_rows, seed=int(rng.integers(1 << 30)), device=device))
+        best[i] = depth[keys[int(np.argmax(values))]]
+    return best
+
+
+def check_claim10(
+    grid: Any,
+    matched: Sequence[tuple[int, int]],
+    depth_a: dict[int, float],
+    depth_b: dict[int, float],
+    boot_argmax: np.ndarray,
+    alpha: float = 0.01,
+) -> Any:
+    """Claim 10 (chapter 5): paired decoder geometry beats the null, and is highest in the middle layers.
+
+    Checks, declared in advance:
+
+    * (a) for every matched-depth layer pair: RSA above its permutation null
+      (effect RSA minus the null mean, one-sided permutation p), and SVCCA above
+      its null at the reported ``n`` (effect SVCCA minus the null mean);
+    * (b) the layer pair with the highest RSA lies at an interior depth: effect
+      = fraction of bootstrap replicates (``boot_argmax``: mean relative depth of
+      the best pair per replicate) whose maximum is neither at the shallowest nor
+      at the deepest studied depth, minus 0.5; smallest effect 0.45 (95 % of
+      replicates). Descriptive (no p-value).
+
+    The p-values are Holm-adjusted together (:func:`embgeo_utils.stats.verdict`).
+    """
+    from .stats import Check, verdict
+
+    g = grid.set_index(["layer A", "layer B"])
+    checks = []
+    for la, lb in matched:
+        r = g.loc[(la, lb)]
+        n = int(r["pairs"])
+        if n < 10 or "RSA" not in r or not np.isfinite(r.get("RSA", np.nan)):
+            checks.append(Check(f"RSA > null, layers {la}/{lb}", -1.0, 1.0, n=n))
+            continue
+        checks.append(Check(f"RSA > null, layers {la}/{lb}", float(r["RSA"] - r["RSA null mean"]), float(r["RSA p"]), n=n))
+        if np.isfinite(r.get("SVCCA", np.nan)):
+            checks.append(Check(f"SVCCA(n={int(r['SVCCA n'])}) > null, layers {la}/{lb}",
+                                float(r["SVCCA"] - r["SVCCA null mean"]), float(r["SVCCA p"]), n=n))
+    depths = sorted({round((depth_a[la] + depth_b[lb]) / 2, 6) for la, lb in matched})
+    boot = np.asarray(boot_argmax, dtype=float)
+    interior = np.mean([(d > depths[0] + 1e-9) and (d < depths[-1] - 1e-9) for d in boot]) if boot.size else 0.0
+    checks.append(Check("best layer pair at an interior depth (bootstrap share - 0.5)", float(interior - 0.5),
+                        None, min_effect=0.45, n=int(boot.size)))
+    return verdict(checks, alpha=alpha)
+
+
+@dataclass
+class PairResult:
+    """Everything chapter 5 measures for one pair of models (chapter 5).
+
+    Attributes:
+        names: ``(A, B)``; layers_a, layers_b: the blocks studied.
+        aligned: the aligned tokens and activations.
+        saes: one table row per SAE (model, layer, relative depth, FVU, L0, dead fraction, loss recovered...).
+        grid: one row per layer pair (filters, matched correlation, RSA, SVCCA with nulls and p-values).
+        curves: SVCCA over ``n_components`` with the null, per layer pair.
+        decoders: ``{(layer A, layer B): (rows of A's decoder, rows of B's decoder)}`` of the kept pairs.
+        kept: ``{(layer A, layer B): FeaturePairs}``; latents: the encoded tokens per side and layer.
+    """
+
+    names: tuple[str, str]
+    layers_a: list[int]
+    layers_b: list[int]
+    aligned: AlignedTokens
+    saes: Any
+    grid: Any
+    curves: Any
+    decoders: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
+    kept: dict[tuple[int, int], FeaturePairs]
+    trained: dict[str, dict[int, LayerSAE]]
+
+    def depth(self, la: int, lb: int) -> float:
+        return float(self.grid.set_index(["layer A", "layer B"]).loc[(la, lb), "depth"])
+
+
+def _loss_ids(loaded: Any, texts: Sequence[str], n_tokens: int) -> tuple[np.ndarray, int]:
+    bos = [loaded.tokenizer.bos_token_id] if loaded.info.needs_bos else []
+    rows = [bos + loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = min(len(r) for r in rows + [list(range(n_tokens + len(bos)))])
+    return np.array([r[:width] for r in rows], dtype=np.int64), 1 + len(bos)
+
+
+def run_pair(
+    a: Any,
+    b: Any,
+    texts: Sequence[str],
+    depths: Sequence[float],
+    *,
+    max_tokens: int = 256,
+    heldout_fraction: float = 0.2,
+    expansion: int = 4,
+    k: int = 32,
+    epochs: int = 4,
+    batch_size: int = 256,
+    lr: float | None = None,
+    n_permutations: int = 1000,
+    n_components: Sequence[int] = (5, 10, 20, 50, 100),
+    rsa_rows: int = 1000,
+    min_corr: float = 0.1,
+    loss_texts: int = 4,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> PairResult:
+    """Chapter 5 for one pair of loaded models: align, train SAEs, match every layer pair, compare (chapter 5).
+
+    Layers are taken at the same relative ``depths`` in both models
+    (:func:`pair_layers`). SAEs are trained on the aligned tokens of the first
+    ``1 - heldout_fraction`` of the texts and evaluated on the rest (FVU, L0, dead
+    fraction; loss recovered on ``loss_texts`` held-out texts). Latents of all
+    aligned tokens are matched for every layer of A against every layer of B.
+    """
+    import pandas as pd
+
+    from .sae import encode_all, loss_recovered
+
+    pairs = pair_layers(a.info.n_layers, b.info.n_layers, depths)
+    layers_a = sorted({la for la, _ in pairs})
+    layers_b = sorted({lb for _, lb in pairs})
+    aligned = aligned_activations(a, b, texts, layers_a, layers_b, max_tokens=max_tokens, progress=progress)
+    train, held = aligned.split(heldout_fraction)
+    opts = dict(expansion=expansion, k=k, seed=seed, device=device, progress=progress, epochs=epochs,
+                batch_size=batch_size, lr=lr)
+    trained = {
+        "A": train_layer_saes(aligned.acts_a, train, held, a.info.sha256 or a.info.name, a.info.name, **opts),
+        "B": train_layer_saes(aligned.acts_b, train, held, b.info.sha256 or b.info.name, b.info.name, **opts),
+    }
+    held_texts = sorted(set(aligned.passage[held].tolist()))[:loss_texts]
+    sae_rows = []
+    for side, loaded, acts in (("A", a, aligned.acts_a), ("B", b, aligned.acts_b)):
+        ids, skip = _loss_ids(loaded, [aligned.texts[i] for i in held_texts], max_tokens)
+        for layer, item in trained[side].items():
+            rec = loss_recovered(loaded, ids, layer, item.sae, acts[layer][train].mean(axis=0), skip_first=skip)
+            sae_rows.append({"model": loaded.info.name, "layer": layer, "depth": layer / loaded.info.n_layers,
+                             "latents": item.sae.n_latents, "k": item.sae.k, "train tokens": int(train.sum()),
+                             "held-out tokens": int(held.sum()), **{m: item.metrics[m] for m in ("fvu", "l0", "dead_fraction")},
+                             "loss clean": rec["clean"], "loss spliced": rec["spliced"],
+                             "loss mean-ablated": rec["ablated"], "loss recovered": rec["recovered"],
+                             "train seconds": item.history.seconds, "from cache": item.history.from_cache})
+    non_concept = non_concept_tokens(a.tokenizer)
+    latents_a = {la: encode_all(trained["A"][la].sae, aligned.acts_a[la]) for la in layers_a}
+    latents_b = {lb: encode_all(trained["B"][lb].sae, aligned.acts_b[lb]) for lb in layers_b}
+    grid_rows, curve_rows, decoders, kept_all = [], [], {}, {}
+    for la in layers_a:
+        for lb in layers_b:
+            dec_a = trained["A"][la].sae.W_dec.detach().cpu().numpy()
+            dec_b = trained["B"][lb].sae.W_dec.detach().cpu().numpy()
+            row, curve, kept = compare_layer(
+                latents_a[la], latents_b[lb], dec_a, dec_b, aligned.ids_a, non_concept, n_components=n_components,
+                n_permutations=n_permutations, rsa_rows=rsa_rows, min_corr=min_corr, seed=seed, device=device,
+            )
+            depth = (la / a.info.n_layers + lb / b.info.n_layers) / 2
+            grid_rows.append({"layer A": la, "layer B": lb, "depth A": la / a.info.n_layers,
+                              "depth B": lb / b.info.n_layers, "depth": depth, "matched depth": (la, lb) in pairs, **row})
+            curve_rows += [{"layer A": la, "layer B": lb, **c} for c in curve]
+            decoders[(la, lb)] = (dec_a[kept.a], dec_b[kept.b])
+            kept_all[(la, lb)] = kept
+    return PairResult((a.info.name, b.info.name), layers_a, layers_b, aligned, pd.DataFrame(sae_rows),
+                      pd.DataFrame(grid_rows), pd.DataFrame(curve_rows), decoders, kept_all, trained)
+
+
+def seed_ceiling(
+    result: PairResult,
+    side: str = "A",
+    layer: int | None = None,
+    seed: int = 1,
+    n_permutations: int = 1000,
+    rsa_rows: int = 1000,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    **train_kwargs: Any,
+) -> dict[str, Any]:
+    """The same comparison between two SAEs of one model and layer that differ only in their seed (chapter 5).
+
+    It shows how similar "the same model" looks through this pipeline: the
+    ceiling that cross-model numbers are read against.
+    """
+    from .sae import cached_sae, encode_all
+
+    trained = result.trained[side]
+    layers = sorted(trained)
+    layer = layers[len(layers) // 2] if layer is None else layer
+    acts = (result.aligned.acts_a if side == "A" else result.aligned.acts_b)[layer]
+    train, _ = result.aligned.split(0.2)
+    first = trained[layer].sae
+    from .cache import content_key
+
+    x_train = np.ascontiguousarray(acts[train])
+    key = {"model": result.names[0 if side == "A" else 1], "layer": layer, "tokens": content_key(x_train.tobytes())}
+    second, _ = cached_sae(x_train, first.n_latents, first.k, key, seed=seed, device=device, progress=progress,
+                           **train_kwargs)
+    ids = result.aligned.ids_a if side == "A" else result.aligned.ids_b
+    row, _, _ = compare_layer(
+        encode_all(first, acts), encode_all(second, acts), first.W_dec.detach().cpu().numpy(),
+        second.W_dec.detach().cpu().numpy(), ids, np.zeros(int(ids.max()) + 1, dtype=bool),
+        n_permutations=n_permutations, rsa_rows=rsa_rows, device=device,
+    )
+    return {"model": result.names[0 if side == "A" else 1], "layer": layer, **row}
+
+
+def feature_examples(result: PairResult, la: int, lb: int, n: int = 4, top: int = 3, width: int = 40) -> Any:
+    """The best-correlated kept pairs of a layer pair with their top-activating contexts (chapter 5).
+
+    Each context shows ``width`` characters either side of the token, the token in bold.
+    """
+    import pandas as pd
+
+    kept = result.kept[(la, lb)]
+    if not len(kept):
+        return pd.DataFrame()
+    order = np.argsort(-kept.corr)[:n]
+    al = result.aligned
+    from .sae import encode_all
+
+    za = encode_all(result.trained["A"][la].sae, al.acts_a[la])
+    rows = []
+    for i in order:
+        col = za[:, int(kept.a[i])]
+        best = torch.topk(col, min(top, col.shape[0])).indices.cpu().numpy()
+        contexts = []
+        for r in best:
+            text = al.texts[int(al.passage[r])]
+            s, e = (int(v) for v in al.spans[r])
+            left = text[max(0, s - width) : s].replace("\n", " ")
+            right = text[e : e + width].replace("\n", " ")
+            contexts.append(f"…{left}**{text[s:e].strip() or '␣'}**{right}…")
+        rows.append({"latent A": int(kept.a[i]), "latent B": int(kept.b[i]), "correlation": float(kept.corr[i]),
+                     "top contexts (A's latent)": " / ".join(contexts)})
+    return pd.DataFrame(rows)

@@ -213,3 +213,60 @@ def embedding_gride_curves(curves: pd.DataFrame, n_points: int) -> Figure:
     ax.set_title(f"GRIDE scale curve, {n_points} rows per table")
     ax.legend(fontsize=8)
     return fig
+
+
+# Chapter 5: SAE feature matching across scale
+__all__ += ["sae_layer_heatmaps", "svcca_curves"]
+
+
+def sae_layer_heatmaps(grid: pd.DataFrame, names: tuple[str, str]) -> Figure:
+    """Chapter 5: layer x layer heatmaps of RSA, SVCCA above its null, -log10 p of RSA, and pairs kept.
+
+    Args:
+        grid: ``feature_matching.run_pair(...).grid``.
+        names: the two models (rows: A's layers, columns: B's layers).
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import seaborn as sns
+
+    _need_columns(grid, ("layer A", "layer B", "pairs"), "feature_matching.run_pair")
+    g = grid.copy()
+    if "SVCCA" in g:
+        g["SVCCA − null"] = g["SVCCA"] - g["SVCCA null mean"]
+    if "RSA p" in g:
+        g["−log10 p (RSA)"] = -np.log10(g["RSA p"].astype(float))
+    panels = [c for c in ("RSA", "SVCCA − null", "−log10 p (RSA)", "pairs") if c in g]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, col in zip(np.atleast_1d(axes), panels):
+        table = g.pivot(index="layer A", columns="layer B", values=col).astype(float)
+        sns.heatmap(table, annot=True, fmt=".3g" if col != "pairs" else ".0f", cmap="viridis", ax=ax,
+                    cbar=False, annot_kws={"fontsize": 7})
+        ax.set_title(col)
+        ax.set_xlabel(f"layer of {names[1]}")
+        ax.set_ylabel(f"layer of {names[0]}")
+    fig.suptitle("Paired SAE decoder geometry per layer pair", y=1.02)
+    return fig
+
+
+def svcca_curves(curves: pd.DataFrame, matched: Sequence[tuple[int, int]]) -> Figure:
+    """Chapter 5: SVCCA against the number of kept singular directions, with the null, for the matched layer pairs."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    _need_columns(curves, ("layer A", "layer B", "n_components", "SVCCA", "null mean", "null max"),
+                  "feature_matching.run_pair")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(matched))))
+    for color, (la, lb) in zip(colors, matched):
+        c = curves[(curves["layer A"] == la) & (curves["layer B"] == lb)]
+        if c.empty:
+            continue
+        ax.plot(c["n_components"], c["SVCCA"], marker="o", color=color, label=f"layers {la} / {lb}")
+        ax.fill_between(c["n_components"], c["null mean"], c["null max"], color=color, alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("singular directions kept per side (log scale)")
+    ax.set_ylabel("SVCCA (mean canonical correlation)")
+    ax.set_title("SVCCA of paired decoder rows; bands: permutation null, mean to max")
+    ax.legend(fontsize=8)
+    return fig
