@@ -34,15 +34,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .device import chunk_rows, get_device
-from .intrinsic_dim import (
-    _check_scales,
-    _check_twonn_args,
-    _gride_on_distances,
-    _knn_from_sq_distances,
-    _twonn_from_mu,
-    default_scales,
-)
 from .errors import EmbgeoInputError
+from .intrinsic_dim import (
+    check_scales,
+    check_twonn_args,
+    default_scales,
+    gride_from_distances,
+    twonn_from_distances,
+)
+from .neighbors import knn_from_sq_distances
 
 __all__ = ["LayerObservables", "layer_observables"]
 
@@ -129,11 +129,11 @@ def _one_prompt(
         d2 = gram.mul_(-2.0).add_(sq[:, :, None]).add_(sq[:, None, :])
         d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
         knn_idx.append(torch.topk(d2, max(ks), dim=2, largest=False, sorted=True).indices)
-        dist, valid = _knn_from_sq_distances(raw, d2, sq, int(scales.max()), "GRIDE")
-        ids, err = _gride_on_distances(dist, valid, scales // 2, scales)
+        dist, valid = knn_from_sq_distances(raw, d2, sq, int(scales.max()), "GRIDE")
+        ids, err = gride_from_distances(dist, valid, scales // 2, scales)
         gride_ids.append(ids)
         gride_err.append(err)
-        two.append(_twonn_from_mu(dist[:, :, 1] / dist[:, :, 0], valid, discard_fraction, twonn_algorithm))
+        two.append(twonn_from_distances(dist, valid, discard_fraction, twonn_algorithm))
 
     idx = torch.cat(knn_idx)
     overlaps = []
@@ -199,9 +199,9 @@ def layer_observables(
     """
     n_prompts, n_layers, n_tokens, _ = _check_hidden(hidden)
     dev = get_device(device)
-    scales_arr = default_scales(n_tokens, 256) if scales is None else _check_scales(scales)
+    scales_arr = default_scales(n_tokens, 256) if scales is None else check_scales(scales)
     ks = _check_overlap_k(overlap_k, n_tokens)
-    twonn_algorithm = _check_twonn_args(discard_fraction, twonn_algorithm)
+    twonn_algorithm = check_twonn_args(discard_fraction, twonn_algorithm)
     if dtype not in (torch.float32, torch.float64):
         raise EmbgeoInputError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
     chunk_size = chunk_rows(torch.finfo(dtype).bits // 8 * n_tokens * n_tokens, dev, chunk_size)
