@@ -10,12 +10,12 @@ does). Checks that both give the same hidden states.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 from _timing import best_time
 
 from embgeo_utils import corpus, models
-from embgeo_utils.activations import _base_model
 
 
 def timed(fn, repeats: int) -> float:
@@ -40,12 +40,12 @@ def main() -> None:
         ids = torch.tensor([p.token_ids for p in passages])
         if loaded.info.needs_bos:
             ids = torch.cat([torch.full((len(ids), 1), loaded.tokenizer.bos_token_id), ids], dim=1)
-        base = _base_model(loaded.model)
+        base = models.base_model(loaded.model)
         hidden = base(input_ids=ids, output_hidden_states=True).hidden_states
         full = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(hidden, full)), "hidden states differ"
-        t_base = timed(lambda: base(input_ids=ids, output_hidden_states=True), args.repeats)
-        t_full = timed(lambda: loaded.model(input_ids=ids, output_hidden_states=True), args.repeats)
+        t_base = timed(partial(base, input_ids=ids, output_hidden_states=True), args.repeats)
+        t_full = timed(partial(loaded.model, input_ids=ids, output_hidden_states=True), args.repeats)
         n = ids.numel()
         print(f"{name:22s} {n / t_base:18.0f} {n / t_full:19.0f} {t_full / t_base:6.2f}")
 

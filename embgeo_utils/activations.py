@@ -14,8 +14,8 @@ instead of compute.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from .cache import atomic_path, cache_dir, content_key
 from .device import chunk_rows
 from .errors import EmbgeoInputError, PromptTooShortError
-from .models import LoadedModel
+from .models import LoadedModel, base_model
 
-__all__ = ["Activations", "hidden_states", "token_losses", "prepare_ids"]
+__all__ = ["Activations", "hidden_states", "prepare_ids", "token_losses"]
 
 _CACHE_VERSION = 1
 
@@ -79,12 +79,6 @@ def _bos_id(loaded: LoadedModel) -> int | None:
     return int(bos)
 
 
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    getter = getattr(model, "get_decoder", None)
-    base = getter() if callable(getter) else None
-    return base if base is not None else getattr(model, "model", model)
-
-
 def _loss_from_last(model: torch.nn.Module, last: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy per sequence, with the LM head applied in position chunks."""
     head = model.get_output_embeddings()
@@ -111,14 +105,16 @@ def _forward(loaded: LoadedModel, ids: np.ndarray, with_loss: bool, layers: list
     if bos is not None:
         batch = torch.cat([torch.full((batch.shape[0], 1), bos, device=dev, dtype=batch.dtype), batch], dim=1)
     offset = 1 if bos is not None else 0
-    base = _base_model(loaded.model) if loaded.info.causal else loaded.model
+    base = base_model(loaded.model) if loaded.info.causal else loaded.model
     out = base(input_ids=batch, output_hidden_states=True)
     states = out.hidden_states if layers is None else [out.hidden_states[i] for i in layers]
     hidden = torch.stack([h[:, offset:] for h in states], dim=1).float().cpu().numpy()
     loss = None
     if with_loss:
         if not loaded.info.causal:
-            raise EmbgeoInputError(f"{loaded.info.name} is an encoder: it has no next-token loss; pass with_loss=False.")
+            raise EmbgeoInputError(
+                f"{loaded.info.name} is an encoder: it has no next-token loss; pass with_loss=False."
+            )
         last = out.hidden_states[-1][:, offset:]
         # predict content tokens 1..T-1 from their prefixes (the BOS-only prediction is left out)
         loss = _loss_from_last(loaded.model, last[:, :-1], batch[:, offset + 1 :]).cpu().numpy()
@@ -173,7 +169,9 @@ def hidden_states(
     arr = prepare_ids(ids, n_tokens)
     vocab = loaded.info.vocab_size
     if arr.min() < 0 or arr.max() >= vocab:
-        raise EmbgeoInputError(f"Token ids must lie in [0, {vocab}) for {loaded.info.name}: were they made by its tokenizer?")
+        raise EmbgeoInputError(
+            f"Token ids must lie in [0, {vocab}) for {loaded.info.name}: were they made by its tokenizer?"
+        )
     layer_list = list(layers) if layers is not None else None
     folder = cache_dir("activations", loaded.info.name.replace("/", "__"))
     results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(arr)
@@ -185,7 +183,9 @@ def hidden_states(
                 results[i] = _read(path)
                 hits += results[i] is not None
     todo = [i for i, r in enumerate(results) if r is None]
-    bar = tqdm(total=len(todo), desc=f"{loaded.info.name} hidden states", unit="prompt", disable=not progress or not todo)
+    bar = tqdm(
+        total=len(todo), desc=f"{loaded.info.name} hidden states", unit="prompt", disable=not progress or not todo
+    )
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         hidden, loss = _forward(loaded, arr[chunk], with_loss, layer_list)
@@ -193,12 +193,11 @@ def hidden_states(
             item = (hidden[j], None if loss is None else loss[j : j + 1])
             results[i] = item
             if cache:
-                with atomic_path(paths[i]) as staged:
-                    with open(staged, "wb") as handle:
-                        if item[1] is None:
-                            np.savez(handle, hidden=item[0])
-                        else:
-                            np.savez(handle, hidden=item[0], loss=item[1])
+                with atomic_path(paths[i]) as staged, open(staged, "wb") as handle:
+                    if item[1] is None:
+                        np.savez(handle, hidden=item[0])
+                    else:
+                        np.savez(handle, hidden=item[0], loss=item[1])
         bar.update(len(chunk))
     bar.close()
     hidden_all = np.stack([r[0] for r in results])  # type: ignore[index]
@@ -206,6 +205,8 @@ def hidden_states(
     return Activations(hidden_all, loss_all, arr, loaded.info.name, hits)
 
 
-def token_losses(loaded: LoadedModel, ids: Sequence[Sequence[int]] | np.ndarray, n_tokens: int | None = None) -> np.ndarray:
+def token_losses(
+    loaded: LoadedModel, ids: Sequence[Sequence[int]] | np.ndarray, n_tokens: int | None = None
+) -> np.ndarray:
     """Per-prompt mean next-token loss only, without keeping hidden states (chapter 4)."""
     return hidden_states(loaded, ids, n_tokens, with_loss=True, layers=[0], progress=False).loss  # type: ignore[return-value]

