@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from embgeo_utils.neighbors import _chunk_rows, _search, knn
+from embgeo_utils.device import chunk_rows
+from embgeo_utils.neighbors import knn
 
 
 def load_table(rows: int | None) -> tuple[np.ndarray, str]:
@@ -69,11 +70,11 @@ def main() -> None:
 
     # 1. Chunk-size sweep on the query subset: matmul vs topk share.
     q = min(args.queries, n)
-    default_chunk = _chunk_rows(n)
+    default_chunk = chunk_rows(4 * n, "cpu", max_rows=8192)
     print(f"\nchunk sweep ({q} query rows; default chunk = {default_chunk} rows):")
     print(f"{'chunk':>7} {'knn s':>8} {'matmul s':>9} {'overhead':>9}")
     for chunk in sorted({256, default_chunk, 4096}):
-        t_knn, _ = timed(lambda: _search(data, k, True, chunk, 0, q))
+        t_knn, _ = timed(lambda: knn(data, k, device="cpu", chunk_size=chunk, queries=np.arange(q)))
         rate = matmul_rate(data, min(chunk, q))
         t_mm = 2.0 * q * n * d / rate
         print(f"{chunk:>7} {t_knn:>8.2f} {t_mm:>9.2f} {t_knn / t_mm:>8.2f}x")
@@ -91,8 +92,7 @@ def main() -> None:
     # 3. sklearn brute force on the same query rows.
     nn = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(X)
     t_sk, (sk_d, sk_i) = timed(lambda: nn.kneighbors(X[:q]))
-    t_ours_q, (o_d2, o_i) = timed(lambda: _search(data, k, True, None, 0, q))
-    o_d = o_d2.sqrt().numpy()
+    t_ours_q, (o_d, o_i) = timed(lambda: knn(data, k, device="cpu", queries=np.arange(q)))
     # sklearn includes the query itself: drop its own index (or the last column if a duplicate pushed it out).
     own = sk_i == np.arange(q)[:, None]
     keep = ~own
