@@ -14,8 +14,8 @@ instead of compute.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,9 @@ from .cache import atomic_path, cache_dir, content_key
 from .device import chunk_rows
 from .errors import EmbgeoInputError, PromptTooShortError
 from .models import LoadedModel
+from .vocab import normalized_vocabulary
 
-__all__ = ["Activations", "hidden_states", "token_losses", "prepare_ids"]
+__all__ = ["Activations", "hidden_states", "lone_token_states", "prepare_ids", "token_losses"]
 
 _CACHE_VERSION = 1
 
@@ -118,7 +119,9 @@ def _forward(loaded: LoadedModel, ids: np.ndarray, with_loss: bool, layers: list
     loss = None
     if with_loss:
         if not loaded.info.causal:
-            raise EmbgeoInputError(f"{loaded.info.name} is an encoder: it has no next-token loss; pass with_loss=False.")
+            raise EmbgeoInputError(
+                f"{loaded.info.name} is an encoder: it has no next-token loss; pass with_loss=False."
+            )
         last = out.hidden_states[-1][:, offset:]
         # predict content tokens 1..T-1 from their prefixes (the BOS-only prediction is left out)
         loss = _loss_from_last(loaded.model, last[:, :-1], batch[:, offset + 1 :]).cpu().numpy()
@@ -173,7 +176,9 @@ def hidden_states(
     arr = prepare_ids(ids, n_tokens)
     vocab = loaded.info.vocab_size
     if arr.min() < 0 or arr.max() >= vocab:
-        raise EmbgeoInputError(f"Token ids must lie in [0, {vocab}) for {loaded.info.name}: were they made by its tokenizer?")
+        raise EmbgeoInputError(
+            f"Token ids must lie in [0, {vocab}) for {loaded.info.name}: were they made by its tokenizer?"
+        )
     layer_list = list(layers) if layers is not None else None
     folder = cache_dir("activations", loaded.info.name.replace("/", "__"))
     results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(arr)
@@ -185,7 +190,9 @@ def hidden_states(
                 results[i] = _read(path)
                 hits += results[i] is not None
     todo = [i for i, r in enumerate(results) if r is None]
-    bar = tqdm(total=len(todo), desc=f"{loaded.info.name} hidden states", unit="prompt", disable=not progress or not todo)
+    bar = tqdm(
+        total=len(todo), desc=f"{loaded.info.name} hidden states", unit="prompt", disable=not progress or not todo
+    )
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         hidden, loss = _forward(loaded, arr[chunk], with_loss, layer_list)
@@ -193,12 +200,11 @@ def hidden_states(
             item = (hidden[j], None if loss is None else loss[j : j + 1])
             results[i] = item
             if cache:
-                with atomic_path(paths[i]) as staged:
-                    with open(staged, "wb") as handle:
-                        if item[1] is None:
-                            np.savez(handle, hidden=item[0])
-                        else:
-                            np.savez(handle, hidden=item[0], loss=item[1])
+                with atomic_path(paths[i]) as staged, open(staged, "wb") as handle:
+                    if item[1] is None:
+                        np.savez(handle, hidden=item[0])
+                    else:
+                        np.savez(handle, hidden=item[0], loss=item[1])
         bar.update(len(chunk))
     bar.close()
     hidden_all = np.stack([r[0] for r in results])  # type: ignore[index]
@@ -206,6 +212,41 @@ def hidden_states(
     return Activations(hidden_all, loss_all, arr, loaded.info.name, hits)
 
 
-def token_losses(loaded: LoadedModel, ids: Sequence[Sequence[int]] | np.ndarray, n_tokens: int | None = None) -> np.ndarray:
+def token_losses(
+    loaded: LoadedModel, ids: Sequence[Sequence[int]] | np.ndarray, n_tokens: int | None = None
+) -> np.ndarray:
     """Per-prompt mean next-token loss only, without keeping hidden states (chapter 4)."""
     return hidden_states(loaded, ids, n_tokens, with_loss=True, layers=[0], progress=False).loss  # type: ignore[return-value]
+
+
+def lone_token_states(
+    loaded: LoadedModel, token_ids: Sequence[int] | np.ndarray, context: str = "\n", batch_size: int = 64
+) -> np.ndarray:
+    """Hidden states of single tokens, each presented alone after one context token (chapter 1).
+
+    Each token is run as the two-token prompt ``[context, token]`` (after BOS for
+    a model that needs it) and its hidden state at every layer is taken at the
+    token's position. The context token (a newline by default) gives every model
+    the same neutral one-token context and keeps the token off the first
+    position, which in a causal model without BOS acts as an attention sink.
+
+    Args:
+        loaded: a model from :func:`embgeo_utils.models.load`.
+        token_ids: ids of the tokens in this model's vocabulary.
+        context: the string of the context token; it must be one token of the vocabulary.
+        batch_size: prompts per forward pass.
+
+    Returns:
+        float32 array ``[tokens, layers + 1, d]`` (index 0: the input embeddings as the model sees them).
+    """
+    ids = np.asarray(token_ids, dtype=np.int64).ravel()
+    if ids.size == 0:
+        raise EmbgeoInputError("No token ids given.")
+    context_id = normalized_vocabulary(loaded.tokenizer).get(context)
+    if context_id is None:
+        raise EmbgeoInputError(
+            f"{context!r} is not a single token of {loaded.info.name}; choose another context string."
+        )
+    prompts = np.stack([np.full(ids.size, context_id), ids], axis=1)
+    acts = hidden_states(loaded, prompts, n_tokens=2, batch_size=batch_size, with_loss=False, progress=False)
+    return acts.hidden[:, :, 1, :]
