@@ -30,7 +30,7 @@ from . import stats
 from .device import chunk_budget, chunk_rows, get_device
 from .errors import EmbgeoInputError
 from .neighbors import knn, shared_neighbor_counts
-from .validation import as_matrix
+from .validation import as_matrix, check_pairs
 
 if TYPE_CHECKING:
     from .vocab import SharedVocabulary
@@ -288,13 +288,9 @@ def compare_pairs(
     Raises:
         EmbgeoInputError: no pair, or a model of a pair without an embedding table.
     """
-    if not shared:
-        raise EmbgeoInputError(
-            "No model pair has both models installed; install at least smollm2-135m and gemma3-270m."
-        )
-    missing = sorted({m for pair in shared for m in pair} - set(tables))
-    if missing:
-        raise EmbgeoInputError(f"No embedding table for {missing}; pass one table per model of the pairs.")
+    check_pairs(
+        shared, tables, "No model pair has both models installed; install at least smollm2-135m and gemma3-270m."
+    )
     dev = get_device(device)
     per_pair, errors = [], []
     for (a, b), s in shared.items():

