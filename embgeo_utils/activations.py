@@ -25,8 +25,9 @@ from .cache import atomic_path, cache_dir, content_key
 from .device import chunk_rows
 from .errors import EmbgeoInputError, PromptTooShortError
 from .models import LoadedModel, base_model
+from .vocab import normalized_vocabulary
 
-__all__ = ["Activations", "hidden_states", "prepare_ids", "token_losses"]
+__all__ = ["Activations", "hidden_states", "lone_token_states", "prepare_ids", "token_losses"]
 
 _CACHE_VERSION = 1
 
@@ -210,3 +211,36 @@ def token_losses(
 ) -> np.ndarray:
     """Per-prompt mean next-token loss only, without keeping hidden states (chapter 4)."""
     return hidden_states(loaded, ids, n_tokens, with_loss=True, layers=[0], progress=False).loss  # type: ignore[return-value]
+
+
+def lone_token_states(
+    loaded: LoadedModel, token_ids: Sequence[int] | np.ndarray, context: str = "\n", batch_size: int = 64
+) -> np.ndarray:
+    """Hidden states of single tokens, each presented alone after one context token (chapter 1).
+
+    Each token is run as the two-token prompt ``[context, token]`` (after BOS for
+    a model that needs it) and its hidden state at every layer is taken at the
+    token's position. The context token (a newline by default) gives every model
+    the same neutral one-token context and keeps the token off the first
+    position, which in a causal model without BOS acts as an attention sink.
+
+    Args:
+        loaded: a model from :func:`embgeo_utils.models.load`.
+        token_ids: ids of the tokens in this model's vocabulary.
+        context: the string of the context token; it must be one token of the vocabulary.
+        batch_size: prompts per forward pass.
+
+    Returns:
+        float32 array ``[tokens, layers + 1, d]`` (index 0: the input embeddings as the model sees them).
+    """
+    ids = np.asarray(token_ids, dtype=np.int64).ravel()
+    if ids.size == 0:
+        raise EmbgeoInputError("No token ids given.")
+    context_id = normalized_vocabulary(loaded.tokenizer).get(context)
+    if context_id is None:
+        raise EmbgeoInputError(
+            f"{context!r} is not a single token of {loaded.info.name}; choose another context string."
+        )
+    prompts = np.stack([np.full(ids.size, context_id), ids], axis=1)
+    acts = hidden_states(loaded, prompts, n_tokens=2, batch_size=batch_size, with_loss=False, progress=False)
+    return acts.hidden[:, :, 1, :]

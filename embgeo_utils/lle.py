@@ -19,15 +19,41 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 import numpy as np
+import pandas as pd
 import torch
 
+from . import stats
 from .device import chunk_budget, chunk_rows, get_device
-from .neighbors import knn
 from .errors import EmbgeoInputError
-from .validation import as_matrix
+from .neighbors import knn, shared_neighbor_counts
+from .validation import as_matrix, check_pairs
 
-__all__ = ["lle_weights", "reconstruction_error", "uniform_weights", "random_neighbors"]
+if TYPE_CHECKING:
+    from .vocab import SharedVocabulary
+
+__all__ = [
+    "CONDITIONS",
+    "check_claim7",
+    "compare_pairs",
+    "lle_weights",
+    "random_neighbors",
+    "reconstruction_error",
+    "uniform_weights",
+]
+
+#: The weightings chapter 2 compares in model B, in the order of its figures and tables.
+CONDITIONS = (
+    "A on A (fit)",
+    "B's own weights (floor)",
+    "A's weights transferred",
+    "uniform on A's neighbours",
+    "A's weights, random neighbours (null)",
+)
+_FIT, _FLOOR, _TRANSFER, _UNIFORM, _NULL = CONDITIONS
 
 # Gathered neighbourhoods per chunk take an eighth of the budget: small chunks reuse cache and are faster.
 _BUDGET_FRACTION = 8
@@ -47,7 +73,9 @@ def _check_indices(indices: np.ndarray | torch.Tensor, n_rows: int, name: str = 
     if idx.shape[0] != n_rows:
         raise EmbgeoInputError(f"{name} has {idx.shape[0]} rows but the points have {n_rows}: pass one row per point.")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_rows):
-        raise EmbgeoInputError(f"{name} must lie in [0, {n_rows - 1}]; got values from {int(idx.min())} to {int(idx.max())}.")
+        raise EmbgeoInputError(
+            f"{name} must lie in [0, {n_rows - 1}]; got values from {int(idx.min())} to {int(idx.max())}."
+        )
     return idx.long()
 
 
@@ -167,7 +195,9 @@ def reconstruction_error(
         recon = torch.bmm(w[start:stop, None, :], nbrs).squeeze(1)
         norm = (y * y).sum(dim=1)
         if bool((norm == 0).any()):
-            raise EmbgeoInputError("Y holds zero vectors: the relative reconstruction error is undefined; drop them first.")
+            raise EmbgeoInputError(
+                "Y holds zero vectors: the relative reconstruction error is undefined; drop them first."
+            )
         out[start:stop] = ((y - recon) ** 2).sum(dim=1) / norm
     return out.cpu().numpy()
 
@@ -224,3 +254,140 @@ def random_neighbors(n: int, k: int, seed: int = 0, exclude_self: bool = True) -
         # Map 0..n-2 onto 0..n-1, skipping each row's own index.
         pick = pick + (pick >= torch.arange(n)[:, None]).long()
     return pick.numpy().astype(np.int64)
+
+
+def compare_pairs(
+    tables: Mapping[str, np.ndarray | torch.Tensor],
+    shared: Mapping[tuple[str, str], SharedVocabulary],
+    n_tokens: int = 4000,
+    k: int = 10,
+    reg: float = 1e-3,
+    center: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Chapter 2: LLE transfer from A to B for every pair, against the floor, uniform weights and the null.
+
+    For each pair ``(A, B)`` of ``shared``, ``n_tokens`` shared tokens are drawn
+    (``shared[pair].sample(n_tokens, seed)``) and their input-embedding rows taken
+    in float64 (each cloud mean-centred when ``center``). A's Euclidean ``k``
+    nearest neighbours and LLE weights (:func:`lle_weights`, ``reg``) are applied to
+    B's vectors; the relative error of :func:`reconstruction_error` is measured for
+    each weighting of :data:`CONDITIONS`: A's fit in A, B's own weights (floor), A's
+    weights transferred, uniform weights on A's neighbours, and A's weights on
+    random neighbours (:func:`random_neighbors` with ``seed``; the null).
+
+    Returns:
+        ``(summary, errors)``. ``summary``: one row per pair with the median error of every
+        weighting, the median ratio transfer / null, the fraction of tokens where the transfer
+        beats the null and uniform weights, one-sided Wilcoxon p-values of both
+        (:func:`embgeo_utils.stats.wilcoxon`), and the neighbour-set overlap of A and B with its
+        chance level ``k / (n - 1)``. ``errors``: tidy, one row per pair, weighting and token
+        (``pair``, ``token``, ``weights``, ``relative error``).
+
+    Raises:
+        EmbgeoInputError: no pair, or a model of a pair without an embedding table.
+    """
+    check_pairs(
+        shared, tables, "No model pair has both models installed; install at least smollm2-135m and gemma3-270m."
+    )
+    dev = get_device(device)
+    per_pair, errors = [], []
+    for (a, b), s in shared.items():
+        sample = s.sample(n_tokens, seed=seed)
+        X = np.asarray(tables[a][sample.ids_a], dtype=np.float64)
+        Y = np.asarray(tables[b][sample.ids_b], dtype=np.float64)
+        if center:
+            X, Y = X - X.mean(0), Y - Y.mean(0)
+        n = len(sample)
+        idx_a, w_a = lle_weights(X, k, reg=reg, device=dev)
+        idx_b, w_b = lle_weights(Y, k, reg=reg, device=dev)
+        rnd = random_neighbors(n, k, seed=seed)
+        err = {
+            _FIT: reconstruction_error(X, idx_a, w_a, device=dev),
+            _FLOOR: reconstruction_error(Y, idx_b, w_b, device=dev),
+            _TRANSFER: reconstruction_error(Y, idx_a, w_a, device=dev),
+            _UNIFORM: reconstruction_error(Y, idx_a, uniform_weights(idx_a), device=dev),
+            _NULL: reconstruction_error(Y, rnd, w_a, device=dev),
+        }
+        label = f"{a} → {b}"
+        for name, e in err.items():
+            errors.append(pd.DataFrame({"pair": label, "token": np.arange(n), "weights": name, "relative error": e}))
+        transfer, null = err[_TRANSFER], err[_NULL]
+        wil = stats.wilcoxon(transfer, null, alternative="less")
+        wil_u = stats.wilcoxon(transfer, err[_UNIFORM], alternative="less")
+        shared_nb = shared_neighbor_counts(idx_a, idx_b)
+        per_pair.append(
+            {
+                "pair": label,
+                "A": a,
+                "B": b,
+                "shared vocabulary": len(s),
+                "tokens": n,
+                **{f"median {name}": float(np.median(e)) for name, e in err.items()},
+                "transfer / null (median ratio)": float(np.median(transfer / null)),
+                "fraction transfer < null": float((transfer < null).mean()),
+                "Wilcoxon p (transfer < null)": wil.p_value,
+                "fraction transfer < uniform": float((transfer < err[_UNIFORM]).mean()),
+                "Wilcoxon p (transfer < uniform)": wil_u.p_value,
+                "neighbour overlap": float(shared_nb.mean() / k),
+                "overlap chance k/(n-1)": k / (n - 1),
+            }
+        )
+    return pd.DataFrame(per_pair), pd.concat(errors, ignore_index=True)
+
+
+def check_claim7(
+    errors: pd.DataFrame, alpha: float = 0.01, max_ratio: float = 0.5, correction: str = "holm"
+) -> stats.Verdict:
+    """Chapter 2: the verdict of claim 7, LLE weights transfer across models with error far below the null.
+
+    Pre-declared checks, two per model pair (``errors`` as returned by :func:`compare_pairs`):
+
+    * ``beats the null``: A's transferred weights rebuild B's tokens better than A's
+      weights on random neighbours, token by token: one-sided Wilcoxon signed-rank
+      test of the paired errors (:func:`embgeo_utils.stats.wilcoxon`); effect = mean of
+      ``null - transfer`` over tokens, minimum effect 0 (the test decides);
+    * ``far below``: the median transferred error is at most ``max_ratio`` (one half)
+      of the median null error; effect = ``1 - median(transfer) / median(null)``,
+      minimum effect ``1 - max_ratio`` = 0.5; descriptive (no p-value).
+
+    The Wilcoxon p-values of all pairs are adjusted together (Holm by default) and
+    compared with ``alpha`` by :func:`embgeo_utils.stats.verdict`: **reproduced** when
+    every check holds, **partly reproduced** when some do (e.g. the transfer beats
+    the null significantly but not by half everywhere), **not reproduced** otherwise.
+
+    Raises:
+        EmbgeoInputError: missing columns, no rows, or a pair without both weightings.
+    """
+    need = ["pair", "token", "weights", "relative error"]
+    missing = [c for c in need if c not in errors.columns]
+    if errors.empty or missing:
+        raise EmbgeoInputError(
+            f"check_claim7 needs the errors table of compare_pairs (missing columns: {missing or 'none, but no rows'})."
+        )
+    if not 0 < max_ratio < 1:
+        raise EmbgeoInputError(f"max_ratio must lie in (0, 1), got {max_ratio}.")
+    checks = []
+    for pair, group in errors.groupby("pair", sort=False):
+        wide = group.pivot(index="token", columns="weights", values="relative error")
+        if _TRANSFER not in wide or _NULL not in wide:
+            raise EmbgeoInputError(f"Pair {pair!r} lacks the {_TRANSFER!r} or {_NULL!r} errors.")
+        transfer, null = wide[_TRANSFER].to_numpy(), wide[_NULL].to_numpy()
+        test = stats.wilcoxon(null, transfer, alternative="greater")
+        checks.append(
+            stats.Check(f"{pair}: transfer beats the null (Wilcoxon)", test.effect, test.p_value, 0.0, test.n)
+        )
+        med_null = float(np.median(null))
+        if med_null <= 0:
+            raise EmbgeoInputError(f"Pair {pair!r}: the median null error is {med_null}; the ratio is undefined.")
+        checks.append(
+            stats.Check(
+                f"{pair}: median transfer <= {max_ratio:g} x median null",
+                1.0 - float(np.median(transfer)) / med_null,
+                None,
+                1.0 - max_ratio,
+                test.n,
+            )
+        )
+    return stats.verdict(checks, alpha=alpha, correction=correction)

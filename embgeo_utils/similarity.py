@@ -21,26 +21,38 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.stats import rankdata
 
+from . import stats
 from .device import chunk_rows, get_device
-from .neighbors import check_k, knn, shared_neighbor_counts
 from .errors import EmbgeoInputError
+from .neighbors import check_k, knn, shared_neighbor_counts
 from .stats import PermutationResult, from_null
-from .validation import as_matrix
+from .validation import as_matrix, check_pairs
+
+if TYPE_CHECKING:
+    from .vocab import SharedVocabulary
 
 __all__ = [
+    "check_claim6",
     "cka",
+    "compare_models",
     "cosine_matrix_correlation",
+    "layer_map",
     "measure",
     "measures",
     "mutual_knn",
     "permutation_test",
+    "shared_vocabulary_table",
     "spearman_cosine",
+    "token_pair_cosines",
 ]
 
 Array = np.ndarray | torch.Tensor
@@ -411,7 +423,9 @@ def permutation_test(
     else:
         if isinstance(stat, str):
             if stat not in _MEASURES:
-                raise EmbgeoInputError(f"Unknown similarity measure {stat!r}; choose one of {measures()} or pass a callable.")
+                raise EmbgeoInputError(
+                    f"Unknown similarity measure {stat!r}; choose one of {measures()} or pass a callable."
+                )
             fn: Callable[..., float] = _MEASURES[stat]
             kw = {"device": dev, **kw}
         else:
@@ -421,3 +435,242 @@ def permutation_test(
         take = (lambda p: y_all[torch.from_numpy(p)]) if isinstance(y_all, torch.Tensor) else (lambda p: y_all[p])
         null = np.array([float(fn(X, take(p), **kw)) for p in perms])
     return from_null(float(observed), null)
+
+
+# ---------------------------------------------------------------------------
+# Chapter 1: tables of the chapter and the check of claim 6
+# ---------------------------------------------------------------------------
+
+
+def shared_vocabulary_table(
+    shared: Mapping[tuple[str, str], SharedVocabulary], tables: Mapping[str, Array]
+) -> pd.DataFrame:
+    """Chapter 1: one row per model pair: shared tokens, alignment schemes and both vocabulary sizes.
+
+    Args:
+        shared: ``(model A, model B)`` to their :class:`~embgeo_utils.vocab.SharedVocabulary`.
+        tables: model name to its input-embedding table ``(vocabulary, d)``.
+    """
+    check_pairs(shared, tables)
+    return pd.DataFrame(
+        [
+            {
+                "model A": a,
+                "model B": b,
+                "shared tokens": len(s),
+                "scheme A": s.scheme_a,
+                "scheme B": s.scheme_b,
+                "vocabulary A": tables[a].shape[0],
+                "vocabulary B": tables[b].shape[0],
+            }
+            for (a, b), s in shared.items()
+        ]
+    )
+
+
+def compare_models(
+    tables: Mapping[str, Array],
+    shared: Mapping[tuple[str, str], SharedVocabulary],
+    n_tokens: int = 3000,
+    n_permutations: int = 200,
+    n_permutations_complements: int = 50,
+    knn_k: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> pd.DataFrame:
+    """Chapter 1: the cosine-matrix correlation of every model pair, with its null and its complements.
+
+    For each pair, ``n_tokens`` shared tokens are drawn (``shared[pair].sample(n_tokens, seed)``)
+    and their input-embedding rows taken in both models. Measured, each against the permutation
+    null of :func:`permutation_test` (the token correspondence of B shuffled):
+
+    * ``r raw`` / ``r centred``: Pearson r of the cosine matrices, raw and mean-centred,
+      ``n_permutations`` permutations;
+    * ``CKA``: linear CKA, ``n_permutations_complements`` permutations;
+    * ``mutual kNN@k``: mutual cosine k-NN, ``max(1, n_permutations_complements // 5)`` permutations
+      (each recomputes both neighbour searches), with chance ``k / (n - 1)``;
+    * ``spearman raw``: Spearman rank correlation of the raw cosines (no null).
+
+    Returns:
+        One row per pair: ``model A``, ``model B``, ``tokens``, ``permutations``, then for ``raw``,
+        ``centred`` and ``CKA`` the statistic, ``null mean``, ``null std``, ``z`` and ``p``, then
+        ``spearman raw``, ``mutual kNN@k``, ``mutual kNN null``, ``mutual kNN chance``, ``p mutual kNN``.
+
+    Raises:
+        EmbgeoInputError: no pair, or a model of a pair without an embedding table.
+    """
+    check_pairs(shared, tables, "Chapter 1 compares models in pairs: no pair was given (install at least two models).")
+    dev = get_device(device)
+    rows = []
+    for (a, b), s in shared.items():
+        sample = s.sample(n_tokens, seed=seed)
+        X = tables[a][sample.ids_a]
+        Y = tables[b][sample.ids_b]
+        out: dict[str, Any] = {"model A": a, "model B": b, "tokens": len(sample), "permutations": n_permutations}
+        for label, stat, n_perm in (
+            ("raw", "cosine_corr", n_permutations),
+            ("centred", "cosine_corr_centered", n_permutations),
+            ("CKA", "cka", n_permutations_complements),
+        ):
+            res = permutation_test(stat, X, Y, n=n_perm, seed=seed, device=dev)
+            out.update(
+                {
+                    f"r {label}" if label != "CKA" else "CKA": res.statistic,
+                    f"null mean {label}": res.null_mean,
+                    f"null std {label}": res.null_std,
+                    f"z {label}": res.z,
+                    f"p {label}": res.p_value,
+                }
+            )
+        out["spearman raw"] = spearman_cosine(X, Y, device=dev)
+        knn_res = permutation_test(
+            "mutual_knn", X, Y, n=max(1, n_permutations_complements // 5), seed=seed, device=dev, k=knn_k
+        )
+        out.update(
+            {
+                f"mutual kNN@{knn_k}": knn_res.statistic,
+                "mutual kNN null": knn_res.null_mean,
+                "mutual kNN chance": knn_k / (len(sample) - 1),
+                "p mutual kNN": knn_res.p_value,
+            }
+        )
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def token_pair_cosines(
+    X: Array,
+    Y: Array,
+    strings: Sequence[str],
+    n_pairs: int = 4000,
+    seed: int = 0,
+    names: tuple[str, str] = ("A", "B"),
+    center: bool = True,
+) -> pd.DataFrame:
+    """Chapter 1: the cosines of random token pairs in two models, the points of the cosine scatter.
+
+    ``n_pairs`` index pairs ``(i, j)`` are drawn with a seeded generator and pairs
+    with ``i == j`` dropped; each row holds the two tokens (as ``repr`` strings,
+    so spaces and newlines show) and the pair's cosine in each model, after
+    mean-centring each cloud when ``center``.
+
+    Returns:
+        DataFrame with ``token 1``, ``token 2``, ``cosine in <A>``, ``cosine in <B>``, sorted by the sum of
+        the two cosines, largest first (the head holds the pairs both models find most similar).
+    """
+    x = as_matrix(X, "X").cpu().numpy()
+    y = as_matrix(Y, "Y").cpu().numpy()
+    n = x.shape[0]
+    if y.shape[0] != n or len(strings) != n:
+        raise EmbgeoInputError(
+            f"X ({n} rows), Y ({y.shape[0]}) and strings ({len(strings)}) must describe the same tokens."
+        )
+    if isinstance(n_pairs, bool) or not isinstance(n_pairs, (int, np.integer)) or n_pairs < 1:
+        raise EmbgeoInputError(f"n_pairs must be a positive integer, got {n_pairs!r}.")
+    units = []
+    for name, m in (("X", x), ("Y", y)):
+        m = m - m.mean(0) if center else m
+        norms = np.linalg.norm(m, axis=1, keepdims=True)
+        if np.any(norms == 0):
+            raise EmbgeoInputError(f"{name} holds zero vectors: their cosine is undefined; drop those rows first.")
+        units.append(m / norms)
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(0, n, size=(2, n_pairs))
+    keep = i != j
+    i, j = i[keep], j[keep]
+    ca, cb = (units[0][i] * units[0][j]).sum(1), (units[1][i] * units[1][j]).sum(1)
+    order = np.argsort(-ca - cb, kind="stable")
+    return pd.DataFrame(
+        {
+            "token 1": [repr(strings[t]) for t in i[order]],
+            "token 2": [repr(strings[t]) for t in j[order]],
+            f"cosine in {names[0]}": ca[order],
+            f"cosine in {names[1]}": cb[order],
+        }
+    )
+
+
+def layer_map(
+    hidden_a: Array, hidden_b: Array, center: bool = True, device: str | torch.device = "auto"
+) -> pd.DataFrame:
+    """Chapter 1: cosine-matrix correlation between every layer of A and every layer of B.
+
+    Args:
+        hidden_a: ``(tokens, layers_a + 1, d_a)`` hidden states of the shared tokens in model A.
+        hidden_b: ``(tokens, layers_b + 1, d_b)`` the same tokens in model B.
+        center: mean-centre each layer's cloud first (chapter 1 does).
+        device: where to compute.
+
+    Returns:
+        Tidy DataFrame, one row per layer pair: ``layer A``, ``layer B``, ``r``.
+    """
+    ha = torch.as_tensor(np.asarray(hidden_a) if not isinstance(hidden_a, torch.Tensor) else hidden_a)
+    hb = torch.as_tensor(np.asarray(hidden_b) if not isinstance(hidden_b, torch.Tensor) else hidden_b)
+    if ha.ndim != 3 or hb.ndim != 3 or ha.shape[0] != hb.shape[0]:
+        raise EmbgeoInputError(
+            f"hidden_a and hidden_b must be (tokens, layers, d) stacks of the same tokens; got {tuple(ha.shape)} and "
+            f"{tuple(hb.shape)}."
+        )
+    dev = get_device(device)
+    rows = [
+        {"layer A": p, "layer B": q, "r": cosine_matrix_correlation(ha[:, p], hb[:, q], center=center, device=dev)}
+        for p in range(ha.shape[1])
+        for q in range(hb.shape[1])
+    ]
+    return pd.DataFrame(rows)
+
+
+def check_claim6(
+    pairs: pd.DataFrame, alpha: float = 0.01, min_effect: float = 0.1, correction: str = "holm"
+) -> stats.Verdict:
+    """Chapter 1: the verdict of claim 6, cosine matrices correlate across models far above the null.
+
+    Pre-declared checks, two per model pair (rows of :func:`compare_models`):
+
+    * ``raw``: the Pearson r of the raw cosine matrices exceeds its permutation null;
+    * ``centred``: the same on mean-centred embeddings.
+
+    Each check's effect is ``r - null mean`` (positive in the claimed direction), its
+    minimum effect ``min_effect`` = 0.1 (a correlation of a few hundredths could be
+    significant with enough tokens yet mean little), its p-value the one-sided
+    permutation p of :func:`permutation_test`, and ``n`` the number of tokens. The
+    p-values of all checks are adjusted together (Holm by default) and compared with
+    ``alpha`` by :func:`embgeo_utils.stats.verdict`: **reproduced** when every check
+    holds, **partly reproduced** when some do, **not reproduced** otherwise.
+
+    With ``m`` checks, Holm can reach ``alpha`` only if the permutation floor
+    ``1 / (permutations + 1)`` is below ``alpha / m``; when the table's permutation
+    count is too small for that, a warning says how many permutations are needed.
+
+    Raises:
+        EmbgeoInputError: an empty table or missing columns.
+    """
+    need = ["model A", "model B", "tokens"] + [
+        f"{c} {lab}" for lab in ("raw", "centred") for c in ("r", "null mean", "p")
+    ]
+    missing = [c for c in need if c not in pairs.columns]
+    if pairs.empty or missing:
+        raise EmbgeoInputError(
+            f"check_claim6 needs the table of compare_models (missing columns: {missing or 'none, but no rows'})."
+        )
+    checks = [
+        stats.Check(
+            f"{row['model A']} vs {row['model B']}: {label} r above null",
+            float(row[f"r {label}"] - row[f"null mean {label}"]),
+            float(row[f"p {label}"]),
+            min_effect,
+            int(row["tokens"]),
+        )
+        for _, row in pairs.iterrows()
+        for label in ("raw", "centred")
+    ]
+    if "permutations" in pairs.columns:
+        fewest = int(pairs["permutations"].min())
+        m = len(checks) if correction in ("holm", "bonferroni") else 1
+        if m / (fewest + 1) >= alpha:
+            warnings.warn(
+                f"With {fewest} permutations the smallest p-value is 1/{fewest + 1}; after {correction} over {m} checks "
+                f"it cannot fall below alpha = {alpha}. Use n_permutations >= {math.ceil(m / alpha)} for a conclusive verdict.",
+                stacklevel=2,
+            )
+    return stats.verdict(checks, alpha=alpha, correction=correction)

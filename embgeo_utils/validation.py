@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable
+
 import numpy as np
 import torch
 
 from .errors import EmbgeoInputError
 
-__all__ = ["as_matrix"]
-
+__all__ = ["as_matrix", "check_pairs"]
 
 
 def as_matrix(
@@ -34,3 +35,22 @@ def as_matrix(
         bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
         raise EmbgeoInputError(f"{name} holds NaN or infinite values in {bad} rows; drop or fix them first.")
     return tensor.to(device=device, dtype=dtype)
+
+
+def check_pairs(pairs: Iterable[tuple[str, str]], tables: Container[str], empty: str | None = None) -> None:
+    """Check that every model of every pair has a table (chapters 1 and 2).
+
+    Args:
+        pairs: ``(model A, model B)`` pairs.
+        tables: the models that have an embedding table.
+        empty: the message to raise when ``pairs`` is empty (``None``: an empty ``pairs`` is accepted).
+
+    Raises:
+        EmbgeoInputError: no pair (when ``empty`` is given), or a model without a table.
+    """
+    pairs = list(pairs)
+    if not pairs and empty is not None:
+        raise EmbgeoInputError(empty)
+    missing = sorted({m for pair in pairs for m in pair if m not in tables})
+    if missing:
+        raise EmbgeoInputError(f"No embedding table for {missing}; pass one table per model of the pairs.")

@@ -57,3 +57,18 @@ def test_bad_prompts_are_explained(smollm):
         activations.hidden_states(smollm, [[1, 2, 3]], 32, progress=False)
     with pytest.raises(ValueError, match="must lie in"):
         activations.hidden_states(smollm, [[10**6, 2, 3]], progress=False)
+
+
+def test_lone_token_states_take_the_token_position(smollm, tmp_cache):
+    from embgeo_utils import vocab
+
+    ids = [100, 2000, 30000]
+    states = activations.lone_token_states(smollm, ids, batch_size=2)
+    assert states.shape == (3, 31, 576) and states.dtype == np.float32
+    newline = vocab.normalized_vocabulary(smollm.tokenizer)["\n"]
+    full = activations.hidden_states(smollm, [[newline, i] for i in ids], 2, with_loss=False, progress=False)
+    np.testing.assert_array_equal(states, full.hidden[:, :, 1])
+    table = smollm.model.get_input_embeddings().weight.detach().float().numpy()
+    np.testing.assert_allclose(states[:, 0], table[ids], atol=1e-6)  # layer 0: the input embeddings
+    with pytest.raises(errors.EmbgeoInputError, match="single token"):
+        activations.lone_token_states(smollm, ids, context="not one token at all")

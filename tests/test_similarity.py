@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import embgeo_utils.similarity as sim
+from embgeo_utils.errors import EmbgeoInputError
 from embgeo_utils.similarity import (
     PermutationResult,
     cka,
@@ -17,7 +18,6 @@ from embgeo_utils.similarity import (
     permutation_test,
     spearman_cosine,
 )
-from embgeo_utils.errors import EmbgeoInputError
 
 
 def _related(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +61,9 @@ def test_cosine_corr_invariances(device) -> None:
     assert cosine_matrix_correlation(X @ _rotation(24, 1), Y, device=device) == pytest.approx(base, abs=1e-6)
     assert cosine_matrix_correlation(X, 7.0 * Y @ _rotation(16, 2), device=device) == pytest.approx(base, abs=1e-6)
     assert cosine_matrix_correlation(X, X @ _rotation(24, 3), device=device) == pytest.approx(1.0, abs=1e-6)
-    assert cosine_matrix_correlation(torch.as_tensor(X), torch.as_tensor(X), device=device) == pytest.approx(1.0, abs=1e-6)
+    assert cosine_matrix_correlation(torch.as_tensor(X), torch.as_tensor(X), device=device) == pytest.approx(
+        1.0, abs=1e-6
+    )
 
 
 def test_cosine_corr_independent_near_zero(device) -> None:
@@ -136,7 +138,9 @@ def test_permutation_test_related_and_unrelated(device) -> None:
     assert res.z > 10
     rng = np.random.default_rng(9)
     pvals = [
-        permutation_test("cosine_corr", rng.normal(size=(80, 6)), rng.normal(size=(80, 6)), n=200, seed=s, device=device).p_value
+        permutation_test(
+            "cosine_corr", rng.normal(size=(80, 6)), rng.normal(size=(80, 6)), n=200, seed=s, device=device
+        ).p_value
         for s in range(5)
     ]
     assert min(pvals) > 0.01
@@ -167,3 +171,132 @@ def test_errors(device) -> None:
         permutation_test("cka", X, Y[:10], device=device)
     with pytest.raises(EmbgeoInputError, match="positive"):
         permutation_test("cka", X, Y, n=0, device=device)
+
+
+# --- chapter 1 tables and the check of claim 6 -------------------------------------------------------------------
+
+
+def _identity_shared(n: int):
+    from embgeo_utils.vocab import SharedVocabulary
+
+    ids = np.arange(n)
+    return SharedVocabulary(ids, ids, tuple(f"t{i}" for i in range(n)), True, "byte-bpe", "byte-bpe")
+
+
+def _zoo(n: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+    """Three synthetic tables: b is a noisy linear image of a, c is unrelated to both."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, 24)) + 0.3
+    return {"a": a, "b": a @ rng.normal(size=(24, 16)) + 0.5 * rng.normal(size=(n, 16)), "c": rng.normal(size=(n, 20))}
+
+
+def _pairs_table(pairs, n_permutations: int, device, n: int = 200):
+    tables = _zoo(n)
+    shared = {p: _identity_shared(n) for p in pairs}
+    return sim.compare_models(
+        tables,
+        shared,
+        n_tokens=n,
+        n_permutations=n_permutations,
+        n_permutations_complements=5,
+        knn_k=5,
+        seed=0,
+        device=device,
+    )
+
+
+def test_compare_models_matches_the_measures(device) -> None:
+    table = _pairs_table([("a", "b")], 30, device)
+    X, Y = _zoo()["a"], _zoo()["b"]
+    row = table.iloc[0]
+    assert (row["model A"], row["model B"], row["tokens"], row["permutations"]) == ("a", "b", 200, 30)
+    assert row["r raw"] == pytest.approx(cosine_matrix_correlation(X, Y, device=device), abs=1e-6)
+    assert row["r centred"] == pytest.approx(cosine_matrix_correlation(X, Y, center=True, device=device), abs=1e-6)
+    assert row["CKA"] == pytest.approx(cka(X, Y, device=device), abs=1e-6)
+    assert row["spearman raw"] == pytest.approx(spearman_cosine(X, Y, device=device), abs=1e-9)
+    assert row["mutual kNN@5"] == pytest.approx(mutual_knn(X, Y, k=5, device=device))
+    assert row["mutual kNN chance"] == pytest.approx(5 / 199)
+    assert row["p raw"] == pytest.approx(1 / 31)
+    with pytest.raises(EmbgeoInputError, match="pairs"):
+        sim.compare_models(_zoo(), {}, device=device)
+    with pytest.raises(EmbgeoInputError, match="No embedding table"):
+        sim.compare_models({"a": X}, {("a", "b"): _identity_shared(200)}, device=device)
+
+
+@pytest.fixture(scope="module")
+def zoo_pairs(device):
+    """The pair table of the synthetic zoo at 500 permutations (floor 1/501), computed once."""
+    return _pairs_table([("a", "b"), ("a", "c"), ("b", "c")], 500, device, n=120)
+
+
+def test_claim6_planted_absent_and_partly(zoo_pairs) -> None:
+    rows = {(r["model A"], r["model B"]): i for i, r in zoo_pairs.iterrows()}
+    planted = sim.check_claim6(zoo_pairs.loc[[rows[("a", "b")]]])
+    assert planted.verdict == "reproduced" and planted.n_hold == 2
+    # Holm: the two checks' p-values at the floor 1/501 are multiplied by the number of checks.
+    assert planted.adjusted == pytest.approx((2 / 501, 2 / 501))
+    absent = sim.check_claim6(zoo_pairs.loc[[rows[("a", "c")], rows[("b", "c")]]])
+    assert absent.verdict == "not reproduced"
+    mixed = sim.check_claim6(zoo_pairs.loc[[rows[("a", "b")], rows[("b", "c")]]])
+    assert mixed.verdict == "partly reproduced" and mixed.holds == (True, True, False, False)
+
+
+def test_claim6_minimum_effect_and_resolution(zoo_pairs, device) -> None:
+    table = zoo_pairs.iloc[[0]]
+    weak = table.assign(**{"r raw": table["null mean raw"] + 0.05})
+    assert sim.check_claim6(weak).holds == (False, True)
+    with pytest.warns(UserWarning, match="n_permutations >= 200"):
+        few = sim.check_claim6(_pairs_table([("a", "b")], 20, device, n=60))
+    assert few.verdict == "not reproduced"  # p >= 1/21: no evidence at alpha = 0.01
+    with pytest.raises(EmbgeoInputError, match="compare_models"):
+        sim.check_claim6(table.drop(columns=["p raw"]))
+
+
+def test_token_pair_cosines(device) -> None:
+    X, Y = _related(60)
+    strings = [f"w{i}" for i in range(60)]
+    pairs = sim.token_pair_cosines(X, Y, strings, n_pairs=500, seed=1, names=("A", "B"))
+    assert list(pairs.columns) == ["token 1", "token 2", "cosine in A", "cosine in B"]
+    assert 450 < len(pairs) <= 500 and (pairs["token 1"] != pairs["token 2"]).all()
+    total = (pairs["cosine in A"] + pairs["cosine in B"]).to_numpy()
+    assert np.all(np.diff(total) <= 1e-12)  # most similar pairs first
+    i, j = int(pairs["token 1"][0][2:-1]), int(pairs["token 2"][0][2:-1])
+    Xc = X - X.mean(0)
+    assert pairs["cosine in A"][0] == pytest.approx(Xc[i] @ Xc[j] / np.linalg.norm(Xc[i]) / np.linalg.norm(Xc[j]))
+    with pytest.raises(EmbgeoInputError, match="same tokens"):
+        sim.token_pair_cosines(X, Y, strings[:10])
+
+
+def test_layer_map(device) -> None:
+    rng = np.random.default_rng(3)
+    ha = rng.normal(size=(80, 3, 12))
+    hb = np.concatenate([ha[:, :2] @ _rotation(12, 4), rng.normal(size=(80, 1, 12))], axis=1)
+    lm = sim.layer_map(ha, hb, device=device)
+    assert list(lm.columns) == ["layer A", "layer B", "r"] and len(lm) == 9
+    r = lm.set_index(["layer A", "layer B"])["r"]
+    assert r[(0, 0)] == pytest.approx(1.0, abs=1e-6) and r[(1, 1)] == pytest.approx(1.0, abs=1e-6)
+    assert abs(r[(2, 2)]) < 0.1
+    with pytest.raises(EmbgeoInputError, match="same tokens"):
+        sim.layer_map(ha, hb[:50], device=device)
+
+
+def test_chapter1_tables_and_figures(device) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from embgeo_utils import plotting
+
+    tables = _zoo(50)
+    shared = {("a", "b"): _identity_shared(50)}
+    overlap = sim.shared_vocabulary_table(shared, tables)
+    assert overlap.loc[0, "shared tokens"] == 50 and overlap.loc[0, "vocabulary B"] == 50
+    table = _pairs_table([("a", "b"), ("a", "c")], 5, device, n=50)
+    plotting.pair_heatmaps(table, ["a", "b", "c"])
+    plotting.cosine_scatter(sim.token_pair_cosines(tables["a"], tables["b"], [str(i) for i in range(50)], 100))
+    rng = np.random.default_rng(0)
+    plotting.layer_map(
+        sim.layer_map(rng.normal(size=(30, 2, 4)), rng.normal(size=(30, 3, 5)), device=device), "a", "b", 30
+    )
+    plt.close("all")
