@@ -232,20 +232,20 @@ def zoo_pairs(device):
 def test_claim6_planted_absent_and_partly(zoo_pairs) -> None:
     rows = {(r["model A"], r["model B"]): i for i, r in zoo_pairs.iterrows()}
     planted = sim.check_claim6(zoo_pairs.loc[[rows[("a", "b")]]])
-    assert planted.verdict == "reproduced" and planted.n_hold == 2
-    # Holm: the two checks' p-values at the floor 1/501 are multiplied by the number of checks.
-    assert planted.adjusted == pytest.approx((2 / 501, 2 / 501))
+    assert planted.verdict == "reproduced" and planted.n_hold == 1
+    # one check per pair (the raw r); its p-value sits at the floor 1/501
+    assert planted.adjusted == pytest.approx((1 / 501,))
     absent = sim.check_claim6(zoo_pairs.loc[[rows[("a", "c")], rows[("b", "c")]]])
     assert absent.verdict == "not reproduced"
     mixed = sim.check_claim6(zoo_pairs.loc[[rows[("a", "b")], rows[("b", "c")]]])
-    assert mixed.verdict == "partly reproduced" and mixed.holds == (True, True, False, False)
+    assert mixed.verdict == "partly reproduced" and mixed.holds == (True, False)
 
 
 def test_claim6_minimum_effect_and_resolution(zoo_pairs, device) -> None:
     table = zoo_pairs.iloc[[0]]
     weak = table.assign(**{"r raw": table["null mean raw"] + 0.05})
-    assert sim.check_claim6(weak).holds == (False, True)
-    with pytest.warns(UserWarning, match="n_permutations >= 200"):
+    assert sim.check_claim6(weak).holds == (False,)
+    with pytest.warns(UserWarning, match="n_permutations >= 100"):
         few = sim.check_claim6(_pairs_table([("a", "b")], 20, device, n=60))
     assert few.verdict == "not reproduced"  # p >= 1/21: no evidence at alpha = 0.01
     with pytest.raises(EmbgeoInputError, match="compare_models"):
