@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import warnings
 
+import _timing
 import numpy as np
 
-import _timing
 from embgeo_utils import intrinsic_dim as idm
 
 
@@ -63,7 +63,9 @@ def main() -> None:
         lambda: Data(coordinates=Y.copy(), verbose=False).return_id_scaling_gride(range_max=256)
     )
     report("gride_scaling vs DADApy (range 256)", t_ours, t_peer)
-    print(f"    max |ours - DADApy| over 8 scales: {np.max(np.abs(ours_ids - peer_ids)):.2e}  ids {np.round(ours_ids, 3)}")
+    print(
+        f"    max |ours - DADApy| over 8 scales: {np.max(np.abs(ours_ids - peer_ids)):.2e}  ids {np.round(ours_ids, 3)}"
+    )
     assert np.allclose(ours_ids, peer_ids, rtol=1e-8, atol=0), "GRIDE disagrees with DADApy"
 
 

@@ -46,7 +46,9 @@ def main() -> None:
     X, source = load_table(args.rows)
     n, d = X.shape
     print(f"data: {source}, {n} x {d} (float64), reg = 1e-3")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    )
     print(f"\n{'k':>4} {'ours s':>8} {'sklearn s':>10} {'speed-up':>9} {'max |dw|':>10}")
     for k in args.ks:
         _, idx = knn(X, k, device="cpu")

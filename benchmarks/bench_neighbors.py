@@ -64,7 +64,9 @@ def main() -> None:
     k = args.k
     data = torch.from_numpy(X)
     print(f"data: {source}, {n} x {d}, k = {k}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    )
     dups = n - len(np.unique(X, axis=0))
     print(f"duplicate rows in the table: {dups}")
 
@@ -74,7 +76,7 @@ def main() -> None:
     print(f"\nchunk sweep ({q} query rows; default chunk = {default_chunk} rows):")
     print(f"{'chunk':>7} {'knn s':>8} {'matmul s':>9} {'overhead':>9}")
     for chunk in sorted({256, default_chunk, 4096}):
-        t_knn, _ = timed(lambda: knn(data, k, device="cpu", chunk_size=chunk, queries=np.arange(q)))
+        t_knn, _ = timed(lambda c=chunk: knn(data, k, device="cpu", chunk_size=c, queries=np.arange(q)))
         rate = matmul_rate(data, min(chunk, q))
         t_mm = 2.0 * q * n * d / rate
         print(f"{chunk:>7} {t_knn:>8.2f} {t_mm:>9.2f} {t_knn / t_mm:>8.2f}x")

@@ -32,7 +32,9 @@ def main() -> None:
     fast = permutation_test("cosine_corr", X, Y, n=args.perms, seed=0, device="cpu")
     t_fast = time.perf_counter() - start
     start = time.perf_counter()
-    slow = permutation_test(lambda A, B: cosine_matrix_correlation(A, B, device="cpu"), X, Y, n=args.perms, seed=0, device="cpu")
+    slow = permutation_test(
+        lambda A, B: cosine_matrix_correlation(A, B, device="cpu"), X, Y, n=args.perms, seed=0, device="cpu"
+    )
     t_slow = time.perf_counter() - start
     print(f"{'':>26} {'s / permutation':>16}")
     print(f"{'fast null (ours)':>26} {t_fast / (args.perms + 1):>16.3f}")

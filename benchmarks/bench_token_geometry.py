@@ -105,8 +105,10 @@ def main() -> None:
     t_peer = t_peer_sub * args.prompts / sub
 
     print(f"layer_observables, {args.prompts} prompts: {t_ours:8.2f} s ({t_ours / args.prompts:.3f} s/prompt)")
-    print(f"DADApy loop, {sub} prompts: {t_peer_sub:8.2f} s ({t_peer_sub / sub:.3f} s/prompt) "
-          f"-> {t_peer:.1f} s extrapolated to {args.prompts}")
+    print(
+        f"DADApy loop, {sub} prompts: {t_peer_sub:8.2f} s ({t_peer_sub / sub:.3f} s/prompt) "
+        f"-> {t_peer:.1f} s extrapolated to {args.prompts}"
+    )
     print(f"speed-up {t_peer / t_ours:.1f}x")
 
     np.testing.assert_allclose(ours.gride[:sub], peer["gride"], rtol=1e-8)

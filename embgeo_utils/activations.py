@@ -16,6 +16,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,9 @@ class Activations:
         return self.hidden.shape[1] - 1
 
 
-def prepare_ids(ids: Sequence[Sequence[int]] | np.ndarray, n_tokens: int | None = None) -> np.ndarray:
+def prepare_ids(
+    ids: Sequence[Sequence[int]] | Sequence[np.ndarray] | np.ndarray, n_tokens: int | None = None
+) -> np.ndarray:
     """Cut every sequence to the same length and stack them (``[prompts, tokens]`` int64).
 
     Raises:
@@ -80,7 +83,7 @@ def _bos_id(loaded: LoadedModel) -> int | None:
     return int(bos)
 
 
-def _loss_from_last(model: torch.nn.Module, last: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _loss_from_last(model: Any, last: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy per sequence, with the LM head applied in position chunks."""
     head = model.get_output_embeddings()
     # float32 logits, their softmax and gradient-free temporaries: about 3 copies per position.
@@ -142,7 +145,7 @@ def _read(path) -> tuple[np.ndarray, np.ndarray | None] | None:
 
 def hidden_states(
     loaded: LoadedModel,
-    ids: Sequence[Sequence[int]] | np.ndarray,
+    ids: Sequence[Sequence[int]] | Sequence[np.ndarray] | np.ndarray,
     n_tokens: int | None = None,
     batch_size: int = 4,
     with_loss: bool = True,
@@ -202,7 +205,7 @@ def hidden_states(
         bar.update(len(chunk))
     bar.close()
     hidden_all = np.stack([r[0] for r in results])  # type: ignore[index]
-    loss_all = np.concatenate([r[1] for r in results]) if with_loss else None  # type: ignore[index,misc]
+    loss_all = np.concatenate([r[1] for r in results]) if with_loss else None  # type: ignore[index]
     return Activations(hidden_all, loss_all, arr, loaded.info.name, hits)
 
 

@@ -15,12 +15,11 @@ import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
-
+from typing import Any
 
 __all__ = ["cache_dir", "content_key", "atomic_path", "sha256_file", "package_dir"]
-
 
 
 def cache_dir(*parts: str) -> Path:

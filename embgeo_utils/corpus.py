@@ -21,10 +21,11 @@ import bz2
 import csv
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,8 +45,6 @@ __all__ = [
 # Characters per token is about 4-5 for English; candidates are cut by characters
 # first and tokenized only when drawn, so that drawing a few passages stays cheap.
 _CHARS_PER_TOKEN = 4.0
-
-
 
 
 @dataclass(frozen=True)
@@ -202,7 +201,7 @@ _READERS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def documents(source: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """The documents of one source as ``(title, domain, paragraphs)`` in a fixed order."""
     if source not in _READERS:

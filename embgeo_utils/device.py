@@ -39,9 +39,7 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
         try:
             resolved = torch.device(name)
         except RuntimeError as exc:
-            raise EmbgeoInputError(
-                f"Unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'."
-            ) from exc
+            raise EmbgeoInputError(f"Unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise EmbgeoInputError(
             f"Device {str(resolved)!r} was requested but no CUDA GPU is visible; "

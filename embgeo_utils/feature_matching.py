@@ -474,7 +474,7 @@ def aligned_activations(
     rows_b: dict[int, list[np.ndarray]] = {lay: [] for lay in layers_b}
     ids_a, ids_b, passage, position, spans = [], [], [], [], []
     seen_a = seen_b = 0
-    kept_texts = []
+    kept_texts: list[str] = []
     for text in tqdm_texts(texts, progress):
         ia, sa = _offsets(a.tokenizer, text, max_tokens)
         end = sa[-1][1] if sa else 0
@@ -559,8 +559,9 @@ def train_layer_saes(
     for layer, x in acts.items():
         x_train = np.ascontiguousarray(x[train])
         key = {"model": model_key, "layer": layer, "tokens": content_key(x_train.tobytes())}
-        sae, history = cached_sae(x_train, expansion * x.shape[1], k, key, seed=seed, device=device,
-                                  progress=progress, **train_kwargs)
+        sae, history = cached_sae(
+            x_train, expansion * x.shape[1], k, key, seed=seed, device=device, progress=progress, **train_kwargs
+        )
         out[layer] = LayerSAE(model_name, layer, sae, history, sae_metrics(sae, x[heldout]))
     return out
 
@@ -600,12 +601,25 @@ def compare_layer(
         for n in n_components:
             if n < len(kept) - 1:
                 s = svcca_test(x, y, n, n_permutations=n_permutations, seed=seed, device=device)
-                curve.append({"n_components": n, "SVCCA": s.statistic, "null mean": s.null_mean,
-                              "null max": s.null_max, "p": s.p_value})
+                curve.append(
+                    {
+                        "n_components": n,
+                        "SVCCA": s.statistic,
+                        "null mean": s.null_mean,
+                        "null max": s.null_max,
+                        "p": s.p_value,
+                    }
+                )
         if curve:
             head = curve[min(2, len(curve) - 1)]  # n = 20 when the pairs allow it (the google/svcca tutorial's choice)
-            row.update({"SVCCA": head["SVCCA"], "SVCCA n": head["n_components"], "SVCCA null mean": head["null mean"],
-                        "SVCCA p": head["p"]})
+            row.update(
+                {
+                    "SVCCA": head["SVCCA"],
+                    "SVCCA n": head["n_components"],
+                    "SVCCA null mean": head["null mean"],
+                    "SVCCA p": head["p"],
+                }
+            )
     return row, curve, kept
 
 
@@ -673,15 +687,30 @@ def check_claim10(
         if n < 10 or "RSA" not in r or not np.isfinite(r.get("RSA", np.nan)):
             checks.append(Check(f"RSA > null, layers {la}/{lb}", -1.0, 1.0, n=n))
             continue
-        checks.append(Check(f"RSA > null, layers {la}/{lb}", float(r["RSA"] - r["RSA null mean"]), float(r["RSA p"]), n=n))
+        checks.append(
+            Check(f"RSA > null, layers {la}/{lb}", float(r["RSA"] - r["RSA null mean"]), float(r["RSA p"]), n=n)
+        )
         if np.isfinite(r.get("SVCCA", np.nan)):
-            checks.append(Check(f"SVCCA(n={int(r['SVCCA n'])}) > null, layers {la}/{lb}",
-                                float(r["SVCCA"] - r["SVCCA null mean"]), float(r["SVCCA p"]), n=n))
+            checks.append(
+                Check(
+                    f"SVCCA(n={int(r['SVCCA n'])}) > null, layers {la}/{lb}",
+                    float(r["SVCCA"] - r["SVCCA null mean"]),
+                    float(r["SVCCA p"]),
+                    n=n,
+                )
+            )
     depths = sorted({round((depth_a[la] + depth_b[lb]) / 2, 6) for la, lb in matched})
     boot = np.asarray(boot_argmax, dtype=float)
     interior = np.mean([(d > depths[0] + 1e-9) and (d < depths[-1] - 1e-9) for d in boot]) if boot.size else 0.0
-    checks.append(Check("best layer pair at an interior depth (bootstrap share - 0.5)", float(interior - 0.5),
-                        None, min_effect=0.45, n=int(boot.size)))
+    checks.append(
+        Check(
+            "best layer pair at an interior depth (bootstrap share - 0.5)",
+            float(interior - 0.5),
+            None,
+            min_effect=0.45,
+            n=int(boot.size),
+        )
+    )
     return verdict(checks, alpha=alpha)
 
 
@@ -760,8 +789,16 @@ def run_pair(
     layers_b = sorted({lb for _, lb in pairs})
     aligned = aligned_activations(a, b, texts, layers_a, layers_b, max_tokens=max_tokens, progress=progress)
     train, held = aligned.split(heldout_fraction)
-    opts = dict(expansion=expansion, k=k, seed=seed, device=device, progress=progress, epochs=epochs,
-                batch_size=batch_size, lr=lr)
+    opts: dict[str, Any] = dict(
+        expansion=expansion,
+        k=k,
+        seed=seed,
+        device=device,
+        progress=progress,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+    )
     trained = {
         "A": train_layer_saes(aligned.acts_a, train, held, a.info.sha256 or a.info.name, a.info.name, **opts),
         "B": train_layer_saes(aligned.acts_b, train, held, b.info.sha256 or b.info.name, b.info.name, **opts),
@@ -772,12 +809,24 @@ def run_pair(
         ids, skip = _loss_ids(loaded, [aligned.texts[i] for i in held_texts], max_tokens)
         for layer, item in trained[side].items():
             rec = loss_recovered(loaded, ids, layer, item.sae, acts[layer][train].mean(axis=0), skip_first=skip)
-            sae_rows.append({"model": loaded.info.name, "layer": layer, "depth": layer / loaded.info.n_layers,
-                             "latents": item.sae.n_latents, "k": item.sae.k, "train tokens": int(train.sum()),
-                             "held-out tokens": int(held.sum()), **{m: item.metrics[m] for m in ("fvu", "l0", "dead_fraction")},
-                             "loss clean": rec["clean"], "loss spliced": rec["spliced"],
-                             "loss mean-ablated": rec["ablated"], "loss recovered": rec["recovered"],
-                             "train seconds": item.history.seconds, "from cache": item.history.from_cache})
+            sae_rows.append(
+                {
+                    "model": loaded.info.name,
+                    "layer": layer,
+                    "depth": layer / loaded.info.n_layers,
+                    "latents": item.sae.n_latents,
+                    "k": item.sae.k,
+                    "train tokens": int(train.sum()),
+                    "held-out tokens": int(held.sum()),
+                    **{m: item.metrics[m] for m in ("fvu", "l0", "dead_fraction")},
+                    "loss clean": rec["clean"],
+                    "loss spliced": rec["spliced"],
+                    "loss mean-ablated": rec["ablated"],
+                    "loss recovered": rec["recovered"],
+                    "train seconds": item.history.seconds,
+                    "from cache": item.history.from_cache,
+                }
+            )
     non_concept = non_concept_tokens(a.tokenizer)
     latents_a = {la: encode_all(trained["A"][la].sae, aligned.acts_a[la]) for la in layers_a}
     latents_b = {lb: encode_all(trained["B"][lb].sae, aligned.acts_b[lb]) for lb in layers_b}
@@ -787,17 +836,46 @@ def run_pair(
             dec_a = trained["A"][la].sae.W_dec.detach().cpu().numpy()
             dec_b = trained["B"][lb].sae.W_dec.detach().cpu().numpy()
             row, curve, kept = compare_layer(
-                latents_a[la], latents_b[lb], dec_a, dec_b, aligned.ids_a, non_concept, n_components=n_components,
-                n_permutations=n_permutations, rsa_rows=rsa_rows, min_corr=min_corr, seed=seed, device=device,
+                latents_a[la],
+                latents_b[lb],
+                dec_a,
+                dec_b,
+                aligned.ids_a,
+                non_concept,
+                n_components=n_components,
+                n_permutations=n_permutations,
+                rsa_rows=rsa_rows,
+                min_corr=min_corr,
+                seed=seed,
+                device=device,
             )
             depth = (la / a.info.n_layers + lb / b.info.n_layers) / 2
-            grid_rows.append({"layer A": la, "layer B": lb, "depth A": la / a.info.n_layers,
-                              "depth B": lb / b.info.n_layers, "depth": depth, "matched depth": (la, lb) in pairs, **row})
+            grid_rows.append(
+                {
+                    "layer A": la,
+                    "layer B": lb,
+                    "depth A": la / a.info.n_layers,
+                    "depth B": lb / b.info.n_layers,
+                    "depth": depth,
+                    "matched depth": (la, lb) in pairs,
+                    **row,
+                }
+            )
             curve_rows += [{"layer A": la, "layer B": lb, **c} for c in curve]
             decoders[(la, lb)] = (dec_a[kept.a], dec_b[kept.b])
             kept_all[(la, lb)] = kept
-    return PairResult((a.info.name, b.info.name), layers_a, layers_b, aligned, pd.DataFrame(sae_rows),
-                      pd.DataFrame(grid_rows), pd.DataFrame(curve_rows), decoders, kept_all, trained)
+    return PairResult(
+        (a.info.name, b.info.name),
+        layers_a,
+        layers_b,
+        aligned,
+        pd.DataFrame(sae_rows),
+        pd.DataFrame(grid_rows),
+        pd.DataFrame(curve_rows),
+        decoders,
+        kept_all,
+        trained,
+    )
 
 
 def seed_ceiling(
@@ -828,13 +906,20 @@ def seed_ceiling(
 
     x_train = np.ascontiguousarray(acts[train])
     key = {"model": result.names[0 if side == "A" else 1], "layer": layer, "tokens": content_key(x_train.tobytes())}
-    second, _ = cached_sae(x_train, first.n_latents, first.k, key, seed=seed, device=device, progress=progress,
-                           **train_kwargs)
+    second, _ = cached_sae(
+        x_train, first.n_latents, first.k, key, seed=seed, device=device, progress=progress, **train_kwargs
+    )
     ids = result.aligned.ids_a if side == "A" else result.aligned.ids_b
     row, _, _ = compare_layer(
-        encode_all(first, acts), encode_all(second, acts), first.W_dec.detach().cpu().numpy(),
-        second.W_dec.detach().cpu().numpy(), ids, np.zeros(int(ids.max()) + 1, dtype=bool),
-        n_permutations=n_permutations, rsa_rows=rsa_rows, device=device,
+        encode_all(first, acts),
+        encode_all(second, acts),
+        first.W_dec.detach().cpu().numpy(),
+        second.W_dec.detach().cpu().numpy(),
+        ids,
+        np.zeros(int(ids.max()) + 1, dtype=bool),
+        n_permutations=n_permutations,
+        rsa_rows=rsa_rows,
+        device=device,
     )
     return {"model": result.names[0 if side == "A" else 1], "layer": layer, **row}
 
@@ -865,6 +950,12 @@ def feature_examples(result: PairResult, la: int, lb: int, n: int = 4, top: int 
             left = text[max(0, s - width) : s].replace("\n", " ")
             right = text[e : e + width].replace("\n", " ")
             contexts.append(f"…{left}**{text[s:e].strip() or '␣'}**{right}…")
-        rows.append({"latent A": int(kept.a[i]), "latent B": int(kept.b[i]), "correlation": float(kept.corr[i]),
-                     "top contexts (A's latent)": " / ".join(contexts)})
+        rows.append(
+            {
+                "latent A": int(kept.a[i]),
+                "latent B": int(kept.b[i]),
+                "correlation": float(kept.corr[i]),
+                "top contexts (A's latent)": " / ".join(contexts),
+            }
+        )
     return pd.DataFrame(rows)

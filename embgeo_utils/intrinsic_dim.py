@@ -234,7 +234,7 @@ def _twonn_from_mu(mu: torch.Tensor, valid: torch.Tensor, discard_fraction: floa
     return (x * y).sum(dim=1) / (x * x).sum(dim=1)
 
 
-def check_twonn_args(discard_fraction: float, algorithm: str) -> str:
+def check_twonn_args(discard_fraction: float, algorithm: str) -> Literal["base", "ml"]:
     """Validate TwoNN's arguments and return the algorithm actually used (chapters 3 and 4).
 
     ``discard_fraction = 0`` turns ``"base"`` into ``"ml"``, as in DADApy.
@@ -247,7 +247,7 @@ def check_twonn_args(discard_fraction: float, algorithm: str) -> str:
     if algorithm not in ("base", "ml"):
         raise EmbgeoInputError(f"algorithm must be 'base' or 'ml', got {algorithm!r}.")
     # As in DADApy: keeping every ratio makes the fit the maximum-likelihood estimate.
-    return "ml" if np.isclose(discard_fraction, 0.0) else algorithm
+    return "ml" if np.isclose(discard_fraction, 0.0) or algorithm == "ml" else "base"
 
 
 def twonn_from_distances(
@@ -595,6 +595,6 @@ def gride_batched(
     x = _as_stack(stack, get_device(device))
     scales = default_scales(x.shape[1]) if scales is None else check_scales(scales)
     dist, valid = batched_knn_distances(x, int(scales.max()), dtype=dtype)
-    ids, err = gride_from_distances(dist, valid, scales // 2, scales)
-    ids, err = ids.cpu().numpy(), err.cpu().numpy()
+    ids_t, err_t = gride_from_distances(dist, valid, scales // 2, scales)
+    ids, err = ids_t.cpu().numpy(), err_t.cpu().numpy()
     return (ids, err) if return_error else ids

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,12 @@ class TokenLabels:
         """The labels as a pandas DataFrame (one row per token)."""
         import pandas as pd
 
-        data = {"kind": self.kind, "capitalised": self.capitalised, "analogy": self.analogy, "zipf": self.zipf}
+        data: dict[str, Any] = {
+            "kind": self.kind,
+            "capitalised": self.capitalised,
+            "analogy": self.analogy,
+            "zipf": self.zipf,
+        }
         if strings is not None:
             data = {"token": list(strings), **data}
         return pd.DataFrame(data)

@@ -168,7 +168,7 @@ class ModelInfo:
 class LoadedModel:
     """A model, its tokenizer and its :class:`ModelInfo` (``load`` returns this)."""
 
-    model: torch.nn.Module
+    model: Any  # a transformers PreTrainedModel (typed loosely: its generated methods confuse type checkers)
     tokenizer: Any
     info: ModelInfo
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -247,6 +247,8 @@ def gguf_path(name: str, verify: bool = True) -> Path:
         parts = [p for d in dirs for p in sorted((d / "data").glob("*.bin"))]
     if not parts:
         raise ModelNotInstalledError(f"No GGUF parts found for {name!r}; reinstall with {_pip_hint(spec)}.")
+    if spec.sha256 is None:
+        raise ChecksumError(f"No sha256 is registered for {name!r}; a GGUF assembled from parts must be checked.")
     target = cache_dir("gguf") / f"{spec.sha256[:16]}-{spec.gguf_name}"
     if target.exists() and (not verify or sha256_file(target) == spec.sha256):
         return target
@@ -415,7 +417,8 @@ def _load_hub(name: str, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
         ) from exc
     causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
     loader = AutoModelForCausalLM if causal else AutoModel
-    model = loader.from_pretrained(name, dtype=dtype).to(dev).eval()
+    model: Any = loader.from_pretrained(name, dtype=dtype)
+    model = model.to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(name)
     source = f"local: {name}" if Path(name).exists() else f"Hugging Face: {name}"
     info = _info(model, tokenizer, name, getattr(config, "model_type", ""), source, None, causal)
@@ -462,7 +465,7 @@ def load(
 _EMBED_CACHE: dict[str, torch.Tensor] = {}
 
 
-def input_embeddings(name: str, loader: Callable[[str], LoadedModel] | None = None) -> torch.Tensor:
+def input_embeddings(name: str, loader: Callable[..., LoadedModel] | None = None) -> torch.Tensor:
     """The input token-embedding table of a model as a float32 CPU tensor ``[vocab, d]`` (chapters 0-3)."""
     if name not in _EMBED_CACHE:
         loaded = (loader or load)(name, device="cpu")
@@ -481,7 +484,11 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     """
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for _name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and (n_layers is None or len(module) == n_layers):
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module) > 0
+            and (n_layers is None or len(module) == n_layers)
+        ):
             return module
     raise EmbgeoInputError(
         f"Could not find the transformer blocks of {type(model).__name__}; "

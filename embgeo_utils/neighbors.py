@@ -66,6 +66,7 @@ def check_k(k: int, n: int, exclude_self: bool) -> None:
 
 def check_queries(queries: np.ndarray | torch.Tensor | Sequence[int], n: int, device: torch.device) -> torch.Tensor:
     """``queries`` as a 1-D int64 tensor of row indices in ``[0, n)``, or a clear error."""
+    q: torch.Tensor
     if isinstance(queries, torch.Tensor):
         q = queries.detach().cpu()
         integer = not q.is_floating_point() and not q.is_complex() and q.dtype != torch.bool
@@ -74,7 +75,7 @@ def check_queries(queries: np.ndarray | torch.Tensor | Sequence[int], n: int, de
         if arr.size == 0 and arr.dtype == np.float64:  # an empty list
             arr = arr.astype(np.int64)
         integer = np.issubdtype(arr.dtype, np.integer)
-        q = torch.as_tensor(arr.astype(np.int64)) if integer else None
+        q = torch.as_tensor(arr.astype(np.int64)) if integer else torch.empty(0)
     if not integer:
         raise EmbgeoInputError(
             "queries must hold integer row indices of X (not booleans or floats); "

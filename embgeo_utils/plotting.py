@@ -601,8 +601,15 @@ def sae_layer_heatmaps(grid: pd.DataFrame, names: tuple[str, str]) -> Figure:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, col in zip(np.atleast_1d(axes), panels):
         table = g.pivot(index="layer A", columns="layer B", values=col).astype(float)
-        sns.heatmap(table, annot=True, fmt=".3g" if col != "pairs" else ".0f", cmap="viridis", ax=ax,
-                    cbar=False, annot_kws={"fontsize": 7})
+        sns.heatmap(
+            table,
+            annot=True,
+            fmt=".3g" if col != "pairs" else ".0f",
+            cmap="viridis",
+            ax=ax,
+            cbar=False,
+            annot_kws={"fontsize": 7},
+        )
         ax.set_title(col)
         ax.set_xlabel(f"layer of {names[1]}")
         ax.set_ylabel(f"layer of {names[0]}")
@@ -615,8 +622,9 @@ def svcca_curves(curves: pd.DataFrame, matched: Sequence[tuple[int, int]]) -> Fi
     import matplotlib.pyplot as plt
     import numpy as np
 
-    _need_columns(curves, ("layer A", "layer B", "n_components", "SVCCA", "null mean", "null max"),
-                  "feature_matching.run_pair")
+    _need_columns(
+        curves, ("layer A", "layer B", "n_components", "SVCCA", "null mean", "null max"), "feature_matching.run_pair"
+    )
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(matched))))
     for color, (la, lb) in zip(colors, matched):

@@ -55,7 +55,10 @@ CLAIMS: dict[int, tuple[str, str]] = {
     5: ("Pearson(ID, loss) > 0 with p < 0.01", "Chapter 4"),
     6: ("Cosine matrices of token embeddings correlate across models far above the null", "Chapter 1"),
     7: ("LLE weights transfer across models with error far below the null", "Chapter 2"),
-    8: ("Per-token ID is far below the width, low-ID neighbourhoods are coherent, ID correlates across models", "Chapter 3"),
+    8: (
+        "Per-token ID is far below the width, low-ID neighbourhoods are coherent, ID correlates across models",
+        "Chapter 3",
+    ),
     9: ("Mapped steering vectors steer B better than random and no-steer controls", "Chapter 6"),
     10: ("Paired SAE decoder geometry beats the permutation null, highest in middle layers", "Chapter 5"),
 }
@@ -146,14 +149,28 @@ class ChapterRecord:
         if not isinstance(verdict, Verdict):
             raise EmbgeoInputError("verdict must come from embgeo_utils.stats.verdict(...), the book's one rule.")
         checks = [
-            {"check": c.name, "effect": c.effect, "min_effect": c.min_effect, "n": c.n, "p": c.p_value,
-             "p_adjusted": p_adj, "holds": ok}
+            {
+                "check": c.name,
+                "effect": c.effect,
+                "min_effect": c.min_effect,
+                "n": c.n,
+                "p": c.p_value,
+                "p_adjusted": p_adj,
+                "holds": ok,
+            }
             for c, p_adj, ok in zip(verdict.checks, verdict.adjusted, verdict.holds)
         ]
         item = Claim(
-            number, CLAIMS[number][0], statistic, _plain(value), null, _plain(verdict.p_value), verdict.verdict,
+            number,
+            CLAIMS[number][0],
+            statistic,
+            _plain(value),
+            null,
+            _plain(verdict.p_value),
+            verdict.verdict,
             f"{verdict.n_hold} of {len(verdict.checks)} checks hold (alpha {verdict.alpha}, {verdict.correction})",
-            _plain(checks), _plain(details),
+            _plain(checks),
+            _plain(details),
         )
         self.claims = [c for c in self.claims if c.number != number] + [item]
         return item
@@ -227,8 +244,18 @@ class Chapter:
         import pandas as pd
 
         return pd.DataFrame(
-            [{"claim": c.number, "statement": c.claim, "statistic": c.statistic, "value": c.value, "p": c.p_value,
-              "verdict": c.verdict, "checks": c.rule} for c in self.record.claims]
+            [
+                {
+                    "claim": c.number,
+                    "statement": c.claim,
+                    "statistic": c.statistic,
+                    "value": c.value,
+                    "p": c.p_value,
+                    "verdict": c.verdict,
+                    "checks": c.rule,
+                }
+                for c in self.record.claims
+            ]
         ).set_index("claim")
 
 
@@ -317,10 +344,31 @@ def load_ledger(folder: str | Path | None = None):
     for number, (statement, chapter) in CLAIMS.items():
         if number not in tested:
             rows.append(
-                {"claim": number, "statement": statement, "chapter": chapter, "statistic": "", "value": None,
-                 "null": "", "p": None, "verdict": "not yet run", "checks": "", "failing checks": ""}
+                {
+                    "claim": number,
+                    "statement": statement,
+                    "chapter": chapter,
+                    "statistic": "",
+                    "value": None,
+                    "null": "",
+                    "p": None,
+                    "verdict": "not yet run",
+                    "checks": "",
+                    "failing checks": "",
+                }
             )
-    columns = ["claim", "statement", "chapter", "statistic", "value", "null", "p", "verdict", "checks", "failing checks"]
+    columns = [
+        "claim",
+        "statement",
+        "chapter",
+        "statistic",
+        "value",
+        "null",
+        "p",
+        "verdict",
+        "checks",
+        "failing checks",
+    ]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values(["claim", "chapter"]).reset_index(drop=True)
 

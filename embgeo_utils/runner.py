@@ -27,7 +27,9 @@ def chapter_sources(root: str | Path = ".") -> list[Path]:
     """Chapter notebooks in book order (their file names start with the chapter number)."""
     folder = Path(root) / "notebooks"
     if not folder.is_dir():
-        raise FileNotFoundError(f"No notebooks/ folder under {Path(root).resolve()}; run from the repository root or pass --root.")
+        raise FileNotFoundError(
+            f"No notebooks/ folder under {Path(root).resolve()}; run from the repository root or pass --root."
+        )
     return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
 
 

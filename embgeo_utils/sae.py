@@ -85,6 +85,7 @@ class TopKSAE(torch.nn.Module):
         self.W_enc = torch.nn.Parameter(w.T.clone().contiguous())
         self.b_enc = torch.nn.Parameter(torch.zeros(n_latents))
         self.b_pre = torch.nn.Parameter(torch.zeros(d_in))
+        self.input_scale: torch.Tensor
         self.register_buffer("input_scale", torch.ones(()))
 
     def config(self) -> dict[str, int]:
@@ -171,6 +172,7 @@ class _Source:
         self.n, self.d = int(data.shape[0]), int(data.shape[1])
         nbytes = self.n * self.d * 4
         self.dev = dev
+        self.data: Any
         self.on_disk = isinstance(data, np.memmap) and nbytes > memory_budget
         if self.on_disk:
             self.data = data
@@ -509,7 +511,9 @@ def loss_recovered(
                     logits = loaded.model(input_ids=batch).logits
             pred = logits[:, skip_first:-1].float()
             target = batch[:, skip_first + 1 :]
-            ce = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
+            ce = torch.nn.functional.cross_entropy(
+                pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"
+            )
             total += float(ce)
             count += target.numel()
         return total / count

@@ -80,7 +80,7 @@ def zoo_table(loaded: Mapping[str, LoadedModel]) -> pd.DataFrame:
 def _table(item: Any) -> torch.Tensor:
     """The input-embedding table of a loaded model, or the given array, as a float32 CPU tensor."""
     if isinstance(item, LoadedModel):
-        item = item.model.get_input_embeddings().weight  # type: ignore[operator]
+        item = item.model.get_input_embeddings().weight
     table = torch.as_tensor(item).detach().float().cpu()
     if table.ndim != 2 or table.shape[0] < 2:
         raise EmbgeoInputError(

@@ -120,7 +120,9 @@ def permutation_p(observed: float, null: np.ndarray | Sequence[float], alternati
     return min(1.0, 2 * min(greater, less))
 
 
-def from_null(observed: float, null: np.ndarray | Sequence[float], alternative: Alternative = "greater") -> PermutationResult:
+def from_null(
+    observed: float, null: np.ndarray | Sequence[float], alternative: Alternative = "greater"
+) -> PermutationResult:
     """A :class:`PermutationResult` from an observed value and its null values (every chapter)."""
     values = np.asarray(null, dtype=np.float64).ravel()
     p = permutation_p(observed, values, alternative)
@@ -174,7 +176,9 @@ def permutation_test(
         perms = torch.argsort(torch.rand((b, n_items), generator=gen), dim=1).to(dev)
         values = torch.as_tensor(statistic(perms)).reshape(-1)
         if values.shape[0] != b:
-            raise EmbgeoInputError(f"statistic returned {values.shape[0]} values for {b} permutations; return one per row.")
+            raise EmbgeoInputError(
+                f"statistic returned {values.shape[0]} values for {b} permutations; return one per row."
+            )
         null.append(values.detach().double().cpu().numpy())
     return from_null(observed_value, np.concatenate(null), alternative)
 
@@ -361,15 +365,24 @@ class Verdict:
 
         return pd.DataFrame(
             [
-                {"check": c.name, "effect": c.effect, "min effect": c.min_effect, "n": c.n, "p": c.p_value,
-                 "p adjusted": p_adj, "holds": ok}
+                {
+                    "check": c.name,
+                    "effect": c.effect,
+                    "min effect": c.min_effect,
+                    "n": c.n,
+                    "p": c.p_value,
+                    "p adjusted": p_adj,
+                    "holds": ok,
+                }
                 for c, p_adj, ok in zip(self.checks, self.adjusted, self.holds)
             ]
         ).set_index("check")
 
     def summary(self) -> str:
         """One line: the verdict and how many checks hold."""
-        return f"{self.verdict} ({self.n_hold} of {len(self.checks)} checks hold; alpha {self.alpha}, {self.correction})"
+        return (
+            f"{self.verdict} ({self.n_hold} of {len(self.checks)} checks hold; alpha {self.alpha}, {self.correction})"
+        )
 
 
 def verdict(checks: Sequence[Check], alpha: float = 0.01, correction: str = "holm") -> Verdict:

@@ -325,8 +325,9 @@ def sentence_embeddings(encoder: LoadedModel, texts: Sequence[str], batch_size: 
     tok = encoder.tokenizer
     out = []
     for start in range(0, len(texts), batch_size):
-        batch = tok(list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=128,
-                    return_tensors="pt").to(encoder.device)
+        batch = tok(
+            list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=128, return_tensors="pt"
+        ).to(encoder.device)
         h = encoder.model(**batch).last_hidden_state.float()
         m = batch["attention_mask"][:, :, None].float()
         e = (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -128,7 +128,7 @@ def _one_prompt(
     scales: np.ndarray,
     ks: tuple[int, ...],
     discard_fraction: float,
-    twonn_algorithm: str,
+    twonn_algorithm: Literal["base", "ml"],
     dtype: torch.dtype,
     chunk_size: int,
 ) -> tuple[torch.Tensor, ...]:
@@ -393,6 +393,7 @@ def run_layerwise(
             obs = layer_observables(
                 hidden, scales=scales_arr, overlap_k=overlap_k, device=dev, dtype=torch.float32, progress=False
             )
+            assert acts.loss is not None  # with_loss=True
             frames.append(_geometry_frame(name, S, obs, acts.loss))
             loss_frames.append(
                 pd.DataFrame(
@@ -402,7 +403,7 @@ def run_layerwise(
             n_layers = hidden.shape[1]
             if S in (s_lo, s_hi):
                 peak = int(np.argmax(obs.gride[:, :, 0].mean(0)))
-                curve = gride_batched(hidden[:, peak], scales=curve_scales, device=dev)
+                curve = np.asarray(gride_batched(hidden[:, peak], scales=curve_scales, device=dev))
                 p_idx, s_idx = np.meshgrid(np.arange(len(passages)), np.arange(len(curve_scales)), indexing="ij")
                 curve_frames.append(
                     pd.DataFrame(
@@ -434,8 +435,8 @@ def run_layerwise(
 def _geometry_frame(name: str, S: int, obs: LayerObservables, loss: np.ndarray) -> pd.DataFrame:
     """The rows of :attr:`LayerwiseRun.geometry` for one model and shuffle level (prompt-major)."""
     n_prompts, n_layers = obs.twonn.shape
-    prompt, layer = np.meshgrid(np.arange(n_prompts), np.arange(n_layers), indexing="ij")
-    prompt, layer = prompt.ravel(), layer.ravel()
+    grid_p, grid_l = np.meshgrid(np.arange(n_prompts), np.arange(n_layers), indexing="ij")
+    prompt, layer = grid_p.ravel(), grid_l.ravel()
     columns: dict[str, Any] = {
         "model": name,
         "S": int(S),

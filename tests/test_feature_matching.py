@@ -99,8 +99,10 @@ def test_tests_find_planted_pairing_and_are_uniform_under_independence(device):
     y = x @ g.normal(size=(20, 24)) + 0.5 * g.normal(size=(300, 24))
     assert fm.svcca_test(x, y, 10, 200, device=device).p_value == pytest.approx(1 / 201)
     assert fm.rsa_test(x, y, None, 200, device=device).p_value == pytest.approx(1 / 201)
-    ps = [fm.svcca_test(g.normal(size=(80, 8)), g.normal(size=(80, 8)), 3, 99, seed=i, device=device).p_value
-          for i in range(40)]
+    ps = [
+        fm.svcca_test(g.normal(size=(80, 8)), g.normal(size=(80, 8)), 3, 99, seed=i, device=device).p_value
+        for i in range(40)
+    ]
     assert sps.kstest(ps, "uniform").pvalue > 0.01
 
 

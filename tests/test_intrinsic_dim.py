@@ -145,12 +145,13 @@ def test_known_values_from_dadapy(device) -> None:
     scales, ids, errs = idm.gride_scaling(X, max_scale=32, device=device)
     np.testing.assert_array_equal(scales, [2, 4, 8, 16, 32])
     np.testing.assert_allclose(
-        ids, [3.916486929028964, 4.23098481833734, 3.837862078352452, 3.817588894198445, 3.7555579251089073],
+        ids,
+        [3.916486929028964, 4.23098481833734, 3.837862078352452, 3.817588894198445, 3.7555579251089073],
         rtol=1e-9,
     )
     np.testing.assert_allclose(
-        errs, [0.15988990934001393, 0.124484779380781, 0.08006045405376104, 0.056271301141950746,
-               0.039135071277622516],
+        errs,
+        [0.15988990934001393, 0.124484779380781, 0.08006045405376104, 0.056271301141950746, 0.039135071277622516],
         rtol=1e-6,
     )
     value, error = idm.gride(X, 4, 8, device=device, return_error=True)

@@ -39,14 +39,14 @@ def _model(
             cos = cos + 0.01 * rng.standard_normal(N_LAYERS) * cosine_up
             chi = 0.8 - (0.3 * frac if overlap_down else 0.0) + 0.01 * rng.standard_normal(N_LAYERS) * overlap_down
             chi = np.where(layer < N_LAYERS, chi, np.nan)
-            for j, l in enumerate(layer):
+            for j, lay in enumerate(layer):
                 rows.append(
                     {
                         "model": name,
                         "S": S,
                         "prompt": p,
-                        "layer": int(l),
-                        "depth": l / N_LAYERS,
+                        "layer": int(lay),
+                        "depth": lay / N_LAYERS,
                         "ID": float(id_[j]),
                         "cos_mean": float(cos[j]),
                         "chi_1": float(chi[j]),

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils.neighbors import knn, neighborhood_overlap, neighborhood_overlap_batched
 from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.neighbors import knn, neighborhood_overlap, neighborhood_overlap_batched
 
 
 def _brute(X: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +65,9 @@ def test_overlap_identical_clouds_is_one(device) -> None:
 def test_overlap_independent_clouds_near_chance(device) -> None:
     rng = np.random.default_rng(5)
     n, k = 1000, 10
-    values = [neighborhood_overlap(rng.normal(size=(n, 8)), rng.normal(size=(n, 8)), k, device=device) for _ in range(3)]
+    values = [
+        neighborhood_overlap(rng.normal(size=(n, 8)), rng.normal(size=(n, 8)), k, device=device) for _ in range(3)
+    ]
     expected = k / (n - 1)
     # Each point shares ~Binomial(k, k/(n-1)) neighbours; the mean over n points has sd ~ sqrt(expected / (k n)).
     sd = np.sqrt(expected / (k * n))

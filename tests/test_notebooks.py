@@ -53,7 +53,8 @@ def small_book(tmp_path_factory):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
     done = subprocess.run(
         [sys.executable, "-m", "embgeo_utils.runner", "--root", str(work), "--small"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return work

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ast
 import json
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,9 @@ def test_no_module_imports_a_private_name_from_another():
     for path in sorted((ROOT / "embgeo_utils").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("embgeo_utils")):
-                hits += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+                hits += [
+                    f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"
+                ]
     assert not hits, hits
 
 

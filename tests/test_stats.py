@@ -81,8 +81,9 @@ def test_paired_permutation_agrees_with_scipy():
     rng = np.random.default_rng(1)
     a, b = rng.normal(0.4, 1, 25), rng.normal(0, 1, 25)
     ours = stats.paired_permutation(a, b, 20_000, seed=0)
-    ref = sps.permutation_test((a - b,), np.mean, permutation_type="samples", n_resamples=20_000,
-                               alternative="greater", random_state=0)
+    ref = sps.permutation_test(
+        (a - b,), np.mean, permutation_type="samples", n_resamples=20_000, alternative="greater", random_state=0
+    )
     assert ours.p_value == pytest.approx(ref.pvalue, abs=0.01)
     none = stats.paired_permutation(rng.normal(0, 1, 25), rng.normal(0, 1, 25), 2000, seed=0)
     assert none.p_value > 0.01
@@ -122,11 +123,15 @@ def test_verdict_planted_absent_and_borderline():
     rng = np.random.default_rng(4)
     strong = stats.wilcoxon(rng.normal(1.0, 1, 50))
     absent = stats.wilcoxon(rng.normal(0.0, 1, 50))
-    planted = stats.verdict([stats.Check("a", strong.effect, strong.p_value), stats.Check("b", strong.effect, strong.p_value)])
+    planted = stats.verdict(
+        [stats.Check("a", strong.effect, strong.p_value), stats.Check("b", strong.effect, strong.p_value)]
+    )
     assert planted.verdict == "reproduced" and planted.n_hold == 2
     none = stats.verdict([stats.Check("a", absent.effect, absent.p_value), stats.Check("b", -0.5, 0.9)])
     assert none.verdict == "not reproduced"
-    mixed = stats.verdict([stats.Check("a", strong.effect, strong.p_value), stats.Check("b", absent.effect, absent.p_value)])
+    mixed = stats.verdict(
+        [stats.Check("a", strong.effect, strong.p_value), stats.Check("b", absent.effect, absent.p_value)]
+    )
     assert mixed.verdict == "partly reproduced"
     assert list(mixed.table()["holds"]) == [True, False]
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from embgeo_utils import intrinsic_dim as idm
+from embgeo_utils.errors import EmbgeoInputError
 from embgeo_utils.neighbors import neighborhood_overlap
 from embgeo_utils.token_geometry import layer_observables
-from embgeo_utils.errors import EmbgeoInputError
 
 
 def _hidden(prompts: int = 2, layers: int = 4, tokens: int = 200, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -55,7 +55,9 @@ def test_layer_observables_equals_per_cloud_loop(device) -> None:
             assert out.cos_mean[p, layer] == pytest.approx(cos.mean(), rel=1e-9, abs=1e-12)
             assert out.cos_std[p, layer] == pytest.approx(cos.std(), rel=1e-7)
             if layer + 1 < n_layers:
-                has_ties = len(np.unique(hidden[p, layer : layer + 2].reshape(-1, hidden.shape[-1]), axis=0)) < 2 * len(cloud)
+                has_ties = len(np.unique(hidden[p, layer : layer + 2].reshape(-1, hidden.shape[-1]), axis=0)) < 2 * len(
+                    cloud
+                )
                 for k in (1, 2, 4):
                     expected = neighborhood_overlap(cloud, hidden[p, layer + 1], k, device=device)
                     # Duplicated tokens are tied neighbours, listed in either order.
