@@ -21,6 +21,7 @@ def _block_output(loaded, layer, ids):
 def test_steer_adds_alpha_v_at_every_position_and_is_removed(smollm):
     ids = torch.tensor([steering.encode_texts(smollm, TEXTS[:1])[0]], device=smollm.device)
     layer = 6
+    hooks_before = [len(b._forward_hooks) for b in models.transformer_blocks(smollm.model)]
     clean = _block_output(smollm, layer, ids)
     clean_logits = smollm.model(input_ids=ids).logits
     v = torch.randn(smollm.info.d_model, generator=torch.Generator().manual_seed(0))
@@ -35,7 +36,7 @@ def test_steer_adds_alpha_v_at_every_position_and_is_removed(smollm):
         with steering.steer(smollm, layer, v, 5.0):
             raise RuntimeError("boom")
     assert torch.equal(smollm.model(input_ids=ids).logits, clean_logits)
-    assert all(not b._forward_hooks for b in models.transformer_blocks(smollm.model))
+    assert [len(b._forward_hooks) for b in models.transformer_blocks(smollm.model)] == hooks_before
 
 
 def test_steering_vector_is_the_difference_of_text_means(smollm):
