@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import labels, stats
+from .device import NUMPY_CHUNK_BYTES, chunk_rows
 from .errors import EmbgeoInputError
 from .token_dimension import COHERENCE_LABEL, LocalIDs
 
@@ -137,7 +138,7 @@ def coherence_test(
     observed = float(pooled[:n_low].mean() - pooled[n_low:].mean())
     rng = np.random.default_rng(seed)
     null = np.empty(n)
-    step = max(1, (1 << 22) // len(pooled))
+    step = chunk_rows(8 * len(pooled), budget_bytes=NUMPY_CHUNK_BYTES)
     for start in range(0, n, step):
         stop = min(n, start + step)
         shuffled = pooled[np.stack([rng.permutation(len(pooled)) for _ in range(stop - start)])]

@@ -13,7 +13,7 @@ import torch
 
 from .errors import EmbgeoInputError
 
-__all__ = ["get_device", "chunk_budget", "chunk_rows", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["get_device", "chunk_budget", "chunk_rows", "DEFAULT_CHUNK_BYTES", "NUMPY_CHUNK_BYTES"]
 
 
 def get_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -51,6 +51,10 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
 #: Default bytes per chunk on the CPU (and the cap on a GPU): one block of a distance matrix, a
 #: batch of neighbourhoods. ``EMBGEO_CHUNK_MB`` overrides it.
 DEFAULT_CHUNK_BYTES = 1 << 28
+
+#: Bytes per chunk of the float64 numpy loops that draw permutations in blocks (32 MiB: fits the cache
+#: hierarchy better than big blocks; the draws do not depend on it).
+NUMPY_CHUNK_BYTES = 1 << 25
 
 
 def chunk_budget(device: str | torch.device | None = None) -> int:

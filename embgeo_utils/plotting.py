@@ -430,14 +430,6 @@ def embedding_gride_curves(curves: pd.DataFrame, n_points: int) -> Figure:
 __all__ += ["gride_scale_curves", "id_loss_correlation_by_layer", "layer_profiles", "loss_by_shuffle_level"]
 
 
-def _check_columns(data: Any, columns: Sequence[str], name: str) -> None:
-    from .errors import EmbgeoInputError
-
-    missing = [c for c in columns if c not in getattr(data, "columns", ())]
-    if missing:
-        raise EmbgeoInputError(f"{name} lacks the column(s) {missing}; pass the table that token_geometry returns.")
-
-
 def _finish(figure: Any, title: str, show: bool) -> Any:
     import matplotlib.pyplot as plt
 
@@ -462,7 +454,7 @@ def layer_profiles(geometry: Any, y: str, ylabel: str, title: str, show: bool = 
     """
     import seaborn as sns
 
-    _check_columns(geometry, ["model", "S", "depth", y], "geometry")
+    _need_columns(geometry, ["model", "S", "depth", y], "token_geometry.run_layerwise")
     grid = sns.relplot(
         data=geometry,
         x="depth",
@@ -494,7 +486,7 @@ def gride_scale_curves(curves: Any, show: bool = True) -> Any:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    _check_columns(curves, ["model", "S", "n2", "ID"], "curves")
+    _need_columns(curves, ["model", "S", "n2", "ID"], "token_geometry.run_layerwise")
     levels = sorted(curves["S"].unique())
     palette = {s: plt.cm.viridis(i / max(1, len(levels) - 1)) for i, s in enumerate(levels)}
     grid = sns.relplot(
@@ -532,7 +524,7 @@ def loss_by_shuffle_level(losses: Any, show: bool = True) -> Any:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    _check_columns(losses, ["model", "S", "loss"], "losses")
+    _need_columns(losses, ["model", "S", "loss"], "token_geometry.run_layerwise")
     names = list(dict.fromkeys(losses["model"]))
     fig, ax = plt.subplots(figsize=(7, 3.6))
     sns.pointplot(
@@ -565,7 +557,7 @@ def id_loss_correlation_by_layer(corr: Any, show: bool = True) -> Any:
     """
     import seaborn as sns
 
-    _check_columns(corr, ["model", "prompts", "depth", "r"], "corr")
+    _need_columns(corr, ["model", "prompts", "depth", "r"], "token_geometry.id_loss_correlation")
     grid = sns.relplot(
         data=corr, x="depth", y="r", hue="prompts", col="model", kind="line", marker="o", height=3.2, aspect=1.1
     )

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .device import chunk_rows, get_device
+from .device import NUMPY_CHUNK_BYTES, chunk_rows, get_device
 from .errors import EmbgeoInputError
 
 __all__ = [
@@ -233,7 +233,7 @@ def paired_permutation(
     rng = np.random.default_rng(seed)
     observed = float(diff.mean())
     null = np.empty(n_permutations)
-    step = max(1, (1 << 22) // diff.size)
+    step = chunk_rows(8 * diff.size, budget_bytes=NUMPY_CHUNK_BYTES)
     for start in range(0, n_permutations, step):
         stop = min(n_permutations, start + step)
         signs = rng.integers(0, 2, size=(stop - start, diff.size)) * 2 - 1
@@ -268,7 +268,7 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     n = values.shape[0]
     stats_ = np.empty(n_boot)
-    step = max(1, (1 << 22) // max(1, values.size))
+    step = chunk_rows(8 * max(1, values.size), budget_bytes=NUMPY_CHUNK_BYTES)
     for start in range(0, n_boot, step):
         stop = min(n_boot, start + step)
         idx = rng.integers(0, n, size=(stop - start, n))

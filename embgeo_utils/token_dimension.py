@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import intrinsic_dim, labels, lle, neighbors, stats, vocab
-from .device import get_device
+from .device import NUMPY_CHUNK_BYTES, chunk_rows, get_device
 from .errors import EmbgeoInputError
 
 if TYPE_CHECKING:
@@ -362,7 +362,7 @@ def id_correlations(tokens: pd.DataFrame, n_permutations: int = 1000, seed: int 
             rx, ry = _centred_ranks(x, a), _centred_ranks(y, b)
             rng = np.random.default_rng(seed)
             null = np.empty(n_permutations)
-            step = max(1, (1 << 22) // len(y))
+            step = chunk_rows(8 * len(y), budget_bytes=NUMPY_CHUNK_BYTES)
             for start in range(0, n_permutations, step):
                 stop = min(n_permutations, start + step)
                 perms = np.stack([rng.permutation(len(y)) for _ in range(stop - start)])
