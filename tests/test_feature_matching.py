@@ -123,3 +123,57 @@ def test_non_concept_tokens_on_a_real_tokenizer(smollm):
     assert not mask[tok.encode(" house", add_special_tokens=False)].any()
     assert mask[tok.all_special_ids].all()
     torch.manual_seed(0)
+
+
+def _grid(rsa_values, p_values, pairs=500):
+    import pandas as pd
+
+    rows = []
+    for (la, lb), r, p in zip([(1, 1), (2, 2), (3, 3)], rsa_values, p_values):
+        rows.append(
+            {
+                "layer A": la,
+                "layer B": lb,
+                "pairs": pairs,
+                "RSA": r,
+                "RSA null mean": 0.0,
+                "RSA p": p,
+                "SVCCA": 0.3 + r,
+                "SVCCA null mean": 0.3,
+                "SVCCA p": p,
+                "SVCCA n": 20,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_check_claim10_planted_absent_and_partly():
+    matched = [(1, 1), (2, 2), (3, 3)]
+    depth = {1: 0.25, 2: 0.5, 3: 0.75}
+    middle = np.full(50, 0.5)  # every subsample puts the maximum at the middle depth
+    planted = fm.check_claim10(_grid([0.05, 0.08, 0.04], [1e-3] * 3), matched, depth, depth, middle)
+    assert planted.verdict == "reproduced" and planted.n_hold == 7
+    edge = np.full(50, 0.75)
+    absent = fm.check_claim10(_grid([0.0, -0.01, 0.0], [0.6, 0.9, 0.5]), matched, depth, depth, edge)
+    assert absent.verdict == "not reproduced"
+    # geometry beats the null everywhere, but the maximum sits at the deepest layer: partly
+    partly = fm.check_claim10(_grid([0.02, 0.03, 0.09], [1e-3] * 3), matched, depth, depth, edge)
+    assert partly.verdict == "partly reproduced" and partly.holds[-1] is False
+
+
+def test_best_depth_subsamples_finds_the_planted_layer_pair(device):
+    g = np.random.default_rng(7)
+    decoders, depth = {}, {}
+    for key, noise, d in [((1, 1), 3.0, 0.25), ((2, 2), 0.3, 0.5), ((3, 3), 3.0, 0.75)]:
+        x = g.normal(size=(120, 16))
+        decoders[key] = (x, x @ g.normal(size=(16, 12)) + noise * g.normal(size=(120, 12)))
+        depth[key] = d
+    best = fm.best_depth_subsamples(decoders, depth, n_subsamples=10, rsa_rows=None, seed=0, device=device)
+    assert np.all(best == 0.5)
+
+
+def test_align_positions_by_character_spans():
+    a = [(0, 3), (3, 4), (4, 9), (9, 9)]
+    b = [(0, 3), (3, 6), (6, 9), (4, 9)]
+    assert fm.align_positions(a, b).tolist() == [[0, 0], [2, 3]]
+    assert fm.align_positions(a, a).tolist() == [[0, 0], [1, 1], [2, 2]]  # empty spans are never paired
