@@ -55,7 +55,7 @@ lint: install
 
 ## The test suite: lint and types, unit tests, every notebook with small parameters, the book build.
 test: models lint
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=10
 
 test-fast: models
 	$(PY) -m pytest -ra -m "not slow"
