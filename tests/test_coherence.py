@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from synthetic_tokens import token_string
 
 from embgeo_utils import coherence
 from embgeo_utils.errors import EmbgeoInputError
 from embgeo_utils.token_dimension import COHERENCE_LABEL, LocalIDs
-
-SYMBOLS = "!#$%&*+-"
-
-
-def _string(kind: int, t: int) -> str:
-    """A unique token string of a known kind: number, punctuation/code, other, whitespace."""
-    if kind == 0:
-        return f" {t}"
-    if kind == 1:
-        return "".join(SYMBOLS[int(c)] for c in np.base_repr(t + 8, 8))
-    if kind == 2:
-        return f"x{t}"
-    return "".join(" \t\n"[int(c)] for c in np.base_repr(t + 3, 3))
 
 
 def _local_ids(planted: bool, n: int = 400, k: int = 10, seed: int = 0) -> LocalIDs:
@@ -35,7 +23,7 @@ def _local_ids(planted: bool, n: int = 400, k: int = 10, seed: int = 0) -> Local
             pool = np.delete(np.arange(n), i)
         nbrs[i] = rng.choice(pool, size=k, replace=False)
     order = np.argsort(local_id + rng.random(n) * 0.1, kind="stable")
-    strings = {t: _string(int(kinds[t]), t) for t in range(n)}
+    strings = {t: token_string(int(kinds[t]), t) for t in range(n)}
     return LocalIDs(
         "toy", np.arange(n), local_id, np.full(n, 9), nbrs, order, np.arange(10), strings, 64, n, n, (0.0, 0.0)
     )

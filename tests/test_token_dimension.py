@@ -12,25 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic_tokens import token_string
 
 from embgeo_utils import coherence, intrinsic_dim, lle, similarity, stats, token_dimension
 from embgeo_utils.errors import EmbgeoInputError
 
-SYMBOLS = "!#$%&*+-"
 K = 10
 CLUSTER = 20
 DIMS = np.repeat(np.arange(1, 7), 5)  # 30 clusters of dimension 1..6: 600 tokens
-
-
-def _string(kind: int, t: int) -> str:
-    """A unique token string of a known kind: number, punctuation/code, other, whitespace."""
-    if kind == 0:
-        return f" {t}"
-    if kind == 1:
-        return "".join(SYMBOLS[int(c)] for c in np.base_repr(t + 8, 8))
-    if kind == 2:
-        return f"x{t}"
-    return "".join(" \t\n"[int(c)] for c in np.base_repr(t + 3, 3))
 
 
 def _strings(planted: bool, seed: int) -> list[str]:
@@ -40,7 +29,7 @@ def _strings(planted: bool, seed: int) -> list[str]:
     for t in range(len(DIMS) * CLUSTER):
         c = t // CLUSTER
         kind = (c if DIMS[c] <= 3 else t) % 4 if planted else int(rng.integers(0, 4))
-        out.append(_string(kind, t))
+        out.append(token_string(kind, t))
     return out
 
 
