@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .cache import atomic_path, cache_dir, content_key
 from .device import chunk_rows
 from .errors import EmbgeoInputError, PromptTooShortError
-from .models import LoadedModel, base_model
+from .models import LoadedModel, base_model, first_blocks
 from .vocab import normalized_vocabulary
 
 __all__ = ["Activations", "hidden_states", "lone_token_states", "prepare_ids", "token_losses"]
@@ -110,7 +110,14 @@ def _forward(loaded: LoadedModel, ids: np.ndarray, with_loss: bool, layers: list
         batch = torch.cat([torch.full((batch.shape[0], 1), bos, device=dev, dtype=batch.dtype), batch], dim=1)
     offset = 1 if bos is not None else 0
     base = base_model(loaded.model) if loaded.info.causal else loaded.model
-    out = base(input_ids=batch, output_hidden_states=True)
+    n_blocks = loaded.info.n_layers
+    if not with_loss and layers and loaded.info.causal and max(layers) + 1 < n_blocks:
+        n_blocks = max(layers) + 1  # the blocks after the deepest requested layer are skipped
+    if n_blocks < loaded.info.n_layers:
+        with first_blocks(loaded.model, n_blocks):
+            out = base(input_ids=batch, output_hidden_states=True)
+    else:
+        out = base(input_ids=batch, output_hidden_states=True)
     states = out.hidden_states if layers is None else [out.hidden_states[i] for i in layers]
     hidden = torch.stack([h[:, offset:] for h in states], dim=1).float().cpu().numpy()
     loss = None

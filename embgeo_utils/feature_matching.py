@@ -372,13 +372,22 @@ def rsa_test(
     dev = get_device(device)
     a, rb, tri, mb, nb = _rsa_parts(X, Y, max_rows, seed, dev)
 
+    n = rb.shape[0]
+    # Ranks are integers or halves below 2**24, exact in float32; the triangle is gathered
+    # from the flattened matrix for a batch of permutations at once.
+    flat = (rb - mb).to(torch.float32).reshape(-1)
+    a32 = a.to(torch.float32)
+    step = chunk_rows(12 * tri.shape[1], dev, max_rows=64)
+
     def statistic(perms: torch.Tensor) -> torch.Tensor:
         out = torch.empty(perms.shape[0], dtype=torch.float64, device=dev)
-        for i, p in enumerate(perms):
-            out[i] = (a * (rb[p[tri[0]], p[tri[1]]] - mb)).sum() / nb
+        for start in range(0, perms.shape[0], step):
+            p = perms[start : start + step]
+            gathered = flat[p[:, tri[0]] * n + p[:, tri[1]]]
+            out[start : start + step] = (gathered @ a32).double() / nb
         return out
 
-    return permutation_test(statistic, rb.shape[0], n_permutations, seed, dev, chunk_size=32)
+    return permutation_test(statistic, n, n_permutations, seed, dev, chunk_size=step)
 
 
 def pair_layers(n_layers_a: int, n_layers_b: int, depths: Sequence[float]) -> list[tuple[int, int]]:
@@ -782,7 +791,7 @@ def run_pair(
     """
     import pandas as pd
 
-    from .sae import encode_all, loss_recovered
+    from .sae import cached_loss_recovered, encode_all
 
     pairs = pair_layers(a.info.n_layers, b.info.n_layers, depths)
     layers_a = sorted({la for la, _ in pairs})
@@ -807,8 +816,11 @@ def run_pair(
     sae_rows = []
     for side, loaded, acts in (("A", a, aligned.acts_a), ("B", b, aligned.acts_b)):
         ids, skip = _loss_ids(loaded, [aligned.texts[i] for i in held_texts], max_tokens)
+        clean = None
         for layer, item in trained[side].items():
-            rec = loss_recovered(loaded, ids, layer, item.sae, acts[layer][train].mean(axis=0), skip_first=skip)
+            mean = acts[layer][train].mean(axis=0)
+            rec = cached_loss_recovered(loaded, ids, layer, item.sae, mean, skip_first=skip, clean=clean)
+            clean = rec["clean"]
             sae_rows.append(
                 {
                     "model": loaded.info.name,

@@ -514,3 +514,25 @@ def block_output_hook(block: torch.nn.Module, fn: Any) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def first_blocks(model: torch.nn.Module, n: int) -> Iterator[None]:
+    """Run only the first ``n`` transformer blocks while active (chapter 5: activations of early layers).
+
+    The model's block list is swapped for its first ``n`` entries and restored on
+    exit, also when the body raises. Hidden states ``0..n-1`` of a forward pass
+    are then exactly those of the whole model (hidden state ``n`` is the output of
+    the final norm, as for the last layer of any model), at ``n / n_layers`` of the cost.
+    """
+    blocks = transformer_blocks(model)
+    if not 1 <= n <= len(blocks):
+        raise EmbgeoInputError(f"n must lie in [1, {len(blocks)}], got {n}.")
+    parent, attr = next(
+        (module, name) for module in model.modules() for name, child in module.named_children() if child is blocks
+    )
+    setattr(parent, attr, torch.nn.ModuleList(list(blocks)[:n]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)

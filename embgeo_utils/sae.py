@@ -46,6 +46,7 @@ __all__ = [
     "sae_metrics",
     "encode_all",
     "loss_recovered",
+    "cached_loss_recovered",
 ]
 
 _CACHE_VERSION = 1
@@ -463,6 +464,7 @@ def loss_recovered(
     mean_activation: torch.Tensor | np.ndarray,
     skip_first: int = 1,
     batch_size: int = 2,
+    clean: float | None = None,
 ) -> dict[str, float]:
     """Next-token loss with the SAE's reconstruction spliced in at block ``layer`` (chapter 5).
 
@@ -472,6 +474,9 @@ def loss_recovered(
     was trained on); the same positions are replaced by the mean activation for
     the ablation baseline. The loss is the mean next-token cross-entropy over the
     predictions made from those positions.
+
+    ``clean`` is the unmodified loss on the same ``ids`` when already known (it
+    does not depend on the layer or the SAE), which saves one forward pass.
 
     Returns:
         ``clean``, ``spliced``, ``ablated`` losses (nats) and ``recovered`` =
@@ -518,7 +523,8 @@ def loss_recovered(
             count += target.numel()
         return total / count
 
-    clean, spliced, ablated = run(None), run(splice), run(ablate)
+    clean = run(None) if clean is None else float(clean)
+    spliced, ablated = run(splice), run(ablate)
     gap = ablated - clean
     return {
         "clean": clean,
@@ -526,3 +532,41 @@ def loss_recovered(
         "ablated": ablated,
         "recovered": (ablated - spliced) / gap if gap > 0 else float("nan"),
     }
+
+
+def cached_loss_recovered(
+    loaded: Any,
+    ids: np.ndarray,
+    layer: int,
+    sae: TopKSAE,
+    mean_activation: np.ndarray,
+    skip_first: int = 1,
+    clean: float | None = None,
+) -> dict[str, float]:
+    """:func:`loss_recovered`, stored in the cache under the model, tokens, layer, SAE weights and mean (chapter 5).
+
+    A rerun with the same inputs reads the numbers instead of running the model
+    three times; an unreadable entry is recomputed.
+    """
+    weights = b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in sae.state_dict().values())
+    key = content_key(
+        _CACHE_VERSION,
+        "loss-recovered",
+        loaded.info.sha256 or loaded.info.name,
+        layer,
+        skip_first,
+        np.ascontiguousarray(ids, dtype=np.int64).tobytes(),
+        np.ascontiguousarray(mean_activation, dtype=np.float32).tobytes(),
+        weights,
+    )
+    path = cache_dir("sae", "loss") / f"{key}.json"
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+            return {name: float(stored[name]) for name in ("clean", "spliced", "ablated", "recovered")}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable entry: recompute and replace it
+    result = loss_recovered(loaded, ids, layer, sae, mean_activation, skip_first=skip_first, clean=clean)
+    with atomic_path(path) as staged:
+        staged.write_text(json.dumps(result))
+    return result

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import activations, corpus, errors
+from embgeo_utils import activations, corpus, errors, models
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,15 @@ def test_matches_a_plain_forward_pass(smollm, prompts, tmp_cache):
     assert np.allclose(acts.hidden[0, 5], out.hidden_states[5][0].numpy(), atol=1e-5)
     ce = torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[0, 1:]).item()
     assert acts.loss[0] == pytest.approx(ce, rel=1e-4)
+
+
+def test_early_layers_skip_the_later_blocks_with_identical_results(smollm, gemma, prompts, tmp_cache):
+    for loaded in (smollm, gemma):
+        ids = [p[:20] for p in prompts[:2]]
+        full = activations.hidden_states(loaded, ids, with_loss=False, cache=False, progress=False)
+        part = activations.hidden_states(loaded, ids, with_loss=False, layers=[2, 5], cache=False, progress=False)
+        assert np.array_equal(part.hidden, full.hidden[:, [2, 5]])
+        assert len(models.transformer_blocks(loaded.model)) == loaded.info.n_layers  # restored
 
 
 def test_corrupted_cache_entry_is_recomputed(smollm, prompts, tmp_cache):

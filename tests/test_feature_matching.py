@@ -91,6 +91,7 @@ def test_rsa_matches_scipy(device):
     tri = np.tril_indices(60, -1)
     ref = sps.spearmanr(np.corrcoef(x)[tri], np.corrcoef(y)[tri]).statistic
     assert fm.rsa(x, y, max_rows=None, device=device) == pytest.approx(ref, abs=1e-10)
+    assert fm.rsa_test(x, y, None, 20, device=device).statistic == pytest.approx(ref, abs=1e-6)
 
 
 def test_tests_find_planted_pairing_and_are_uniform_under_independence(device):
@@ -101,6 +102,11 @@ def test_tests_find_planted_pairing_and_are_uniform_under_independence(device):
     assert fm.rsa_test(x, y, None, 200, device=device).p_value == pytest.approx(1 / 201)
     ps = [
         fm.svcca_test(g.normal(size=(80, 8)), g.normal(size=(80, 8)), 3, 99, seed=i, device=device).p_value
+        for i in range(40)
+    ]
+    assert sps.kstest(ps, "uniform").pvalue > 0.01
+    ps = [
+        fm.rsa_test(g.normal(size=(40, 8)), g.normal(size=(40, 8)), None, 99, seed=i, device=device).p_value
         for i in range(40)
     ]
     assert sps.kstest(ps, "uniform").pvalue > 0.01
