@@ -100,6 +100,12 @@ def run_notebooks(
 
     Every notebook's parameters are checked before the first one runs. Records go to :func:`results_folder`.
     """
+    small_params = small_parameters(root) if small else {}
+    plan = [(s, {**small_params.get(s.stem, {}), **(overrides or {}).get(s.stem, {})}) for s in sources]
+    if ledger:
+        plan.append((root / LEDGER, {}))
+    for source, params in plan:
+        check_overrides(source, params)
     import papermill as pm
 
     results = results_folder(out, small)
@@ -107,12 +113,6 @@ def run_notebooks(
     os.environ["EMBGEO_RESULTS"] = str(results)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    small_params = small_parameters(root) if small else {}
-    plan = [(s, {**small_params.get(s.stem, {}), **(overrides or {}).get(s.stem, {})}) for s in sources]
-    if ledger:
-        plan.append((root / LEDGER, {}))
-    for source, params in plan:
-        check_overrides(source, params)
     failed = []
     for source, params in plan:
         print(f"[embgeo] executing {source.name} ...", flush=True)
