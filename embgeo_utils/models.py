@@ -364,7 +364,7 @@ def _convert_gguf(spec: ModelSpec, gguf: Path, digest: str, target: Path) -> Non
     _check_finite(spec, gguf, state)
     plain.load_state_dict(state, assign=True)
     plain.tie_weights()
-    with atomic_path(target) as staged:
+    with atomic_path(target) as staged, _progress_off():
         staged.mkdir()
         plain.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
@@ -483,14 +483,26 @@ def _read_folder(loader: Any, folder: Path, dtype: torch.dtype) -> tuple[torch.n
 
 @contextmanager
 def _progress_off() -> Iterator[None]:
-    """No per-tensor progress bars while loading (they clutter the book; the load takes seconds)."""
+    """No per-tensor progress bars while loading (they clutter the book; the load takes seconds).
+
+    ``transformers``' own bars are switched off; its GGUF reader's bar (a plain ``tqdm.auto`` bar, which leaves
+    fragments and a widget warning in an executed notebook) becomes :func:`embgeo_utils.progress.tqdm`, one line.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
+
+    from .progress import tqdm
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = tqdm
     try:
         yield
     finally:
+        if original is not None:
+            gguf_utils.tqdm = original
         if shown:
             hf_logging.enable_progress_bar()
 
