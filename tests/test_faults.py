@@ -236,14 +236,13 @@ def test_a_damaged_file_of_a_safetensors_wheel_is_refused(tmp_path, monkeypatch,
 # ----------------------------------------------------------------------------- cached hidden states
 
 
-def test_damaged_cached_hidden_states_are_recomputed(smollm, tmp_cache, capsys):
-    ids = np.array([[504, 2644, 3290, 335, 260, 16420, 30, 378], [1780, 314, 260, 3575, 282, 4649, 30, 378]])
+def test_garbled_cached_hidden_states_are_recomputed(smollm, tmp_cache, capsys):
+    """Bytes changed inside an entry (its zip checksum fails); truncation is covered in test_activations."""
+    ids = np.array([[504, 2644, 3290, 335]])
     first = activations.hidden_states(smollm, ids, progress=False)
-    files = sorted((tmp_cache / "activations" / "smollm2-135m").glob("*.npz"))
-    assert len(files) == 2
-    _damage(files[0], "garble", size=256)
-    _damage(files[1], "truncate")
+    entry = next((tmp_cache / "activations" / "smollm2-135m").glob("*.npz"))
+    _damage(entry, "garble", size=256)
     again = activations.hidden_states(smollm, ids, progress=False)
     assert again.cache_hits == 0 and np.array_equal(again.hidden, first.hidden)
-    assert capsys.readouterr().out.count("unreadable; recomputing them") == 2
-    assert activations.hidden_states(smollm, ids, progress=False).cache_hits == 2
+    assert "unreadable; recomputing them" in capsys.readouterr().out
+    assert activations.hidden_states(smollm, ids, progress=False).cache_hits == 1
