@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 LEDGER = Path("book") / "ledger.ipynb"
+#: Parameters that name models (their overrides are checked with ``models.check_name`` before a run starts).
+MODEL_PARAMETERS = ("model_names", "model_pairs", "model_a", "model_b", "layer_pair", "cross_pair")
 
 
 def chapter_sources(root: str | Path = ".") -> list[Path]:
@@ -106,6 +108,7 @@ def run_notebooks(
         plan.append((root / LEDGER, {}))
     for source, params in plan:
         check_overrides(source, params)
+    _check_model_names([params for _, params in plan])
     import papermill as pm
 
     results = results_folder(out, small)
@@ -129,6 +132,21 @@ def run_notebooks(
             continue
         print(f"[embgeo] {source.name} done in {seconds:.0f} s", flush=True)
     return failed
+
+
+def _check_model_names(plans: list[dict[str, Any]]) -> None:
+    """Model names given as overrides are checked before a kernel starts (the chapter checks them again)."""
+    names = []
+    for params in plans:
+        for key in MODEL_PARAMETERS:
+            value = params.get(key)
+            items = [value] if isinstance(value, str) else list(value or [])
+            names += [n for item in items for n in (item if isinstance(item, (list, tuple)) else [item])]
+    if names:
+        from .models import check_name
+
+        for name in dict.fromkeys(names):
+            check_name(name)
 
 
 def select_chapters(root: Path, only: list[str] | None) -> list[Path]:

@@ -35,6 +35,7 @@ def test_every_subcommand_has_help(command, capsys):
         (["run", "02", "-p", "n_tokens", "0"], r"allowed values are [50, inf), got 0"),
         (["run", "04", "-y", "{shuffle_levels: [0, 13]}"], "[0, 12], got [0, 13]"),
         (["run", "99"], "No chapter '99'. Chapters: 00_models_and_text"),
+        (["run", "02", "-y", "{model_pairs: [[smollm2-135m, no-such-model]]}"], "'no-such-model' is not a registry"),
     ],
 )
 def test_run_fails_before_anything_runs(args, message, tmp_path, capsys):

@@ -177,3 +177,6 @@ def test_start_chapter_checks_parameters_and_model_names_before_loading(tmp_path
     assert not loads
     ch = results.start_chapter("ch02_lle", "LLE", good)
     assert ch.record.parameters_hash and not ch.record.defaults
+    defaults = {name: p.default for name, p in parameters.notebook_parameters("02_lle.ipynb").items()}
+    book = results.start_chapter("ch02_lle", "LLE", {**defaults, "device": "cpu"})
+    assert book.record.defaults and book.record.parameters_hash != ch.record.parameters_hash
