@@ -102,6 +102,8 @@ def run_notebooks(
 
     Every notebook's parameters are checked before the first one runs. Records go to :func:`results_folder`.
     """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the book runs offline unless the caller says otherwise
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     small_params = small_parameters(root) if small else {}
     plan = [(s, {**small_params.get(s.stem, {}), **(overrides or {}).get(s.stem, {})}) for s in sources]
     if ledger:
@@ -114,8 +116,6 @@ def run_notebooks(
     results = results_folder(out, small)
     results.mkdir(parents=True, exist_ok=True)
     os.environ["EMBGEO_RESULTS"] = str(results)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     failed = []
     for source, params in plan:
         print(f"[embgeo] executing {source.name} ...", flush=True)
