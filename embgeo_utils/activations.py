@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .cache import atomic_path, cache_dir, content_key
+from .cache import atomic_path, cache_dir, clean_staging, content_key, notice
 from .device import chunk_rows
 from .errors import EmbgeoInputError, PromptTooShortError
 from .models import LoadedModel, base_model, first_blocks
+from .progress import tqdm
 from .vocab import normalized_vocabulary
 
 __all__ = ["Activations", "hidden_states", "lone_token_states", "prepare_ids", "token_losses"]
@@ -185,6 +185,7 @@ def hidden_states(
         )
     layer_list = list(layers) if layers is not None else None
     folder = cache_dir("activations", loaded.info.name.replace("/", "__"))
+    clean_staging(folder)
     results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(arr)
     paths = [folder / f"{_cache_key(loaded, row[None], with_loss, layer_list)}.npz" for row in arr]
     hits = 0
@@ -193,6 +194,8 @@ def hidden_states(
             if path.exists():
                 results[i] = _read(path)
                 hits += results[i] is not None
+                if results[i] is None:
+                    notice(f"cached hidden states {path.name} of {loaded.info.name} are unreadable; recomputing them")
     todo = [i for i, r in enumerate(results) if r is None]
     bar = tqdm(
         total=len(todo), desc=f"{loaded.info.name} hidden states", unit="prompt", disable=not progress or not todo

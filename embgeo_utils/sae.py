@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .cache import atomic_path, cache_dir, content_key, sha256_file
+from .cache import atomic_path, cache_dir, clean_staging, content_key, notice, sha256_file
 from .device import chunk_rows, get_device
 from .errors import EmbgeoInputError
+from .progress import tqdm
 
 __all__ = [
     "TopKSAE",
@@ -401,6 +401,7 @@ def cached_sae(
     """
     hyper = {"n_latents": n_latents, "k": k, **{name: train_kwargs.get(name) for name in sorted(train_kwargs)}}
     hyper.pop("progress", None)
+    clean_staging(cache_dir("sae"))
     folder = cache_dir("sae") / content_key(_CACHE_VERSION, key, hyper)
     if (folder / "config.json").exists():
         try:
@@ -409,7 +410,7 @@ def cached_sae(
             history.from_cache = True
             return sae, history
         except EmbgeoInputError as exc:
-            print(f"[embgeo] cached SAE unusable, retraining: {exc}")
+            notice(f"cached SAE unusable, retraining: {exc}")
     sae, history = train_sae(x, n_latents, k, device=device, **train_kwargs)
     save_sae(sae, folder, history, meta={"key": key, "hyper": hyper})
     return sae, history

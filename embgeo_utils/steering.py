@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .errors import EmbgeoInputError
 from .models import LoadedModel, block_output_hook, transformer_blocks
+from .progress import tqdm
 
 __all__ = [
     "check_layer",

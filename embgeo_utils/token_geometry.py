@@ -242,7 +242,7 @@ def layer_observables(
         raise EmbgeoInputError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
     chunk_size = chunk_rows(torch.finfo(dtype).bits // 8 * n_tokens * n_tokens, dev, chunk_size)
     show = n_prompts >= 10 if progress is None else progress
-    from tqdm.auto import tqdm  # imported here: the notebook's warning filters are set by then
+    from .progress import tqdm
 
     results: list[tuple[torch.Tensor, ...]] = []
     for p in tqdm(range(n_prompts), disable=not show, desc="prompts"):

@@ -18,7 +18,7 @@ def test_unknown_model_lists_known_names(device):
 
 
 def test_missing_local_path_is_explained(device):
-    with pytest.raises(errors.UnknownModelError, match="could not be loaded"):
+    with pytest.raises(errors.UnknownModelError, match="The folder '/no/such/folder/model' does not exist"):
         models.load("/no/such/folder/model", device=device)
 
 

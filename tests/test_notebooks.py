@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embgeo_utils import runner
+from embgeo_utils import parameters, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = runner.chapter_sources(ROOT) + [ROOT / runner.LEDGER]
@@ -31,10 +31,8 @@ def test_small_parameters_name_real_notebooks_and_parameters():
     stems = {p.stem for p in runner.chapter_sources(ROOT)}
     assert set(small) == stems
     for stem, params in small.items():
-        nb = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())
-        cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
-        defined = {line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if "=" in line}
-        assert set(params) <= defined, f"{stem}: unknown parameters {set(params) - defined}"
+        declared = parameters.notebook_parameters(ROOT / "notebooks" / f"{stem}.ipynb")
+        assert set(params) <= set(declared), f"{stem}: unknown parameters {set(params) - set(declared)}"
 
 
 def test_toc_lists_every_chapter():
@@ -66,8 +64,10 @@ def test_every_chapter_executes_with_small_parameters(small_book):
         executed = json.loads((small_book / "_executed" / path.name).read_text())
         errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors
-    records = list((small_book / "_executed" / "results").glob("*.json"))
+    # small runs keep their records apart from the book's
+    records = list(runner.results_folder(small_book / "_executed", small=True).glob("*.json"))
     assert len(records) == len(runner.chapter_sources(small_book))
+    assert not (small_book / "_executed" / "results").exists()
 
 
 @pytest.mark.slow

@@ -57,4 +57,47 @@ def test_start_chapter_resolves_device_seeds_and_models(tmp_path, monkeypatch, d
     assert np.random.rand() == first
     ch.record.claim(6, "r", 0.3, "null", stats.verdict([stats.Check("c", 0.3, 0.001)]))
     line = ch.finish()
-    assert "ch_test.json" in line and (tmp_path / "ch_test.json").exists()
+    written = list(tmp_path.glob("ch_test-*.partial.json"))  # one requested model is not installed: a partial run
+    assert len(written) == 1 and written[0].name in line and "partial" in line
+
+
+def _run(folder, params, verdict_effect, defaults, missing=(), finished="2026-01-01 00:00:00"):
+    rec = results.ChapterRecord("ch02_lle", "LLE", parameters=params, models=["a"])
+    rec.defaults, rec.missing = defaults, list(missing)
+    rec.claim(7, "ratio", verdict_effect, "null", stats.verdict([stats.Check("c", verdict_effect, 0.001)]))
+    path = rec.save()
+    data = json.loads(path.read_text())
+    data["run"]["finished"] = finished
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_runs_never_replace_each_other_and_the_ledger_uses_the_default_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBGEO_RESULTS", str(tmp_path))
+    default = _run(tmp_path, {"n_tokens": 4000}, 0.5, True, finished="2026-01-01 10:00:00")
+    small = _run(tmp_path, {"n_tokens": 300}, -0.5, False, finished="2026-01-02 10:00:00")
+    partial = _run(tmp_path, {"n_tokens": 4000}, -0.5, True, missing=["b"], finished="2026-01-03 10:00:00")
+    assert len({default, small, partial}) == 3 and default.name.startswith("ch02_lle-")
+    assert partial.name.endswith(".partial.json") and json.loads(default.read_text())["claims"][0]["value"] == 0.5
+    ledger = results.load_ledger(tmp_path).set_index("claim")
+    assert ledger.loc[7, "verdict"] == "reproduced" and ledger.loc[7, "run"] == default.name
+    runs = results.load_runs(tmp_path)
+    assert "complete run, book defaults" in runs.loc[0, "run used"] and default.name in runs.loc[0, "run used"]
+    # without a default run, the latest complete run is used and labelled as such
+    default.unlink()
+    runs = results.load_runs(tmp_path)
+    assert small.name in runs.loc[0, "run used"] and "other parameters" in runs.loc[0, "run used"]
+    # a damaged record is skipped with a notice, not a crash of the ledger page
+    (tmp_path / "ch01_x-0000000000.json").write_text("{trunc")
+    assert list(results.load_ledger(tmp_path).set_index("claim").loc[[7], "run"]) == [small.name]
+
+
+def test_a_failed_run_leaves_the_record_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBGEO_RESULTS", str(tmp_path))
+    good = _run(tmp_path, {"n_tokens": 4000}, 0.5, True)
+    before = good.read_bytes()
+    ch = results.start_chapter("ch_test", "Test", {"n_tokens": 4000, "device": "cpu"})
+    with pytest.raises(RuntimeError):
+        ch.record.claim(7, "ratio", 0.1, "null", stats.verdict([stats.Check("c", 0.1, 0.5)]))
+        raise RuntimeError("the chapter fails before ch.finish()")
+    assert good.read_bytes() == before and len(list(tmp_path.glob("*.json"))) == 1
