@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from . import publish
+
 __all__ = ["chapter_sources", "small_parameters", "execute", "main"]
 
 LEDGER = Path("book") / "ledger.ipynb"
@@ -42,7 +44,10 @@ def small_parameters(root: str | Path = ".") -> dict[str, dict[str, Any]]:
 def execute(
     source: Path, out_dir: Path, parameters: dict[str, Any] | None = None, timeout: int = 3600
 ) -> tuple[Path, float]:
-    """Run one notebook with papermill into ``out_dir``; returns (executed path, seconds)."""
+    """Run one notebook with papermill into ``out_dir``; returns (executed path, seconds).
+
+    The executed copy shows its parameters once, as a table (:func:`publish.show_parameters`).
+    """
     import papermill as pm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +63,7 @@ def execute(
         progress_bar=False,
         log_output=False,
     )
+    publish.show_parameters(target, source, parameters)
     return target, time.perf_counter() - start
 
 
