@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -120,19 +121,18 @@ def test_make_site_needs_a_built_book(tmp_path):
 # -- the Pages workflow --------------------------------------------------------------------------
 
 
-def _check_workflow(path: Path) -> subprocess.CompletedProcess:
-    checker = Path(sys.executable).with_name("check-jsonschema")
-    return subprocess.run(
-        [str(checker), "--builtin-schema", "vendor.github-workflows", str(path)], capture_output=True, text=True
-    )
-
-
 def test_workflow_is_a_valid_github_actions_workflow(tmp_path):
-    done = _check_workflow(WORKFLOW)
-    assert done.returncode == 0, done.stdout + done.stderr
     broken = tmp_path / "broken.yml"
     broken.write_text(WORKFLOW.read_text().replace("runs-on:", "runs_on:", 1))
-    assert _check_workflow(broken).returncode != 0
+    checker = Path(sys.executable).with_name("check-jsonschema")
+    done = subprocess.run(  # one run checks the workflow and a broken copy (which must fail)
+        [str(checker), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW), str(broken)],
+        capture_output=True,
+        text=True,
+    )
+    report = done.stdout + done.stderr
+    assert done.returncode == 1 and "broken.yml::$.jobs.build" in report, report
+    assert WORKFLOW.name not in report.replace(str(tmp_path), ""), report
 
 
 def test_workflow_builds_with_the_readme_commands_and_deploys_only_from_main():
@@ -236,8 +236,13 @@ def test_make_lab_serves_jupyterlab_on_loopback_with_a_token(tmp_path):
         assert status == 200
         status, location = _status(f"http://127.0.0.1:{port}/lab")
         assert status in (302, 303) and "login" in location  # without the token: the login page
-        status, _ = _status(f"http://127.0.0.1:{port}/api/contents/{CHAPTER.name}?token={url.split('=')[-1]}")
+        token = url.split("=")[-1]
+        status, _ = _status(f"http://127.0.0.1:{port}/api/contents/{CHAPTER.name}?token={token}")
         assert status == 200  # the chapters are what it serves
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs?token={token}", timeout=20) as r:
+            specs = json.load(r)
+        kernel = specs["kernelspecs"][specs["default"]]["spec"]
+        assert Path(kernel["argv"][0]).parent == Path(sys.executable).parent  # the project's interpreter
     finally:
         server.terminate()
         try:
