@@ -143,6 +143,13 @@ def test_every_page_and_asset_answers_200_under_the_sub_path(site_url, small_sit
     assert _get(site_url.split(PREFIX)[0] + "/index.html")[0] == 404  # nothing is served above the sub-path
 
 
+def test_chapter_pages_show_their_parameters_once_and_hide_the_parameter_cells(site_url):
+    for stem in [p.stem for p in runner.chapter_sources(ROOT)] + ["ledger"]:
+        html = _get(f"{site_url}_executed/{stem}.html")[1].decode()
+        assert "tag_parameters" not in html and "tag_injected-parameters" not in html, stem  # Jupyter Book tag classes
+        assert html.count("Parameters of this run") == 1, stem
+
+
 # -- in a real browser ---------------------------------------------------------------------------
 
 
