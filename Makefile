@@ -7,12 +7,14 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OUT ?= _executed
+SITE ?= _site
+LAB_PORT ?= 8888
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: book test test-fast lint install models models-book models-all html bench clean
+.PHONY: book test test-fast lint install models models-book models-all html site lab bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +49,17 @@ book: models-book
 html:
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 
+## The built HTML as a self-contained static site (.nojekyll, relative links checked): publish $(SITE)/ anywhere.
+site: install html
+	$(PY) -m embgeo_utils.publish --html _build/html --out $(SITE)
+
+## JupyterLab on notebooks/ with the project's kernel, on 127.0.0.1 only, token auth on.
+lab: models
+	@echo "Starting JupyterLab on notebooks/; open the http://127.0.0.1:$(LAB_PORT)/lab?token=... URL it prints. Ctrl-C stops it."
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
+		--ServerApp.port_retries=0 --ServerApp.open_browser=False --MultiKernelManager.default_kernel_name=python3 \
+		$(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True)
+
 ## Lint (ruff), format check and types (mypy); configuration in pyproject.toml.
 lint: install
 	$(VENV)/bin/ruff check embgeo_utils tests benchmarks
@@ -73,4 +86,4 @@ bench: $(BENCH_VENV)/.installed
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BENCH_VENV)/bin/python $$f || exit 1; done
 
 clean:
-	rm -rf _build $(OUT)
+	rm -rf _build $(OUT) $(SITE)

@@ -19,6 +19,7 @@ __all__ = [
     "ModelNotInstalledError",
     "ChecksumError",
     "VocabularyError",
+    "SiteError",
 ]
 
 
@@ -60,3 +61,7 @@ class ChecksumError(EmbgeoError, RuntimeError):
 
 class VocabularyError(EmbgeoError, ValueError):
     """A tokenizer cannot be aligned (unknown scheme, no vocabulary, ...)."""
+
+
+class SiteError(EmbgeoError, RuntimeError):
+    """The built HTML has links that break on a sub-path or from disk; the message lists them."""

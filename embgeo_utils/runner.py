@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from . import publish
 from .errors import ParameterError
 from .parameters import check_overrides
 
@@ -60,7 +61,8 @@ def execute(
     """Run one notebook with papermill into ``out_dir``; returns (executed path, seconds).
 
     The parameters are checked against the notebook's declarations first, so an unknown name, a wrong type or a
-    value out of range fails before a kernel starts.
+    value out of range fails before a kernel starts. The executed copy shows its parameters once, as a table
+    (:func:`publish.show_parameters`).
 
     Raises:
         ParameterError: a parameter that the notebook does not declare or whose value it does not allow.
@@ -82,6 +84,7 @@ def execute(
         progress_bar=False,
         log_output=False,
     )
+    publish.show_parameters(target, source, parameters)
     return target, time.perf_counter() - start
 
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -42,22 +39,6 @@ def test_toc_lists_every_chapter():
         assert f"_executed/{path.stem}" in files
 
 
-@pytest.fixture(scope="module")
-def small_book(tmp_path_factory):
-    """A copy of the book with every chapter executed on small parameters."""
-    work = tmp_path_factory.mktemp("book")
-    for name in ("_config.yml", "_toc.yml", "book", "notebooks"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
-    done = subprocess.run(
-        [sys.executable, "-m", "embgeo_utils.runner", "--root", str(work), "--small"],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return work
-
-
 @pytest.mark.slow
 def test_every_chapter_executes_with_small_parameters(small_book):
     for path in runner.chapter_sources(small_book):
@@ -71,11 +52,8 @@ def test_every_chapter_executes_with_small_parameters(small_book):
 
 
 @pytest.mark.slow
-def test_book_builds_without_warnings(small_book):
-    jb = Path(sys.executable).with_name("jupyter-book")
-    done = subprocess.run(
-        [str(jb), "build", str(small_book), "-W", "-n", "--keep-going"], capture_output=True, text=True
-    )
+def test_book_builds_without_warnings(small_book, small_build):
+    done = small_build
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     html = small_book / "_build" / "html"
     assert (html / "index.html").exists()

@@ -1,0 +1,252 @@
+"""Publishing: parameters shown once, the static site's link check, the Pages workflow, ``make lab``."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from papermill.iorw import load_notebook_node
+from papermill.parameterize import parameterize_notebook
+
+from embgeo_utils import publish
+from embgeo_utils.errors import SiteError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = ROOT / ".github" / "workflows" / "book.yml"
+CHAPTER = ROOT / "notebooks" / "00_models_and_text.ipynb"
+
+
+# -- parameters as run ---------------------------------------------------------------------------
+
+
+def test_parameters_table_shows_values_as_run_with_defaults_and_comments():
+    table = publish.parameters_table(CHAPTER, {"n_passages": 4, "model_names": ["smollm2-135m"], "extra": "a|b"})
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `")}
+    assert "`4` (default `16`)" in rows["`n_passages`"]
+    assert '`["smollm2-135m"]` (default `[' in rows["`model_names`"]
+    assert "`256` |" in rows["`passage_tokens`"] and "default" not in rows["`passage_tokens`"]
+    assert "tokens per passage" in rows["`passage_tokens`"]
+    assert "not in the parameters cell" in rows["`extra`"] and r"a\|b" in rows["`extra`"]
+    assert all(line.count(" | ") == 2 for line in rows.values())  # escaped pipes add no columns
+
+
+def test_show_parameters_hides_both_parameter_cells_and_adds_one_table(tmp_path):
+    nb = load_notebook_node(str(CHAPTER))  # as papermill reads it
+    nb = parameterize_notebook(nb, {"n_passages": 4}, kernel_name="python3", language="python")
+    path = tmp_path / CHAPTER.name
+    nbformat.write(nb, path)
+    for _ in range(2):  # processing twice leaves one table
+        publish.show_parameters(path, CHAPTER, {"n_passages": 4})
+    cells = nbformat.read(path, as_version=4).cells
+    tags = [c.metadata.get("tags", []) for c in cells]
+    hidden = [i for i, t in enumerate(tags) if "remove-cell" in t]
+    assert [("parameters" in tags[i]) or ("injected-parameters" in tags[i]) for i in hidden] == [True, True]
+    tables = [i for i, t in enumerate(tags) if publish.PARAMETERS_TABLE_TAG in t]
+    assert tables == [hidden[-1] + 1]
+    assert cells[tables[0]].cell_type == "markdown" and "`4` (default `16`)" in cells[tables[0]].source
+    assert len(cells) == len(nb.cells) + 1
+
+
+def test_show_parameters_without_overrides_still_shows_the_defaults_once(tmp_path):
+    path = tmp_path / CHAPTER.name
+    shutil.copy(CHAPTER, path)
+    publish.show_parameters(path, CHAPTER, None)
+    cells = nbformat.read(path, as_version=4).cells
+    tables = [c for c in cells if publish.PARAMETERS_TABLE_TAG in c.metadata.get("tags", [])]
+    assert len(tables) == 1 and "(default" not in tables[0].source and "`16`" in tables[0].source
+
+
+# -- the static site -----------------------------------------------------------------------------
+
+
+def _page(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<!DOCTYPE html><html><head><title>t</title></head><body>{body}</body></html>")
+
+
+@pytest.fixture()
+def html(tmp_path) -> Path:
+    root = tmp_path / "html"
+    _page(root / "index.html", '<a href="ch/one.html#intro">one</a><img src="_static/f.png"><a href="#top">top</a>')
+    _page(root / "ch" / "one.html", '<a href="../index.html">home</a><a href="https://example.org/x">out</a>')
+    (root / "_static").mkdir()
+    (root / "_static" / "f.png").write_bytes(b"\x89PNG")
+    return root
+
+
+def test_make_site_copies_the_html_with_nojekyll(html, tmp_path):
+    site = publish.make_site(html, tmp_path / "site")
+    assert (site / ".nojekyll").is_file() and (site / "_static" / "f.png").is_file()
+    assert publish.check_site(site) == []
+    assert publish.make_site(html, tmp_path / "site") == site  # an old site folder is replaced
+
+
+@pytest.mark.parametrize(
+    ("link", "problem"),
+    [
+        ("/_static/f.png", "absolute link"),
+        ("../../elsewhere.html", "leaves the site folder"),
+        ("ch/", "names a folder"),
+        ("ch/missing.html#x", "names a missing file"),
+    ],
+)
+def test_check_site_finds_links_that_break_on_a_sub_path_or_from_disk(html, tmp_path, link, problem):
+    _page(html / "index.html", f'<a href="ch/one.html">ok</a><a href="{link}">bad</a>')
+    problems = publish.check_site(html)
+    assert len(problems) == 1 and problem in problems[0] and link in problems[0]
+    with pytest.raises(SiteError, match=problem):
+        publish.make_site(html, tmp_path / "site")
+
+
+def test_make_site_needs_a_built_book(tmp_path):
+    with pytest.raises(SiteError, match="build the book first"):
+        publish.make_site(tmp_path, tmp_path / "site")
+
+
+# -- the Pages workflow --------------------------------------------------------------------------
+
+
+def test_workflow_is_a_valid_github_actions_workflow(tmp_path):
+    broken = tmp_path / "broken.yml"
+    broken.write_text(WORKFLOW.read_text().replace("runs-on:", "runs_on:", 1))
+    checker = Path(sys.executable).with_name("check-jsonschema")
+    done = subprocess.run(  # one run checks the workflow and a broken copy (which must fail)
+        [str(checker), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW), str(broken)],
+        capture_output=True,
+        text=True,
+    )
+    report = done.stdout + done.stderr
+    assert done.returncode == 1 and "broken.yml::$.jobs.build" in report, report
+    assert WORKFLOW.name not in report.replace(str(tmp_path), ""), report
+
+
+def test_workflow_builds_with_the_readme_commands_and_deploys_only_from_main():
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    triggers = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` as true
+    assert triggers["push"]["branches"] == ["main"] and "pull_request" in triggers and "workflow_dispatch" in triggers
+    build, deploy = wf["jobs"]["build"], wf["jobs"]["deploy"]
+    steps = build["steps"]
+    uses = [s.get("uses", "").split("@")[0] for s in steps]
+    assert "actions/upload-pages-artifact" in uses
+    targets = set(re.search(r"^\.PHONY:(.*)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1).split())
+    runs = [s["run"] for s in steps if "run" in s]
+    assert runs and all(r.split()[0] == "make" and set(r.split()[1:]) <= targets for r in runs)
+    assert any("book" in r.split() for r in runs) and any("site" in r.split() for r in runs)
+    artifact = next(s for s in steps if s.get("uses", "").startswith("actions/upload-pages-artifact"))
+    site_default = re.search(r"^SITE \?= (\S+)", (ROOT / "Makefile").read_text(), flags=re.M).group(1)
+    assert artifact["with"]["path"] == site_default
+    # executed notebooks are cached under a key of what determines them; a hit skips execution
+    cached = next(s for s in steps if s.get("id") == "executed")
+    key = cached["with"]["key"]
+    assert cached["with"]["path"] == "_executed"
+    assert all(part in key for part in ("notebooks/", "embgeo_utils/", "requirements/", "book/"))
+    book_step = next(s for s in steps if s.get("run") == "make book")
+    assert "cache-hit != 'true'" in book_step["if"]
+    model_cache = [s for s in steps if "~/.cache/embgeo" in str(s.get("with", {}).get("path", ""))]
+    assert model_cache and all("hashFiles('requirements/*.txt'" in s["with"]["key"] for s in model_cache)
+    # deploy: only outside pull requests, on main, with the Pages permissions
+    assert "pull_request" in deploy["if"] and "refs/heads/main" in deploy["if"] and deploy["needs"] == "build"
+    assert deploy["permissions"] == {"pages": "write", "id-token": "write"}
+    assert [s["uses"].split("@")[0] for s in deploy["steps"]] == ["actions/deploy-pages"]
+    assert wf["permissions"] == {"contents": "read"}
+
+
+# -- make lab ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _status(url: str, wait: float = 0) -> tuple[int, str]:
+    """HTTP status of a GET without following redirects, and the Location header (retried ``wait`` s if refused)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.build_opener(NoRedirect).open(url, timeout=20) as response:
+                return response.status, ""
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("Location", "")
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _pump(stream, lines: queue.Queue[str]) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def test_make_lab_serves_jupyterlab_on_loopback_with_a_token(tmp_path):
+    port = _free_port()
+    venv = Path(sys.executable).parents[1]
+    dry = subprocess.run(
+        ["make", "-n", "lab", f"VENV={venv}", f"LAB_PORT={port}"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    line = next(x for x in dry.stdout.replace("\\\n", " ").splitlines() if "jupyter lab" in x)
+    argv = shlex.split(line)
+    assert "--ServerApp.ip=127.0.0.1" in argv and "--ServerApp.root_dir=notebooks" in argv
+    env = {"JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_PLATFORM_DIRS": "1"}
+    server = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env},
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_pump, args=(server.stdout, lines), daemon=True).start()
+    seen: list[str] = []
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                continue
+            found = re.search(rf"http://127\.0\.0\.1:{port}/lab\?token=\w+", seen[-1])
+            url = found.group(0) if found else None
+        assert url, "no URL printed:\n" + "".join(seen[-40:])
+        status, _ = _status(url, wait=30)  # the URL is printed just before the port accepts
+        assert status == 200
+        status, location = _status(f"http://127.0.0.1:{port}/lab")
+        assert status in (302, 303) and "login" in location  # without the token: the login page
+        token = url.split("=")[-1]
+        status, _ = _status(f"http://127.0.0.1:{port}/api/contents/{CHAPTER.name}?token={token}")
+        assert status == 200  # the chapters are what it serves
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs?token={token}", timeout=20) as r:
+            specs = json.load(r)
+        kernel = specs["kernelspecs"][specs["default"]]["spec"]
+        assert Path(kernel["argv"][0]).parent == Path(sys.executable).parent  # the project's interpreter
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -1,0 +1,338 @@
+"""The published site, served on loopback under a sub-path: an HTTP crawl, then a real browser (Chromium).
+
+Both use the one small build of the session (``small_site`` in conftest.py). The
+browser is Debian's Chromium driven by Playwright (``.ci/run`` installs it with apt);
+screenshots of every chapter page go to ``_build/screenshots``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urldefrag, urljoin, urlsplit
+
+import pytest
+
+from embgeo_utils import results, runner
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "/embgeo/"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+
+pytestmark = pytest.mark.slow
+
+
+class _SubPathHandler(SimpleHTTPRequestHandler):
+    """Serves the site folder under PREFIX only, as GitHub Pages serves a project site."""
+
+    def translate_path(self, path: str) -> str:
+        path = urlsplit(path).path
+        if not path.startswith(PREFIX):
+            return str(Path(self.directory) / "_not_under_the_sub_path")  # a missing file: 404
+        return super().translate_path("/" + path[len(PREFIX) :])
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass
+
+
+@pytest.fixture(scope="session")
+def site_url(small_site) -> Iterator[str]:
+    """Base URL of the small site served on 127.0.0.1 under PREFIX."""
+    handler = functools.partial(_SubPathHandler, directory=str(small_site))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}{PREFIX}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.refs: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.refs += [v for k, v in attrs if k in ("href", "src") and v]
+        if a.get("id"):
+            self.ids.add(str(a["id"]))
+        if tag == "meta" and (a.get("http-equiv") or "").lower() == "refresh":
+            found = re.search(r"url=(\S+)", a.get("content") or "", flags=re.I)
+            self.refs += [found.group(1).strip("'\"")] if found else []
+
+
+def site_pages(folder: Path) -> list[str]:
+    """The site's pages, relative to it (the theme's templates in _static/ are not pages)."""
+    found = (p.relative_to(folder) for p in folder.rglob("*.html"))
+    return sorted(p.as_posix() for p in found if p.parts[0] not in ("_static", "_sources"))
+
+
+def _get(url: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read(), response.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b"", ""
+
+
+def crawl(base: str) -> tuple[dict[str, int], dict[str, set[str]], list[str]]:
+    """Follow every local link from the start page: status per URL, ids per page, and broken anchors."""
+    status: dict[str, int] = {}
+    ids: dict[str, set[str]] = {}
+    anchors: list[tuple[str, str, str]] = []
+    todo = [base, base + "index.html"]  # the sub-path itself answers with index.html, as on GitHub Pages
+    while todo:
+        url = todo.pop()
+        if url in status:
+            continue
+        code, body, kind = _get(url)
+        status[url] = code
+        refs: list[str] = []
+        if code == 200 and kind == "text/html":
+            parser = _Refs()
+            parser.feed(body.decode("utf-8", errors="replace"))
+            refs, ids[url] = parser.refs, parser.ids
+        elif code == 200 and kind == "text/css":
+            refs = re.findall(r"url\(\s*['\"]?([^'\")]+)['\"]?\s*\)", body.decode("utf-8", errors="replace"))
+        for ref in refs:
+            target, fragment = urldefrag(urljoin(url, ref))
+            if not target.startswith(base.split(PREFIX)[0]) or target.startswith("data:"):
+                continue
+            todo.append(target)
+            if fragment:
+                anchors.append((url, target, unquote(fragment)))
+    broken = [f"{page} -> {target}#{frag}" for page, target, frag in anchors if frag not in ids.get(target, {frag})]
+    return status, ids, broken
+
+
+def test_every_page_and_asset_answers_200_under_the_sub_path(site_url, small_site):
+    status, ids, broken_anchors = crawl(site_url)
+    bad = {url: code for url, code in status.items() if code != 200}
+    assert not bad, f"{len(bad)} of {len(status)} URLs fail: {sorted(bad.items())[:20]}"
+    assert not broken_anchors, broken_anchors[:20]
+    pages = set(site_pages(small_site))
+    reached = {u[len(site_url) :] for u in status if u.endswith(".html")}
+    assert {f"_executed/{p.stem}.html" for p in runner.chapter_sources(ROOT)} <= reached
+    assert pages - reached <= {"genindex.html"}, f"pages no link reaches: {sorted(pages - reached)}"
+    assert any(u.endswith(".css") for u in status) and any("/_static/" in u for u in status)
+    assert (small_site / ".nojekyll").is_file()
+    assert _get(site_url.split(PREFIX)[0] + "/index.html")[0] == 404  # nothing is served above the sub-path
+
+
+def test_chapter_pages_show_their_parameters_once_and_hide_the_parameter_cells(site_url):
+    for stem in [p.stem for p in runner.chapter_sources(ROOT)] + ["ledger"]:
+        html = _get(f"{site_url}_executed/{stem}.html")[1].decode()
+        assert "tag_parameters" not in html and "tag_injected-parameters" not in html, stem  # Jupyter Book tag classes
+        assert html.count("Parameters of this run") == 1, stem
+
+
+# -- in a real browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright (Playwright's own browser download is not used)."""
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+class Visit:
+    """A browser tab that records what goes wrong while a page loads."""
+
+    def __init__(self, context, site_url: str) -> None:
+        self.page = context.new_page()
+        self.problems: list[str] = []
+        origin = site_url.split(PREFIX)[0]
+        self.page.on("pageerror", lambda exc: self.problems.append(f"script error: {exc}"))
+        self.page.on(
+            "console",
+            lambda msg: (
+                self.problems.append(f"console {msg.type}: {msg.text} ({msg.location.get('url')})")
+                if msg.type == "error"
+                else None
+            ),
+        )
+        self.page.on(
+            "response",
+            lambda r: (
+                self.problems.append(f"HTTP {r.status}: {r.url}")
+                if r.status >= 400 and r.url.startswith(origin)
+                else None
+            ),
+        )
+
+    def open(self, url: str) -> Visit:
+        self.problems.clear()
+        self.page.goto(url, wait_until="load")
+        self.page.wait_for_load_state("networkidle")
+        return self
+
+
+@pytest.fixture(scope="session")
+def tab(browser, site_url):
+    """One browser context for all pages; requests that leave the loopback site are refused and listed."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    context.external = []  # type: ignore[attr-defined]
+
+    def route(r):
+        if r.request.url.startswith(site_url.split(PREFIX)[0]):
+            r.continue_()
+        else:
+            context.external.append(r.request.url)  # type: ignore[attr-defined]
+            r.abort()
+
+    context.route("**/*", route)
+    visit = Visit(context, site_url)
+    yield visit
+    context.close()
+
+
+def _figures_in_notebook(path: Path) -> int:
+    """Image outputs of an executed notebook that the HTML shows (cells not tagged to be removed)."""
+    nb = json.loads(path.read_text())
+    count = 0
+    for cell in nb["cells"]:
+        tags = set(cell.get("metadata", {}).get("tags", []))
+        if cell["cell_type"] != "code" or tags & {"remove-cell", "remove-output"}:
+            continue
+        count += sum(any(k.startswith("image/") for k in o.get("data", {})) for o in cell.get("outputs", []))
+    return count
+
+
+def test_every_page_loads_cleanly_and_every_figure_is_rendered(tab, site_url, small_site):
+    pages = site_pages(small_site)
+    chapters = {f"_executed/{p.stem}.html" for p in runner.chapter_sources(ROOT)}
+    shutil.rmtree(SCREENSHOTS, ignore_errors=True)
+    SCREENSHOTS.mkdir(parents=True)
+    problems: list[str] = []
+    links: dict[str, list[str]] = {}
+    ids: dict[str, set[str]] = {}
+    for rel in pages:
+        visit = tab.open(site_url + rel)
+        page = visit.page
+        problems += [f"{rel}: {p}" for p in visit.problems]
+        links[rel] = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+        ids[site_url + rel] = set(page.eval_on_selector_all("[id]", "els => els.map(e => e.id)"))
+        if rel in chapters:
+            figures = page.eval_on_selector_all(
+                "article .cell_output img",
+                "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth > 0 && e.naturalHeight > 0])",
+            )
+            expected = _figures_in_notebook(small_site / "_sources" / rel.replace(".html", ".ipynb"))
+            problems += [f"{rel}: figure not rendered: {src}" for src, ok in figures if not ok]
+            if len(figures) != expected:
+                problems.append(f"{rel}: {len(figures)} figures shown, the executed notebook has {expected}")
+            page.screenshot(path=str(SCREENSHOTS / f"{Path(rel).stem}.png"), full_page=True)
+    # every internal link names a page or file of the site, and its anchor exists on that page
+    for rel, hrefs in links.items():
+        for href in hrefs:
+            target, fragment = urldefrag(href)
+            if not target.startswith(site_url):
+                continue
+            if target.endswith(".html") and target in ids:
+                if fragment and unquote(fragment) not in ids[target]:
+                    problems.append(f"{rel}: anchor #{fragment} missing on {target[len(site_url) :]}")
+            elif _get(target)[0] != 200:
+                problems.append(f"{rel}: link to {target} does not answer 200")
+    print(f"\nscreenshots of the chapter pages: {SCREENSHOTS}")
+    assert not problems, "\n".join(problems[:40])
+    assert chapters <= set(pages) and len(list(SCREENSHOTS.glob("*.png"))) == len(chapters)
+    assert not tab.page.context.external, f"the site loads from outside: {sorted(set(tab.page.context.external))}"
+
+
+def test_ledger_page_lists_every_claim(tab, site_url):
+    page = tab.open(site_url + "_executed/ledger.html").page
+    rows = page.evaluate(
+        """() => {
+          for (const table of document.querySelectorAll('article table')) {
+            const head = [...table.querySelectorAll('thead th')].map(th => th.textContent.trim());
+            if (!head.includes('claim') || !head.includes('verdict')) continue;
+            return [...table.querySelectorAll('tbody tr')].map(tr => {
+              const cells = [...tr.children].map(c => c.textContent.trim());
+              return [cells[head.indexOf('claim')], cells[head.indexOf('statement')], cells[head.indexOf('verdict')]];
+            });
+          }
+          return [];
+        }"""
+    )
+    assert not tab.problems
+    listed = {int(number): (statement, verdict) for number, statement, verdict in rows}
+    assert set(listed) == set(results.CLAIMS), f"ledger lists claims {sorted(listed)}"
+    for number, (statement, verdict) in listed.items():
+        assert statement == results.CLAIMS[number][0]
+        assert verdict in (*results.VERDICTS, "not yet run")
+
+
+def test_search_finds_intrinsic_dimension(tab, site_url):
+    page = tab.open(site_url + "search.html?q=intrinsic+dimension").page
+    page.wait_for_selector("#search-results ul.search li a", timeout=30_000)
+    hits = page.eval_on_selector_all("#search-results ul.search li a", "els => els.map(e => e.href)")
+    assert any("03_intrinsic_dimension.html" in h for h in hits), hits
+    assert not tab.problems
+
+
+def test_download_button_returns_the_executed_notebook(tab, site_url, tmp_path):
+    stem = runner.chapter_sources(ROOT)[0].stem
+    page = tab.open(site_url + f"_executed/{stem}.html").page
+    page.click("button[aria-label='Download this page']")
+    with page.expect_download() as download:
+        page.click(".btn-download-source-button[href$='.ipynb']")
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    nb = json.loads(saved.read_text())
+    assert saved.name == f"{stem}.ipynb" and nb["nbformat"] == 4
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert outputs and not [o for o in outputs if o.get("output_type") == "error"]
+
+
+def test_site_opens_from_disk(browser, small_site):
+    """The start page and a chapter work from disk (make_site checked every link of every page statically).
+
+    Search is the one part that needs a server: Sphinx fetches its result snippets, which file:// forbids.
+    """
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        visit = Visit(context, small_site.as_uri() + PREFIX)
+        assert visit.open((small_site / "index.html").as_uri()).page.url.endswith("/book/intro.html")
+        problems = []
+        for rel in ("book/intro.html", f"_executed/{runner.chapter_sources(ROOT)[0].stem}.html"):
+            visit.open((small_site / rel).as_uri())
+            problems += [f"{rel}: {p}" for p in visit.problems]
+            shown = visit.page.eval_on_selector_all("article img", "els => els.map(e => e.naturalWidth > 0)")
+            problems += [f"{rel}: a figure is not rendered"] * shown.count(False)
+        assert not problems, "\n".join(problems[:20])
+    finally:
+        context.close()
