@@ -52,6 +52,7 @@ def test_permutation_test_is_seeded_and_uniform_under_independence(device):
     for rep in range(60):
         gen = torch.Generator().manual_seed(100 + rep)
         x, y = torch.randn(30, generator=gen, dtype=torch.float64), torch.randn(30, generator=gen, dtype=torch.float64)
+        x, y = x.to(device), y.to(device)
         ps.append(stats.permutation_test(_corr_statistic(x, y), 30, 199, seed=rep, device=device).p_value)
     # Under independence p is uniform: a KS test does not reject, and about 5 % fall below 0.05.
     assert sps.kstest(ps, "uniform").pvalue > 0.01
