@@ -59,8 +59,9 @@ def show_table(frame: Any, name: str, max_rows: int = TABLE_ROWS) -> Any:
 
     A table of at most ``max_rows`` rows is returned unchanged (the cell shows it). A longer one is written whole to
     ``tables/<name>.csv`` in the results folder (:func:`embgeo_utils.results.results_dir`); the cell shows its
-    first rows and a line with the row count and a link to the CSV. Under the runner the executed notebook sits one
-    folder above the results folder, so the link is relative and the book offers the file as a download.
+    first rows and a line with the row count and the CSV. Under the runner the executed notebook sits one folder
+    above the results folder, so the line holds a MyST ``download`` role with the relative path and the book copies
+    the file into the HTML as a download; elsewhere (JupyterLab) it names the file's path.
 
     Args:
         frame: a pandas DataFrame (already rounded for display).
@@ -92,7 +93,7 @@ def show_table(frame: Any, name: str, max_rows: int = TABLE_ROWS) -> Any:
     frame.to_csv(path)
     where = f"`{path}`"
     if os.environ.get("EMBGEO_RESULTS"):  # the runner: the executed notebook is in the results folder's parent
-        where = f"[{path.name}]({path.relative_to(results_dir().parent).as_posix()})"
+        where = f"{{download}}`{path.name} <{path.relative_to(results_dir().parent).as_posix()}>`"
     display(Markdown(f"The first {max_rows} of {len(frame)} rows; the whole table: {where}."))
     return frame.head(max_rows)
 

@@ -96,7 +96,10 @@ def test_show_table_trims_a_long_table_and_links_the_whole_csv(tmp_path, monkeyp
     csv = results / "tables" / "ch99_long.csv"
     assert pd.read_csv(csv, index_col=0).equals(long)
     (note,) = shown
-    assert "first 7 of 30 rows" in note.data and "(results-small/tables/ch99_long.csv)" in note.data
+    assert (
+        "first 7 of 30 rows" in note.data
+        and "{download}`ch99_long.csv <results-small/tables/ch99_long.csv>`" in note.data
+    )
     with pytest.raises(EmbgeoInputError, match="plain file stem"):
         publish.show_table(long, "../elsewhere")
     with pytest.raises(EmbgeoInputError, match="max_rows"):
