@@ -43,6 +43,7 @@ __all__ = [
     "check_name",
     "gguf_path",
     "input_embeddings",
+    "output_embeddings",
     "installed_models",
     "known_models",
     "load",
@@ -652,6 +653,22 @@ def input_embeddings(name: str, loader: Callable[..., LoadedModel] | None = None
         loaded = (loader or load)(name, device="cpu")
         _EMBED_CACHE[name] = loaded.model.get_input_embeddings().weight.detach().float().cpu().clone()
     return _EMBED_CACHE[name]
+
+
+_OUTPUT_CACHE: dict[str, torch.Tensor | None] = {}
+
+
+def output_embeddings(name: str, loader: Callable[..., LoadedModel] | None = None) -> torch.Tensor | None:
+    """The output (unembedding) table of a model as a float32 CPU tensor ``[vocab, d]``, or None (chapter 1).
+
+    The unembedding maps the last hidden state to next-token logits. A model with tied embeddings returns a table
+    equal to :func:`input_embeddings`; an encoder without a language-model head (MiniLM) returns None.
+    """
+    if name not in _OUTPUT_CACHE:
+        loaded = (loader or load)(name, device="cpu")
+        head = loaded.model.get_output_embeddings() if loaded.info.causal else None
+        _OUTPUT_CACHE[name] = None if head is None else head.weight.detach().float().cpu().clone()
+    return _OUTPUT_CACHE[name]
 
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -80,7 +80,7 @@ def embedding_norms(norms: Any, ax: Any = None) -> Any:
         legend=False,
     )
     ax.set_yscale("log")
-    ax.set_xlabel("")
+    ax.set_xlabel("model")
     ax.set_ylabel("row norm / median row norm (log)")
     ax.set_title("Token-embedding norms per model")
     return fig
@@ -92,7 +92,7 @@ def passage_lengths(lengths: Any, tokenizer_name: str, ax: Any = None) -> Any:
 
     fig, ax = _axes((8, 3.4), ax)
     sns.boxplot(data=lengths, x="source", y="tokens", hue="source", ax=ax, legend=False)
-    ax.set_xlabel("")
+    ax.set_xlabel("source")
     ax.set_ylabel(f"passage length ({tokenizer_name} tokens)")
     ax.set_title("Candidate passage lengths per source")
     return fig
@@ -105,7 +105,7 @@ def topic_counts(topics: Any, ax: Any = None) -> Any:
     fig, ax = _axes((8, 3.4), ax)
     sns.barplot(x=topics.values, y=topics.index, color=sns.color_palette()[0], ax=ax)
     ax.set_xlabel("summaries")
-    ax.set_ylabel("")
+    ax.set_ylabel("topic")
     ax.set_title("Wikipedia summaries per topic (the labels used for steering and coherence)")
     return fig
 
@@ -121,7 +121,7 @@ def real_vs_shuffled_loss(losses: Any, n_passages: int, passage_tokens: int, ax:
     long = losses.melt(id_vars=["model", "source"], var_name="text", value_name="loss")
     fig, ax = _axes((8, 3.6), ax)
     sns.barplot(data=long, x="model", y="loss", hue="text", errorbar=("ci", 95), ax=ax)
-    ax.set_xlabel("")
+    ax.set_xlabel("model")
     ax.set_ylabel("mean next-token loss (nats)")
     ax.set_title(f"Loss on {n_passages} real passages of {passage_tokens} tokens")
     return fig
@@ -238,7 +238,7 @@ def neighbour_overlap(summary: Any, k: int, ax: Any = None) -> Any:
     fig, ax = _axes((7, 3.4), ax)
     sns.barplot(data=plot, y="pair", x="overlap", hue="", ax=ax)
     ax.set_xlabel(f"mean fraction of shared {k}-nearest neighbours")
-    ax.set_ylabel("")
+    ax.set_ylabel("model pair (A → B)")
     ax.set_title("Neighbour-set overlap between A and B")
     return fig
 

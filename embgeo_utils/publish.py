@@ -34,6 +34,8 @@ from .errors import SiteError
 
 __all__ = [
     "PARAMETERS_TABLE_TAG",
+    "TABLE_ROWS",
+    "show_table",
     "parameters_table",
     "show_parameters",
     "local_links",
@@ -42,12 +44,58 @@ __all__ = [
     "setup",
 ]
 
+#: Rows a chapter shows of a long table (:func:`show_table`); the rest is in the CSV it links.
+TABLE_ROWS = 20
 #: Tag of the markdown cell that shows a chapter's parameters as run.
 PARAMETERS_TABLE_TAG = "parameters-as-run"
 _HIDDEN = ("parameters", "injected-parameters")
 _NOT_PAGES = ("_static", "_sources")  # theme templates and page sources, not pages
 _LINK_ATTRIBUTES = {"href", "src", "action", "poster"}
 _EXTERNAL = ("http:", "https:", "mailto:", "data:", "javascript:", "tel:", "blob:", "about:")
+
+
+def show_table(frame: Any, name: str, max_rows: int = TABLE_ROWS) -> Any:
+    """Show a table in a chapter, trimmed to its first ``max_rows`` rows, with the whole table as a CSV (every chapter).
+
+    A table of at most ``max_rows`` rows is returned unchanged (the cell shows it). A longer one is written whole to
+    ``tables/<name>.csv`` in the results folder (:func:`embgeo_utils.results.results_dir`); the cell shows its
+    first rows and a line with the row count and the CSV. Under the runner the executed notebook sits one folder
+    above the results folder, so the line holds a MyST ``download`` role with the relative path and the book copies
+    the file into the HTML as a download; elsewhere (JupyterLab) it names the file's path.
+
+    Args:
+        frame: a pandas DataFrame (already rounded for display).
+        name: the CSV's file stem, unique in the book (start it with the chapter, e.g. ``"ch04_scale_curve"``).
+        max_rows: rows shown.
+
+    Returns:
+        The table to show (the first ``max_rows`` rows of a long one).
+
+    Raises:
+        EmbgeoInputError: ``max_rows`` below 1 or a ``name`` that is not a plain file stem.
+    """
+    import os
+
+    from IPython.display import Markdown, display
+
+    from .errors import EmbgeoInputError
+    from .results import results_dir
+
+    if max_rows < 1:
+        raise EmbgeoInputError(f"max_rows must be at least 1, got {max_rows}.")
+    if not name or PurePosixPath(name).name != name or name.startswith("."):
+        raise EmbgeoInputError(f"Table name {name!r} must be a plain file stem such as 'ch04_scale_curve'.")
+    if len(frame) <= max_rows:
+        return frame
+    folder = results_dir() / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.csv"
+    frame.to_csv(path)
+    where = f"`{path}`"
+    if os.environ.get("EMBGEO_RESULTS"):  # the runner: the executed notebook is in the results folder's parent
+        where = f"{{download}}`{path.name} <{path.relative_to(results_dir().parent).as_posix()}>`"
+    display(Markdown(f"The first {max_rows} of {len(frame)} rows; the whole table: {where}."))
+    return frame.head(max_rows)
 
 
 def parameters_table(source: str | Path, overrides: dict[str, Any] | None = None) -> str:

@@ -104,3 +104,12 @@ def test_input_embeddings_is_the_table(smollm):
     table = models.input_embeddings("smollm2-135m", loader=lambda name, device: smollm)
     assert table.shape == (49152, 576) and table.dtype == torch.float32
     assert torch.isfinite(table).all()
+
+
+def test_output_embeddings_tied_and_absent(smollm):
+    head = models.output_embeddings("smollm2-135m", loader=lambda name, device: smollm)
+    assert head is not None and head.shape == (49152, 576)
+    assert torch.equal(head, smollm.model.get_input_embeddings().weight.detach().float())  # SmolLM2 ties them
+    minilm = models.load("minilm-l6", device="cpu")
+    assert not minilm.info.causal
+    assert models.output_embeddings("minilm-l6", loader=lambda name, device: minilm) is None

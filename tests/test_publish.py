@@ -24,7 +24,7 @@ from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
 from embgeo_utils import publish
-from embgeo_utils.errors import SiteError
+from embgeo_utils.errors import EmbgeoInputError, SiteError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "book.yml"
@@ -77,6 +77,33 @@ def test_show_parameters_without_overrides_still_shows_the_defaults_once(tmp_pat
 def _page(path: Path, body: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"<!DOCTYPE html><html><head><title>t</title></head><body>{body}</body></html>")
+
+
+def test_show_table_trims_a_long_table_and_links_the_whole_csv(tmp_path, monkeypatch):
+    import IPython.display
+    import pandas as pd
+
+    results = tmp_path / "_executed" / "results-small"
+    monkeypatch.setenv("EMBGEO_RESULTS", str(results))
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
+    short = pd.DataFrame({"x": range(5)})
+    assert publish.show_table(short, "ch99_short", max_rows=5) is short and not shown  # short tables pass through
+    assert not (results / "tables").exists()
+    long = pd.DataFrame({"x": range(30), "y": [f"row {i}" for i in range(30)]})
+    head = publish.show_table(long, "ch99_long", max_rows=7)
+    assert head.equals(long.head(7))
+    csv = results / "tables" / "ch99_long.csv"
+    assert pd.read_csv(csv, index_col=0).equals(long)
+    (note,) = shown
+    assert (
+        "first 7 of 30 rows" in note.data
+        and "{download}`ch99_long.csv <results-small/tables/ch99_long.csv>`" in note.data
+    )
+    with pytest.raises(EmbgeoInputError, match="plain file stem"):
+        publish.show_table(long, "../elsewhere")
+    with pytest.raises(EmbgeoInputError, match="max_rows"):
+        publish.show_table(long, "ch99_long", max_rows=0)
 
 
 @pytest.fixture()
