@@ -7,6 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OUT ?= _executed
+JOBS ?= 1
 SITE ?= _site
 LAB_PORT ?= 8888
 export HF_HUB_OFFLINE := 1
@@ -42,7 +43,7 @@ models-all: models-book
 
 ## Execute every chapter with its default parameters, then build the HTML book.
 book: models-book
-	$(PY) -m embgeo_utils.runner --out $(OUT)
+	$(PY) -m embgeo_utils.runner --out $(OUT) --jobs $(JOBS)
 	$(MAKE) html
 	@echo "The book: file://$(CURDIR)/_build/html/index.html"
 

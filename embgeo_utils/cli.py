@@ -125,7 +125,7 @@ def _cmd_book(args: argparse.Namespace) -> int:
 
     root = _root(args)
     out = _out(root, args.out)
-    failed = runner.run_notebooks(root, out, runner.chapter_sources(root), small=args.small)
+    failed = runner.run_notebooks(root, out, runner.chapter_sources(root), small=args.small, jobs=args.jobs)
     if failed:
         return 1
     if args.no_html:
@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     book.add_argument("--small", action="store_true", help="the small test parameters (records apart)")
     book.add_argument("--out", default="_executed", help="folder for executed notebooks (default: _executed)")
     book.add_argument("--no-html", action="store_true", help="skip the jupyter-book build")
+    book.add_argument("--jobs", type=int, default=1, help="chapters run at once in separate processes (default 1)")
     book.set_defaults(func=_cmd_book)
 
     ledger = sub.add_parser("ledger", help="print the claims table, or write it as CSV or JSON")

@@ -7,6 +7,10 @@ writing executed copies to ``_executed/`` and chapter records to
 ``notebooks/params_small.yml`` (what the tests run) and keeps their records apart
 in ``_executed/results-small/``; ``--only`` picks chapters. Every notebook's
 parameters are checked against its declarations before the first one runs.
+``--jobs N`` runs up to N chapters at once in separate processes (fewer when
+the free memory is short); the ledger page always runs last. At the end the
+runner prints the time of every notebook and writes the book's "How long it
+takes" page (``_executed/timings.md``, see :mod:`embgeo_utils.timings`).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import publish
+from . import publish, timings
 from .errors import ParameterError
 from .parameters import check_overrides
 
@@ -30,11 +36,14 @@ __all__ = [
     "execute",
     "results_folder",
     "run_notebooks",
+    "parallel_jobs",
     "select_chapters",
     "main",
 ]
 
 LEDGER = Path("book") / "ledger.ipynb"
+#: Memory one chapter may need at its peak (bytes); ``--jobs`` runs no more chapters at once than fit in free memory.
+JOB_MEMORY = int(float(os.environ.get("EMBGEO_JOB_MEMORY_GIB", "6")) * 2**30)
 #: Parameters that name models (their overrides are checked with ``models.check_name`` before a run starts).
 MODEL_PARAMETERS = ("model_names", "model_pairs", "model_a", "model_b", "layer_pair", "cross_pair")
 
@@ -93,6 +102,56 @@ def results_folder(out: Path, small: bool = False) -> Path:
     return out / ("results-small" if small else "results")
 
 
+def parallel_jobs(jobs: int, n_chapters: int) -> int:
+    """How many chapters to run at once: at most ``jobs``, the chapters, and what free memory allows (``JOB_MEMORY`` each)."""
+    wanted = max(1, min(int(jobs), n_chapters))
+    if wanted == 1:
+        return 1
+    try:
+        free = next(
+            int(line.split()[1]) * 1024
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemAvailable:")
+        )
+    except (OSError, StopIteration, ValueError):
+        return wanted
+    fits = max(1, free // JOB_MEMORY)
+    if fits < wanted:
+        print(
+            f"[embgeo] {free / 2**30:.0f} GiB free memory fits {fits} chapter(s) at once, not {wanted} "
+            "(EMBGEO_JOB_MEMORY_GIB sets the memory per chapter)",
+            flush=True,
+        )
+    return int(min(wanted, fits))
+
+
+def _run_one(source: Path, out: Path, params: dict[str, Any]) -> tuple[timings.NotebookTime, str | None]:
+    """Execute one notebook, timed; returns its timing row and the failure message (``None`` when it ran)."""
+    import papermill as pm
+
+    before = timings.cache_snapshot()
+    start = time.perf_counter()
+    error = None
+    try:
+        execute(source, out, params)
+    except pm.PapermillExecutionError as exc:
+        error = (
+            f"{source.name} FAILED in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+            f"         the executed copy with the traceback is {out / source.name}"
+        )
+    seconds = time.perf_counter() - start
+    cache = timings.cache_written(before, timings.cache_snapshot())
+    return timings.NotebookTime(source.stem, seconds, "failed" if error else "ok", cache), error
+
+
+def _report(row: timings.NotebookTime, error: str | None, failed: list[str], name: str) -> None:
+    if error:
+        failed.append(name)
+        print(f"[embgeo] {error}", file=sys.stderr, flush=True)
+    else:
+        print(f"[embgeo] {name} done in {row.seconds:.0f} s ({row.cache})", flush=True)
+
+
 def run_notebooks(
     root: Path,
     out: Path,
@@ -100,10 +159,13 @@ def run_notebooks(
     overrides: dict[str, dict[str, Any]] | None = None,
     small: bool = False,
     ledger: bool = True,
+    jobs: int = 1,
 ) -> list[str]:
     """Execute chapters (then the ledger page) into ``out``; returns the names of the notebooks that failed.
 
     Every notebook's parameters are checked before the first one runs. Records go to :func:`results_folder`.
+    ``jobs`` > 1 runs chapters in that many processes at once (:func:`parallel_jobs`); the ledger runs after
+    them all. The time of every notebook is printed and written to ``out/timings.md`` (:mod:`embgeo_utils.timings`).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the book runs offline unless the caller says otherwise
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -114,26 +176,32 @@ def run_notebooks(
     for source, params in plan:
         check_overrides(source, params)
     _check_model_names([params for _, params in plan])
-    import papermill as pm
-
     results = results_folder(out, small)
     results.mkdir(parents=True, exist_ok=True)
     os.environ["EMBGEO_RESULTS"] = str(results)
-    failed = []
-    for source, params in plan:
+    info = timings.machine()
+    failed: list[str] = []
+    rows: list[timings.NotebookTime] = []
+    chapters, last = (plan[:-1], plan[-1:]) if ledger else (plan, [])
+    workers = parallel_jobs(jobs, len(chapters))
+    start = time.perf_counter()
+    if workers > 1:
+        print(f"[embgeo] executing {len(chapters)} chapters, {workers} at a time ...", flush=True)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, source, out, params): source for source, params in chapters}
+            for future in as_completed(futures):
+                row, error = future.result()
+                rows.append(row)
+                _report(row, error, failed, futures[future].name)
+        order = [s.stem for s, _ in chapters]
+        rows.sort(key=lambda r: order.index(r.notebook))
+        chapters = []
+    for source, params in chapters + last:
         print(f"[embgeo] executing {source.name} ...", flush=True)
-        try:
-            _, seconds = execute(source, out, params)
-        except pm.PapermillExecutionError as exc:
-            failed.append(source.name)
-            print(
-                f"[embgeo] {source.name} FAILED in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
-                f"         the executed copy with the traceback is {out / source.name}",
-                file=sys.stderr,
-                flush=True,
-            )
-            continue
-        print(f"[embgeo] {source.name} done in {seconds:.0f} s", flush=True)
+        row, error = _run_one(source, out, params)
+        rows.append(row)
+        _report(row, error, failed, source.name)
+    timings.write_timings(out, rows, time.perf_counter() - start, workers, info, small)
     return failed
 
 
@@ -178,12 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="_executed", help="folder for executed notebooks (default: _executed)")
     parser.add_argument("--small", action="store_true", help="use the small test parameters (records: results-small/)")
     parser.add_argument("--only", nargs="*", help="chapter stems or numbers to run, e.g. 00 04_layerwise")
+    parser.add_argument("--jobs", type=int, default=1, help="chapters run at once in separate processes (default 1)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     root = Path(args.root).resolve()
     out = (root / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     try:
-        failed = run_notebooks(root, out, select_chapters(root, args.only), small=args.small)
+        failed = run_notebooks(root, out, select_chapters(root, args.only), small=args.small, jobs=args.jobs)
     except ParameterError as exc:
         print(f"[embgeo] nothing was run: {exc}", file=sys.stderr, flush=True)
         return 2

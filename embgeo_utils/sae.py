@@ -33,6 +33,7 @@ import torch
 
 from .cache import atomic_path, cache_dir, clean_staging, content_key, notice, sha256_file
 from .device import chunk_rows, get_device
+from .distributed import all_reduce_sum, barrier, broadcast_module, is_main, rank_and_world
 from .errors import EmbgeoInputError
 from .progress import tqdm
 
@@ -214,6 +215,30 @@ def _moments(source: _Source) -> tuple[torch.Tensor, float]:
     return (total / source.n).float(), sq / source.n
 
 
+def _shard_moments(source: _Source, rank: int, world: int) -> tuple[torch.Tensor, float]:
+    """:func:`_moments` over the rows ``rank::world``, summed over ranks (float64 sums; chapter 5)."""
+    total = torch.zeros(source.d, dtype=torch.float64, device=source.dev)
+    sq = torch.zeros((), dtype=torch.float64, device=source.dev)
+    for start, rows in zip(range(0, source.n, 1 << 14), source.chunks(1 << 14), strict=True):
+        mine = rows[(rank - start) % world :: world].double()
+        total += mine.sum(dim=0)
+        sq += (mine**2).sum()
+    all_reduce_sum(total)
+    all_reduce_sum(sq)
+    return (total / source.n).float(), float(sq) / source.n
+
+
+def _use_distributed(distributed: bool | None) -> tuple[int, int]:
+    """``(rank, world)`` for :func:`train_sae`: the process group's when one is initialised and wanted."""
+    rank, world = rank_and_world()
+    if distributed and world == 1 and not torch.distributed.is_initialized():
+        raise EmbgeoInputError(
+            "distributed=True but no process group is initialised: start with torchrun and call "
+            "embgeo_utils.distributed.init_from_env() first."
+        )
+    return (rank, world) if distributed is not False else (0, 1)
+
+
 def train_sae(
     x: ArrayLike,
     n_latents: int,
@@ -229,6 +254,7 @@ def train_sae(
     device: str | torch.device = "auto",
     memory_budget: int = 1 << 30,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> tuple[TopKSAE, SAEHistory]:
     """Train a :class:`TopKSAE` on activations ``x`` ``(tokens, d_in)`` (chapter 5).
 
@@ -251,23 +277,38 @@ def train_sae(
             gives the same weights on the CPU.
         device: where to train.
         memory_budget: bytes of activations kept in memory.
-        progress: show a progress bar.
+        progress: show a progress bar (rank 0 only when distributed).
+        distributed: train data-parallel over the initialised ``torch.distributed``
+            process group (default: whenever one is initialised; ``False`` trains
+            alone). Every rank passes the same ``x``; rank ``r`` takes rows
+            ``r::world`` of every global batch of ``batch_size`` (the batch order
+            of a single-process run with this seed), gradients are summed over
+            ranks before each Adam step, and the input moments, dead-latent
+            counters and the AuxK normaliser are global. The result equals a
+            single-process run up to the order of float sums (measured on the
+            CPU: 3e-7 relative on synthetic data, 3e-5 on SmolLM2 hidden
+            states; a latent whose top-k membership is decided by a near tie
+            can make long runs drift further). On GPUs pass this rank's device
+            (:func:`embgeo_utils.distributed.init_from_env`).
 
     Returns:
-        ``(sae, history)``; the SAE is in eval mode on ``device``.
+        ``(sae, history)``; the SAE is in eval mode on ``device``, identical on every rank.
 
     Raises:
         EmbgeoInputError: on NaN/inf activations, ``k > n_latents`` or bad arguments.
     """
     import time
 
+    rank, world = _use_distributed(distributed)
     dev = get_device(device)
     source = _Source(x, dev, memory_budget)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise EmbgeoInputError(f"{name} must be a positive integer, got {value!r}.")
     sae = TopKSAE(source.d, n_latents, k, seed=seed).to(dev)
-    mean, mean_sq = _moments(source)
+    if world > 1:
+        broadcast_module(sae)
+    mean, mean_sq = _moments(source) if world == 1 else _shard_moments(source, rank, world)
     if mean_sq <= 0:
         raise EmbgeoInputError("All activations are zero; nothing to learn.")
     scale = math.sqrt(source.d / mean_sq)
@@ -283,23 +324,29 @@ def train_sae(
     history = SAEHistory()
     start_time = time.perf_counter()
     steps = epochs * math.ceil(source.n / batch_size)
-    bar = tqdm(total=steps, desc=f"SAE {n_latents}x k={k}", unit="step", disable=not progress, mininterval=2.0)
+    bar = tqdm(
+        total=steps, desc=f"SAE {n_latents}x k={k}", unit="step", disable=not progress or rank > 0, mininterval=2.0
+    )
     sae.train()
     for epoch in range(epochs):
         order = rng.permutation(source.n)
         sums = {"mse": 0.0, "aux": 0.0, "err": 0.0, "var": 0.0}
         for start in range(0, source.n, batch_size):
-            batch = source.rows(order[start : start + batch_size])
+            rows = order[start : start + batch_size]
+            n_global = len(rows)
+            batch = source.rows(rows[rank::world])
             xs = batch * sae.input_scale
             pre = (xs - sae.b_pre) @ sae.W_enc + sae.b_enc
             values, indices = torch.topk(pre, k, dim=1, sorted=False)
             values = torch.relu(values)
             recon = sae.decode_sparse(values, indices)
             err = xs - recon
-            mse = err.pow(2).sum(dim=1).mean()
+            mse = err.pow(2).sum(dim=1).mean() if world == 1 else err.pow(2).sum() / n_global
             fired = torch.zeros(n_latents, dtype=torch.bool, device=dev)
             fired[indices[values > 0]] = True
-            since_fired += batch.shape[0]
+            if world > 1:
+                fired = all_reduce_sum(fired.to(torch.int32)) > 0
+            since_fired += n_global
             since_fired[fired] = 0
             dead = since_fired >= dead_after
             aux = torch.zeros((), device=dev)
@@ -310,21 +357,29 @@ def train_sae(
                 a_vals = torch.relu(a_vals)
                 e_hat = torch.nn.functional.embedding_bag(a_idx, sae.W_dec, per_sample_weights=a_vals, mode="sum")
                 target = err.detach()
-                denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
-                aux = (e_hat - target).pow(2).sum(dim=1).mean() / denom
+                if world == 1:
+                    denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+                    aux = (e_hat - target).pow(2).sum(dim=1).mean() / denom
+                else:
+                    denom = _global_residual_variance(target, n_global)
+                    aux = (e_hat - target).pow(2).sum() / n_global / denom
                 aux = torch.nan_to_num(aux, nan=0.0)
             loss = mse + aux_coef * aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                _all_reduce_gradients(sae)
             sae.remove_parallel_gradient()
             opt.step()
             sae.normalize_decoder()
             with torch.no_grad():
-                sums["mse"] += float(mse) * batch.shape[0]
-                sums["aux"] += float(aux) * batch.shape[0]
+                sums["mse"] += float(mse) * (batch.shape[0] if world == 1 else n_global)
+                sums["aux"] += float(aux) * (batch.shape[0] if world == 1 else n_global)
                 sums["err"] += float(err.pow(2).sum())
                 sums["var"] += float((xs - sae.input_scale * mean).pow(2).sum())
             bar.update(1)
+        if world > 1:
+            _all_reduce_sums(sums, dev)
         history.epochs.append(epoch + 1)
         history.mse.append(sums["mse"] / source.n)
         history.aux.append(sums["aux"] / source.n)
@@ -332,10 +387,35 @@ def train_sae(
         history.dead_fraction.append(float((since_fired >= dead_after).float().mean()))
         bar.set_postfix(fvu=f"{history.fvu[-1]:.3f}", dead=f"{history.dead_fraction[-1]:.2f}")
     bar.close()
+    if world > 1:
+        broadcast_module(sae)  # the weights already agree; this makes them bit-identical whatever the backend did
     sae.eval()
     history.tokens = source.n
     history.seconds = time.perf_counter() - start_time
     return sae, history
+
+
+def _global_residual_variance(target: torch.Tensor, n_global: int) -> torch.Tensor:
+    """AuxK normaliser over the whole global batch: mean squared deviation of the residual from its mean (chapter 5)."""
+    mean = all_reduce_sum(target.sum(dim=0)) / n_global
+    sq = all_reduce_sum((target - mean).pow(2).sum())
+    return (sq / n_global).clamp_min(1e-12)
+
+
+def _all_reduce_gradients(sae: TopKSAE) -> None:
+    """Sum every gradient over ranks (each rank's loss is already divided by the global batch size; chapter 5)."""
+    for param in sae.parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        all_reduce_sum(param.grad)
+
+
+def _all_reduce_sums(sums: dict[str, float], dev: torch.device) -> None:
+    """Sum an epoch's running totals over ranks, in place (chapter 5)."""
+    names = sorted(sums)
+    totals = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=dev))
+    for name, value in zip(names, totals.tolist(), strict=True):
+        sums[name] = value
 
 
 def save_sae(sae: TopKSAE, folder: str | Path, history: SAEHistory | None = None, meta: dict | None = None) -> Path:
@@ -397,10 +477,11 @@ def cached_sae(
     The cache entry is named by a hash of ``key`` (model digest, layer, token-set
     digest: what determines ``x``) and every hyperparameter. A rerun loads it; an
     entry whose weights fail their checksum or cannot be read is retrained, with a
-    one-line notice.
+    one-line notice. Under ``torchrun`` every rank trains its shard and rank 0 writes the entry.
     """
     hyper = {"n_latents": n_latents, "k": k, **{name: train_kwargs.get(name) for name in sorted(train_kwargs)}}
     hyper.pop("progress", None)
+    hyper.pop("distributed", None)  # a data-parallel run trains the same SAE
     clean_staging(cache_dir("sae"))
     folder = cache_dir("sae") / content_key(_CACHE_VERSION, key, hyper)
     if (folder / "config.json").exists():
@@ -412,7 +493,9 @@ def cached_sae(
         except EmbgeoInputError as exc:
             notice(f"cached SAE unusable, retraining: {exc}")
     sae, history = train_sae(x, n_latents, k, device=device, **train_kwargs)
-    save_sae(sae, folder, history, meta={"key": key, "hyper": hyper})
+    if is_main():
+        save_sae(sae, folder, history, meta={"key": key, "hyper": hyper})
+    barrier()
     return sae, history
 
 
