@@ -787,7 +787,9 @@ def run_pair(
     (:func:`pair_layers`). SAEs are trained on the aligned tokens of the first
     ``1 - heldout_fraction`` of the texts and evaluated on the rest (FVU, L0, dead
     fraction; loss recovered on ``loss_texts`` held-out texts). Latents of all
-    aligned tokens are matched for every layer of A against every layer of B.
+    aligned tokens are matched for every layer of A against every layer of B;
+    SVCCA is computed at every ``n_components`` for the pairs at matching depth
+    and at the headline value (the third) for the others.
     """
     import pandas as pd
 
@@ -843,6 +845,9 @@ def run_pair(
     latents_a = {la: encode_all(trained["A"][la].sae, aligned.acts_a[la]) for la in layers_a}
     latents_b = {lb: encode_all(trained["B"][lb].sae, aligned.acts_b[lb]) for lb in layers_b}
     grid_rows, curve_rows, decoders, kept_all = [], [], {}, {}
+    # The SVCCA curve over n_components is drawn for the pairs at matching depth; the
+    # other cells of the grid need only the headline n (the third value, 20 by default).
+    headline = [list(n_components)[min(2, len(n_components) - 1)]] if len(n_components) else []
     for la in layers_a:
         for lb in layers_b:
             dec_a = trained["A"][la].sae.W_dec.detach().cpu().numpy()
@@ -854,7 +859,7 @@ def run_pair(
                 dec_b,
                 aligned.ids_a,
                 non_concept,
-                n_components=n_components,
+                n_components=n_components if (la, lb) in pairs else headline,
                 n_permutations=n_permutations,
                 rsa_rows=rsa_rows,
                 min_corr=min_corr,
