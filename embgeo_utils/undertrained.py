@@ -65,6 +65,7 @@ __all__ = [
     "embedding_indicator",
     "find_undertrained",
     "flag_tokens",
+    "mark_tokens",
     "reserved_rows",
     "summary_table",
 ]
@@ -138,7 +139,7 @@ def corpus_token_counts(
     texts = [p for source in names for _, _, paragraphs in corpus.documents(source) for p in paragraphs]
     counts = np.zeros(n_rows, dtype=np.int64)
     for start in range(0, len(texts), 2000):
-        encoded = tokenizer(texts[start : start + 2000], add_special_tokens=False)["input_ids"]
+        encoded = tokenizer(texts[start : start + 2000], add_special_tokens=False, verbose=False)["input_ids"]
         flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64)
         counts += np.bincount(flat[flat < n_rows], minlength=n_rows)[:n_rows]
     if use_cache:
@@ -231,6 +232,7 @@ def find_undertrained(
     min_seen: int = 10,
     quantile: float = 0.01,
     min_reference: int = 20,
+    sources: Sequence[str] | None = None,
 ) -> UndertrainedTokens:
     """Flag the under-trained tokens of one embedding table (chapter 3; the rule is in the module docstring).
 
@@ -242,10 +244,11 @@ def find_undertrained(
         min_seen: occurrences that make a token "well seen" (the indicators' reference distribution).
         quantile: the norm quantile of well-seen tokens below which a never-seen token is flagged.
         min_reference: fewest reference rows for the cosine indicator to be used.
+        sources: the corpus sources counted (:func:`corpus_token_counts`; default all).
     """
     n_rows = int(table.shape[0])
     if counts is None:
-        counts = corpus_token_counts(tokenizer, n_rows)
+        counts = corpus_token_counts(tokenizer, n_rows, sources=sources)
     if len(counts) != n_rows:
         raise EmbgeoInputError(f"counts has {len(counts)} entries for a table of {n_rows} rows; recount.")
     reference = reserved_rows(tokenizer, n_rows) & (counts == 0)
@@ -295,3 +298,19 @@ def summary_table(found: Mapping[str, UndertrainedTokens], strings: Mapping[str,
             }
         )
     return pd.DataFrame(rows).set_index("model")
+
+
+def mark_tokens(tokens: pd.DataFrame, found: Mapping[str, UndertrainedTokens]) -> pd.DataFrame:
+    """``tokens`` (``token_dimension.token_frame``) with a bool column ``under-trained`` (chapter 3).
+
+    Raises:
+        EmbgeoInputError: when ``tokens`` lacks ``model`` or ``token``.
+    """
+    missing = [c for c in ("model", "token") if c not in tokens.columns]
+    if missing:
+        raise EmbgeoInputError(f"tokens lacks the columns {missing}; pass token_dimension.token_frame(...).")
+    flag = np.zeros(len(tokens), dtype=bool)
+    for name, f in found.items():
+        where = (tokens["model"] == name).to_numpy()
+        flag[where] = f.flagged[tokens.loc[where, "token"].to_numpy(dtype=np.int64)]
+    return tokens.assign(**{"under-trained": flag})

@@ -85,3 +85,17 @@ def test_counts_and_flags_on_a_real_tokenizer(smollm, tmp_path, monkeypatch):
     assert reserved[n_rows:].all() and not reserved[the]
     assert undertrained.RESERVED_PATTERN.match("<unused12>") and undertrained.RESERVED_PATTERN.match("[PAD151700]")
     assert not undertrained.RESERVED_PATTERN.match("unused")
+
+
+def test_mark_tokens():
+    import pandas as pd
+
+    table, counts, reference, bad, _ = _planted()
+    flagged, _, _ = undertrained.flag_tokens(counts, np.linalg.norm(table, axis=1), None, reference)
+    found = undertrained.UndertrainedTokens("A", counts, np.ones(len(table)), np.full(len(table), np.nan), reference,
+                                            flagged, float("nan"), 1.0, int(counts.sum()))  # fmt: skip
+    tokens = pd.DataFrame({"model": ["A", "A", "B"], "token": [int(bad[0]), 0, int(bad[0])]})
+    marked = undertrained.mark_tokens(tokens, {"A": found})
+    assert marked["under-trained"].tolist() == [bool(flagged[bad[0]]), bool(flagged[0]), False]
+    with pytest.raises(EmbgeoInputError, match="token"):
+        undertrained.mark_tokens(tokens.drop(columns="token"), {"A": found})
