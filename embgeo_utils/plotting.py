@@ -255,6 +255,8 @@ __all__ += [
     "token_id_by_frequency",
     "token_id_correlation_heatmap",
     "token_id_distributions",
+    "semantic_coherence_bars",
+    "undertrained_id_histograms",
 ]
 
 
@@ -269,6 +271,10 @@ def _need_columns(frame: pd.DataFrame, columns: Sequence[str], made_by: str) -> 
 def token_id_distributions(tokens: pd.DataFrame, k: int, variance: float) -> Figure:
     """Chapter 3: violins of per-token local ID, nearest against random neighbourhoods, one per model.
 
+    Each half is scaled to the same width (``density_norm="width"``): random
+    neighbourhoods' IDs are concentrated near the ceiling, and with equal areas
+    their half would shrink to a line.
+
     Args:
         tokens: ``token_dimension.token_frame`` (``model``, ``width``, ``local ID``, ``random ID``).
         k: neighbours per token (the ceiling of the ID, drawn as a line).
@@ -282,7 +288,7 @@ def token_id_distributions(tokens: pd.DataFrame, k: int, variance: float) -> Fig
     import seaborn as sns
 
     _need_columns(tokens, ("model", "width", "local ID", "random ID"), "token_dimension.token_frame")
-    label = tokens["model"] + " (d=" + tokens["width"].astype(str) + ")"
+    label = tokens["model"] + "\n(d = " + tokens["width"].astype(str) + ")"
     dist = pd.concat(
         [
             pd.DataFrame({"model": label, "local ID": tokens["local ID"], "neighbourhood": "nearest"}),
@@ -290,13 +296,94 @@ def token_id_distributions(tokens: pd.DataFrame, k: int, variance: float) -> Fig
         ],
         ignore_index=True,
     )
-    fig, ax = plt.subplots(figsize=(9, 4))
-    sns.violinplot(data=dist, x="model", y="local ID", hue="neighbourhood", split=True, cut=0, inner="quartile", ax=ax)
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    sns.violinplot(
+        data=dist, x="model", y="local ID", hue="neighbourhood", split=True, cut=0, inner="quart",
+        density_norm="width", palette={"nearest": "#0072B2", "random": "#E69F00"}, ax=ax,
+    )  # fmt: skip
     ax.axhline(k, color="grey", ls=":", lw=1)
     ax.text(-0.45, k + 0.5, f"ceiling k = {k}", color="grey", fontsize=8)
     ax.set_xlabel("")
+    ax.tick_params(axis="x", labelsize=9)
     ax.set_ylabel(f"local PCA ID ({int(variance * 100)} % variance, k = {k})")
     ax.set_title("Per-token intrinsic dimension")
+    ax.legend(title="neighbourhood", loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def undertrained_id_histograms(tokens: pd.DataFrame, k: int) -> Figure:
+    """Chapter 3: per model, the local-ID histogram of trained and under-trained tokens, stacked.
+
+    Args:
+        tokens: ``token_dimension.token_frame`` of *all* evaluated tokens with a bool column ``under-trained``.
+        k: neighbours per token (the largest possible ID).
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    _need_columns(tokens, ("model", "local ID", "under-trained"), "token_frame(...) with an 'under-trained' column")
+    names = list(dict.fromkeys(tokens["model"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 0.6, 3.2), sharey=False, squeeze=False)
+    bins = np.arange(0.5, k + 1.5, 1.0)
+    for ax, name in zip(axes[0], names, strict=True):
+        group = tokens[tokens["model"] == name]
+        flagged = group["under-trained"].to_numpy(dtype=bool)
+        values = group["local ID"].to_numpy()
+        ax.hist(
+            [values[~flagged], values[flagged]], bins=bins, stacked=True, color=["#0072B2", "#D55E00"],
+            label=[f"trained ({(~flagged).sum():,})", f"under-trained ({flagged.sum():,})"],
+        )  # fmt: skip
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("local ID")
+        ax.legend(fontsize=7, loc="upper right")
+    axes[0][0].set_ylabel("evaluated tokens")
+    fig.suptitle("Local ID of trained and under-trained tokens")
+    fig.tight_layout()
+    return fig
+
+
+def semantic_coherence_bars(semantic: pd.DataFrame, coherence_k: int) -> Figure | None:
+    """Chapter 3: encoder similarity of the lowest- and highest-ID deciles' neighbourhoods, per model.
+
+    Args:
+        semantic: ``coherence.semantic_coherence``.
+        coherence_k: neighbours compared (for the title).
+
+    Returns:
+        The Figure, or None for an empty table.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    _need_columns(
+        semantic, ("model", "encoder", "independent", "similarity low ID", "similarity high ID"),
+        "coherence.semantic_coherence",
+    )  # fmt: skip
+    if len(semantic) == 0:
+        return None
+    frame = semantic.assign(
+        model=[m if ok else f"{m}\n(= encoder)" for m, ok in zip(semantic["model"], semantic["independent"])]
+    )
+    long = frame.melt(
+        id_vars=["model"],
+        value_vars=["similarity low ID", "similarity high ID"],
+        var_name="group",
+        value_name="similarity",
+    )
+    long["group"] = long["group"].map(
+        {"similarity low ID": "lowest-ID decile", "similarity high ID": "highest-ID decile"}
+    )
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    sns.barplot(
+        data=long, x="model", y="similarity", hue="group", palette=["#0072B2", "#E69F00"], ax=ax,
+    )  # fmt: skip
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("")
+    ax.set_ylabel(f"{semantic['encoder'].iloc[0]} cosine − chance")
+    ax.set_title(f"Semantic similarity of a token to its {coherence_k} nearest neighbours")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 
@@ -362,6 +449,9 @@ def token_id_correlation_heatmap(correlations: pd.DataFrame) -> Figure | None:
         cbar_kws={"label": "Spearman of per-token ID"},
     )
     ax.set_title(f"Per-token ID across models\n({int(correlations['tokens'].iloc[0])} common tokens)")
+    ax.set_xticklabels(ax.get_xticklabels(), rotation=30, ha="right")
+    ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
+    fig.tight_layout()
     return fig
 
 
@@ -392,7 +482,8 @@ def neighbourhood_coherence_bars(
         value_name="coherence",
     )
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    sns.barplot(data=long, x="model", y="coherence", hue="group", ax=ax)
+    sns.barplot(data=long, x="model", y="coherence", hue="group", palette=["#0072B2", "#E69F00"], ax=ax)
+    ax.tick_params(axis="x", labelsize=9)
     ax.set_xlabel("")
     ax.set_ylabel("neighbour label agreement − chance")
     shown = "kind + capitalisation" if label == "kind + capitalised" else label

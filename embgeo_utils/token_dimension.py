@@ -10,6 +10,8 @@ several models and returns tidy tables:
 
 * :func:`per_token_ids`: local PCA ID of each token and of a random
   neighbourhood of the same size (the reference), one :class:`LocalIDs` per model;
+* :func:`drop_tokens`: the same IDs without some tokens (the under-trained ones,
+  :mod:`embgeo_utils.undertrained`);
 * :func:`token_frame`, :func:`id_summary`: those IDs as tables;
 * :func:`id_correlations`: Spearman of per-token ID across model pairs, with a
   permutation null;
@@ -46,6 +48,9 @@ __all__ = [
     "COHERENCE_LABEL",
     "LocalIDs",
     "check_claim8",
+    "correlation_summary",
+    "drop_tokens",
+    "failing_checks",
     "global_ids",
     "id_correlations",
     "id_summary",
@@ -258,6 +263,52 @@ def per_token_ids(
     return out
 
 
+def drop_tokens(ids: Mapping[str, LocalIDs], drop: Mapping[str, np.ndarray]) -> dict[str, LocalIDs]:
+    """The evaluated tokens of each model without the rows in ``drop`` (chapter 3: under-trained tokens out).
+
+    Each model keeps its evaluated tokens outside ``drop[model]`` with their IDs
+    and neighbourhoods unchanged (neighbours are still the nearest rows of the
+    whole table); :attr:`LocalIDs.order` keeps its order (and tie-break) among
+    the kept tokens. The common sample keeps the strings whose token is kept in
+    *every* model, so that the cross-model correlation compares the same tokens.
+
+    Args:
+        ids: :func:`per_token_ids`.
+        drop: model name → row indices (or a bool mask over the table) to leave out; a model
+            missing from it keeps every token.
+
+    Returns:
+        model name → :class:`LocalIDs`, in the order of ``ids``.
+
+    Raises:
+        EmbgeoInputError: when a model would keep no token.
+    """
+    masks = {}
+    for name, m in ids.items():
+        rows = np.asarray(drop.get(name, np.empty(0, dtype=np.int64)))
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        masks[name] = ~np.isin(m.rows, rows)
+        if not masks[name].any():
+            raise EmbgeoInputError(f"Dropping those tokens leaves no evaluated token of {name}.")
+    common_ok: np.ndarray | None = None
+    for name, m in ids.items():
+        ok = masks[name][np.searchsorted(m.rows, m.common_rows)]
+        common_ok = ok if common_ok is None else common_ok & ok
+    out: dict[str, LocalIDs] = {}
+    for name, m in ids.items():
+        keep = masks[name]
+        new_position = np.cumsum(keep) - 1
+        order = new_position[m.order[keep[m.order]]]
+        out[name] = LocalIDs(
+            model=m.model, rows=m.rows[keep], local_id=m.local_id[keep], random_id=m.random_id[keep],
+            neighbors=m.neighbors[keep], order=order,
+            common_rows=m.common_rows[common_ok] if common_ok is not None else m.common_rows,
+            strings=m.strings, width=m.width, n_table_rows=m.n_table_rows, n_alignable=m.n_alignable,
+            seconds=m.seconds,
+        )  # fmt: skip
+    return out
+
+
 def token_frame(ids: Mapping[str, LocalIDs], strata: bool = True) -> pd.DataFrame:
     """All evaluated tokens of all models, one row each (chapter 3; see :meth:`LocalIDs.frame`)."""
     import pandas as pd
@@ -433,38 +484,67 @@ def global_ids(
     return pd.DataFrame(summary).set_index("model"), pd.concat(curves, ignore_index=True)
 
 
+def correlation_summary(correlations: pd.DataFrame) -> dict[str, float | int | None]:
+    """Median, smallest and largest Spearman over the model pairs of :func:`id_correlations` (chapter 3's ledger row).
+
+    Returns:
+        ``{"median": ..., "min": ..., "max": ..., "pairs": ..., "pairs significant": ...}`` (significant: raw
+        ``p < 0.01``); values are None when there is no pair.
+    """
+    _require(correlations, ("Spearman", "p"), "correlations")
+    rho = correlations["Spearman"].to_numpy(dtype=np.float64)
+    if len(rho) == 0:
+        return {"median": None, "min": None, "max": None, "pairs": 0, "pairs significant": 0}
+    return {
+        "median": float(np.median(rho)),
+        "min": float(rho.min()),
+        "max": float(rho.max()),
+        "pairs": len(rho),
+        "pairs significant": int((correlations["p"].to_numpy() < 0.01).sum()),
+    }
+
+
+def failing_checks(verdict: stats.Verdict) -> list[str]:
+    """Names of the checks of a verdict that do not hold (for the ledger's details; every chapter)."""
+    return [c.name for c, ok in zip(verdict.checks, verdict.holds, strict=True) if not ok]
+
+
 def check_claim8(
     tokens: pd.DataFrame,
-    coherence: pd.DataFrame,
+    semantic: pd.DataFrame,
     correlations: pd.DataFrame,
     alpha: float = 0.01,
     correction: str = "holm",
 ) -> stats.Verdict:
     """The verdict of claim 8 (chapter 3): per-token ID ≪ d, low-ID neighbourhoods coherent, ID shared across models.
 
-    Checks, declared before the data are seen (one per model or pair):
+    The chapter passes the tables of the *trained* tokens (under-trained ones
+    dropped, :func:`drop_tokens`). Checks, declared before the data are seen
+    (one per model or pair):
 
     1. **ID ≪ d**, per model: effect ``d / 10 − median local ID`` (minimum 0:
        the median is below a tenth of the width); p-value: one-sided
        Mann–Whitney test that the local IDs are smaller than the IDs of random
        neighbourhoods of the same tokens (``scipy.stats.mannwhitneyu``,
        ``alternative="less"``) — the reference matters because ``k`` caps the ID.
-    2. **Coherence**, per model: effect = coherence of the lowest-ID decile minus
-       that of the highest-ID decile on the kind + capitalisation label
-       (:data:`COHERENCE_LABEL`, column ``difference`` of
-       :func:`embgeo_utils.coherence.coherence_table`; minimum 0); p-value: its
-       permutation p (random deciles).
+    2. **Semantic coherence**, per model whose row is ``independent`` (the
+       encoder is not the model under study): effect = the stratified
+       difference in encoder similarity between the lowest- and highest-ID
+       deciles (column ``difference`` of
+       :func:`embgeo_utils.coherence.semantic_coherence`; minimum 0); p-value:
+       its stratified permutation p.
     3. **Cross-model agreement**, per pair: effect = Spearman of per-token ID on
        the common tokens (minimum 0); p-value: its permutation p
        (:func:`id_correlations`).
 
+    The surface-label coherence (:data:`COHERENCE_LABEL`) is a secondary result and not a check.
     The p-values are adjusted together with ``correction`` (Holm by default) and
     :func:`embgeo_utils.stats.verdict` gives the verdict at ``alpha``.
 
     Args:
         tokens: :func:`token_frame` (``model``, ``width``, ``local ID``, ``random ID``).
-        coherence: :func:`embgeo_utils.coherence.coherence_table` (``model``, ``label``, ``difference``, ``p``,
-            ``tokens per group``); rows of other labels are ignored.
+        semantic: :func:`embgeo_utils.coherence.semantic_coherence` (``model``, ``independent``,
+            ``difference``, ``p``, ``tokens per group``).
         correlations: :func:`id_correlations` (``model A``, ``model B``, ``tokens``, ``Spearman``, ``p``).
         alpha: significance level.
         correction: ``"holm"``, ``"bonferroni"`` or ``"none"``.
@@ -478,7 +558,7 @@ def check_claim8(
     from scipy.stats import mannwhitneyu
 
     _require(tokens, ("model", "width", "local ID", "random ID"), "tokens")
-    _require(coherence, ("model", "label", "difference", "p", "tokens per group"), "coherence")
+    _require(semantic, ("model", "independent", "difference", "p", "tokens per group"), "semantic")
     _require(correlations, ("model A", "model B", "tokens", "Spearman", "p"), "correlations")
     if tokens.empty:
         raise EmbgeoInputError("tokens is empty; run per_token_ids on at least one model.")
@@ -497,10 +577,10 @@ def check_claim8(
                 len(group),
             )
         )
-    for row in coherence[coherence["label"] == COHERENCE_LABEL].to_dict(orient="records"):
+    for row in semantic[semantic["independent"].astype(bool)].to_dict(orient="records"):
         checks.append(
             stats.Check(
-                f"{row['model']}: low-ID decile more coherent than high-ID decile ({COHERENCE_LABEL})",
+                f"{row['model']}: low-ID neighbourhoods semantically more coherent than high-ID (stratified)",
                 float(row["difference"]),
                 float(row["p"]),
                 0.0,

@@ -14,3 +14,17 @@ def token_string(kind: int, t: int) -> str:
     if kind == 2:
         return f"x{t}"
     return "".join(" \t\n"[int(c)] for c in np.base_repr(t + 3, 3))
+
+
+def kind_encoder(strings):
+    """A stand-in sentence encoder: the unit one-hot of each string's kind (``labels.token_labels``).
+
+    Two strings are "similar" exactly when they are of the same kind, so a neighbourhood's semantic
+    coherence is known in advance.
+    """
+    from embgeo_utils import labels
+
+    kinds = labels.token_labels(list(strings)).kind
+    out = np.zeros((len(kinds), len(labels.KINDS)))
+    out[np.arange(len(kinds)), [labels.KINDS.index(k) for k in kinds]] = 1.0
+    return out

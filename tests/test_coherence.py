@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic_tokens import token_string
+from synthetic_tokens import kind_encoder, token_string
 
 from embgeo_utils import coherence
 from embgeo_utils.errors import EmbgeoInputError
@@ -117,3 +117,69 @@ def test_low_id_examples():
     assert table.equals(coherence.low_id_examples({"toy": ids}, n_examples=4, n_neighbours=3, seed=0))
     with pytest.raises(EmbgeoInputError, match="positive"):
         coherence.low_id_examples({"toy": ids}, n_examples=0)
+
+
+def test_stratified_test_removes_a_confound():
+    """Low group over-represented in a high-value stratum: the plain difference is large, the stratified one not."""
+    rng = np.random.default_rng(0)
+    strata = np.repeat(["rare", "common"], 200)
+    values = np.where(strata == "rare", 1.0, 0.0) + 0.1 * rng.normal(size=400)
+    low = np.zeros(400, dtype=bool)
+    low[:150] = True  # 150 of the 200 "rare" tokens ...
+    low[200:250] = True  # ... and 50 of the "common" ones
+    plain = values[low].mean() - values[~low].mean()
+    res = coherence.stratified_difference_test(values, low, strata, n=500, seed=0)
+    assert plain > 0.4 and abs(res.difference) < 0.05 and res.p_value > 0.01
+    planted = values + 0.3 * low
+    res = coherence.stratified_difference_test(planted, low, strata, n=500, seed=0)
+    assert res.difference == pytest.approx(0.3, abs=0.05) and res.p_value == pytest.approx(1 / 501)
+    assert res.n_low == 200 and res.n_high == 200
+    with pytest.raises(EmbgeoInputError, match="both groups"):
+        coherence.stratified_difference_test(values, low, np.arange(400), n=10)
+    with pytest.raises(EmbgeoInputError, match="one entry"):
+        coherence.stratified_difference_test(values, low[:5], strata, n=10)
+
+
+def test_semantic_coherence_planted_and_absent():
+    columns = ["model", "encoder", "independent", "tokens per group", "strata", "similarity low ID",
+               "similarity high ID", "difference", "unstratified difference", "z", "p"]  # fmt: skip
+    planted = coherence.semantic_coherence(
+        {"toy": _local_ids(True), "kinds": _local_ids(True)}, kind_encoder, "kinds", coherence_k=5, n_tokens=40,
+        n_reference=100, n_permutations=200,
+    )  # fmt: skip
+    assert list(planted.columns) == columns and planted["independent"].tolist() == [True, False]
+    row = planted.iloc[0]
+    # Low-ID neighbours share the token's kind (similarity 1), high-ID ones do 1 time in 4; minus chance (~1/4).
+    assert row["similarity low ID"] == pytest.approx(0.75, abs=0.1) and row["difference"] > 0.5
+    assert row["p"] == pytest.approx(1 / 201) and 20 <= row["tokens per group"] <= 40  # in strata with both
+    absent = coherence.semantic_coherence({"toy": _local_ids(False)}, kind_encoder, "kinds", coherence_k=5,
+                                          n_tokens=40, n_permutations=200)  # fmt: skip
+    assert abs(absent.iloc[0]["difference"]) < 0.15 and absent.iloc[0]["p"] > 0.01
+    with pytest.raises(EmbgeoInputError, match="coherence_k"):
+        coherence.semantic_coherence({"toy": _local_ids(True)}, kind_encoder, coherence_k=11)
+
+
+@pytest.mark.models
+def test_string_encoder_caches(tmp_path):
+    encode = coherence.string_encoder("minilm-l6", folder=tmp_path)
+    emb = encode([" Paris", " London", "ing", " Paris"])
+    assert emb.shape == (4, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2]  # two capitals are closer than a capital and a suffix
+    np.testing.assert_array_equal(emb[0], emb[3])
+    assert (tmp_path / "minilm-l6.npz").exists()
+    again = coherence.string_encoder("minilm-l6", folder=tmp_path)([" London"])  # read back from the cache
+    np.testing.assert_allclose(again[0], emb[1], atol=1e-6)
+
+
+def test_extreme_id_examples():
+    ids = _local_ids(True)
+    table = coherence.extreme_id_examples({"toy": ids}, n_low=4, n_high=2, n_neighbours=3, low_fraction=0.1)
+    assert list(table.columns) == ["model", "group", "token", "local ID", "nearest neighbours"]
+    assert table["group"].tolist() == ["lowest ID"] * 4 + ["highest ID"] * 2
+    assert (table.loc[table.group == "lowest ID", "local ID"] == 2).all()
+    assert (table.loc[table.group == "highest ID", "local ID"] == 9).all()
+    assert table.iloc[0]["token"] == repr(ids.strings[int(ids.rows[ids.order[0]])])  # the lowest comes first
+    assert table.equals(coherence.extreme_id_examples({"toy": ids}, n_low=4, n_high=2, n_neighbours=3,
+                                                      low_fraction=0.1))  # fmt: skip
+    with pytest.raises(EmbgeoInputError, match="positive"):
+        coherence.extreme_id_examples({"toy": ids}, n_low=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic_tokens import token_string
+from synthetic_tokens import kind_encoder, token_string
 
 from embgeo_utils import coherence, intrinsic_dim, lle, similarity, stats, token_dimension
 from embgeo_utils.errors import EmbgeoInputError
@@ -57,7 +57,7 @@ def _chapter(tables, vocabularies, device, n_common=200):
         verbose=False,
     )  # fmt: skip
     tokens = token_dimension.token_frame(ids, strata=False)
-    coh = coherence.coherence_table(ids, coherence_k=K, n_permutations=1000, seed=0)
+    coh = coherence.semantic_coherence(ids, kind_encoder, "kinds", coherence_k=K, n_permutations=1000, seed=0)
     corr = token_dimension.id_correlations(tokens, n_permutations=1000, seed=0)
     return ids, tokens, coh, corr
 
@@ -149,27 +149,64 @@ def test_claim8_rule_is_faithful_to_the_chapter():
          "local ID": [3] * 40 + [5] * 40, "random ID": [9] * 40 + [9] * 40}
     )  # fmt: skip
     coh = pd.DataFrame(
-        {"model": ["A", "B", "A"], "label": [token_dimension.COHERENCE_LABEL] * 2 + ["analogy category"],
+        {"model": ["A", "B", "enc"], "independent": [True, True, False],
          "difference": [0.2, -0.1, 0.3], "p": [0.0001, 0.0001, 0.0001], "tokens per group": [4, 4, 2]}
     )  # fmt: skip
     corr = pd.DataFrame({"model A": ["A"], "model B": ["B"], "tokens": [40], "Spearman": [0.3], "p": [0.5]})
     verdict = token_dimension.check_claim8(tokens, coh, corr, alpha=0.01, correction="none")
-    # B's median 5 is above d/10 = 4; B's coherence gap is negative; the correlation is not significant.
+    # B's median 5 is above d/10 = 4; B's coherence gap is negative; the correlation is not significant;
+    # the encoder's own row is descriptive and not a check.
     assert verdict.holds == (True, False, True, False, False)
     assert verdict.checks[0].effect == pytest.approx(6.4 - 3) and verdict.checks[1].effect == pytest.approx(-1)
     assert verdict.checks[2].n == 4 and verdict.checks[4].n == 40
+    assert token_dimension.failing_checks(verdict) == [verdict.checks[i].name for i in (1, 3, 4)]
     # A single model: no pair, and the verdict still comes from the rule.
     single = token_dimension.check_claim8(tokens[tokens.model == "A"], coh[coh.model == "A"], corr.iloc[:0])
     assert single.verdict == "reproduced" and len(single.checks) == 2
     assert isinstance(single, stats.Verdict)
 
 
+def test_correlation_summary():
+    corr = pd.DataFrame({"Spearman": [0.4, -0.02, 0.3, 0.05], "p": [0.001, 0.9, 0.001, 0.2]})
+    summary = token_dimension.correlation_summary(corr)
+    assert summary == {"median": pytest.approx(0.175), "min": -0.02, "max": 0.4, "pairs": 4, "pairs significant": 2}
+    assert token_dimension.correlation_summary(corr.iloc[:0])["median"] is None
+
+
+def test_drop_tokens(planted):
+    ids = planted[0]
+    a, b = ids["A"], ids["B"]
+    gone_a = a.rows[::3]  # a third of A's tokens, including some of the common sample
+    kept = token_dimension.drop_tokens(ids, {"A": gone_a})
+    ka, kb = kept["A"], kept["B"]
+    assert len(ka.rows) == len(a.rows) - len(gone_a) and not np.isin(gone_a, ka.rows).any()
+    assert len(kb.rows) == len(b.rows)  # B keeps its evaluated tokens ...
+    # ... but the common sample keeps only strings kept in both, in the same order in both.
+    common_a = [ka.strings[int(r)] for r in ka.common_rows]
+    assert common_a == [kb.strings[int(r)] for r in kb.common_rows] and 0 < len(common_a) < len(a.common_rows)
+    # IDs and neighbours travel with their token; the order still sorts by ID.
+    pos = np.searchsorted(a.rows, ka.rows)
+    np.testing.assert_array_equal(ka.local_id, a.local_id[pos])
+    np.testing.assert_array_equal(ka.neighbors, a.neighbors[pos])
+    assert sorted(ka.order) == list(range(len(ka.rows))) and np.all(np.diff(ka.local_id[ka.order]) >= 0)
+    frame = token_dimension.token_frame(kept, strata=False)
+    assert (frame["common index"] >= 0).sum() == 2 * len(common_a)
+    token_dimension.id_correlations(frame, n_permutations=10)  # the samples line up
+    mask = np.zeros(a.n_table_rows, dtype=bool)
+    mask[gone_a] = True
+    assert np.array_equal(token_dimension.drop_tokens(ids, {"A": mask})["A"].rows, ka.rows)
+    with pytest.raises(EmbgeoInputError, match="leaves no"):
+        token_dimension.drop_tokens(ids, {"A": a.rows})
+
+
 def test_check_claim8_errors():
     tokens = pd.DataFrame({"model": ["A"], "width": [8], "local ID": [1], "random ID": [2]})
-    coh = pd.DataFrame(columns=["model", "label", "difference", "p", "tokens per group"])
+    coh = pd.DataFrame(columns=["model", "independent", "difference", "p", "tokens per group"])
     corr = pd.DataFrame(columns=["model A", "model B", "tokens", "Spearman", "p"])
     with pytest.raises(EmbgeoInputError, match="random ID"):
         token_dimension.check_claim8(tokens.drop(columns="random ID"), coh, corr)
+    with pytest.raises(EmbgeoInputError, match="independent"):
+        token_dimension.check_claim8(tokens, coh.drop(columns="independent"), corr)
     with pytest.raises(EmbgeoInputError, match="empty"):
         token_dimension.check_claim8(tokens.iloc[:0], coh, corr)
     with pytest.raises(EmbgeoInputError, match="alpha"):
@@ -283,11 +320,15 @@ def test_chapter3_figures(planted, device):
     ids, tokens, coh, corr = planted
     with_strata = token_dimension.token_frame(ids, strata=True)
     _, curves = token_dimension.global_ids({"A": _clustered(1)}, n_points=200, device=device)
+    surface = coherence.coherence_table(ids, coherence_k=K, n_permutations=50, seed=0)
+    flagged = tokens.assign(**{"under-trained": tokens["local ID"] <= 1})
     figures = [
         plotting.token_id_distributions(tokens, k=K, variance=0.9),
         plotting.token_id_by_frequency(with_strata),
         plotting.token_id_correlation_heatmap(corr),
-        plotting.neighbourhood_coherence_bars(coh, K),
+        plotting.neighbourhood_coherence_bars(surface, K),
+        plotting.semantic_coherence_bars(coh, K),
+        plotting.undertrained_id_histograms(flagged, K),
         plotting.embedding_gride_curves(curves, 200),
     ]
     for fig in figures:
@@ -295,5 +336,13 @@ def test_chapter3_figures(planted, device):
         assert ax.get_title() and (ax.get_ylabel() or ax.get_xlabel() or fig.axes[-1].get_ylabel())
         plt.close(fig)
     assert plotting.token_id_correlation_heatmap(corr.iloc[:0]) is None
+    assert plotting.semantic_coherence_bars(coh.iloc[:0], K) is None
+    # Both halves of the violins are drawn: two violin bodies per model, the random half as wide as the other.
+    fig = plotting.token_id_distributions(tokens, k=K, variance=0.9)
+    bodies = [c for c in fig.axes[0].collections if c.get_paths() and len(c.get_paths()[0].vertices) > 4]
+    widths = [np.ptp(c.get_paths()[0].vertices[:, 0]) for c in bodies]
+    assert len(bodies) == 4 and min(widths) > 0.3 * max(widths)
+    assert all("\n" in t.get_text() for t in fig.axes[0].get_xticklabels())  # "name\n(d = ...)": no overlap
+    plt.close(fig)
     with pytest.raises(EmbgeoInputError, match="Zipf stratum"):
         plotting.token_id_by_frequency(tokens)
