@@ -19,6 +19,7 @@ __all__ = [
     "ModelNotInstalledError",
     "ChecksumError",
     "VocabularyError",
+    "ForwardStopped",
 ]
 
 
@@ -60,3 +61,11 @@ class ChecksumError(EmbgeoError, RuntimeError):
 
 class VocabularyError(EmbgeoError, ValueError):
     """A tokenizer cannot be aligned (unknown scheme, no vocabulary, ...)."""
+
+
+class ForwardStopped(EmbgeoError, RuntimeError):
+    """Raised by a forward hook to end a forward pass once the block that is needed has run.
+
+    The package raises and catches it itself (chapter 6: residual activations at
+    a middle block need no later block); seeing it means a hook was left behind.
+    """
