@@ -119,14 +119,15 @@ def topic_texts(
 
 
 def neutral_prompts(
-    n: int, n_words: int = 12, sources: Sequence[str] = ("sotu", "lee-news", "enwiki-articles"), seed: int = 0
+    n: int, n_words: int = 12, sources: Sequence[str] = ("sotu", "lee-news"), seed: int = 0
 ) -> list[str]:
     """The first ``n_words`` words of ``n`` real paragraphs, drawn in turn from ``sources`` (chapter 6).
 
-    Neutral prompts for steering: real openings from speeches, news and full
-    articles, none of them a topic summary. Paragraphs shorter than
-    ``2 * n_words`` words, and openings with markup or brackets left over from
-    the article dumps, are skipped; the draw is seeded.
+    Neutral prompts for steering: real openings of other texts than the topic
+    summaries; by default State of the Union addresses and news stories (the
+    full-article dumps keep table and markup residue). Paragraphs shorter than
+    ``2 * n_words`` words, and openings with markup or brackets, are skipped; the
+    draw is seeded.
     """
     from .corpus import documents
 

@@ -63,7 +63,7 @@ def test_texts_are_split_and_prompts_are_not_summaries():
     assert not set(tx.map_texts) & {x for t in TOPICS for x in tx.classifier[t] + tx.heldout[t]}
     prompts = transfer.neutral_prompts(9, n_words=8, seed=0)
     assert prompts == transfer.neutral_prompts(9, n_words=8, seed=0) and len(set(prompts)) == 9
-    assert all(len(p.split()) == 8 for p in prompts)
+    assert all(len(p.split()) == 8 and "|" not in p for p in prompts)
     summaries = " ".join(r["extract"] for r in corpus.wiki_summaries())
     assert not any(p in summaries for p in prompts)
     with pytest.raises(EmbgeoInputError, match="Unknown topic"):
