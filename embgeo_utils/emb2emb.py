@@ -169,7 +169,6 @@ def matching_layer(layer_a: int, n_layers_a: int, n_layers_b: int) -> int:
     return max(1, min(n_layers_b, round(layer_a / n_layers_a * n_layers_b)))
 
 
-@torch.no_grad()
 def residual_pairs(
     a: LoadedModel,
     b: LoadedModel,
@@ -181,37 +180,59 @@ def residual_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paired residual activations of the same tokens at A's block ``layer_a`` and B's ``layer_b`` (chapter 6).
 
-    Needs one tokenizer for both models (identical token ids), as for the two
-    Qwen2.5-Coder models; the first ``skip_first`` positions of each text (and BOS)
-    are left out.
+    Each text is cut to ``max_tokens`` of A's tokens; a position of A is paired
+    with the position of B whose character span is the same (every position for
+    one tokenizer, as for the two Qwen2.5-Coder models; the positions both
+    tokenizers cut alike across tokenizers, as in chapter 5). The first
+    ``skip_first`` positions of each text (and BOS) are left out. Activations are
+    cached per model, layer and texts.
 
     Returns:
-        ``(rows_a, rows_b)`` float32 CPU tensors, one row per token.
+        ``(rows_a, rows_b)`` float32 CPU tensors, one row per paired token.
     """
-    from .models import block_output_hook, transformer_blocks
-    from .steering import check_layer, encode_texts
+    from .feature_matching import align_positions
 
-    check_layer(a, layer_a)
-    check_layer(b, layer_b)
-    if a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
-        raise EmbgeoInputError(
-            f"{a.info.name} and {b.info.name} do not share a tokenizer; residual maps need the same tokens in both."
-        )
-    outs: list[list[torch.Tensor]] = [[], []]
-    for k, (m, layer) in enumerate(((a, layer_a), (b, layer_b))):
-        seqs = encode_texts(m, texts, max_tokens)
-        lead = (1 if m.info.needs_bos else 0) + skip_first
-        captured: list[torch.Tensor] = []
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise EmbgeoInputError("residual_pairs needs at least one non-empty text.")
+    spans_a, cut = [], []
+    for text in texts:
+        offs = a.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][:max_tokens]
+        spans_a.append([tuple(o) for o in offs])
+        cut.append(text[: offs[-1][1]] if offs else text)
+    spans_b = [
+        [tuple(o) for o in b.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+        for t in cut
+    ]
+    states_a = cached_states(a, cut, layer_a, max_tokens=max_tokens, skip_first=skip_first)
+    states_b = cached_states(b, cut, layer_b, max_tokens=10 * max_tokens, skip_first=skip_first)
+    rows_a, rows_b = [], []
+    for sa, sb, ha, hb in zip(spans_a, spans_b, states_a, states_b):
+        pairs = align_positions(sa, sb)
+        pairs = pairs[(pairs[:, 0] >= skip_first) & (pairs[:, 1] >= skip_first)] - skip_first
+        pairs = pairs[(pairs[:, 0] < ha.shape[0]) & (pairs[:, 1] < hb.shape[0])]
+        rows_a.append(ha[pairs[:, 0]])
+        rows_b.append(hb[pairs[:, 1]])
+    return torch.cat(rows_a), torch.cat(rows_b)
 
-        def keep(h: torch.Tensor, store: list[torch.Tensor] = captured) -> torch.Tensor:
-            store.append(h)
-            return h
 
-        with block_output_hook(transformer_blocks(m.model)[layer - 1], keep):
-            for s in seqs:
-                if len(s) <= lead:
-                    continue
-                captured.clear()
-                m.model(input_ids=torch.tensor([s], device=m.device))
-                outs[k].append(captured[0][0, lead:].float().cpu())
-    return torch.cat(outs[0]), torch.cat(outs[1])
+def cached_states(
+    loaded: LoadedModel, texts: Sequence[str], layer: int, *, max_tokens: int = 128, skip_first: int = 1
+) -> list[torch.Tensor]:
+    """:func:`~embgeo_utils.steering.token_states`, cached on disk per model, layer and texts (chapter 6)."""
+    from .cache import atomic_path, cache_dir, content_key
+    from .steering import token_states
+
+    key = content_key(
+        loaded.info.name, loaded.info.sha256, str(loaded.model.dtype), layer, max_tokens, skip_first, list(texts)
+    )
+    path = cache_dir("steering") / f"{key}.pt"
+    if path.exists():
+        try:
+            return list(torch.load(path, weights_only=True))
+        except (OSError, RuntimeError, EOFError):
+            path.unlink(missing_ok=True)
+    states = token_states(loaded, texts, layer, max_tokens=max_tokens, skip_first=skip_first)
+    with atomic_path(path) as tmp:
+        torch.save([h.clone() for h in states], tmp)
+    return states

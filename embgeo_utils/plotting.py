@@ -722,3 +722,55 @@ def svcca_curves(curves: pd.DataFrame, matched: Sequence[tuple[int, int]]) -> Fi
     ax.set_title("SVCCA of paired decoder rows; bands: permutation null, mean to max")
     ax.legend(fontsize=8)
     return fig
+
+
+# Chapter 6: steering vectors carried across models (EMB2EMB)
+__all__ += ["steering_sweep"]
+
+
+def steering_sweep(summary: pd.DataFrame) -> Figure:
+    """Chapter 6: per model pair, the concept score and the perplexity against strength, and one against the other.
+
+    Args:
+        summary: ``transfer.sweep_summary(...)`` (mean rise with 95 % bootstrap
+            interval, geometric-mean perplexity ratio with its interval).
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import seaborn as sns
+
+    from .transfer import CONDITIONS
+
+    _need_columns(
+        summary, ("pair", "condition", "alpha", "rise", "rise low", "rise high", "ppl ratio"), "transfer.sweep_summary"
+    )
+    pairs = list(dict.fromkeys(summary["pair"]))
+    conds = [c for c in CONDITIONS if c in set(summary["condition"]) and c != "none"]
+    colors = dict(zip(conds, sns.color_palette("colorblind", n_colors=len(conds))))
+    fig, axes = plt.subplots(len(pairs), 3, figsize=(14, 3.8 * len(pairs)), squeeze=False)
+    for row, pair in zip(axes, pairs):
+        s = summary[summary["pair"] == pair]
+        for c in conds:
+            g = s[s["condition"] == c].sort_values("alpha")
+            col = colors[c]
+            err = np.vstack([g["rise"] - g["rise low"], g["rise high"] - g["rise"]])
+            row[0].errorbar(g["alpha"], g["rise"], yerr=err, marker="o", capsize=3, color=col, label=c)
+            perr = np.vstack([g["ppl ratio"] - g["ppl low"], g["ppl high"] - g["ppl ratio"]])
+            row[1].errorbar(g["alpha"], g["ppl ratio"], yerr=perr, marker="o", capsize=3, color=col, label=c)
+            row[2].plot(g["ppl ratio"], g["rise"], marker="o", color=col, label=c)
+        row[0].axhline(0, color="grey", lw=0.8)
+        row[0].set_xlabel("alpha (× median residual norm of B)")
+        row[0].set_ylabel("rise in log P(topic tokens) (nats)")
+        row[0].set_title(f"{pair}: concept score")
+        row[1].axhline(2, color="grey", ls="--", lw=0.8)
+        row[1].set_yscale("log")
+        row[1].set_xlabel("alpha (× median residual norm of B)")
+        row[1].set_ylabel("perplexity ratio on real text (log)")
+        row[1].set_title("fluency (dashed: 2× unsteered)")
+        row[2].axvline(2, color="grey", ls="--", lw=0.8)
+        row[2].set_xscale("log")
+        row[2].set_xlabel("perplexity ratio (log)")
+        row[2].set_ylabel("rise in concept score (nats)")
+        row[2].set_title("score against fluency")
+        row[0].legend(fontsize=8)
+    return fig

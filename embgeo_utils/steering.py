@@ -27,16 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import EmbgeoInputError
+from .errors import EmbgeoInputError, ForwardStopped
 from .models import LoadedModel, block_output_hook, transformer_blocks
 from .progress import tqdm
 
 __all__ = [
     "check_layer",
     "encode_texts",
+    "token_states",
     "residual_means",
     "steering_vector",
     "residual_norm",
+    "resume_after",
     "steer",
     "generate",
     "continuation_nll",
@@ -97,7 +99,7 @@ def _pad_id(loaded: LoadedModel) -> int:
 
 
 @torch.no_grad()
-def residual_means(
+def token_states(
     loaded: LoadedModel,
     texts: Sequence[str],
     layer: int,
@@ -106,11 +108,12 @@ def residual_means(
     batch_size: int = 8,
     skip_first: int = 0,
     progress: bool = False,
-) -> torch.Tensor:
-    """Per-text mean of block ``layer``'s output over token positions, ``(texts, d)`` float32 (chapter 6).
+) -> list[torch.Tensor]:
+    """Block ``layer``'s output at every token of each text, ``[(tokens_i, d)]`` float32 on CPU (chapter 6).
 
-    BOS (when the model needs one) and then ``skip_first`` more leading positions are left out
-    of each mean.
+    BOS (when the model needs one) and then ``skip_first`` more leading positions
+    are left out. The forward pass stops once block ``layer`` has run (later blocks
+    cannot change it), so a middle layer costs about half a forward pass.
     """
     layer = check_layer(loaded, layer)
     texts = _texts(texts, "texts")
@@ -123,23 +126,45 @@ def residual_means(
 
     def keep(h: torch.Tensor) -> torch.Tensor:
         captured.append(h)
-        return h
+        raise ForwardStopped(f"block {layer} has run")
 
-    out = []
+    out: list[torch.Tensor] = []
     bar = tqdm(total=len(seqs), desc=f"{loaded.info.name} layer {layer}", disable=not progress, mininterval=2.0)
     with block_output_hook(blocks[layer - 1], keep):
         for start in range(0, len(seqs), batch_size):
             chunk = seqs[start : start + batch_size]
             ids, mask = _pad(chunk, _pad_id(loaded), left=False, dev=loaded.device)
             captured.clear()
-            loaded.model(input_ids=ids, attention_mask=mask)
-            h = captured[0].float()
-            use = mask.clone().float()
-            use[:, :lead] = 0
-            out.append((h * use[:, :, None]).sum(dim=1) / use.sum(dim=1, keepdim=True))
+            try:
+                loaded.model(input_ids=ids, attention_mask=mask)
+            except ForwardStopped:
+                pass
+            h = captured[0].float().cpu()
+            out += [h[i, lead : len(s)] for i, s in enumerate(chunk)]
             bar.update(len(chunk))
     bar.close()
-    return torch.cat(out).cpu()
+    return out
+
+
+def residual_means(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    layer: int,
+    *,
+    max_tokens: int = 128,
+    batch_size: int = 8,
+    skip_first: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Per-text mean of block ``layer``'s output over token positions, ``(texts, d)`` float32 (chapter 6).
+
+    BOS (when the model needs one) and then ``skip_first`` more leading positions
+    are left out of each mean (:func:`token_states`).
+    """
+    states = token_states(
+        loaded, texts, layer, max_tokens=max_tokens, batch_size=batch_size, skip_first=skip_first, progress=progress
+    )
+    return torch.stack([h.mean(dim=0) for h in states])
 
 
 def steering_vector(
@@ -189,15 +214,51 @@ def residual_norm(loaded: LoadedModel, texts: Sequence[str], layer: int, max_tok
 
 
 def _vector(loaded: LoadedModel, vector: Any) -> torch.Tensor:
-    v = torch.as_tensor(vector).float().reshape(-1)
-    if v.numel() != loaded.info.d_model:
+    v = torch.as_tensor(vector).float()
+    v = v.reshape(-1) if v.ndim < 2 else v
+    if v.ndim > 2 or v.shape[-1] != loaded.info.d_model:
         raise EmbgeoInputError(
-            f"The vector has width {v.numel()} but {loaded.info.name} has width {loaded.info.d_model}; "
-            "map it into this model first (emb2emb)."
+            f"The vector has width {v.shape[-1] if v.ndim else 1} but {loaded.info.name} has width "
+            f"{loaded.info.d_model}; map it into this model first (emb2emb)."
         )
     if not bool(torch.isfinite(v).all()):
         raise EmbgeoInputError("The steering vector holds NaN or infinite values.")
     return v
+
+
+@contextmanager
+def resume_after(loaded: LoadedModel, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Run only the blocks after ``layer``, starting from its known output ``hidden`` (chapter 6).
+
+    While active, blocks ``1..layer-1`` pass their input through untouched and
+    block ``layer`` returns ``hidden`` (``(batch, tokens, d)``, the same batch and
+    padding as the forward pass that follows); hooks on block ``layer`` (such as
+    :func:`steer`) still apply. Steering at ``layer`` cannot change earlier
+    blocks, so a strength sweep computes them once. The blocks are restored on
+    exit, also when the body raises.
+    """
+    layer = check_layer(loaded, layer)
+    blocks = transformer_blocks(loaded.model)
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        return args[0] if args else kwargs["hidden_states"]
+
+    def cached(*args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else kwargs["hidden_states"]
+        if tuple(x.shape) != tuple(hidden.shape):
+            raise EmbgeoInputError(
+                f"resume_after got states of shape {tuple(hidden.shape)} for a batch of shape {tuple(x.shape)}; "
+                "pad the batch exactly as when the states were taken."
+            )
+        return hidden.to(device=x.device, dtype=x.dtype)
+
+    try:
+        for i in range(layer):
+            blocks[i].forward = cached if i == layer - 1 else passthrough
+        yield
+    finally:
+        for i in range(layer):
+            blocks[i].__dict__.pop("forward", None)
 
 
 @contextmanager
@@ -206,14 +267,22 @@ def steer(loaded: LoadedModel, layer: int, vector: Any, alpha: float) -> Iterato
 
     Applies to forward passes and to ``generate`` (every new position too). The
     hook is removed on exit, also when the body raises; nested ``steer`` blocks
-    add up.
+    add up. ``vector`` is one direction ``(d,)`` for every sequence, or one per
+    sequence ``(batch, d)`` (row ``i`` is added to sequence ``i``; the batch must
+    then have exactly that many sequences).
     """
     layer = check_layer(loaded, layer)
     v = _vector(loaded, vector)
     blocks = transformer_blocks(loaded.model)
     add = (float(alpha) * v).to(loaded.device)
+    if add.ndim == 2:
+        add = add[:, None, :]
 
     def shift(h: torch.Tensor) -> torch.Tensor:
+        if add.ndim == 3 and h.shape[0] != add.shape[0]:
+            raise EmbgeoInputError(
+                f"steer was given {add.shape[0]} per-sequence vectors but the batch has {h.shape[0]} sequences."
+            )
         return h + add.to(h.dtype)
 
     with block_output_hook(blocks[layer - 1], shift):

@@ -61,3 +61,13 @@ def test_embedding_pairs_across_tokenizers(smollm, gemma):
     assert len(shared) > 40_000
     i = shared.strings.index(" the")
     assert torch.equal(xa[i], smollm.model.get_input_embeddings().weight[shared.ids_a[i]].float())
+
+
+def test_residual_pairs_pair_the_same_characters(smollm, gemma, tmp_cache):
+    texts = ["The violin concerto was first performed in Leipzig in 1845.", "Rain fell on the quiet town."]
+    xa, xa2 = emb2emb.residual_pairs(smollm, smollm, texts, 4, 4, max_tokens=32)
+    assert torch.equal(xa, xa2) and xa.shape[1] == 576  # one tokenizer: every position pairs with itself
+    ra, rb = emb2emb.residual_pairs(smollm, gemma, texts, 15, 9, max_tokens=32)
+    assert ra.shape[0] == rb.shape[0] and 0 < ra.shape[0] <= xa.shape[0] and rb.shape[1] == 640
+    again = emb2emb.residual_pairs(smollm, gemma, texts, 15, 9, max_tokens=32)  # from the cache
+    assert torch.equal(again[0], ra) and torch.equal(again[1], rb)

@@ -13,7 +13,7 @@ from embgeo_utils.errors import ParameterError, UnknownModelError
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = runner.chapter_sources(ROOT) + [ROOT / runner.LEDGER]
 #: Chapters whose parameters cell still declares no types (they get types inferred from the defaults).
-NOT_YET_TYPED = {"06_emb2emb"}
+NOT_YET_TYPED: set[str] = set()
 
 CELL = """model_names: list[str] = ["smollm2-135m"]  # registry names, HF ids or paths
 n_tokens: int = 4000  # [100, inf) shared tokens sampled per pair

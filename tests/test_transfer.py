@@ -1,0 +1,137 @@
+"""Transferred steering (chapter 6): the sweep's shortcuts are exact, and the claim-9 check finds planted effects."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from embgeo_utils import corpus, models, steering, transfer
+from embgeo_utils.errors import EmbgeoInputError
+
+TOPICS = ["Arts", "Geography", "Mathematics"]
+
+
+def _sweep(pair, effect, rng, alphas=(0.5, 1.0), ratio=1.2, n_prompts=12, native=1.0):
+    """A synthetic sweep table: ``effect`` is the transferred vector's rise in nats, random vectors do nothing."""
+    rows = []
+    for t in TOPICS:
+        for p in range(n_prompts):
+            rows.append((pair, "none", t, 0.0, p, 0.0, 1.0))
+            for al in alphas:
+                for cond, mean in (("emb2emb", effect * al), ("random", 0.0), ("native", native * al)):
+                    rows.append((pair, cond, t, al, p, mean + 0.3 * rng.normal(), ratio * np.exp(0.05 * rng.normal())))
+    return pd.DataFrame(rows, columns=["pair", "condition", "topic", "alpha", "prompt", "rise", "ppl ratio"])
+
+
+def _gens(pair, effect, rng, n_prompts=6, ratio=1.3):
+    rows = []
+    for t in TOPICS:
+        for p in range(n_prompts):
+            rows.append((pair, "none", t, 0.5, p, 0.3 + 0.05 * rng.normal(), 1.0))
+            rows.append((pair, "random", t, 0.5, p, 0.3 + 0.05 * rng.normal(), ratio))
+            rows.append((pair, "native", t, 0.5, p, 0.8 + 0.05 * rng.normal(), ratio))
+            rows.append((pair, "emb2emb", t, 0.5, p, 0.3 + effect + 0.05 * rng.normal(), ratio))
+    return pd.DataFrame(rows, columns=["pair", "condition", "topic", "alpha", "prompt", "score", "ppl ratio"])
+
+
+def test_claim9_planted_effect_is_found_and_absent_is_not():
+    rng = np.random.default_rng(0)
+    planted = transfer.check_claim9(_sweep("A → B", 0.8, rng), _gens("A → B", 0.3, rng), n_permutations=2000)
+    assert planted.verdict == "reproduced", planted.table()
+    absent = transfer.check_claim9(_sweep("A → B", 0.0, rng), _gens("A → B", 0.0, rng), n_permutations=2000)
+    assert absent.verdict == "not reproduced", absent.table()
+    both = pd.concat([_sweep("A → B", 0.8, rng), _sweep("C → D", 0.0, rng)])
+    gens = pd.concat([_gens("A → B", 0.3, rng), _gens("C → D", 0.0, rng)])
+    mixed = transfer.check_claim9(both, gens, n_permutations=2000)
+    assert mixed.verdict == "partly reproduced"
+    assert all(h for c, h in zip(mixed.checks, mixed.holds) if c.name.startswith("A → B"))
+
+
+def test_claim9_needs_fluency_and_reports_the_native_fraction():
+    rng = np.random.default_rng(1)
+    broken = transfer.check_claim9(_sweep("A → B", 0.8, rng, ratio=3.0), n_permutations=500)
+    assert broken.verdict == "not reproduced" and "perplexity" in broken.checks[0].name
+    r = transfer.pair_analysis(_sweep("A → B", 0.5, rng, native=1.0), n_permutations=500)
+    assert r["alpha*"] == 1.0 and r["admissible alphas"] == [0.5, 1.0]
+    assert r["fraction of native"] == pytest.approx(0.5, abs=0.15)
+
+
+def test_texts_are_split_and_prompts_are_not_summaries():
+    tx = transfer.topic_texts(TOPICS, n_build=5, n_classifier=20, n_heldout=10, n_map=30, seed=0)
+    for t in TOPICS:
+        assert tx.build[t] == tx.classifier[t][:5] and not set(tx.heldout[t]) & set(tx.classifier[t])
+    assert not set(tx.map_texts) & {x for t in TOPICS for x in tx.classifier[t] + tx.heldout[t]}
+    prompts = transfer.neutral_prompts(9, n_words=8, seed=0)
+    assert prompts == transfer.neutral_prompts(9, n_words=8, seed=0) and len(set(prompts)) == 9
+    assert all(len(p.split()) == 8 and "|" not in p for p in prompts)
+    summaries = " ".join(r["extract"] for r in corpus.wiki_summaries())
+    assert not any(p in summaries for p in prompts)
+    with pytest.raises(EmbgeoInputError, match="Unknown topic"):
+        transfer.topic_texts(["Cooking", "Arts"], 1, 2, 1, 1)
+    with pytest.raises(EmbgeoInputError, match="two distinct"):
+        transfer.topic_texts(["Arts"], 1, 2, 1, 1)
+
+
+def test_topic_tokens_find_the_planted_word(smollm):
+    texts = {
+        "a": ["The violin and the violin again, a violin concerto."] * 3,
+        "b": ["The river and the mountain, the river valley."] * 3,
+    }
+    toks = transfer.topic_tokens(smollm.tokenizer, texts, k=3, min_count=3)
+    assert " violin" in [smollm.tokenizer.decode([i]) for i in toks["a"]]
+    assert " river" in [smollm.tokenizer.decode([i]) for i in toks["b"]]
+
+
+@torch.no_grad()
+def test_token_states_stop_early_and_match_the_full_pass(smollm):
+    texts = ["The cat sat on the mat.", "Rain fell on the quiet town all night long."]
+    states = steering.token_states(smollm, texts, 5, skip_first=1)
+    for text, h in zip(texts, states):
+        ids = torch.tensor([steering.encode_texts(smollm, [text])[0]], device=smollm.device)
+        full = smollm.model(input_ids=ids, output_hidden_states=True).hidden_states[5][0, 1:]
+        assert torch.allclose(h, full.float().cpu(), atol=1e-4)
+
+
+@torch.no_grad()
+def test_resume_after_and_per_row_vectors_give_the_full_steered_pass(smollm):
+    texts = ["The cat sat on the mat and looked at the door.", "Rain fell all night."]
+    seqs = steering.encode_texts(smollm, texts)
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=smollm.device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=smollm.device)
+    layer = 12
+    base = smollm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    g = torch.Generator().manual_seed(0)
+    vecs = torch.randn(2, smollm.info.d_model, generator=g)
+    with steering.steer(smollm, layer, vecs, 3.0):
+        full = smollm.model(input_ids=ids, attention_mask=mask).logits
+    with steering.steer(smollm, layer, vecs[0], 3.0):  # one row at a time gives the same
+        first = smollm.model(input_ids=ids[:1], attention_mask=mask[:1]).logits
+    hidden = base.hidden_states[layer]
+    with steering.resume_after(smollm, layer, hidden), steering.steer(smollm, layer, vecs, 3.0):
+        resumed = smollm.model(input_ids=ids, attention_mask=mask).logits
+    m = mask.bool()
+    assert torch.allclose(resumed[m], full[m], atol=1e-4)
+    assert torch.allclose(first[0, : len(seqs[0])], full[0, : len(seqs[0])], atol=1e-4)
+    assert torch.equal(smollm.model(input_ids=ids, attention_mask=mask).logits, base.logits)
+    with pytest.raises(EmbgeoInputError, match="per-sequence"):
+        with steering.steer(smollm, layer, vecs, 1.0):
+            smollm.model(input_ids=ids[:1])
+    with pytest.raises(EmbgeoInputError, match="shape"):
+        with steering.resume_after(smollm, layer, hidden[:1]):
+            smollm.model(input_ids=ids, attention_mask=mask)
+    assert all("forward" not in b.__dict__ for b in models.transformer_blocks(smollm.model))
+
+
+def test_topic_classifier_beats_chance_on_heldout_summaries():
+    enc = models.load("minilm-l6")
+    tx = transfer.topic_texts(TOPICS, n_build=5, n_classifier=30, n_heldout=15, n_map=1, seed=0)
+    clf = steering.fit_topic_classifier(
+        enc,
+        [x for t in TOPICS for x in tx.classifier[t]],
+        [t for t in TOPICS for _ in tx.classifier[t]],
+        [x for t in TOPICS for x in tx.heldout[t]],
+        [t for t in TOPICS for _ in tx.heldout[t]],
+    )
+    assert clf.heldout_accuracy > 1 / len(TOPICS) + 0.3
+    assert clf.score(tx.heldout["Arts"][:3], "Arts").shape == (3,)
