@@ -45,7 +45,17 @@ LEDGER = Path("book") / "ledger.ipynb"
 #: Memory one chapter may need at its peak (bytes); ``--jobs`` runs no more chapters at once than fit in free memory.
 JOB_MEMORY = int(float(os.environ.get("EMBGEO_JOB_MEMORY_GIB", "6")) * 2**30)
 #: Parameters that name models (their overrides are checked with ``models.check_name`` before a run starts).
-MODEL_PARAMETERS = ("model_names", "model_pairs", "model_a", "model_b", "layer_pair", "cross_pair", "semantic_encoder", "pairs", "encoder")
+MODEL_PARAMETERS = (
+    "model_names",
+    "model_pairs",
+    "model_a",
+    "model_b",
+    "layer_pair",
+    "cross_pair",
+    "semantic_encoder",
+    "pairs",
+    "encoder",
+)
 
 
 def chapter_sources(root: str | Path = ".") -> list[Path]:
