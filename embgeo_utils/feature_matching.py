@@ -45,6 +45,7 @@ __all__ = [
     "svcca",
     "rsa",
     "svcca_test",
+    "svcca_curve_test",
     "rsa_test",
     "pair_layers",
     "AlignedTokens",
@@ -262,22 +263,29 @@ def _paired_rows(X: Any, Y: Any, dev: torch.device, min_rows: int = 3) -> tuple[
     return x, y
 
 
-def _top_left_vectors(x: torch.Tensor, n_components: int) -> torch.Tensor:
+def _left_vectors(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Left singular vectors of the centred rows, and the numerical rank."""
     xc = x - x.mean(dim=0, keepdim=True)
     u, s, _ = torch.linalg.svd(xc, full_matrices=False)
-    keep = min(n_components, int((s > s[0] * 1e-10).sum()) if s.numel() else 0)
-    if keep < 1:
+    rank = int((s > s[0] * 1e-10).sum()) if s.numel() else 0
+    if rank < 1:
         raise EmbgeoInputError("A side has no variance after centring; SVCCA is undefined.")
-    return u[:, :keep]
+    return u, rank
+
+
+def _check_components(n_components: Any, n_rows: int) -> int:
+    if isinstance(n_components, bool) or int(n_components) != n_components or n_components < 1:
+        raise EmbgeoInputError(f"n_components must be a positive integer, got {n_components!r}.")
+    if n_components >= n_rows:
+        raise EmbgeoInputError(f"n_components = {n_components} must be below the number of pairs ({n_rows}).")
+    return int(n_components)
 
 
 def _svcca_bases(X: Any, Y: Any, n_components: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(n_components, bool) or int(n_components) != n_components or n_components < 1:
-        raise EmbgeoInputError(f"n_components must be a positive integer, got {n_components!r}.")
     x, y = _paired_rows(X, Y, dev)
-    if n_components >= x.shape[0]:
-        raise EmbgeoInputError(f"n_components = {n_components} must be below the number of pairs ({x.shape[0]}).")
-    return _top_left_vectors(x, n_components), _top_left_vectors(y, n_components)
+    n = _check_components(n_components, x.shape[0])
+    (ux, rx), (uy, ry) = _left_vectors(x), _left_vectors(y)
+    return ux[:, : min(n, rx)], uy[:, : min(n, ry)]
 
 
 def svcca(X: Any, Y: Any, n_components: int = 20, device: str | torch.device = "auto") -> float:
@@ -300,15 +308,38 @@ def svcca_test(
     device: str | torch.device = "auto",
 ) -> PermutationResult:
     """SVCCA against random re-pairings of the rows (chapter 5), batched on the device."""
+    return svcca_curve_test(X, Y, [n_components], n_permutations, seed, device)[0]
+
+
+def svcca_curve_test(
+    X: Any,
+    Y: Any,
+    n_components: Sequence[int] = (5, 10, 20, 50, 100),
+    n_permutations: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> list[PermutationResult]:
+    """:func:`svcca_test` at several ``n_components`` with one SVD per side (chapter 5).
+
+    The singular vectors of each side do not depend on how many are kept, so
+    they are computed once and truncated for every value; each null uses the
+    same seeded permutations.
+    """
     dev = get_device(device)
-    ux, uy = _svcca_bases(X, Y, n_components, dev)
+    x, y = _paired_rows(X, Y, dev)
+    values = [_check_components(n, x.shape[0]) for n in n_components]
+    (ux_all, rx), (uy_all, ry) = _left_vectors(x), _left_vectors(y)
+    out = []
+    for n in values:
+        ux, uy = ux_all[:, : min(n, rx)], uy_all[:, : min(n, ry)]
 
-    def statistic(perms: torch.Tensor) -> torch.Tensor:
-        # Re-pairing rows permutes the rows of Uy (the SVD of a row-permuted matrix).
-        m = torch.einsum("nk,bnl->bkl", ux, uy[perms])
-        return torch.linalg.svdvals(m).clamp(0, 1).mean(dim=1)
+        def statistic(perms: torch.Tensor, ux: torch.Tensor = ux, uy: torch.Tensor = uy) -> torch.Tensor:
+            # Re-pairing rows permutes the rows of Uy (the SVD of a row-permuted matrix).
+            m = torch.einsum("nk,bnl->bkl", ux, uy[perms])
+            return torch.linalg.svdvals(m).clamp(0, 1).mean(dim=1)
 
-    return permutation_test(statistic, ux.shape[0], n_permutations, seed, dev, chunk_size=64)
+        out.append(permutation_test(statistic, ux.shape[0], n_permutations, seed, dev, chunk_size=64))
+    return out
 
 
 def _rank_matrix(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -607,18 +638,18 @@ def compare_layer(
         x, y = dec_a[kept.a], dec_b[kept.b]
         r = rsa_test(x, y, max_rows=rsa_rows, n_permutations=n_permutations, seed=seed, device=device)
         row.update({"RSA": r.statistic, "RSA null mean": r.null_mean, "RSA null max": r.null_max, "RSA p": r.p_value})
-        for n in n_components:
-            if n < len(kept) - 1:
-                s = svcca_test(x, y, n, n_permutations=n_permutations, seed=seed, device=device)
-                curve.append(
-                    {
-                        "n_components": n,
-                        "SVCCA": s.statistic,
-                        "null mean": s.null_mean,
-                        "null max": s.null_max,
-                        "p": s.p_value,
-                    }
-                )
+        usable = [n for n in n_components if n < len(kept) - 1]
+        tests = svcca_curve_test(x, y, usable, n_permutations, seed, device) if usable else []
+        for n, s in zip(usable, tests):
+            curve.append(
+                {
+                    "n_components": n,
+                    "SVCCA": s.statistic,
+                    "null mean": s.null_mean,
+                    "null max": s.null_max,
+                    "p": s.p_value,
+                }
+            )
         if curve:
             head = curve[min(2, len(curve) - 1)]  # n = 20 when the pairs allow it (the google/svcca tutorial's choice)
             row.update(

@@ -99,6 +99,11 @@ def test_tests_find_planted_pairing_and_are_uniform_under_independence(device):
     x = g.normal(size=(300, 20))
     y = x @ g.normal(size=(20, 24)) + 0.5 * g.normal(size=(300, 24))
     assert fm.svcca_test(x, y, 10, 200, device=device).p_value == pytest.approx(1 / 201)
+    curve = fm.svcca_curve_test(x, y, [3, 10], 50, seed=2, device=device)
+    for n, res in zip([3, 10], curve):
+        one = fm.svcca_test(x, y, n, 50, seed=2, device=device)
+        assert res.statistic == pytest.approx(one.statistic, abs=1e-12)
+        assert np.allclose(np.sort(res.null), np.sort(one.null), atol=1e-12)
     assert fm.rsa_test(x, y, None, 200, device=device).p_value == pytest.approx(1 / 201)
     ps = [
         fm.svcca_test(g.normal(size=(80, 8)), g.normal(size=(80, 8)), 3, 99, seed=i, device=device).p_value
