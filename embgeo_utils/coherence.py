@@ -46,6 +46,15 @@ __all__ = [
 ]
 
 
+def _check_ids(ids: Mapping[str, Any], coherence_k: int) -> None:
+    """The per-token IDs are there and ``coherence_k`` fits their neighbour lists."""
+    if not ids:
+        raise EmbgeoInputError("No model's IDs given; run token_dimension.per_token_ids first.")
+    for m in ids.values():
+        if isinstance(coherence_k, bool) or not 1 <= coherence_k <= m.neighbors.shape[1]:
+            raise EmbgeoInputError(f"coherence_k must lie in [1, {m.neighbors.shape[1]}] (the k of the IDs).")
+
+
 def neighbor_label_agreement(
     labels: Sequence[Any] | np.ndarray,
     indices: np.ndarray,
@@ -203,12 +212,9 @@ def coherence_table(
     """
     import pandas as pd
 
-    if not ids:
-        raise EmbgeoInputError("No model's IDs given; run token_dimension.per_token_ids first.")
+    _check_ids(ids, coherence_k)
     out = []
     for name, m in ids.items():
-        if isinstance(coherence_k, bool) or not 1 <= coherence_k <= m.neighbors.shape[1]:
-            raise EmbgeoInputError(f"coherence_k must lie in [1, {m.neighbors.shape[1]}] (the k of the IDs).")
         rows, nbrs = m.rows, m.neighbors[:, :coherence_k]
         needed = np.union1d(rows, nbrs.ravel())
         lab = labels.token_labels([m.strings.get(int(r), "") for r in needed])
@@ -423,12 +429,9 @@ def semantic_coherence(
     """
     import pandas as pd
 
-    if not ids:
-        raise EmbgeoInputError("No model's IDs given; run token_dimension.per_token_ids first.")
+    _check_ids(ids, coherence_k)
     out = []
     for name, m in ids.items():
-        if isinstance(coherence_k, bool) or not 1 <= coherence_k <= m.neighbors.shape[1]:
-            raise EmbgeoInputError(f"coherence_k must lie in [1, {m.neighbors.shape[1]}] (the k of the IDs).")
         rng = np.random.default_rng(seed)
         n_dec = max(1, len(m.rows) // 10)
         low = rng.choice(m.order[:n_dec], size=min(n_tokens, n_dec), replace=False)
