@@ -20,7 +20,6 @@ __all__ = [
     "ChecksumError",
     "VocabularyError",
     "SiteError",
-    "ForwardStopped",
 ]
 
 
@@ -66,11 +65,3 @@ class VocabularyError(EmbgeoError, ValueError):
 
 class SiteError(EmbgeoError, RuntimeError):
     """The built HTML has links that break on a sub-path or from disk; the message lists them."""
-
-
-class ForwardStopped(EmbgeoError, RuntimeError):
-    """Raised by a forward hook to end a forward pass once the block that is needed has run.
-
-    The package raises and catches it itself (chapter 6: residual activations at
-    a middle block need no later block); seeing it means a hook was left behind.
-    """

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import EmbgeoInputError, ForwardStopped
-from .models import LoadedModel, block_output_hook, transformer_blocks
+from .errors import EmbgeoInputError
+from .models import LoadedModel, base_model, block_output_hook, first_blocks, transformer_blocks
 from .progress import tqdm
 
 __all__ = [
@@ -122,23 +122,21 @@ def token_states(
     if min(len(s) for s in seqs) <= lead:
         raise EmbgeoInputError(f"Every text needs more than {lead} tokens (after BOS and skip_first); one is shorter.")
     blocks = transformer_blocks(loaded.model)
+    body = base_model(loaded.model)  # no language-model head
     captured: list[torch.Tensor] = []
 
     def keep(h: torch.Tensor) -> torch.Tensor:
         captured.append(h)
-        raise ForwardStopped(f"block {layer} has run")
+        return h
 
     out: list[torch.Tensor] = []
     bar = tqdm(total=len(seqs), desc=f"{loaded.info.name} layer {layer}", disable=not progress, mininterval=2.0)
-    with block_output_hook(blocks[layer - 1], keep):
+    with block_output_hook(blocks[layer - 1], keep), first_blocks(loaded.model, layer):
         for start in range(0, len(seqs), batch_size):
             chunk = seqs[start : start + batch_size]
             ids, mask = _pad(chunk, _pad_id(loaded), left=False, dev=loaded.device)
             captured.clear()
-            try:
-                loaded.model(input_ids=ids, attention_mask=mask)
-            except ForwardStopped:
-                pass
+            body(input_ids=ids, attention_mask=mask)
             h = captured[0].float().cpu()
             out += [h[i, lead : len(s)] for i, s in enumerate(chunk)]
             bar.update(len(chunk))
