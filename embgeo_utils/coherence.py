@@ -467,13 +467,14 @@ def semantic_coherence(
                 "similarity high ID": res.high_mean,
                 "difference": res.difference,
                 "unstratified difference": plain,
+                "null std": res.null_std,
                 "z": res.z,
                 "p": res.p_value,
             }
         )
     columns = ["model", "encoder", "independent", "tokens per group", "strata", "similarity low ID"]
     return pd.DataFrame(
-        out, columns=[*columns, "similarity high ID", "difference", "unstratified difference", "z", "p"]
+        out, columns=[*columns, "similarity high ID", "difference", "unstratified difference", "null std", "z", "p"]
     )
 
 

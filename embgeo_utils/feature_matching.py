@@ -637,7 +637,15 @@ def compare_layer(
     if len(kept) >= 10:
         x, y = dec_a[kept.a], dec_b[kept.b]
         r = rsa_test(x, y, max_rows=rsa_rows, n_permutations=n_permutations, seed=seed, device=device)
-        row.update({"RSA": r.statistic, "RSA null mean": r.null_mean, "RSA null max": r.null_max, "RSA p": r.p_value})
+        row.update(
+            {
+                "RSA": r.statistic,
+                "RSA null mean": r.null_mean,
+                "RSA null std": r.null_std,
+                "RSA null max": r.null_max,
+                "RSA p": r.p_value,
+            }
+        )
         usable = [n for n in n_components if n < len(kept) - 1]
         tests = svcca_curve_test(x, y, usable, n_permutations, seed, device) if usable else []
         for n, s in zip(usable, tests):
@@ -646,6 +654,7 @@ def compare_layer(
                     "n_components": n,
                     "SVCCA": s.statistic,
                     "null mean": s.null_mean,
+                    "null std": s.null_std,
                     "null max": s.null_max,
                     "p": s.p_value,
                 }
@@ -657,6 +666,7 @@ def compare_layer(
                     "SVCCA": head["SVCCA"],
                     "SVCCA n": head["n_components"],
                     "SVCCA null mean": head["null mean"],
+                    "SVCCA null std": head["null std"],
                     "SVCCA p": head["p"],
                 }
             )
@@ -694,6 +704,10 @@ def best_depth_subsamples(
     return best
 
 
+def _finite_or_none(x: Any) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
 def check_claim10(
     grid: Any,
     matched: Sequence[tuple[int, int]],
@@ -728,7 +742,13 @@ def check_claim10(
             checks.append(Check(f"RSA > null, layers {la}/{lb}", -1.0, 1.0, n=n))
             continue
         checks.append(
-            Check(f"RSA > null, layers {la}/{lb}", float(r["RSA"] - r["RSA null mean"]), float(r["RSA p"]), n=n)
+            Check(
+                f"RSA > null, layers {la}/{lb}",
+                float(r["RSA"] - r["RSA null mean"]),
+                float(r["RSA p"]),
+                n=n,
+                se=_finite_or_none(r.get("RSA null std")),
+            )
         )
         if np.isfinite(r.get("SVCCA", np.nan)):
             checks.append(
@@ -737,6 +757,7 @@ def check_claim10(
                     float(r["SVCCA"] - r["SVCCA null mean"]),
                     float(r["SVCCA p"]),
                     n=n,
+                    se=_finite_or_none(r.get("SVCCA null std")),
                 )
             )
     depths = sorted({round((depth_a[la] + depth_b[lb]) / 2, 6) for la, lb in matched})

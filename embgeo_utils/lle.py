@@ -376,7 +376,7 @@ def check_claim7(
         transfer, null = wide[_TRANSFER].to_numpy(), wide[_NULL].to_numpy()
         test = stats.wilcoxon(null, transfer, alternative="greater")
         checks.append(
-            stats.Check(f"{pair}: transfer beats the null (Wilcoxon)", test.effect, test.p_value, 0.0, test.n)
+            stats.Check(f"{pair}: transfer beats the null (Wilcoxon)", test.effect, test.p_value, 0.0, test.n, test.se)
         )
         med_null = float(np.median(null))
         if med_null <= 0:

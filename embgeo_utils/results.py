@@ -162,11 +162,14 @@ class ChapterRecord:
                 "effect": c.effect,
                 "min_effect": c.min_effect,
                 "n": c.n,
+                "detectable": d,
                 "p": c.p_value,
                 "p_adjusted": p_adj,
                 "holds": ok,
             }
-            for c, p_adj, ok in zip(verdict.checks, verdict.adjusted, verdict.holds)
+            for c, p_adj, ok, d in zip(
+                verdict.checks, verdict.adjusted, verdict.holds, verdict.detectable or (None,) * len(verdict.checks)
+            )
         ]
         item = Claim(
             number,
@@ -447,6 +450,7 @@ def load_ledger(folder: str | Path | None = None):
                     "p": c["p_value"],
                     "verdict": c["verdict"],
                     "checks": c.get("rule", ""),
+                    "n": _n_range(c.get("checks", [])),
                     "failing checks": ", ".join(k["check"] for k in c.get("checks", []) if not k["holds"]),
                     "run": rec["run"]["record"],
                 }
@@ -465,6 +469,7 @@ def load_ledger(folder: str | Path | None = None):
                     "p": None,
                     "verdict": "not yet run",
                     "checks": "",
+                    "n": "",
                     "failing checks": "",
                     "run": "",
                 }
@@ -479,11 +484,49 @@ def load_ledger(folder: str | Path | None = None):
         "p",
         "verdict",
         "checks",
+        "n",
         "failing checks",
         "run",
     ]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values(["claim", "chapter"]).reset_index(drop=True)
+
+
+def _n_range(checks: list[dict[str, Any]]) -> str:
+    ns = sorted({int(k["n"]) for k in checks if k.get("n") is not None})
+    if not ns:
+        return ""
+    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+
+
+def load_checks(folder: str | Path | None = None):
+    """One row per pre-declared check of every recorded claim (Claims ledger page).
+
+    Columns: claim, check, effect, smallest effect that counts, sample size ``n``,
+    the effect the check's test detects with power 0.8 (``detectable``, see
+    :func:`~embgeo_utils.stats.detectable_effect`; empty for descriptive checks),
+    adjusted p-value and whether it holds.
+    """
+    import pandas as pd
+
+    rows = []
+    for rec in chosen_records(folder):
+        for c in rec["claims"]:
+            for k in c.get("checks", []):
+                rows.append(
+                    {
+                        "claim": c["number"],
+                        "check": k["check"],
+                        "effect": k["effect"],
+                        "min effect": k["min_effect"],
+                        "n": k.get("n"),
+                        "detectable": k.get("detectable"),
+                        "p adjusted": k.get("p_adjusted"),
+                        "holds": k["holds"],
+                    }
+                )
+    columns = ["claim", "check", "effect", "min effect", "n", "detectable", "p adjusted", "holds"]
+    return pd.DataFrame(rows, columns=columns).sort_values("claim", kind="stable").reset_index(drop=True)
 
 
 def load_runs(folder: str | Path | None = None):

@@ -663,6 +663,7 @@ def check_claim6(
             float(row["p raw"]),
             min_effect,
             int(row["tokens"]),
+            float(row["null std raw"]) if "null std raw" in row and np.isfinite(row["null std raw"]) else None,
         )
         for _, row in pairs.iterrows()
     ]

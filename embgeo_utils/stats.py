@@ -40,6 +40,9 @@ __all__ = [
     "paired_permutation",
     "wilcoxon",
     "bootstrap_ci",
+    "spearman",
+    "detectable_effect",
+    "DETECTABLE_POWER",
     "holm",
     "bonferroni",
     "adjust",
@@ -79,12 +82,46 @@ class PermutationResult:
 
 @dataclass(frozen=True)
 class TestResult:
-    """Outcome of a paired test (every chapter): statistic, p-value, pairs used, mean difference."""
+    """Outcome of a paired test or a correlation test (every chapter).
+
+    Attributes:
+        statistic: the test statistic.
+        p_value: its p-value.
+        n: pairs used.
+        effect: the mean difference (paired tests) or the correlation.
+        se: standard error of ``effect`` (``sd / sqrt(n)`` of the differences;
+            ``1 / sqrt(n - 1)`` for a correlation under independence), what
+            :func:`detectable_effect` turns into the smallest detectable effect.
+    """
 
     statistic: float
     p_value: float
     n: int
     effect: float
+    se: float | None = None
+
+
+#: Power at which :func:`verdict` reports each check's detectable effect.
+DETECTABLE_POWER = 0.8
+
+
+def detectable_effect(se: float, alpha: float = 0.01, m: int = 1, power: float = DETECTABLE_POWER) -> float:
+    """Smallest effect a one-sided test at level ``alpha / m`` detects with probability ``power`` (every chapter).
+
+    The normal approximation ``(z_{1 - alpha/m} + z_power) * se``, with ``se`` the
+    standard error of the effect under the null (for a permutation test, the
+    standard deviation of its null). ``m`` is the number of tested checks of the
+    claim: Holm's first step is Bonferroni's, so this is the conservative bound.
+    The Claims ledger reports it next to each check with its ``n``.
+    """
+    from scipy.stats import norm
+
+    if not (np.isfinite(se) and se >= 0):
+        raise EmbgeoInputError(f"se must be a finite non-negative number, got {se}.")
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise EmbgeoInputError(f"alpha and power must lie in (0, 1), got {alpha} and {power}.")
+    m = _check_count(m, "m")
+    return float((norm.ppf(1 - alpha / m) + norm.ppf(power)) * se)
 
 
 def _check_alternative(alternative: str) -> None:
@@ -209,10 +246,36 @@ def wilcoxon(a: Any, b: Any | None = None, alternative: Alternative = "greater")
     _check_alternative(alternative)
     diff = _paired(a, b)
     effect = float(diff.mean())
+    se = _mean_se(diff)
     if not np.any(diff != 0):
-        return TestResult(0.0, 1.0, int(diff.size), effect)
+        return TestResult(0.0, 1.0, int(diff.size), effect, se)
     res = sps.wilcoxon(diff, alternative=alternative)
-    return TestResult(float(res.statistic), float(res.pvalue), int(diff.size), effect)
+    return TestResult(float(res.statistic), float(res.pvalue), int(diff.size), effect, se)
+
+
+def _mean_se(diff: np.ndarray) -> float | None:
+    return float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else None
+
+
+def spearman(x: Any, y: Any, alternative: Alternative = "greater") -> TestResult:
+    """Spearman rank correlation of ``x`` and ``y`` with its p-value (every chapter).
+
+    A thin wrapper of :func:`scipy.stats.spearmanr`; ``effect`` is rho and ``se``
+    its standard error under independence, ``1 / sqrt(n - 1)``.
+    """
+    from scipy import stats as sps
+
+    _check_alternative(alternative)
+    a, b = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if a.shape != b.shape or a.size < 3:
+        raise EmbgeoInputError(f"spearman needs two samples of the same length, at least 3; got {a.size} and {b.size}.")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise EmbgeoInputError("spearman's samples hold NaN/inf; drop those points first.")
+    se = float(1 / np.sqrt(a.size - 1))
+    if np.ptp(a) == 0 or np.ptp(b) == 0:  # a constant sample: no evidence either way
+        return TestResult(0.0, 1.0, int(a.size), 0.0, se)
+    res = sps.spearmanr(a, b, alternative=alternative)
+    return TestResult(float(res.statistic), float(res.pvalue), int(a.size), float(res.statistic), se)
 
 
 def paired_permutation(
@@ -238,7 +301,7 @@ def paired_permutation(
         stop = min(n_permutations, start + step)
         signs = rng.integers(0, 2, size=(stop - start, diff.size)) * 2 - 1
         null[start:stop] = (signs * diff).mean(axis=1)
-    return TestResult(observed, permutation_p(observed, null, alternative), int(diff.size), observed)
+    return TestResult(observed, permutation_p(observed, null, alternative), int(diff.size), observed, _mean_se(diff))
 
 
 def bootstrap_ci(
@@ -320,6 +383,11 @@ class Check:
             (one that has no test, such as "the peak is an interior layer").
         min_effect: the smallest effect that counts, declared before the data are seen.
         n: sample size behind the test (reported with the verdict).
+        se: standard error of ``effect`` under the null, in the effect's units (for
+            a permutation test the null's standard deviation); the verdict turns it
+            into the smallest detectable effect (:func:`detectable_effect`).
+        corrected_for: how many tests ``p_value`` is already corrected for (e.g.
+            Bonferroni over layers), so the detectable effect uses the same level.
     """
 
     name: str
@@ -327,6 +395,8 @@ class Check:
     p_value: float | None = None
     min_effect: float = 0.0
     n: int | None = None
+    se: float | None = None
+    corrected_for: int = 1
 
 
 @dataclass(frozen=True)
@@ -340,6 +410,9 @@ class Verdict:
         holds: whether each check holds.
         alpha: significance level used.
         correction: the multiple-testing correction used.
+        detectable: per check, the smallest effect its test detects with power
+            :data:`DETECTABLE_POWER` at this alpha and number of tests (``None``
+            where the check has no test or no standard error).
     """
 
     verdict: str
@@ -348,6 +421,7 @@ class Verdict:
     holds: tuple[bool, ...]
     alpha: float
     correction: str
+    detectable: tuple[float | None, ...] = ()
 
     @property
     def p_value(self) -> float | None:
@@ -360,9 +434,10 @@ class Verdict:
         return int(sum(self.holds))
 
     def table(self) -> Any:
-        """The checks as a pandas DataFrame (name, effect, minimum, n, p, adjusted p, holds)."""
+        """The checks as a pandas DataFrame (name, effect, minimum, n, detectable effect, p, adjusted p, holds)."""
         import pandas as pd
 
+        detectable = self.detectable or (None,) * len(self.checks)
         return pd.DataFrame(
             [
                 {
@@ -370,18 +445,22 @@ class Verdict:
                     "effect": c.effect,
                     "min effect": c.min_effect,
                     "n": c.n,
+                    "detectable effect": d,
                     "p": c.p_value,
                     "p adjusted": p_adj,
                     "holds": ok,
                 }
-                for c, p_adj, ok in zip(self.checks, self.adjusted, self.holds)
+                for c, p_adj, ok, d in zip(self.checks, self.adjusted, self.holds, detectable)
             ]
         ).set_index("check")
 
     def summary(self) -> str:
-        """One line: the verdict and how many checks hold."""
+        """One line: the verdict, how many checks hold, and the sample sizes behind them."""
+        ns = sorted({c.n for c in self.checks if c.n is not None})
+        size = f"; n {ns[0]}" if len(ns) == 1 else (f"; n {ns[0]}-{ns[-1]}" if ns else "")
         return (
-            f"{self.verdict} ({self.n_hold} of {len(self.checks)} checks hold; alpha {self.alpha}, {self.correction})"
+            f"{self.verdict} ({self.n_hold} of {len(self.checks)} checks hold; alpha {self.alpha}, {self.correction}"
+            f"{size})"
         )
 
 
@@ -396,6 +475,11 @@ def verdict(checks: Sequence[Check], alpha: float = 0.01, correction: str = "hol
     below ``alpha``. The claim is **reproduced** when every check holds,
     **partly reproduced** when at least one but not all hold, and **not
     reproduced** when none holds.
+
+    Next to each tested check with a standard error the verdict reports the
+    smallest effect its test detects with power 0.8 (:func:`detectable_effect`
+    at ``alpha`` over the number of tested checks), so a check that fails can be
+    read as "absent" or "too small for this sample".
 
     Raises:
         EmbgeoInputError: on no checks, an alpha outside (0, 1), a NaN effect or a
@@ -418,13 +502,21 @@ def verdict(checks: Sequence[Check], alpha: float = 0.01, correction: str = "hol
     holds = tuple(
         bool(c.effect > 0 and c.effect >= c.min_effect and (p is None or p < alpha)) for c, p in zip(checks, adjusted)
     )
+    for c in checks:
+        if c.se is not None and not (np.isfinite(c.se) and c.se >= 0):
+            raise EmbgeoInputError(f"Check {c.name!r} has standard error {c.se}; it must be finite and non-negative.")
+    m = max(1, len(tested))
+    detectable = tuple(
+        detectable_effect(c.se, alpha, m * c.corrected_for) if c.se is not None and c.p_value is not None else None
+        for c in checks
+    )
     if all(holds):
         label = "reproduced"
     elif any(holds):
         label = "partly reproduced"
     else:
         label = "not reproduced"
-    return Verdict(label, tuple(checks), tuple(adjusted), holds, float(alpha), correction)
+    return Verdict(label, tuple(checks), tuple(adjusted), holds, float(alpha), correction, detectable)
 
 
 #: The rule in words, as the Claims ledger shows it.

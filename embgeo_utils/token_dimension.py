@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -509,6 +509,10 @@ def failing_checks(verdict: stats.Verdict) -> list[str]:
     return [c.name for c, ok in zip(verdict.checks, verdict.holds, strict=True) if not ok]
 
 
+def _finite(x: Any) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
 def check_claim8(
     tokens: pd.DataFrame,
     semantic: pd.DataFrame,
@@ -575,6 +579,8 @@ def check_claim8(
                 p,
                 0.0,
                 len(group),
+                # large-sample standard error of a median, sqrt(pi/2) * sd / sqrt(n)
+                float(np.sqrt(np.pi / 2) * local.std(ddof=1) / np.sqrt(len(local))) if len(local) > 1 else None,
             )
         )
     for row in semantic[semantic["independent"].astype(bool)].to_dict(orient="records"):
@@ -585,6 +591,7 @@ def check_claim8(
                 float(row["p"]),
                 0.0,
                 int(row["tokens per group"]),
+                _finite(row.get("null std")),
             )
         )
     for row in correlations.to_dict(orient="records"):
@@ -595,6 +602,7 @@ def check_claim8(
                 float(row["p"]),
                 0.0,
                 int(row["tokens"]),
+                _finite(row.get("null std")),
             )
         )
     return stats.verdict(checks, alpha=alpha, correction=correction)

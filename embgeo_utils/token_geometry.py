@@ -569,7 +569,7 @@ def strongest_correlation(corr: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         DataFrame indexed by ``(model, prompts)`` with ``layer, depth, r, p,
-        p (Bonferroni), n``; the Bonferroni p is ``min(1, p * number of layers)``
+        p (Bonferroni), n, layers tested``; the Bonferroni p is ``min(1, p * number of layers)``
         (:func:`~embgeo_utils.stats.bonferroni` over the layers of the set).
     """
     _require(corr, ["model", "prompts", "layer", "r", "p", "n"], "corr")
@@ -581,8 +581,9 @@ def strongest_correlation(corr: pd.DataFrame) -> pd.DataFrame:
         best = int(np.nanargmax(part["r"].to_numpy(dtype=np.float64)))
         row = part.iloc[best].to_dict()
         row["p (Bonferroni)"] = float(adjusted[best])
+        row["layers tested"] = len(part)
         rows.append(row)
-    cols = ["model", "prompts", "layer", "depth", "r", "p", "p (Bonferroni)", "n"]
+    cols = ["model", "prompts", "layer", "depth", "r", "p", "p (Bonferroni)", "n", "layers tested"]
     return pd.DataFrame(rows)[[c for c in cols if c in rows[0]]].set_index(["model", "prompts"])
 
 
@@ -704,6 +705,11 @@ def _peak_layer(geometry: pd.DataFrame, name: str, S: int) -> int:
     return int(sub.groupby("layer")["ID"].mean().idxmax())
 
 
+def _ratio_se(test: stats.TestResult, baseline: np.ndarray) -> float | None:
+    """Standard error of ``mean(a) / mean(baseline) - 1``, from the paired test's se of ``mean(a - baseline)``."""
+    return None if test.se is None else float(test.se / abs(baseline.mean()))
+
+
 def _claim(
     number: int,
     checks: list[stats.Check],
@@ -767,9 +773,21 @@ def check_claim1(geometry: pd.DataFrame, alpha: float = 0.01, min_rise: float = 
                 last_layer - first_layer + 1,
             ),
             stats.Check(
-                f"{name}: ID at peak > first layer", float(ratio_first - 1), t_first.p_value, min_rise, t_first.n
+                f"{name}: ID at peak > first layer",
+                float(ratio_first - 1),
+                t_first.p_value,
+                min_rise,
+                t_first.n,
+                _ratio_se(t_first, first),
             ),
-            stats.Check(f"{name}: ID at peak > last layer", float(ratio_last - 1), t_last.p_value, min_rise, t_last.n),
+            stats.Check(
+                f"{name}: ID at peak > last layer",
+                float(ratio_last - 1),
+                t_last.p_value,
+                min_rise,
+                t_last.n,
+                _ratio_se(t_last, last),
+            ),
         ]
         rows.append(
             {
@@ -843,26 +861,27 @@ def check_claim2(geometry: pd.DataFrame, losses: pd.DataFrame, n_tokens: int, al
     checks, rows = [], []
     for name in dict.fromkeys(geometry["model"]):
         lsub = losses[losses["model"] == name]
-        rho_loss = sps.spearmanr(lsub["S"], lsub["loss"], alternative="greater")
+        rho_loss = stats.spearman(lsub["S"], lsub["loss"])
         pk = pd.concat(
             [
                 pd.DataFrame({"S": S, "ID": _per_prompt(geometry, name, S, "ID", [_peak_layer(geometry, name, S)])})
                 for S in levels
             ]
         )
-        rho_id = sps.spearmanr(pk["S"], pk["ID"], alternative="greater")
+        rho_id = stats.spearman(pk["S"], pk["ID"])
         steps_loss = np.diff(mean_loss.loc[name, distinct].to_numpy(dtype=np.float64))
         steps_id = np.diff(pk.groupby("S")["ID"].mean().loc[distinct].to_numpy(dtype=np.float64))
         checks += [
             stats.Check(
                 f"{name}: loss rises with S (Spearman)",
-                float(rho_loss.statistic),
-                float(rho_loss.pvalue),
+                rho_loss.effect,
+                rho_loss.p_value,
                 0.0,
-                len(lsub),
+                rho_loss.n,
+                rho_loss.se,
             ),
             stats.Check(
-                f"{name}: peak ID rises with S (Spearman)", float(rho_id.statistic), float(rho_id.pvalue), 0.0, len(pk)
+                f"{name}: peak ID rises with S (Spearman)", rho_id.effect, rho_id.p_value, 0.0, rho_id.n, rho_id.se
             ),
         ]
         if len(distinct) > 1:
@@ -886,10 +905,10 @@ def check_claim2(geometry: pd.DataFrame, losses: pd.DataFrame, n_tokens: int, al
             {
                 "model": name,
                 "rho(S, loss)": rho_loss.statistic,
-                "p loss": rho_loss.pvalue,
+                "p loss": rho_loss.p_value,
                 "decreases in mean loss": int((steps_loss < 0).sum()),
                 "rho(S, peak ID)": rho_id.statistic,
-                "p peak ID": rho_id.pvalue,
+                "p peak ID": rho_id.p_value,
                 "decreases in mean peak ID": int((steps_id < 0).sum()),
             }
         )
@@ -934,7 +953,12 @@ def check_claim3(geometry: pd.DataFrame, alpha: float = 0.01) -> ClaimCheck:
         diff = float(cos_hi.mean() - cos_lo.mean())
         checks.append(
             stats.Check(
-                f"{name}: mean cosine of layers {late[0]}-{late[-1]}, S={hi} > S={lo}", diff, test.p_value, 0.0, test.n
+                f"{name}: mean cosine of layers {late[0]}-{late[-1]}, S={hi} > S={lo}",
+                diff,
+                test.p_value,
+                0.0,
+                test.n,
+                test.se,
             )
         )
         rows.append(
@@ -996,6 +1020,7 @@ def check_claim4(geometry: pd.DataFrame, alpha: float = 0.01, k: int = 1, window
                 test.p_value,
                 0.0,
                 test.n,
+                test.se,
             )
         )
         rows.append(
@@ -1049,6 +1074,8 @@ def check_claim5(geometry: pd.DataFrame, alpha: float = 0.01) -> ClaimCheck:
                 float(b["p (Bonferroni)"]),
                 0.0,
                 int(b["n"]),
+                float(1 / np.sqrt(int(b["n"]) - 1)),
+                int(b["layers tested"]),
             )
         )
         rows.append(

@@ -142,7 +142,7 @@ def test_stratified_test_removes_a_confound():
 
 def test_semantic_coherence_planted_and_absent():
     columns = ["model", "encoder", "independent", "tokens per group", "strata", "similarity low ID",
-               "similarity high ID", "difference", "unstratified difference", "z", "p"]  # fmt: skip
+               "similarity high ID", "difference", "unstratified difference", "null std", "z", "p"]  # fmt: skip
     planted = coherence.semantic_coherence(
         {"toy": _local_ids(True), "kinds": _local_ids(True)}, kind_encoder, "kinds", coherence_k=5, n_tokens=40,
         n_reference=100, n_permutations=200,

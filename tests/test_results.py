@@ -13,7 +13,7 @@ from embgeo_utils.errors import EmbgeoError
 def test_record_round_trip_and_ledger(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBGEO_RESULTS", str(tmp_path))
     rec = results.ChapterRecord("ch01_test", "Test chapter", parameters={"n": np.int64(3)}, models=["a", "b"])
-    good = stats.verdict([stats.Check("a vs b", 0.25, 0.001, n=300)])
+    good = stats.verdict([stats.Check("a vs b", 0.25, 0.001, n=300, se=0.05)])
     bad = stats.verdict([stats.Check("a vs b", -0.1, 0.8), stats.Check("a vs c", 0.2, 0.001)])
     rec.claim(6, "Pearson r", np.float32(0.25), "permuted tokens", good, z=12.5)
     rec.claim(7, "error ratio", math.nan, "random neighbours", bad)
@@ -30,6 +30,11 @@ def test_record_round_trip_and_ledger(tmp_path, monkeypatch):
     assert ledger.loc[7, "verdict"] == "partly reproduced"
     assert ledger.loc[7, "failing checks"] == "a vs b"
     assert ledger.loc[1, "verdict"] == "not yet run"
+    assert ledger.loc[6, "n"] == "300" and ledger.loc[1, "n"] == ""
+    checks = results.load_checks(tmp_path)
+    assert list(checks["claim"]) == [6, 7, 7]
+    assert checks.loc[0, "detectable"] == pytest.approx(stats.detectable_effect(0.05, 0.01))
+    assert checks["detectable"].iloc[1:].isna().all()  # no standard error given
     runs = results.load_runs(tmp_path)
     assert list(runs["chapter"]) == ["Test chapter"] and runs.loc[0, "models"] == "a, b"
 

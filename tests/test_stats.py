@@ -159,3 +159,65 @@ def test_verdict_rejects_bad_input():
     with pytest.raises(EmbgeoError, match="outside"):
         stats.verdict([stats.Check("p", 1.0, 1.5)])
     assert "reproduced" in stats.VERDICT_RULE and "Holm" in stats.VERDICT_RULE
+
+
+def test_detectable_effect_known_value_and_errors():
+    # (z_0.95 + z_0.8) * se = (1.6449 + 0.8416) * 2
+    assert stats.detectable_effect(2.0, alpha=0.05) == pytest.approx(2 * (1.644854 + 0.841621), rel=1e-5)
+    # Bonferroni over m tests lowers the level: alpha 0.05 / 5 = 0.01
+    assert stats.detectable_effect(1.0, alpha=0.05, m=5) == pytest.approx(stats.detectable_effect(1.0, alpha=0.01))
+    for bad in (dict(se=float("nan")), dict(se=-1.0), dict(se=1.0, alpha=0.0), dict(se=1.0, m=0)):
+        with pytest.raises(EmbgeoInputError):
+            stats.detectable_effect(**bad)
+
+
+def test_detectable_effect_has_its_power():
+    """A planted effect of exactly the detectable size is found about 80 % of the time; half of it much less often."""
+    rng = np.random.default_rng(0)
+    n, alpha, reps = 40, 0.01, 400
+    se = 1 / np.sqrt(n)
+    mde = stats.detectable_effect(se, alpha)
+
+    def power(mu: float) -> float:
+        hits = [stats.wilcoxon(rng.normal(mu, 1.0, n)).p_value < alpha for _ in range(reps)]
+        return float(np.mean(hits))
+
+    assert 0.68 <= power(mde) <= 0.9
+    assert power(mde / 2) < 0.35
+    assert power(0.0) < 0.04
+
+
+def test_tests_report_their_standard_error():
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.3, 2.0, 50)
+    se = d.std(ddof=1) / np.sqrt(50)
+    assert stats.wilcoxon(d).se == pytest.approx(se)
+    assert stats.paired_permutation(d, n_permutations=200).se == pytest.approx(se)
+    x = rng.normal(size=30)
+    y = x + rng.normal(size=30)
+    res = stats.spearman(x, y)
+    sp = sps.spearmanr(x, y, alternative="greater")
+    assert res.effect == pytest.approx(sp.statistic) and res.p_value == pytest.approx(sp.pvalue)
+    assert res.se == pytest.approx(1 / np.sqrt(29))
+    assert stats.spearman(x, np.ones(30)).p_value == 1.0
+    with pytest.raises(EmbgeoInputError):
+        stats.spearman(x, x[:10])
+
+
+def test_verdict_reports_detectable_effects():
+    checks = [
+        stats.Check("a", 0.5, 0.001, n=40, se=0.1),
+        stats.Check("b", 0.5, 0.001, n=40, se=0.1, corrected_for=10),
+        stats.Check("descriptive", 1.0, None, n=3),
+        stats.Check("no se", 0.5, 0.001, n=40),
+    ]
+    v = stats.verdict(checks, alpha=0.01)
+    assert v.detectable[0] == pytest.approx(stats.detectable_effect(0.1, 0.01, m=3))
+    assert v.detectable[1] == pytest.approx(stats.detectable_effect(0.1, 0.01, m=30))
+    assert v.detectable[1] > v.detectable[0]
+    assert v.detectable[2] is None and v.detectable[3] is None
+    table = v.table()
+    assert list(table["detectable effect"].isna()) == [False, False, True, True]
+    assert "n 3-40" in v.summary()
+    with pytest.raises(EmbgeoInputError, match="standard error"):
+        stats.verdict([stats.Check("bad", 0.5, 0.001, se=float("nan"))])
