@@ -585,6 +585,8 @@ def pair_analysis(
             "ppl ratio": float(ratio[best]),
             "p vs none": min(1.0, k * p_none.p_value),
             "p vs random": min(1.0, k * p_rand.p_value),
+            "se vs none": p_none.se,
+            "se vs random": p_rand.se,
             "effect vs random": float((tr - rnd).mean()),
             "fraction of native": float(tr.mean() / nat.mean()) if nat.mean() > 0 else float("nan"),
         }
@@ -594,6 +596,8 @@ def pair_analysis(
         gn = _units(gens, "none", "score").reindex(gt.index)
         gr = _units(gens, "random", "score").reindex(gt.index)
         gv = _units(gens, "native", "score").reindex(gt.index) if "native" in set(gens["condition"]) else None
+        g_none = paired_permutation(gt.to_numpy(), gn.to_numpy(), n_permutations=n_permutations, seed=seed)
+        g_rand = paired_permutation(gt.to_numpy(), gr.to_numpy(), n_permutations=n_permutations, seed=seed)
         out.update(
             {
                 "gen alpha": float(gens["alpha"].iloc[0]),
@@ -601,12 +605,10 @@ def pair_analysis(
                 "gen score": float(gt.mean()),
                 "gen score none": float(gn.mean()),
                 "gen score random": float(gr.mean()),
-                "gen p vs none": paired_permutation(
-                    gt.to_numpy(), gn.to_numpy(), n_permutations=n_permutations, seed=seed
-                ).p_value,
-                "gen p vs random": paired_permutation(
-                    gt.to_numpy(), gr.to_numpy(), n_permutations=n_permutations, seed=seed
-                ).p_value,
+                "gen p vs none": g_none.p_value,
+                "gen p vs random": g_rand.p_value,
+                "gen se vs none": g_none.se,
+                "gen se vs random": g_rand.se,
                 "gen ppl ratio": float(np.exp(np.log(_units(gens, transfer, "ppl ratio")).median())),
             }
         )
@@ -653,14 +655,25 @@ def check_claim9(
         if "alpha*" not in r:
             checks.append(Check(f"{pair}: no strength keeps perplexity within {max_ppl_ratio}x", -1.0, 1.0))
             continue
-        n, a_ = r["units"], r["alpha*"]
-        checks.append(Check(f"{pair}: {transfer} > no steering (sweep, alpha {a_:g})", r["rise"], r["p vs none"], n=n))
+        n, a_, k = r["units"], r["alpha*"], len(r["admissible alphas"])
+        checks.append(
+            Check(
+                f"{pair}: {transfer} > no steering (sweep, alpha {a_:g})",
+                r["rise"],
+                r["p vs none"],
+                n=n,
+                se=r["se vs none"],
+                corrected_for=k,
+            )
+        )
         checks.append(
             Check(
                 f"{pair}: {transfer} > random vector (sweep, alpha {a_:g})",
                 r["effect vs random"],
                 r["p vs random"],
                 n=n,
+                se=r["se vs random"],
+                corrected_for=k,
             )
         )
         if "gen score" in r:
@@ -671,6 +684,7 @@ def check_claim9(
                     r["gen score"] - r["gen score none"],
                     r["gen p vs none"],
                     n=n_g,
+                    se=r["gen se vs none"],
                 )
             )
             checks.append(
@@ -679,6 +693,7 @@ def check_claim9(
                     r["gen score"] - r["gen score random"],
                     r["gen p vs random"],
                     n=n_g,
+                    se=r["gen se vs random"],
                 )
             )
     return verdict(checks, alpha=alpha)
