@@ -17,6 +17,7 @@ import os
 import re
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ __all__ = [
     "clean_staging",
     "folder_size",
     "notice",
+    "save_frame",
+    "load_frame",
 ]
 
 #: Staging folders of writes that died without their process are removed after this many seconds
@@ -179,3 +182,42 @@ def package_dir(module: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def save_frame(frame: Any, path: str | Path) -> None:
+    """Write a pandas DataFrame to ``path`` (``.npz``) atomically, exactly (every chapter's cached tables).
+
+    One array per column: numbers keep their dtype bit for bit, text is stored as
+    fixed-width unicode, so reading needs no pickle (:func:`load_frame`).
+    """
+    import numpy as np
+
+    arrays: dict[str, Any] = {"__columns__": np.array([str(c) for c in frame.columns])}
+    for i, column in enumerate(frame.columns):
+        values = frame[column].to_numpy()
+        arrays[f"c{i}"] = values.astype(str) if values.dtype == object else values
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def load_frame(path: str | Path) -> Any | None:
+    """The DataFrame :func:`save_frame` wrote, or ``None`` when the file is missing or unreadable.
+
+    An unreadable file (cut short, overwritten) is removed with a notice, so the
+    caller recomputes it.
+    """
+    import numpy as np
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            columns = [str(c) for c in data["__columns__"]]
+            return pd.DataFrame({c: data[f"c{i}"] for i, c in enumerate(columns)})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        notice(f"cached table {path.name} is unreadable ({type(err).__name__}); recomputing it.")
+        path.unlink(missing_ok=True)
+        return None

@@ -343,6 +343,34 @@ def build_transfer(
     )
 
 
+def _vectors_bytes(transfer: Transfer) -> bytes:
+    return b"".join(
+        transfer.direction(c, t).numpy().astype(np.float32).tobytes()
+        for c in transfer.conditions
+        for t in transfer.topics
+    )
+
+
+def _table_path(kind: str, b: LoadedModel, transfer: Transfer, *items: Any) -> Any:
+    from .cache import cache_dir, content_key
+
+    key = content_key(
+        kind,
+        b.info.name,
+        b.info.sha256,
+        str(b.model.dtype),
+        str(b.device.type),
+        transfer.names,
+        transfer.layer_b,
+        transfer.norm_b,
+        transfer.topics,
+        transfer.conditions,
+        _vectors_bytes(transfer),
+        *items,
+    )
+    return cache_dir("steering", "tables") / f"{kind}-{key}.npz"
+
+
 def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -364,6 +392,7 @@ def concept_sweep(
     score_from: int = 2,
     batch_size: int = 32,
     progress: bool = False,
+    cache: bool = True,
 ) -> Any:
     """Concept score and fluency of every condition, topic, strength and prompt, from forward passes (chapter 6).
 
@@ -373,7 +402,9 @@ def concept_sweep(
     the probability B puts on the topic's characteristic ``tokens`` as the next
     token; **nll** is B's mean loss on the prompt's own next tokens (real text, so
     a steer that breaks the model raises it). Blocks before the steered one are
-    computed once (:func:`~embgeo_utils.steering.resume_after`).
+    computed once (:func:`~embgeo_utils.steering.resume_after`). With ``cache``
+    the table is kept on disk under a key of everything it depends on (model,
+    directions, prompts, strengths, tokens, batch size), so a rerun reads it.
 
     Returns:
         A DataFrame with one row per (condition, topic, alpha, prompt): score,
@@ -390,6 +421,20 @@ def concept_sweep(
     missing = [t for t in transfer.topics if t not in tokens]
     if missing:
         raise EmbgeoInputError(f"No characteristic tokens for {missing}; build them with topic_tokens.")
+    from .cache import load_frame, save_frame
+
+    path = _table_path(
+        "sweep",
+        b,
+        transfer,
+        list(prompts),
+        [float(x) for x in alphas],
+        {t: list(map(int, tokens[t])) for t in transfer.topics},
+        score_from,
+        batch_size,
+    )
+    if cache and (cached := load_frame(path)) is not None:
+        return cached
     seqs = encode_texts(b, prompts, max_tokens=10_000)
     if min(len(s) for s in seqs) <= score_from + 1:
         raise EmbgeoInputError(f"Every prompt needs more than {score_from + 1} tokens; use longer prompts.")
@@ -444,6 +489,8 @@ def concept_sweep(
     df["rise"] = df["score"].to_numpy() - base["score"].reindex(key).to_numpy()
     df["ppl ratio"] = np.exp(df["nll"].to_numpy() - base["nll"].reindex(key).to_numpy())
     df.insert(0, "pair", f"{transfer.names[0]} → {transfer.names[1]}")
+    if cache:
+        save_frame(df, path)
     return df
 
 
@@ -459,6 +506,7 @@ def steered_generations(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     progress: bool = False,
+    cache: bool = True,
 ) -> Any:
     """Greedy continuations under each condition and topic, scored for topic and fluency (chapter 6).
 
@@ -466,7 +514,9 @@ def steered_generations(
     sequence). **score** is the topic classifier's probability of the row's topic
     for the continuation; **ppl** is the continuation's perplexity under unsteered
     B; **ppl ratio** divides it by the unsteered continuation's perplexity of the
-    same prompt. The unsteered continuation appears once per topic.
+    same prompt. The unsteered continuation appears once per topic. With
+    ``cache`` the table is kept on disk under a key of everything it depends on
+    (model, directions, prompts, strength, classifier weights, lengths).
     """
     import pandas as pd
 
@@ -475,6 +525,26 @@ def steered_generations(
     unknown = [c for c in conditions if c != "none" and c not in transfer.vectors]
     if unknown:
         raise EmbgeoInputError(f"Unknown condition(s) {unknown}; choose from {['none', *transfer.conditions]}.")
+    from .cache import load_frame, save_frame
+
+    clf = classifier.model
+    path = _table_path(
+        "generations",
+        b,
+        transfer,
+        list(prompts),
+        float(alpha),
+        list(conditions),
+        max_new_tokens,
+        batch_size,
+        classifier.encoder.info.name,
+        classifier.encoder.info.sha256,
+        list(classifier.topics),
+        np.asarray(getattr(clf, "coef_", []), dtype=np.float64).tobytes(),
+        np.asarray(getattr(clf, "intercept_", []), dtype=np.float64).tobytes(),
+    )
+    if cache and (cached := load_frame(path)) is not None:
+        return cached
     jobs = [("none", transfer.topics[0], r) for r in range(len(prompts))]
     jobs += [(c, t, r) for c in conditions if c != "none" for t in transfer.topics for r in range(len(prompts))]
     texts: list[str] = []
@@ -496,6 +566,8 @@ def steered_generations(
     df["ppl ratio"] = df["ppl"].to_numpy() / base.reindex(pd.MultiIndex.from_frame(df[["topic", "prompt"]])).to_numpy()
     df.insert(0, "pair", f"{transfer.names[0]} → {transfer.names[1]}")
     df.insert(3, "alpha", float(alpha))
+    if cache:
+        save_frame(df, path)
     return df
 
 

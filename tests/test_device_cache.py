@@ -55,3 +55,29 @@ def test_sha256_of_known_bytes(tmp_path):
     path = tmp_path / "abc"
     path.write_bytes(b"abc")
     assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_frames_round_trip_exactly_and_damage_is_recomputed(tmp_path, capsys):
+    import numpy as np
+    import pandas as pd
+
+    from embgeo_utils.cache import load_frame, save_frame
+
+    frame = pd.DataFrame(
+        {
+            "pair": ["a → b", "a → b", "c"],
+            "text": ["", 'quote " and\nnewline', "ünïcode"],
+            "alpha": [0.1, 1 / 3, np.nan],
+            "ratio": [np.inf, 1e-300, -0.0],
+            "prompt": np.array([0, 1, 2], dtype=np.int64),
+            "ok": [True, False, True],
+        }
+    )
+    path = tmp_path / "t.npz"
+    assert load_frame(path) is None
+    save_frame(frame, path)
+    pd.testing.assert_frame_equal(load_frame(path), frame)
+    assert load_frame(path)["alpha"].iloc[1] == 1 / 3  # bit for bit
+    path.write_bytes(b"PK\x03\x04 cut short")
+    assert load_frame(path) is None and not path.exists()
+    assert "unreadable" in capsys.readouterr().out

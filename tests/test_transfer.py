@@ -135,3 +135,30 @@ def test_topic_classifier_beats_chance_on_heldout_summaries():
     )
     assert clf.heldout_accuracy > 1 / len(TOPICS) + 0.3
     assert clf.score(tx.heldout["Arts"][:3], "Arts").shape == (3,)
+
+
+def test_sweep_table_is_cached_by_content_and_rebuilt_when_damaged(smollm, tmp_cache, monkeypatch, capsys):
+    g = torch.Generator().manual_seed(0)
+    d = smollm.info.d_model
+    vectors = {c: {t: torch.randn(d, generator=g) for t in TOPICS[:2]} for c in ("native", "random")}
+    tr = transfer.Transfer(("smollm2-135m", "smollm2-135m"), 6, 6, 10.0, TOPICS[:2], {}, vectors, {}, True)
+    prompts = ["The cat sat on the mat and looked at the door.", "Rain fell on the quiet town all night."]
+    tokens = {t: [100 + i, 200 + i] for i, t in enumerate(TOPICS[:2])}
+    first = transfer.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
+    files = list(tmp_cache.rglob("sweep-*.npz"))
+    assert len(files) == 1
+
+    def broken(*args, **kwargs):
+        raise AssertionError("the cached table should have been read")
+
+    with monkeypatch.context() as m:
+        m.setattr(smollm.model, "forward", broken)
+        again = transfer.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
+    pd.testing.assert_frame_equal(first, again)  # bit for bit
+    # another strength is another table; a damaged file is recomputed with a notice
+    other = transfer.concept_sweep(smollm, tr, prompts, [0.25], tokens, batch_size=4)
+    assert set(other["alpha"]) == {0.0, 0.25} and len(list(tmp_cache.rglob("sweep-*.npz"))) == 2
+    files[0].write_bytes(b"not a table")
+    rebuilt = transfer.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
+    assert "unreadable" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(first, rebuilt)
