@@ -32,6 +32,9 @@ __all__ = [
     "clean_staging",
     "folder_size",
     "notice",
+    "array_digest",
+    "save_arrays",
+    "load_arrays",
     "save_frame",
     "load_frame",
 ]
@@ -184,6 +187,47 @@ def package_dir(module: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def array_digest(x: Any) -> str:
+    """sha256 of an array's values, dtype and shape (numpy or torch), for content keys of cached results."""
+    import numpy as np
+
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    arr = np.ascontiguousarray(x)
+    digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    digest.update(arr.data.cast("B"))
+    return digest.hexdigest()
+
+
+def save_arrays(path: str | Path, arrays: dict[str, Any]) -> None:
+    """Write named numpy arrays to ``path`` (``.npz``) atomically; read back with :func:`load_arrays`."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def load_arrays(path: str | Path) -> dict[str, Any] | None:
+    """The arrays :func:`save_arrays` wrote, or ``None`` when the file is missing or unreadable.
+
+    An unreadable file (cut short, overwritten) is removed with a notice, so the
+    caller recomputes it. Nothing is unpickled.
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        notice(f"cached file {path.name} is unreadable ({type(err).__name__}); recomputing it.")
+        path.unlink(missing_ok=True)
+        return None
+
+
 def save_frame(frame: Any, path: str | Path) -> None:
     """Write a pandas DataFrame to ``path`` (``.npz``) atomically, exactly (every chapter's cached tables).
 
@@ -196,28 +240,20 @@ def save_frame(frame: Any, path: str | Path) -> None:
     for i, column in enumerate(frame.columns):
         values = frame[column].to_numpy()
         arrays[f"c{i}"] = values.astype(str) if values.dtype == object else values
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+    save_arrays(path, arrays)
 
 
 def load_frame(path: str | Path) -> Any | None:
-    """The DataFrame :func:`save_frame` wrote, or ``None`` when the file is missing or unreadable.
-
-    An unreadable file (cut short, overwritten) is removed with a notice, so the
-    caller recomputes it.
-    """
-    import numpy as np
+    """The DataFrame :func:`save_frame` wrote, or ``None`` when the file is missing or unreadable (then removed)."""
     import pandas as pd
 
-    path = Path(path)
-    if not path.exists():
+    data = load_arrays(path)
+    if data is None:
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            columns = [str(c) for c in data["__columns__"]]
-            return pd.DataFrame({c: data[f"c{i}"] for i, c in enumerate(columns)})
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        notice(f"cached table {path.name} is unreadable ({type(err).__name__}); recomputing it.")
-        path.unlink(missing_ok=True)
+        columns = [str(c) for c in data["__columns__"]]
+        return pd.DataFrame({c: data[f"c{i}"] for i, c in enumerate(columns)})
+    except KeyError:
+        notice(f"cached table {Path(path).name} is incomplete; recomputing it.")
+        Path(path).unlink(missing_ok=True)
         return None

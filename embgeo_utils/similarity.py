@@ -31,6 +31,7 @@ import torch
 from scipy.stats import rankdata
 
 from . import stats
+from .cache import array_digest, cache_dir, content_key, load_frame, save_frame
 from .device import chunk_rows, get_device
 from .errors import EmbgeoInputError
 from .neighbors import check_k, knn, shared_neighbor_counts
@@ -481,6 +482,7 @@ def compare_models(
     n_permutations_centred: int = 200,
     seed: int = 0,
     device: str | torch.device = "auto",
+    cache: bool = True,
 ) -> pd.DataFrame:
     """Chapter 1: the cosine-matrix correlation of every model pair, with its null and its complements.
 
@@ -494,6 +496,10 @@ def compare_models(
     * ``mutual kNN@k``: mutual cosine k-NN, ``max(1, n_permutations_complements // 5)`` permutations
       (each recomputes both neighbour searches), with chance ``k / (n - 1)``;
     * ``spearman raw``: Spearman rank correlation of the raw cosines (no null).
+
+    With ``cache`` each pair's row is kept on disk under a key of the sampled rows'
+    values, the permutation counts, ``knn_k``, ``seed`` and the device type, so a
+    rerun reads it.
 
     Returns:
         One row per pair: ``model A``, ``model B``, ``tokens``, ``permutations``, then for ``raw``,
@@ -510,6 +516,17 @@ def compare_models(
         sample = s.sample(n_tokens, seed=seed)
         X = tables[a][sample.ids_a]
         Y = tables[b][sample.ids_b]
+        path = None
+        if cache:
+            key = content_key(
+                "compare-v1", a, b, array_digest(X), array_digest(Y), n_permutations, n_permutations_centred,
+                n_permutations_complements, knn_k, seed, dev.type,
+            )  # fmt: skip
+            path = cache_dir("similarity") / f"{key}.npz"
+            cached = load_frame(path)
+            if cached is not None and len(cached) == 1:
+                rows.append(cached.iloc[0].to_dict())
+                continue
         out: dict[str, Any] = {"model A": a, "model B": b, "tokens": len(sample), "permutations": n_permutations}
         for label, stat, n_perm in (
             ("raw", "cosine_corr", n_permutations),
@@ -538,6 +555,8 @@ def compare_models(
                 "p mutual kNN": knn_res.p_value,
             }
         )
+        if path is not None:
+            save_frame(pd.DataFrame([out]), path)
         rows.append(out)
     return pd.DataFrame(rows)
 

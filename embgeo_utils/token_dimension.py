@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import intrinsic_dim, labels, lle, neighbors, stats, vocab
+from .cache import array_digest, cache_dir, content_key, load_arrays, save_arrays
 from .device import NUMPY_CHUNK_BYTES, chunk_rows, get_device
 from .errors import EmbgeoInputError
 
@@ -166,6 +167,7 @@ def _local_ids(
     seed: int,
     tie_break: np.random.Generator,
     dev: torch.device,
+    use_cache: bool = True,
 ) -> LocalIDs:
     n_rows, width = int(table.shape[0]), int(table.shape[1])
     strings_by_id = {int(i): s for s, i in strings.items() if i < n_rows}
@@ -178,13 +180,26 @@ def _local_ids(
         rows = ids[labels.stratified_sample(strata, int(n_tokens), seed=seed)]
     common_rows = np.array([strings[s] for s in common], dtype=np.int64)
     rows = np.union1d(rows, common_rows)
-    start = time.perf_counter()
-    _, nbrs = neighbors.knn(table, k, device=dev, queries=rows)
-    search_s = time.perf_counter() - start
-    local_id = intrinsic_dim.local_pca_id(table, k=k, variance=variance, device=dev, rows=rows, indices=nbrs)
-    random_hood = lle.random_neighbors(n_rows, k, seed=seed)[rows]
-    random_id = intrinsic_dim.local_pca_id(table, k=k, variance=variance, device=dev, rows=rows, indices=random_hood)
-    pca_s = time.perf_counter() - start - search_s
+    path = None
+    if use_cache:
+        key = content_key("local-ids-v1", array_digest(table), array_digest(rows), k, variance, seed, dev.type)
+        path = cache_dir("token_ids") / f"{key}.npz"
+    cached = load_arrays(path) if path is not None else None
+    if cached is not None and {"neighbors", "local_id", "random_id"} <= set(cached):
+        nbrs, local_id, random_id = cached["neighbors"], cached["local_id"], cached["random_id"]
+        search_s = pca_s = 0.0
+    else:
+        start = time.perf_counter()
+        _, nbrs = neighbors.knn(table, k, device=dev, queries=rows)
+        search_s = time.perf_counter() - start
+        local_id = intrinsic_dim.local_pca_id(table, k=k, variance=variance, device=dev, rows=rows, indices=nbrs)
+        random_hood = lle.random_neighbors(n_rows, k, seed=seed)[rows]
+        random_id = intrinsic_dim.local_pca_id(
+            table, k=k, variance=variance, device=dev, rows=rows, indices=random_hood
+        )
+        pca_s = time.perf_counter() - start - search_s
+        if path is not None:
+            save_arrays(path, {"neighbors": nbrs, "local_id": local_id, "random_id": random_id})
     order = np.argsort(local_id + tie_break.random(len(rows)) * 0.1, kind="stable")
     return LocalIDs(
         model=name, rows=rows, local_id=local_id, random_id=random_id, neighbors=nbrs, order=order,
@@ -205,6 +220,7 @@ def per_token_ids(
     seed: int = 0,
     device: str | torch.device = "auto",
     verbose: bool = True,
+    cache: bool = True,
 ) -> dict[str, LocalIDs]:
     """Local ID of the tokens of each embedding table, and of random neighbourhoods (chapter 3).
 
@@ -231,6 +247,9 @@ def per_token_ids(
         seed: seed of the samples, the random neighbourhoods and the tie-break.
         device: where the neighbour search and PCA run.
         verbose: print one line per model (tokens, median IDs, times).
+        cache: keep each model's neighbours and IDs on disk, keyed by the table's
+            values, the evaluated rows, ``k``, ``variance``, ``seed`` and the device
+            type, so a rerun reads them (times then show 0 s).
 
     Returns:
         model name → :class:`LocalIDs`, in the order of ``tables``.
@@ -252,7 +271,7 @@ def per_token_ids(
     out: dict[str, LocalIDs] = {}
     for name, table in tables.items():
         how_many = (id_tokens, cpu_all_tokens_up_to, cpu_id_tokens)
-        ids = _local_ids(name, table, vocabularies[name], common, how_many, k, variance, seed, rng, dev)
+        ids = _local_ids(name, table, vocabularies[name], common, how_many, k, variance, seed, rng, dev, cache)
         out[name] = ids
         if verbose:
             print(

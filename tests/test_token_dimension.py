@@ -346,3 +346,31 @@ def test_chapter3_figures(planted, device):
     plt.close(fig)
     with pytest.raises(EmbgeoInputError, match="Zipf stratum"):
         plotting.token_id_by_frequency(tokens)
+
+
+def test_per_token_ids_are_cached_by_content(tmp_cache, monkeypatch):
+    from embgeo_utils import neighbors
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(300, 16)).astype(np.float32)
+    vocabulary = {f"w{i}": i for i in range(300)}
+    first = token_dimension.per_token_ids(
+        {"m": table}, {"m": vocabulary}, k=10, id_tokens=100, n_common=20, verbose=False
+    )
+    assert len(list(tmp_cache.rglob("*.npz"))) == 1
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the cached neighbours should have been read")
+
+    monkeypatch.setattr(neighbors, "knn", no_search)
+    again = token_dimension.per_token_ids(
+        {"m": table}, {"m": vocabulary}, k=10, id_tokens=100, n_common=20, verbose=False
+    )
+    for field in ("rows", "local_id", "random_id", "neighbors", "order", "common_rows"):
+        np.testing.assert_array_equal(getattr(first["m"], field), getattr(again["m"], field))
+    changed = table.copy()
+    changed[0, 0] += 1.0  # other values, other key: recomputed
+    with pytest.raises(AssertionError, match="cached neighbours"):
+        token_dimension.per_token_ids(
+            {"m": changed}, {"m": vocabulary}, k=10, id_tokens=100, n_common=20, verbose=False
+        )
