@@ -37,6 +37,7 @@ __all__ = [
     "load_arrays",
     "save_frame",
     "load_frame",
+    "frame_row",
 ]
 
 #: Staging folders of writes that died without their process are removed after this many seconds
@@ -257,3 +258,14 @@ def load_frame(path: str | Path) -> Any | None:
         notice(f"cached table {Path(path).name} is incomplete; recomputing it.")
         Path(path).unlink(missing_ok=True)
         return None
+
+
+def frame_row(frame: Any, i: int = 0) -> dict[str, Any]:
+    """Row ``i`` of a DataFrame as a dict of Python scalars, column by column (so integers stay integers)."""
+    import numpy as np
+
+    out = {}
+    for column in frame.columns:
+        value = frame[column].to_numpy()[i]
+        out[str(column)] = value.item() if isinstance(value, np.generic) else value
+    return out

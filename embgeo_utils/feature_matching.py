@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .cache import array_digest, content_key
 from .device import chunk_rows, get_device
 from .errors import EmbgeoInputError
 from .stats import PermutationResult, permutation_test
@@ -673,6 +674,28 @@ def compare_layer(
     return row, curve, kept
 
 
+def _cached_compare_layer(key: str | None, compute: Any) -> tuple[dict[str, Any], list[dict[str, Any]], FeaturePairs]:
+    """:func:`compare_layer`'s result, read from the cache under ``key`` or computed and stored there."""
+    import pandas as pd
+
+    from .cache import cache_dir, frame_row, load_arrays, load_frame, save_arrays, save_frame
+
+    if key is None:
+        return compute()
+    folder = cache_dir("sae", "compare")
+    paths = [folder / f"{key}-{part}.npz" for part in ("row", "curve", "kept")]
+    row_f, curve_f, kept_f = load_frame(paths[0]), load_frame(paths[1]), load_arrays(paths[2])
+    if row_f is not None and curve_f is not None and kept_f is not None and len(row_f) == 1:
+        kept = FeaturePairs(kept_f["a"], kept_f["b"], kept_f["corr"], str(kept_f["method"]))
+        row = frame_row(row_f)
+        return row, curve_f.to_dict(orient="records"), kept
+    row, curve, kept = compute()
+    save_arrays(paths[2], {"a": kept.a, "b": kept.b, "corr": kept.corr, "method": np.array(kept.method)})
+    save_frame(pd.DataFrame(curve), paths[1])
+    save_frame(pd.DataFrame([row]), paths[0])
+    return row, curve, kept
+
+
 def best_depth_subsamples(
     decoder_pairs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
     depth: dict[tuple[int, int], float],
@@ -832,6 +855,7 @@ def run_pair(
     seed: int = 0,
     device: str | torch.device = "auto",
     progress: bool = True,
+    cache: bool = True,
 ) -> PairResult:
     """Chapter 5 for one pair of loaded models: align, train SAEs, match every layer pair, compare (chapter 5).
 
@@ -841,7 +865,10 @@ def run_pair(
     fraction; loss recovered on ``loss_texts`` held-out texts). Latents of all
     aligned tokens are matched for every layer of A against every layer of B;
     SVCCA is computed at every ``n_components`` for the pairs at matching depth
-    and at the headline value (the third) for the others.
+    and at the headline value (the third) for the others. With ``cache`` each
+    layer pair's comparison is kept on disk under a key of both layers'
+    activations and SAE weights and of the comparison's parameters, so a rerun
+    reads it.
     """
     import pandas as pd
 
@@ -897,6 +924,15 @@ def run_pair(
     latents_a = {la: encode_all(trained["A"][la].sae, aligned.acts_a[la]) for la in layers_a}
     latents_b = {lb: encode_all(trained["B"][lb].sae, aligned.acts_b[lb]) for lb in layers_b}
     grid_rows, curve_rows, decoders, kept_all = [], [], {}, {}
+    dev_type = get_device(device).type
+    layer_keys = {
+        (side, layer): content_key(
+            array_digest(acts[layer]), *(array_digest(t) for t in item.sae.state_dict().values())
+        )
+        for side, acts in (("A", aligned.acts_a), ("B", aligned.acts_b))
+        for layer, item in trained[side].items()
+    }
+    tokens_key = content_key(array_digest(aligned.ids_a), array_digest(non_concept))
     # The SVCCA curve over n_components is drawn for the pairs at matching depth; the
     # other cells of the grid need only the headline n (the third value, 20 by default).
     headline = [list(n_components)[min(2, len(n_components) - 1)]] if len(n_components) else []
@@ -904,19 +940,27 @@ def run_pair(
         for lb in layers_b:
             dec_a = trained["A"][la].sae.W_dec.detach().cpu().numpy()
             dec_b = trained["B"][lb].sae.W_dec.detach().cpu().numpy()
-            row, curve, kept = compare_layer(
-                latents_a[la],
-                latents_b[lb],
-                dec_a,
-                dec_b,
-                aligned.ids_a,
-                non_concept,
-                n_components=n_components if (la, lb) in pairs else headline,
-                n_permutations=n_permutations,
-                rsa_rows=rsa_rows,
-                min_corr=min_corr,
-                seed=seed,
-                device=device,
+            comps = list(n_components if (la, lb) in pairs else headline)
+            key = content_key(
+                "compare-layer-v1", layer_keys[("A", la)], layer_keys[("B", lb)], tokens_key, comps, n_permutations,
+                rsa_rows, min_corr, seed, dev_type,
+            )  # fmt: skip
+            row, curve, kept = _cached_compare_layer(
+                key if cache else None,
+                lambda la=la, lb=lb, dec_a=dec_a, dec_b=dec_b, comps=comps: compare_layer(
+                    latents_a[la],
+                    latents_b[lb],
+                    dec_a,
+                    dec_b,
+                    aligned.ids_a,
+                    non_concept,
+                    n_components=comps,
+                    n_permutations=n_permutations,
+                    rsa_rows=rsa_rows,
+                    min_corr=min_corr,
+                    seed=seed,
+                    device=device,
+                ),
             )
             depth = (la / a.info.n_layers + lb / b.info.n_layers) / 2
             grid_rows.append(

@@ -31,7 +31,7 @@ import torch
 from scipy.stats import rankdata
 
 from . import stats
-from .cache import array_digest, cache_dir, content_key, load_frame, save_frame
+from .cache import array_digest, cache_dir, content_key, frame_row, load_frame, save_frame
 from .device import chunk_rows, get_device
 from .errors import EmbgeoInputError
 from .neighbors import check_k, knn, shared_neighbor_counts
@@ -525,7 +525,7 @@ def compare_models(
             path = cache_dir("similarity") / f"{key}.npz"
             cached = load_frame(path)
             if cached is not None and len(cached) == 1:
-                rows.append(cached.iloc[0].to_dict())
+                rows.append(frame_row(cached))
                 continue
         out: dict[str, Any] = {"model A": a, "model B": b, "tokens": len(sample), "permutations": n_permutations}
         for label, stat, n_perm in (

@@ -1,6 +1,7 @@
 """Feature matching and decoder-geometry similarity (chapter 5) against numpy/scipy and planted structure."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats as sps
@@ -188,3 +189,26 @@ def test_align_positions_by_character_spans():
     b = [(0, 3), (3, 6), (6, 9), (4, 9)]
     assert fm.align_positions(a, b).tolist() == [[0, 0], [2, 3]]
     assert fm.align_positions(a, a).tolist() == [[0, 0], [1, 1], [2, 2]]  # empty spans are never paired
+
+
+def test_run_pair_reads_its_layer_comparisons_from_the_cache(smollm, gemma, tmp_cache, monkeypatch):
+    from embgeo_utils import corpus
+
+    texts = [p.text for p in corpus.load_passages(6, smollm.tokenizer, min_tokens=48, max_tokens=48, seed=0)]
+    opts = dict(max_tokens=48, expansion=1, k=4, epochs=1, batch_size=64, n_permutations=20, n_components=[5],
+                rsa_rows=100, seed=0, device="cpu", progress=False)  # fmt: skip
+    first = fm.run_pair(smollm, gemma, texts, [0.5], **opts)
+    assert len(list((tmp_cache / "sae" / "compare").glob("*-row.npz"))) == 1
+
+    def no_compare(*args, **kwargs):
+        raise AssertionError("the cached comparison should have been read")
+
+    monkeypatch.setattr(fm, "compare_layer", no_compare)
+    again = fm.run_pair(smollm, gemma, texts, [0.5], **opts)
+    pd.testing.assert_frame_equal(first.grid, again.grid)
+    pd.testing.assert_frame_equal(first.curves, again.curves)
+    for key, kept in first.kept.items():
+        np.testing.assert_array_equal(kept.a, again.kept[key].a)
+        np.testing.assert_array_equal(kept.corr, again.kept[key].corr)
+    with pytest.raises(AssertionError, match="cached comparison"):  # another permutation count: another key
+        fm.run_pair(smollm, gemma, texts, [0.5], **{**opts, "n_permutations": 21})
