@@ -249,14 +249,20 @@ def spearman_cosine(
     x, y = _pair(X, Y, dev)
     ux, uy = _unit(x, "X", center), _unit(y, "Y", center)
     rows, cols = _sample_pairs(ux.shape[0], max_pairs, seed)
+    order = np.argsort(rows, kind="stable")  # pairs grouped by row: each block of Gram rows is one GEMM
+    rows, cols = rows[order], cols[order]
+    n = ux.shape[0]
     a = np.empty(len(rows), dtype=np.float64)
     b = np.empty(len(rows), dtype=np.float64)
-    step = chunk_rows(8 * max(ux.shape[1], uy.shape[1]), dev)
-    for start in range(0, len(rows), step):
-        r = torch.from_numpy(rows[start : start + step]).to(dev)
-        c = torch.from_numpy(cols[start : start + step]).to(dev)
-        a[start : start + step] = (ux[r] * ux[c]).sum(dim=1).double().cpu().numpy()
-        b[start : start + step] = (uy[r] * uy[c]).sum(dim=1).double().cpu().numpy()
+    step = chunk_rows(8 * n, dev)
+    for start in range(0, n, step):
+        lo, hi = np.searchsorted(rows, [start, start + step])
+        if lo == hi:
+            continue
+        r = torch.from_numpy(rows[lo:hi] - start).to(dev)
+        c = torch.from_numpy(cols[lo:hi]).to(dev)
+        a[lo:hi] = (ux[start : start + step] @ ux.T)[r, c].double().cpu().numpy()
+        b[lo:hi] = (uy[start : start + step] @ uy.T)[r, c].double().cpu().numpy()
     ra, rb = rankdata(a), rankdata(b)
     ra -= ra.mean()
     rb -= rb.mean()
@@ -519,7 +525,7 @@ def compare_models(
         path = None
         if cache:
             key = content_key(
-                "compare-v1", a, b, array_digest(X), array_digest(Y), n_permutations, n_permutations_centred,
+                "compare-v2", a, b, array_digest(X), array_digest(Y), n_permutations, n_permutations_centred,
                 n_permutations_complements, knn_k, seed, dev.type,
             )  # fmt: skip
             path = cache_dir("similarity") / f"{key}.npz"

@@ -206,7 +206,7 @@ def _pairs_table(pairs, n_permutations: int, device, n: int = 200):
     )
 
 
-def test_compare_models_matches_the_measures(device) -> None:
+def test_compare_models_matches_the_measures(device, tmp_cache) -> None:
     table = _pairs_table([("a", "b")], 30, device)
     X, Y = _zoo()["a"], _zoo()["b"]
     row = table.iloc[0]
