@@ -641,12 +641,54 @@ def layer_map(
             f"{tuple(hb.shape)}."
         )
     dev = get_device(device)
-    rows = [
-        {"layer A": p, "layer B": q, "r": cosine_matrix_correlation(ha[:, p], hb[:, q], center=center, device=dev)}
-        for p in range(ha.shape[1])
-        for q in range(hb.shape[1])
-    ]
+    ua = _layer_units(ha, "hidden_a", center, dev)  # (layers, tokens, d), unit rows
+    ub = _layer_units(hb, "hidden_b", center, dev)
+    r = _cosine_correlations(ua, ub)
+    rows = [{"layer A": p, "layer B": q, "r": float(r[p, q])} for p in range(ua.shape[0]) for q in range(ub.shape[0])]
     return pd.DataFrame(rows)
+
+
+def _layer_units(hidden: torch.Tensor, name: str, center: bool, dev: torch.device) -> torch.Tensor:
+    layers = [as_matrix(hidden[:, p], f"{name}[:, {p}]", device=dev, min_rows=3) for p in range(hidden.shape[1])]
+    return torch.stack([_unit(x, f"{name}[:, {p}]", center) for p, x in enumerate(layers)])
+
+
+def _cosine_correlations(ua: torch.Tensor, ub: torch.Tensor, chunk_size: int | None = None) -> np.ndarray:
+    """Pearson r of the cosine upper triangles of every layer of A with every layer of B (chapter 1).
+
+    The same statistic as :func:`cosine_matrix_correlation` for each pair of
+    layers, but every layer's cosine matrix is computed once, block by block of
+    rows, and the cross sums of all layer pairs come from one product per block.
+    """
+    n = ua.shape[1]
+    la, lb = ua.shape[0], ub.shape[0]
+    ca = torch.tensor([_mean_offdiag_cos(u) for u in ua], device=ua.device, dtype=ua.dtype)[:, None, None]
+    cb = torch.tensor([_mean_offdiag_cos(u) for u in ub], device=ub.device, dtype=ub.dtype)[:, None, None]
+    step = chunk_rows(12 * n * (la + lb), ua.device, chunk_size, max_rows=n)  # float32 blocks and their float64 copies
+    sa = torch.zeros(la, dtype=torch.float64, device=ua.device)
+    saa = torch.zeros_like(sa)
+    sb = torch.zeros(lb, dtype=torch.float64, device=ua.device)
+    sbb = torch.zeros_like(sb)
+    sab = torch.zeros(la, lb, dtype=torch.float64, device=ua.device)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        # Columns start.. only: the block's own square is masked to its strict upper triangle.
+        keep = torch.ones(stop - start, n - start, dtype=torch.bool, device=ua.device).triu(1)
+        a = (torch.matmul(ua[:, start:stop], ua[:, start:].transpose(1, 2)) - ca)[:, keep]  # (la, m)
+        b = (torch.matmul(ub[:, start:stop], ub[:, start:].transpose(1, 2)) - cb)[:, keep]  # (lb, m)
+        sa += a.sum(dim=1, dtype=torch.float64)
+        saa += (a * a).sum(dim=1, dtype=torch.float64)
+        sb += b.sum(dim=1, dtype=torch.float64)
+        sbb += (b * b).sum(dim=1, dtype=torch.float64)
+        sab += a.double() @ b.double().T
+    m = n * (n - 1) // 2
+    out = np.empty((la, lb))
+    for p in range(la):
+        for q in range(lb):
+            out[p, q] = _pearson_from_sums(
+                float(sa[p]), float(sb[q]), float(saa[p]), float(sbb[q]), float(sab[p, q]), m
+            )
+    return out
 
 
 def check_claim6(

@@ -315,3 +315,23 @@ def test_compare_models_rows_are_cached_by_content(tmp_cache, monkeypatch) -> No
     pd.testing.assert_frame_equal(first, again)
     with pytest.raises(AssertionError, match="cached rows"):  # other permutation count: another key
         _pairs_table([("a", "b")], 21, "cpu")
+
+
+def test_layer_map_equals_the_pairwise_statistic_in_any_chunking(device) -> None:
+    rng = np.random.default_rng(5)
+    ha = rng.normal(size=(60, 4, 10)) + 0.5
+    hb = np.concatenate([ha[:, :3] @ rng.normal(size=(10, 7)), rng.normal(size=(60, 2, 7))], axis=1)
+    lm = sim.layer_map(ha, hb, device=device).set_index(["layer A", "layer B"])["r"]
+    for p in range(4):
+        for q in range(5):
+            ref = cosine_matrix_correlation(ha[:, p], hb[:, q], center=True, device=device)
+            assert lm[(p, q)] == pytest.approx(ref, abs=1e-6)
+    ua = sim._layer_units(torch.as_tensor(ha), "a", True, torch.device("cpu"))
+    ub = sim._layer_units(torch.as_tensor(hb), "b", True, torch.device("cpu"))
+    np.testing.assert_allclose(
+        sim._cosine_correlations(ua, ub, chunk_size=7), sim._cosine_correlations(ua, ub), atol=1e-9
+    )
+    bad = ha.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(EmbgeoInputError):
+        sim.layer_map(bad, hb, device=device)
