@@ -693,7 +693,11 @@ def _exact_sq(points: torch.Tensor, norms: torch.Tensor, rows: torch.Tensor, col
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         sampled = torch.sparse_csr_tensor(
-            crow, pc, torch.zeros(pair.numel(), dtype=torch.float64, device=points.device), size=(n, n)
+            crow,
+            pc,
+            torch.zeros(pair.numel(), dtype=torch.float64, device=points.device),
+            size=(n, n),
+            check_invariants=False,  # rows and sorted columns by construction
         )
     dots = torch.sparse.sampled_addmm(sampled, points, points.T).values()
     scale = norms[pr] + norms[pc]
@@ -797,18 +801,31 @@ def exact_order_statistics(
     target = col + base[member_row]
     e = _exact_sq(points, norms, query[member_row], target)
     # Sort members by (segment, exact distance, column).
-    order = torch.sort(col, stable=True).indices
-    order = order[torch.sort(e[order], stable=True).indices]
-    order = order[torch.sort(member_seg[order], stable=True).indices]
-    e_sorted, col_sorted = e[order], col[order]
-    pick = seg_start.view(n_rows, n_pos)[:, : ranks_t.numel()] + (ranks_t - 1)[None, :] - lo[:, : ranks_t.numel()]
-    d2 = e_sorted[pick]
-    if top:
-        first = seg_start.view(n_rows, n_pos)[:, -1:]
-        nearest = col_sorted[first + torch.arange(top, device=dev)[None, :]]
-    else:
-        nearest = torch.empty((n_rows, 0), dtype=torch.long, device=dev)
-    return d2, nearest, ok
+    # Rank bands: sort members by (band, exact value) with one sort of band + position in the
+    # band. Every member's exact value lies in [low, low + span] of its band and the fraction
+    # keeps 2^-36 of the span (the span is about 1e-3 of the distance), so the value read at
+    # each rank is exact to about 1e-14 of it.
+    n_rank = ranks_t.numel()
+    low = (f_p - 3.0 * half).reshape(-1)[member_seg]
+    span = (6.0 * half + rho * f_p).reshape(-1)[member_seg]
+    frac = ((e - low) / span).clamp_(0.0, 1.0 - 2.0**-36)
+    order = torch.sort(member_seg.to(torch.float64) + frac, stable=True).indices
+    pick = seg_start.view(n_rows, n_pos)[:, :n_rank] + (ranks_t - 1)[None, :] - lo[:, :n_rank]
+    d2 = e[order][pick]
+    if not top:
+        return d2, torch.empty((n_rows, 0), dtype=torch.long, device=dev), ok
+    # Nearest set: the band of rank ``top`` from position 0, sorted by (exact value, column).
+    width = int((hi[:, -1]).max())
+    in_top = (member_seg % n_pos) == n_pos - 1
+    slot = member_pos[in_top]
+    top_e = torch.full((n_rows, width), float("inf"), dtype=torch.float64, device=dev)
+    top_c = torch.full((n_rows, width), m, dtype=torch.long, device=dev)
+    top_e[member_row[in_top], slot] = e[in_top]
+    top_c[member_row[in_top], slot] = col[in_top]
+    by_col = torch.sort(top_c, dim=1, stable=True).indices
+    top_e, top_c = top_e.gather(1, by_col), top_c.gather(1, by_col)
+    by_e = torch.sort(top_e, dim=1, stable=True).indices[:, :top]
+    return d2, top_c.gather(1, by_e), ok
 
 
 def _smallest_keys(keys: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -843,17 +860,15 @@ def _smallest_keys(keys: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tens
         below[short] = True
         counts[short] = n
     width = int(counts.max())
-    r, c = below.nonzero().unbind(1)
-    picked = keys[r, c].to(torch.int64) | (r << 32)
-    if picked.device.type == "cpu":
-        picked = torch.from_numpy(np.sort(picked.numpy()))
-    else:
-        picked = torch.sort(picked).values
-    row = picked >> 32
+    r, c = below.nonzero().unbind(1)  # row-major: each row's members are contiguous
     start = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(picked.numel(), device=keys.device) - start[row]
+    pos = torch.arange(r.numel(), device=keys.device) - start[r]
     out = torch.full((n_rows, width), big, dtype=torch.int32, device=keys.device)
-    out[row, pos] = (picked & 0xFFFFFFFF).to(torch.int32)
+    out[r, pos] = keys[r, c]
+    if out.device.type == "cpu":
+        out.numpy().sort(axis=1)
+    else:
+        out = torch.sort(out, dim=1).values
     return out, theta
 
 

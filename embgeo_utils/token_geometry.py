@@ -195,7 +195,7 @@ def _one_prompt(
 
 
 def _cosine_moments(
-    score: torch.Tensor, w: torch.Tensor, unit_sum: torch.Tensor, b: torch.Tensor, sq: torch.Tensor
+    score: torch.Tensor, w: torch.Tensor, unit_sum: torch.Tensor, b: torch.Tensor, sq: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of the off-diagonal cosines of each cloud of a batch (chapter 4).
 
@@ -203,14 +203,14 @@ def _cosine_moments(
     the unit vectors ``u_i = w_i x_i`` (``unit_sum``, float64). The spread is summed
     about that mean from the float32 ``score_ij = |c_j|^2 - 2 c_i.c_j`` of the
     centred points ``c = x - mean``: ``cos_ij = w_i w_j (c_i.c_j + b_i + b_j)`` with
-    ``b_i = c_i.mean + |mean|^2 / 2`` and ``sq = |c|^2``.
+    ``b_i = c_i.mean + |mean|^2 / 2`` and ``sq = |c|^2``; ``t`` is a buffer shaped like ``score``.
     """
     n_tokens = score.shape[1]
     off = n_tokens * (n_tokens - 1)
     m = ((unit_sum * unit_sum).sum(dim=1) - n_tokens) / off
     # t_ij = w_j (c_i.c_j + b_i + b_j) - m / w_i, so that w_i t_ij = cos_ij - m.
     col = (w * (b + 0.5 * sq)).to(torch.float32)[:, None, :]
-    t = torch.addcmul(col, score, (-0.5 * w).to(torch.float32)[:, None, :])
+    torch.addcmul(col, score, (-0.5 * w).to(torch.float32)[:, None, :], out=t)
     left = torch.stack([b, -m[:, None] / w], dim=2).to(torch.float32)
     right = torch.stack([w, torch.ones_like(w)], dim=1).to(torch.float32)
     t.baddbmm_(left, right)
@@ -225,7 +225,7 @@ def _cosine_moments(
 
 @torch.no_grad()
 def _clouds_float32(
-    raw: torch.Tensor, ranks: list[int], top: int
+    raw: torch.Tensor, ranks: list[int], top: int, work: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact rank distances, duplicate mask, exact nearest sets and cosine moments of a batch of clouds.
 
@@ -233,11 +233,13 @@ def _clouds_float32(
     ``baddbmm`` per batch on the centred points; the squared distances at ``ranks``
     (duplicates masked, as for GRIDE) and the ``top`` nearest indices (duplicates
     kept, as for the overlap) are exact
-    (:func:`~embgeo_utils.neighbors.exact_order_statistics`).
+    (:func:`~embgeo_utils.neighbors.exact_order_statistics`). ``work`` holds buffers
+    reused from batch to batch (fresh large allocations cost page faults on the CPU).
     """
     b, n_tokens, dim = raw.shape
     dev = raw.device
-    raw64 = raw.to(torch.float64)
+    raw64 = work["raw64"][:b]
+    raw64.copy_(raw)
     norms_sq = torch.linalg.vector_norm(raw64, dim=2).square_()
     if not bool(torch.isfinite(norms_sq).all()):
         raise EmbgeoInputError("hidden holds NaN or infinite values; fix the activations first.")
@@ -246,7 +248,7 @@ def _clouds_float32(
     mean = torch.bmm(torch.full((b, 1, n_tokens), 1.0 / n_tokens, dtype=torch.float64, device=dev), raw64)[:, 0]
     mean32 = mean.to(torch.float32)
     mean = mean32.to(torch.float64)  # the centre actually subtracted
-    xc = raw - mean32[:, None, :]
+    xc = torch.sub(raw, mean32[:, None, :], out=work["xc"][:b])
     xm = torch.bmm(raw64, mean[:, :, None])[:, :, 0]
     mm = (mean * mean).sum(dim=1, keepdim=True)
     sq64 = (norms_sq - 2.0 * xm + mm).clamp_(min=0.0)  # |x - mean|^2
@@ -260,8 +262,8 @@ def _clouds_float32(
     points = raw64.view(b * n_tokens, dim)
     norms = norms_sq.view(-1)
 
-    score = torch.baddbmm(sq[:, None, :], xc, xc.transpose(1, 2), alpha=-2.0)
-    cmean, cstd = _cosine_moments(score, w, unit_sum, xm - 0.5 * mm, sq64)
+    score = torch.baddbmm(sq[:, None, :], xc, xc.transpose(1, 2), alpha=-2.0, out=work["score"][:b])
+    cmean, cstd = _cosine_moments(score, w, unit_sum, xm - 0.5 * mm, sq64, work["t"][:b])
     score.add_((sq64 + shift).to(torch.float32)[:, :, None]).clamp_(min=0.0)
     score.diagonal(dim1=1, dim2=2).fill_(float("inf"))
     keys = sort_keys(score.view(b * n_tokens, n_tokens), bits)
@@ -357,11 +359,18 @@ def _observables_float32(
     cmean = torch.empty(n_clouds, dtype=torch.float64)
     cstd = torch.empty(n_clouds, dtype=torch.float64)
     nearest = torch.empty((n_clouds, n_tokens, top), dtype=torch.long)
+    size = min(chunk_size, n_clouds)
+    work = {
+        "raw64": torch.empty((size, n_tokens, dim), dtype=torch.float64, device=dev),
+        "xc": torch.empty((size, n_tokens, dim), dtype=torch.float32, device=dev),
+        "score": torch.empty((size, n_tokens, n_tokens), dtype=torch.float32, device=dev),
+        "t": torch.empty((size, n_tokens, n_tokens), dtype=torch.float32, device=dev),
+    }
     starts = range(0, n_clouds, chunk_size)
     for start in tqdm(starts, disable=not show, desc="layer clouds", total=len(starts)):
         stop = min(n_clouds, start + chunk_size)
         raw = flat[start:stop].to(device=dev, dtype=torch.float32)
-        d2, valid, near, m, sd = _clouds_float32(raw, ranks, top)
+        d2, valid, near, m, sd = _clouds_float32(raw, ranks, top, work)
         dist = d2.sqrt_().clamp_(min=DISTANCE_FLOOR)
         ids, err = gride_from_distances(dist, valid, n1s, n2s, ranks=ranks)
         gride_ids[start:stop], gride_err[start:stop] = ids.cpu(), err.cpu()
