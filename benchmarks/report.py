@@ -30,6 +30,10 @@ def _ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2g}×" if value < 10 else f"{value:.0f}×"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table of all rows, one line per comparison."""
     head = (
@@ -42,7 +46,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             "| "
             + " | ".join(
-                [
+                _cell(c)
+                for c in [
                     r["script"],
                     r["kernel"],
                     r["input"],
