@@ -619,19 +619,23 @@ _U32 = 2.0**-24
 
 
 def float32_error_factor(d: int) -> float:
-    """``g`` with ``|f - e| <= g (|x_i|^2 + |x_j|^2)`` for float32 squared distances (chapters 3 and 4).
+    """``g`` with ``|f - e| <= g (|x_i|^2 + |x_j|^2) + u e`` for float32 squared distances (chapters 3 and 4).
 
-    ``f = |x_i|^2 + |x_j|^2 - 2 x_i.x_j`` computed in float32 from centred float32
-    coordinates of dimension ``d``, ``e`` the exact squared distance: each of the
-    three dot products errs by at most ``gamma_d |x_i| |x_j|`` with
-    ``gamma_d = d u / (1 - d u)`` (any summation order, ``u = 2^-24``), and the
-    centring and final additions add a few ``u``. The bound is a worst case,
-    independent of the BLAS kernel.
+    ``f = |x_j|^2 - 2 x_i.x_j + |x_i|^2`` computed in float32 from the centred
+    points rounded to float32 (dimension ``d``), ``e`` the exact squared distance
+    of the unrounded points. The product errs by at most
+    ``gamma_d |x_i| |x_j| <= gamma_d (|x_i|^2 + |x_j|^2) / 2`` with
+    ``gamma_d = d u / (1 - d u)`` in any summation order (``u`` the unit roundoff:
+    ``2^-24``, or ``2^-11`` when torch may run float32 products in TF32 or bfloat16,
+    i.e. ``torch.get_float32_matmul_precision() != "highest"``); the rounding of
+    the points and of the three additions adds at most ``10 u (|x_i|^2 + |x_j|^2) + u e``.
+    A worst case, independent of the BLAS kernel.
     """
-    du = int(d) * _U32
+    u = _U32 if torch.get_float32_matmul_precision() == "highest" else 2.0**-11
+    du = int(d) * u
     if du >= 0.5:
-        raise EmbgeoInputError(f"float32 ranking needs fewer than {int(0.5 / _U32)} features, got {d}.")
-    return 2.0 * du / (1.0 - du) + 16.0 * _U32
+        raise EmbgeoInputError(f"float32 ranking needs fewer than {int(0.5 / u)} features, got {d}.")
+    return du / (1.0 - du) + 10.0 * u
 
 
 def key_bits(n_columns: int) -> int:
@@ -730,8 +734,9 @@ def exact_order_statistics(
     squared distances ``f`` from query point ``r`` to its candidates, offset by
     ``shift[r]`` (``f + shift >= 0``); masked candidates are ``+inf``. With
     ``e`` the exact squared distance and ``a = sqrt(sq[r])``, every candidate
-    with ``f <= t`` satisfies ``|e - f| <= 2 gamma (a^2 + (a + sqrt(t))^2)``
-    (``|x_j| <= a + sqrt(e)``; see :func:`float32_error_factor`), so each wanted
+    with ``f <= t`` satisfies ``|e - f| <= gamma (a^2 + (a + sqrt(t))^2) + u t``
+    (``|x_j| <= a + sqrt(e)``; see :func:`float32_error_factor`; the constants
+    here keep a margin), so each wanted
     rank has a band of candidates that could hold it: those below the band are
     certainly nearer, those above certainly farther. Only the band is
     recomputed exactly (float64, from differences) and the rank is read from it.
@@ -778,9 +783,11 @@ def exact_order_statistics(
     sq64 = sq.to(torch.float64)[:, None]
     a = sq64.sqrt()
     s = shift.to(torch.float64)[:, None]
-    rho = 2.0 ** (bits - 22)
+    # |e - f| <= gamma (|x_i|^2 + |x_j|^2) + u e, with |x_j| <= (1.025) (|x_i| + sqrt(e)) for the
+    # candidates up to tau; the shift and the truncated key bits (rho) come on top.
+    rho = 1.01 * 2.0 ** (bits - 23)
     tau = 2.0 * f_p + 16.0 * gamma * sq64 + s
-    half = 2.0 * gamma * (sq64 + (a + tau.sqrt()).square()) + s + rho * (f_p + s)
+    half = 1.05 * gamma * (sq64 + (a + tau.sqrt()).square()) + 0.1 * gamma * tau + rho * (f_p + s) + s
     lo = torch.searchsorted(keys, _key_floor(f_p - 2.0 * half, bits), right=False)
     upper = _key_ceil(f_p + 2.0 * half, bits)
     hi = torch.searchsorted(keys, upper, right=False)
@@ -814,18 +821,14 @@ def exact_order_statistics(
     d2 = e[order][pick]
     if not top:
         return d2, torch.empty((n_rows, 0), dtype=torch.long, device=dev), ok
-    # Nearest set: the band of rank ``top`` from position 0, sorted by (exact value, column).
-    width = int((hi[:, -1]).max())
-    in_top = (member_seg % n_pos) == n_pos - 1
-    slot = member_pos[in_top]
-    top_e = torch.full((n_rows, width), float("inf"), dtype=torch.float64, device=dev)
-    top_c = torch.full((n_rows, width), m, dtype=torch.long, device=dev)
-    top_e[member_row[in_top], slot] = e[in_top]
-    top_c[member_row[in_top], slot] = col[in_top]
-    by_col = torch.sort(top_c, dim=1, stable=True).indices
-    top_e, top_c = top_e.gather(1, by_col), top_c.gather(1, by_col)
-    by_e = torch.sort(top_e, dim=1, stable=True).indices[:, :top]
-    return d2, top_c.gather(1, by_e), ok
+    # Nearest set: the band of rank ``top`` from position 0, sorted by (row, exact value, column).
+    in_top = ((member_seg % n_pos) == n_pos - 1).nonzero()[:, 0]
+    t_row, t_e, t_col = member_row[in_top], e[in_top], col[in_top]
+    order = torch.sort(t_col, stable=True).indices
+    order = order[torch.sort(t_e[order], stable=True).indices]
+    order = order[torch.sort(t_row[order], stable=True).indices]
+    first = torch.cumsum(seg_len.view(n_rows, n_pos)[:, -1], 0)[:, None] - seg_len.view(n_rows, n_pos)[:, -1:]
+    return d2, t_col[order][first + torch.arange(top, device=dev)[None, :]], ok
 
 
 def _smallest_keys(keys: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:

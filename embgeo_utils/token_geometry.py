@@ -245,7 +245,10 @@ def _clouds_float32(
         raise EmbgeoInputError("hidden holds NaN or infinite values; fix the activations first.")
     if bool((norms_sq <= 0).any()):
         raise EmbgeoInputError("hidden holds zero vectors, whose cosine is undefined; drop those tokens.")
-    mean = torch.bmm(torch.full((b, 1, n_tokens), 1.0 / n_tokens, dtype=torch.float64, device=dev), raw64)[:, 0]
+    w = norms_sq.rsqrt()
+    # One pass over the float64 points gives the mean and the sum of the unit vectors.
+    both = torch.bmm(torch.stack([torch.full_like(w, 1.0 / n_tokens), w], dim=1), raw64)
+    mean, unit_sum = both[:, 0], both[:, 1]
     mean32 = mean.to(torch.float32)
     mean = mean32.to(torch.float64)  # the centre actually subtracted
     xc = torch.sub(raw, mean32[:, None, :], out=work["xc"][:b])
@@ -253,8 +256,6 @@ def _clouds_float32(
     mm = (mean * mean).sum(dim=1, keepdim=True)
     sq64 = (norms_sq - 2.0 * xm + mm).clamp_(min=0.0)  # |x - mean|^2
     sq = sq64.to(torch.float32)
-    w = norms_sq.rsqrt()
-    unit_sum = torch.bmm(w[:, None, :], raw64)[:, 0]
 
     gamma = float32_error_factor(dim)
     shift = 2.1 * gamma * sq64 + 1e-30
