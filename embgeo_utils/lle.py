@@ -140,11 +140,18 @@ def lle_weights(
     block = max(gather, min(n, _SOLVE_ROWS))
     ones = torch.ones((1, kk, 1), dtype=torch.float64, device=dev)
     gram = torch.empty((block, kk, kk), dtype=torch.float64, device=dev)
+    # Reused gather buffers: a fresh allocation per step would cost page faults on the CPU.
+    raw_buf = torch.empty((gather * kk, d), dtype=data.dtype, device=dev)
+    buf = raw_buf if data.dtype == torch.float64 else torch.empty((gather * kk, d), dtype=torch.float64, device=dev)
     for start in range(0, n, block):
         stop = min(n, start + block)
         for sub in range(start, stop, gather):
             end = min(stop, sub + gather)
-            local = data.index_select(0, idx[sub:end].reshape(-1)).view(end - sub, kk, d).to(torch.float64)
+            rows = (end - sub) * kk
+            torch.index_select(data, 0, idx[sub:end].reshape(-1), out=raw_buf[:rows])
+            if buf is not raw_buf:
+                buf[:rows].copy_(raw_buf[:rows])
+            local = buf[:rows].view(end - sub, kk, d)
             local -= data[sub:end, None, :]
             torch.bmm(local, local.transpose(1, 2), out=gram[sub - start : end - start])
         g = gram[: stop - start]
