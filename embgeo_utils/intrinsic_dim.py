@@ -25,6 +25,12 @@ cloud, so both routes give the same estimates (tested). The distance code
 lives in :mod:`embgeo_utils.neighbors`; ``twonn_from_distances`` and
 ``gride_from_distances`` turn its sorted distances into estimates.
 
+Single clouds (``twonn``, ``gride``, ``gride_scaling``) rank the candidates with
+float32 matrix products and recompute only the distances at the ranks the
+estimator reads exactly in float64
+(:func:`~embgeo_utils.neighbors.exact_rank_distances`), so the estimates are
+those of exact float64 distances.
+
 References:
     E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), Estimating the intrinsic
     dimension of datasets by a minimal neighborhood information, Sci. Rep. 7, 12140.

@@ -13,6 +13,9 @@ The intrinsic-dimension estimators (chapters 3 and 4) need sorted neighbour
 *distances* of clouds whose duplicate rows are removed or masked:
 ``deduplicated_knn_distances`` for one cloud, ``batched_knn_distances`` and
 ``knn_from_sq_distances`` for a stack of clouds (every layer of a prompt).
+``exact_order_statistics`` and ``exact_rank_distances`` give the same distances
+at chosen ranks from a float32 ranking: rigorous bounds on the float32 error
+leave a few candidates per rank, and only those are recomputed in float64.
 
 References:
     Lee, Weber, Viegas, Wattenberg (2025). Shared Global and Local Geometry of

@@ -226,3 +226,18 @@ def test_exact_rank_distances_reach_past_the_listed_candidates() -> None:
     d2, _ = nb.exact_rank_distances(torch.as_tensor(X), ranks)
     ref, _ = _exact_reference(X, ranks, 1)
     np.testing.assert_allclose(d2.numpy(), ref, rtol=1e-12, atol=0)
+
+
+def test_gride_from_distances_at_listed_ranks(device) -> None:
+    """Distances given only at the ranks GRIDE reads give the estimates of the full sorted table."""
+    X = torch.as_tensor(_cloud(n=200, d=5), device=device)
+    full, _ = nb.sorted_knn_distances(X, 16)
+    ranks = [1, 2, 4, 8, 16]
+    ids, err = idm.gride_from_distances(full[None], None, [1, 2, 4, 8], [2, 4, 8, 16])
+    part_ids, part_err = idm.gride_from_distances(
+        full[None][:, :, [r - 1 for r in ranks]], None, [1, 2, 4, 8], [2, 4, 8, 16], ranks=ranks
+    )
+    torch.testing.assert_close(part_ids, ids, rtol=0, atol=0)
+    torch.testing.assert_close(part_err, err, rtol=0, atol=0)
+    with pytest.raises(EmbgeoInputError, match="covering"):
+        idm.gride_from_distances(full[None][:, :, :3], None, [1], [4], ranks=[1, 2, 3])
