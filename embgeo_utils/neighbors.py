@@ -905,6 +905,10 @@ def exact_rank_distances(
     ranks = sorted(set(wanted) | {1})
     dev = data.device
     data64 = data.to(torch.float64)
+    # A power of two brings the largest centred norm near 1 (exact): no float32 overflow or underflow.
+    spread = float((data64 - data64.mean(dim=0)).abs().max())
+    scale = 2.0 ** -np.floor(np.log2(spread)) if spread > 0 else 1.0
+    data64 = data64 * scale
     mean = data64.mean(dim=0)
     centred64 = data64 - mean
     xc = centred64.to(torch.float32)
@@ -963,7 +967,7 @@ def exact_rank_distances(
         out[start:stop] = d2
     # Identical rows, and only they, are at exactly 0 (near pairs are recomputed from differences).
     has_duplicates = bool((out[:, 0] == 0).any())
-    return out[:, [ranks.index(r) for r in wanted]], has_duplicates
+    return out[:, [ranks.index(r) for r in wanted]] / scale**2, has_duplicates
 
 
 def exact_rank_distances_deduplicated(

@@ -261,6 +261,12 @@ def _clouds_float32(
     mm = (mean * mean).sum(dim=1, keepdim=True)
     sq64 = (norms_sq - 2.0 * xm + mm).clamp_(min=0.0)  # |x - mean|^2
     sq = sq64.to(torch.float32)
+    top_sq = float(sq64.max())
+    if not 1e-30 < top_sq < 1e30:
+        raise EmbgeoInputError(
+            f"hidden states with squared norms near {top_sq:.1e} are out of the float32 range this route ranks "
+            "in; use dtype=torch.float64 (or rescale the hidden states)."
+        )
 
     gamma = float32_error_factor(dim)
     shift = 2.1 * gamma * sq64 + 1e-30

@@ -241,3 +241,13 @@ def test_gride_from_distances_at_listed_ranks(device) -> None:
     torch.testing.assert_close(part_err, err, rtol=0, atol=0)
     with pytest.raises(EmbgeoInputError, match="covering"):
         idm.gride_from_distances(full[None][:, :, :3], None, [1], [4], ranks=[1, 2, 3])
+
+
+def test_exact_rank_distances_out_of_float32_range(device) -> None:
+    """Clouds far beyond float32's range are ranked after an exact power-of-two rescaling."""
+    X = _hard_cloud(n=120).astype(np.float64)
+    ranks = [1, 2, 8, 32]
+    ref, _ = _exact_reference(X, ranks, 1)
+    for factor in (1e-30, 1e30):
+        d2, _ = nb.exact_rank_distances(torch.as_tensor(X * factor, device=device), ranks)
+        np.testing.assert_allclose(d2.cpu().numpy(), ref * factor**2, rtol=1e-12)
