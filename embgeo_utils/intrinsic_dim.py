@@ -61,6 +61,7 @@ from .neighbors import (
     check_queries,
     exact_rank_distances_deduplicated,
     knn,
+    single_thread,
 )
 from .validation import as_matrix
 
@@ -327,7 +328,8 @@ def twonn(
     data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
     dist, _, _ = exact_rank_distances_deduplicated(data, [1, 2], "TwoNN")
     mu = (dist[:, 1] / dist[:, 0])[None, :]
-    return float(_twonn_from_mu(mu, torch.ones_like(mu, dtype=torch.bool), discard_fraction, algorithm)[0])
+    with single_thread():
+        return float(_twonn_from_mu(mu, torch.ones_like(mu, dtype=torch.bool), discard_fraction, algorithm)[0])
 
 
 @torch.no_grad()
@@ -530,7 +532,8 @@ def gride(
     data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
     dist = exact_rank_distances_deduplicated(data, [int(n1), int(n2)], "GRIDE")[0][None]
     valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
-    ids, err = gride_from_distances(dist, valid, np.array([n1]), np.array([n2]), ranks=[int(n1), int(n2)])
+    with single_thread():  # the Newton steps are many small ops
+        ids, err = gride_from_distances(dist, valid, np.array([n1]), np.array([n2]), ranks=[int(n1), int(n2)])
     return (float(ids[0, 0]), float(err[0, 0])) if return_error else float(ids[0, 0])
 
 
@@ -568,7 +571,8 @@ def gride_scaling(
     scales = default_scales(n_distinct, max_scale)
     dist = dist[None]
     valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
-    ids, err = gride_from_distances(dist, valid, scales // 2, scales, ranks=ranks)
+    with single_thread():  # the Newton steps are many small ops
+        ids, err = gride_from_distances(dist, valid, scales // 2, scales, ranks=ranks)
     return scales, ids[0].cpu().numpy(), err[0].cpu().numpy()
 
 

@@ -26,8 +26,9 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -54,6 +55,7 @@ __all__ = [
     "neighborhood_overlap",
     "neighborhood_overlap_batched",
     "shared_neighbor_counts",
+    "single_thread",
     "smallest_sorted",
     "sort_keys",
     "sorted_knn_distances",
@@ -624,6 +626,26 @@ def batched_knn_distances(
 _U32 = 2.0**-24
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on one intra-op thread, then restore the thread count (chapters 3 and 4).
+
+    For bookkeeping made of many small ops (band searches, gathers, GRIDE's Newton
+    steps): on a CPU shared with other jobs, torch's OpenMP threads wait on each
+    other at every op (a 65k-element op took 8 ms with two threads on a loaded
+    2-core machine, 0.05 ms with one), while splitting such small ops gains little
+    on an idle one. Matrix products and whole-matrix passes stay outside.
+    """
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
+
+
 def float32_error_factor(d: int) -> float:
     """``g`` with ``|f - e| <= g (|x_i|^2 + |x_j|^2) + u e`` for float32 squared distances (chapters 3 and 4).
 
@@ -773,6 +795,24 @@ def exact_order_statistics(
         ``(rows, top)`` int64 columns of the nearest candidates, nearest first,
         and a ``(rows,)`` mask of the rows resolved (all, without ``rest``).
     """
+    with single_thread():
+        return _exact_order_statistics(points, norms, keys, bits, sq, shift, gamma, ranks, top, query, base, rest)
+
+
+def _exact_order_statistics(
+    points: torch.Tensor,
+    norms: torch.Tensor,
+    keys: torch.Tensor,
+    bits: int,
+    sq: torch.Tensor,
+    shift: torch.Tensor,
+    gamma: float,
+    ranks: Sequence[int],
+    top: int = 0,
+    query: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
+    rest: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dev = keys.device
     n_rows, m = keys.shape
     ranks_t = torch.as_tensor(list(ranks), dtype=torch.long, device=dev)

@@ -67,6 +67,7 @@ from .neighbors import (
     float32_error_factor,
     key_bits,
     knn_from_sq_distances,
+    single_thread,
     sort_keys,
 )
 
@@ -383,10 +384,11 @@ def _observables_float32(
         stop = min(n_clouds, start + chunk_size)
         raw = flat[start:stop].to(device=dev, dtype=torch.float32)
         d2, valid, near, m, sd = _clouds_float32(raw, ranks, top, work)
-        dist = d2.sqrt_().clamp_(min=DISTANCE_FLOOR)
-        ids, err = gride_from_distances(dist, valid, n1s, n2s, ranks=ranks)
-        gride_ids[start:stop], gride_err[start:stop] = ids.cpu(), err.cpu()
-        two[start:stop] = twonn_from_distances(dist[:, :, :2], valid, discard_fraction, twonn_algorithm).cpu()
+        with single_thread():  # GRIDE's Newton steps: many small ops
+            dist = d2.sqrt_().clamp_(min=DISTANCE_FLOOR)
+            ids, err = gride_from_distances(dist, valid, n1s, n2s, ranks=ranks)
+            gride_ids[start:stop], gride_err[start:stop] = ids.cpu(), err.cpu()
+            two[start:stop] = twonn_from_distances(dist[:, :, :2], valid, discard_fraction, twonn_algorithm).cpu()
         cmean[start:stop], cstd[start:stop] = m.cpu(), sd.cpu()
         nearest[start:stop] = near.cpu()
     overlap: dict[int, np.ndarray] = {}

@@ -251,3 +251,17 @@ def test_exact_rank_distances_out_of_float32_range(device) -> None:
     for factor in (1e-30, 1e30):
         d2, _ = nb.exact_rank_distances(torch.as_tensor(X * factor, device=device), ranks)
         np.testing.assert_allclose(d2.cpu().numpy(), ref * factor**2, rtol=1e-12)
+
+
+def test_single_thread_restores_the_thread_count() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with nb.single_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), nb.single_thread():
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
