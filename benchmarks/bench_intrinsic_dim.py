@@ -5,7 +5,8 @@
 * ``twonn`` vs DADApy ``Data(X).compute_id_2NN()``;
 * ``gride_scaling`` vs DADApy ``Data(X).return_id_scaling_gride(range_max=256)``.
 
-Each timing includes the neighbour search. Needs ``dadapy`` and ``scikit-dimension``,
+Each timing includes the neighbour search (best of 3 runs). The floor is the float32
+matrix-multiply work of the distance search at the rate measured in this run. Needs ``dadapy`` and ``scikit-dimension``,
 which are not project dependencies: run it from a separate environment, e.g.
 ``python3 -m venv /tmp/benchenv && /tmp/benchenv/bin/pip install dadapy scikit-dimension``
 plus torch and this package on the path. Prints times and ratios; exits non-zero
@@ -18,16 +19,18 @@ import warnings
 
 import _timing
 import numpy as np
+import torch
 
 from embgeo_utils import intrinsic_dim as idm
 
 
-def best_time(fn, repeats: int = 3) -> tuple[float, object]:
-    return _timing.best_time(fn, repeats)
-
-
-def report(name: str, ours: float, peer: float) -> None:
-    print(f"{name:<34} ours {ours:8.3f} s   peer {peer:8.3f} s   speed-up {peer / ours:6.1f}x")
+def thin_gemm_rate(n: int, d: int) -> float:
+    """float32 flops per second of the row-block product the single-cloud search runs (blocks of 1024 rows)."""
+    x = torch.randn(n, d)
+    block = x[:1024]
+    torch.mm(block, x.T)
+    seconds, _ = _timing.best_time(lambda: torch.mm(block, x.T), 3)
+    return 2.0 * 1024 * n * d / seconds
 
 
 def main() -> None:
@@ -35,38 +38,71 @@ def main() -> None:
     from dadapy import Data
 
     warnings.filterwarnings("ignore")
+    rec = _timing.Recorder(__file__)
     rng = np.random.default_rng(0)
 
     # Local PCA: 3000 points near an 8-dimensional subspace of R^128, k = 50.
     X = rng.standard_normal((3000, 8)) @ rng.standard_normal((8, 128)) + 0.05 * rng.standard_normal((3000, 128))
-    t_ours, ours = best_time(lambda: idm.local_pca_id(X, k=50, include_self=False, device="cpu"))
-    t_peer, peer = best_time(
-        lambda: skdim.id.lPCA(ver="ratio", alphaRatio=0.9, verbose=False).fit_pw(X, n_neighbors=50).dimension_pw_,
-        repeats=1,
+    idm.local_pca_id(X[:500], k=50, include_self=False, device="cpu")  # warm-up
+    t_ours, ours = _timing.best_time(lambda: idm.local_pca_id(X, k=50, include_self=False, device="cpu"), 3)
+    t_peer, peer = _timing.best_time(
+        lambda: skdim.id.lPCA(ver="ratio", alphaRatio=0.9, verbose=False).fit_pw(X, n_neighbors=50).dimension_pw_
     )
     agree = float(np.mean(ours == peer))
-    report("local_pca_id vs skdim lPCA.fit_pw", t_ours, t_peer)
-    print(f"    identical per-point IDs: {agree:.4%}  (mean ID {ours.mean():.2f})")
+    rate = _timing.gemm_rate(torch.float32, 1024, 128, 3000)
+    flops = 2.0 * 3000 * 3000 * 128 + 2.0 * 3000 * 50 * 50 * 128
+    rec.add(
+        'local_pca_id(k=50, include_self=False) vs skdim lPCA(ver="ratio").fit_pw(n_neighbors=50)',
+        "3000 x 128, rank 8 + noise (synthetic)",
+        t_ours,
+        "scikit-dimension 0.5.0",
+        t_peer,
+        f"float32 GEMM: k-NN products + neighbourhood Gram matrices at {rate / 1e9:.0f} GFLOP/s",
+        flops / rate,
+        f"{agree:.2%} identical per-point IDs",
+    )
     assert agree >= 0.999, "local PCA IDs disagree with scikit-dimension"
 
     # TwoNN and GRIDE: 5000 points on a 6-sphere rotated into R^50.
     Y = rng.standard_normal((5000, 7))
     Y = (Y / np.linalg.norm(Y, axis=1, keepdims=True)) @ rng.standard_normal((7, 50))
-    t_ours, ours_2nn = best_time(lambda: idm.twonn(Y, device="cpu"))
-    t_peer, peer_2nn = best_time(lambda: Data(coordinates=Y.copy(), verbose=False).compute_id_2NN()[0])
-    report("twonn vs DADApy compute_id_2NN", t_ours, t_peer)
-    print(f"    ours {ours_2nn:.10f}  DADApy {peer_2nn:.10f}")
-    assert abs(ours_2nn / peer_2nn - 1) < 1e-8, "TwoNN disagrees with DADApy"
-
-    t_ours, (_, ours_ids, _) = best_time(lambda: idm.gride_scaling(Y, max_scale=256, device="cpu"))
-    t_peer, (peer_ids, _, _) = best_time(
-        lambda: Data(coordinates=Y.copy(), verbose=False).return_id_scaling_gride(range_max=256)
+    n, d = Y.shape
+    rate = thin_gemm_rate(n, d)
+    floor = 2.0 * n * n * d / rate
+    floor_what = f"float32 distance products 2 n^2 d at {rate / 1e9:.0f} GFLOP/s (same block shape, this run)"
+    idm.twonn(Y[:1000], device="cpu")  # warm-up
+    t_ours, ours_2nn = _timing.best_time(lambda: idm.twonn(Y, device="cpu"), 3)
+    t_peer, peer_2nn = _timing.best_time(lambda: Data(coordinates=Y.copy(), verbose=False).compute_id_2NN()[0], 3)
+    rel = abs(ours_2nn / peer_2nn - 1)
+    rec.add(
+        "twonn vs Data(X).compute_id_2NN()",
+        "5000 x 50 (6-sphere, synthetic)",
+        t_ours,
+        "DADApy 0.3.4",
+        t_peer,
+        floor_what,
+        floor,
+        f"rel. diff {rel:.0e} (ours {ours_2nn:.10f})",
     )
-    report("gride_scaling vs DADApy (range 256)", t_ours, t_peer)
-    print(
-        f"    max |ours - DADApy| over 8 scales: {np.max(np.abs(ours_ids - peer_ids)):.2e}  ids {np.round(ours_ids, 3)}"
+    assert rel < 1e-8, "TwoNN disagrees with DADApy"
+
+    t_ours, (_, ours_ids, _) = _timing.best_time(lambda: idm.gride_scaling(Y, max_scale=256, device="cpu"), 3)
+    t_peer, (peer_ids, _, _) = _timing.best_time(
+        lambda: Data(coordinates=Y.copy(), verbose=False).return_id_scaling_gride(range_max=256), 3
+    )
+    rel = float(np.max(np.abs(ours_ids / peer_ids - 1)))
+    rec.add(
+        "gride_scaling(max_scale=256) vs Data(X).return_id_scaling_gride(range_max=256)",
+        "5000 x 50 (6-sphere, synthetic)",
+        t_ours,
+        "DADApy 0.3.4",
+        t_peer,
+        floor_what,
+        floor,
+        f"max rel. diff over 8 scales {rel:.0e}",
     )
     assert np.allclose(ours_ids, peer_ids, rtol=1e-8, atol=0), "GRIDE disagrees with DADApy"
+    rec.write()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import os
 import platform
 import time
 
+import _timing
 import numpy as np
 import torch
 
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--expansion", type=int, default=4)
     args = parser.parse_args()
+    rec = _timing.Recorder(__file__)
+    rate = _timing.gemm_rate(torch.float32)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
     )
@@ -116,6 +119,18 @@ def main() -> None:
         print(f"{name:>24} {seconds:>9.1f} {steps_tokens / seconds:>10.0f} {fvu:>13.3f}")
     if len(rows) == 2:
         print(f"{'ratio peer / ours (time)':>24} {rows[1][1] / rows[0][1]:>9.2f}")
+    # Floor: the dense encoder product forward and backward (6 d L flops per token) at the float32 GEMM rate.
+    d = x.shape[1]
+    rec.add(
+        f"train_sae: TopK, {n_latents} latents, k = {k}, {args.epochs} epochs",
+        f"SmolLM2-135M layer {args.layer}, {n_train} real training tokens",
+        t_ours,
+        "sparsify SparseCoder, same loop" if len(rows) == 2 else None,
+        rows[1][1] if len(rows) == 2 else None,
+        f"6 d L flops per token at {rate / 1e9:.0f} GFLOP/s",
+        6.0 * d * n_latents * steps_tokens / rate,
+        f"held-out FVU ours {fvu_ours:.3f}" + (f", peer {rows[1][2]:.3f}" if len(rows) == 2 else ""),
+    )
 
     print("\n2. activation_correlation (two SAEs' latents, all tokens)")
     other, _ = S.train_sae(
@@ -139,6 +154,16 @@ def main() -> None:
     print(f"{'floor: dense f32 GEMM':>28} {t_gemm:>8.2f} s   ours / floor {t_corr / t_gemm:.2f}")
     np.testing.assert_allclose(corr, ref, atol=1e-6)
     print(f"   agreement: max |difference| {float(np.abs(corr - ref).max()):.1e}")
+    rec.add(
+        f"activation_correlation, {n_latents} x {n_latents} latents",
+        f"{len(x)} tokens",
+        t_corr,
+        "numpy corrcoef (dense float64)",
+        t_ref,
+        "dense float32 GEMM of the latents (this run)",
+        t_gemm,
+        f"max |difference| {float(np.abs(corr - ref).max()):.0e}",
+    )
 
     print("\n3. SVCCA permutation null (200 re-pairings of 2,000 matched rows, n = 20)")
     pairs = feature_matching.match_features(corr, "max")
@@ -164,6 +189,16 @@ def main() -> None:
     print(
         f"   agreement: the same null values (max |difference| {np.abs(np.sort(res.null) - np.sort(null)).max():.1e})"
     )
+    rec.add(
+        "svcca_test null, n = 20, 200 re-pairings",
+        f"{len(xa)} matched rows",
+        t_batched,
+        "loop of numpy SVDs",
+        t_loop,
+        None,
+        None,
+        f"same null values ({np.abs(np.sort(res.null) - np.sort(null)).max():.0e})",
+    )
 
     print("\n4. RSA permutation null (200 re-pairings of 1,000 matched rows)")
     xr, yr = xa[:1000], xb[:1000]
@@ -181,6 +216,17 @@ def main() -> None:
     print(
         f"   agreement: the same null values (max |difference| {np.abs(np.sort(res.null) - np.sort(null)).max():.1e})"
     )
+    rec.add(
+        "rsa_test null, 200 re-pairings",
+        f"{len(xr)} matched rows",
+        t_batched,
+        "loop of rsa()",
+        t_loop,
+        None,
+        None,
+        f"same null values ({np.abs(np.sort(res.null) - np.sort(null)).max():.0e})",
+    )
+    rec.write()
 
 
 if __name__ == "__main__":

@@ -80,7 +80,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-generation", action="store_true", help="only compare the vectors")
     args = parser.parse_args()
+    import _timing
+
     from embgeo_utils import models, steering
+
+    rec = _timing.Recorder(__file__)
 
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -103,6 +107,16 @@ def main() -> None:
             rel = float(np.abs(a - b).max() / np.abs(b).max())
             print(f"position {-1 - i}: max |ours - steering-vectors| / max |v| = {rel:.2e}")
             assert rel < 1e-4, "the vectors disagree"
+        rec.add(
+            f"steering vector at block {layer}, 3 read positions",
+            f"{len(POS)} + {len(NEG)} real sentences, SmolLM2-135M",
+            t_ours,
+            "steering-vectors train_steering_vector",
+            t_peer,
+            None,
+            None,
+            f"max rel. diff {rel:.0e}",
+        )
         print(
             f"vectors at block {layer}, 3 read positions: ours {t_ours:.2f} s (one pass per text), "
             f"steering-vectors {t_peer:.2f} s (one pass per text and position), ratio {t_peer / t_ours:.2f}x; "
@@ -110,6 +124,7 @@ def main() -> None:
         )
 
     if args.skip_generation:
+        rec.write()
         return
     # 2. the hook during generation: one thread and CPU time, so that other jobs on a shared machine
     # inflate both sides alike; plain and steered runs alternate
@@ -134,6 +149,18 @@ def main() -> None:
             f"generation, 8 prompts x {args.new_tokens} tokens, 1 thread, median of {args.repeats}, {name}: "
             f"plain {p:.2f} s, with hook {s:.2f} s, overhead {100 * (s / p - 1):+.1f} %"
         )
+        if i == 1:
+            rec.add(
+                f"generation with the steer hook ({name})",
+                f"8 prompts x {args.new_tokens} new tokens, 1 thread",
+                s,
+                None,
+                None,
+                "plain generate (the floor: no hook)",
+                p,
+                f"hook overhead {100 * (s / p - 1):+.1f} %",
+            )
+    rec.write()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,12 @@ cloud, so both routes give the same estimates (tested). The distance code
 lives in :mod:`embgeo_utils.neighbors`; ``twonn_from_distances`` and
 ``gride_from_distances`` turn its sorted distances into estimates.
 
+Single clouds (``twonn``, ``gride``, ``gride_scaling``) rank the candidates with
+float32 matrix products and recompute only the distances at the ranks the
+estimator reads exactly in float64
+(:func:`~embgeo_utils.neighbors.exact_rank_distances`), so the estimates are
+those of exact float64 distances.
+
 References:
     E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), Estimating the intrinsic
     dimension of datasets by a minimal neighborhood information, Sci. Rep. 7, 12140.
@@ -53,8 +59,9 @@ from .neighbors import (
     DISTANCE_FLOOR,
     batched_knn_distances,
     check_queries,
-    deduplicated_knn_distances,
+    exact_rank_distances_deduplicated,
     knn,
+    single_thread,
 )
 from .validation import as_matrix
 
@@ -319,9 +326,10 @@ def twonn(
     """
     algorithm = check_twonn_args(discard_fraction, algorithm)
     data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
-    dist, _ = deduplicated_knn_distances(data, 2, "TwoNN")
+    dist, _, _ = exact_rank_distances_deduplicated(data, [1, 2], "TwoNN")
     mu = (dist[:, 1] / dist[:, 0])[None, :]
-    return float(_twonn_from_mu(mu, torch.ones_like(mu, dtype=torch.bool), discard_fraction, algorithm)[0])
+    with single_thread():
+        return float(_twonn_from_mu(mu, torch.ones_like(mu, dtype=torch.bool), discard_fraction, algorithm)[0])
 
 
 @torch.no_grad()
@@ -432,6 +440,7 @@ def gride_from_distances(
     valid: torch.Tensor | None,
     n1s: np.ndarray | Sequence[int],
     n2s: np.ndarray | Sequence[int],
+    ranks: np.ndarray | Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRIDE IDs of a stack of clouds at several rank pairs, from sorted neighbour distances (chapters 3 and 4).
 
@@ -444,6 +453,8 @@ def gride_from_distances(
         valid: ``(b, n)`` mask of the points that count (``None``: all).
         n1s: inner ranks, ``1 <= n1 < n2``.
         n2s: outer ranks, same length as ``n1s``.
+        ranks: the neighbour ranks that the columns of ``dist`` hold (default
+            ``1, 2, ..., k``); every ``n1`` and ``n2`` must be among them.
 
     Returns:
         ``(ids, errors)``: two ``(b, len(n2s))`` float64 tensors on ``dist``'s
@@ -455,14 +466,25 @@ def gride_from_distances(
     n1s, n2s = np.atleast_1d(np.asarray(n1s, dtype=np.int64)), np.atleast_1d(np.asarray(n2s, dtype=np.int64))
     if n1s.shape != n2s.shape or n1s.size == 0 or bool((n1s < 1).any()) or bool((n2s <= n1s).any()):
         raise EmbgeoInputError(f"GRIDE needs rank pairs 1 <= n1 < n2, got n1={n1s.tolist()}, n2={n2s.tolist()}.")
-    if dist.ndim != 3 or dist.shape[2] < int(n2s.max()):
-        raise EmbgeoInputError(
-            f"dist must be (clouds, points, >= {int(n2s.max())} neighbours), got shape {tuple(dist.shape)}."
-        )
+    if ranks is None:
+        if dist.ndim != 3 or dist.shape[2] < int(n2s.max()):
+            raise EmbgeoInputError(
+                f"dist must be (clouds, points, >= {int(n2s.max())} neighbours), got shape {tuple(dist.shape)}."
+            )
+        col1, col2 = n1s - 1, n2s - 1
+    else:
+        held = [int(r) for r in np.asarray(ranks).ravel()]
+        if dist.ndim != 3 or dist.shape[2] != len(held) or not set(n1s.tolist()) | set(n2s.tolist()) <= set(held):
+            raise EmbgeoInputError(
+                f"dist must be (clouds, points, {len(held)}) with columns at ranks {held} covering "
+                f"n1={n1s.tolist()} and n2={n2s.tolist()}, got shape {tuple(dist.shape)}."
+            )
+        col1 = np.array([held.index(int(r)) for r in n1s])
+        col2 = np.array([held.index(int(r)) for r in n2s])
     if valid is None:
         valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
     dev = dist.device
-    mu = dist[:, :, torch.as_tensor(n2s - 1, device=dev)] / dist[:, :, torch.as_tensor(n1s - 1, device=dev)]
+    mu = dist[:, :, torch.as_tensor(col2, device=dev)] / dist[:, :, torch.as_tensor(col1, device=dev)]
     return _gride_from_mu(
         mu.transpose(1, 2),
         valid,
@@ -508,9 +530,10 @@ def gride(
     if not (isinstance(n1, (int, np.integer)) and isinstance(n2, (int, np.integer)) and 1 <= n1 < n2):
         raise EmbgeoInputError(f"GRIDE needs integer ranks 1 <= n1 < n2, got n1={n1!r}, n2={n2!r}.")
     data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
-    dist = deduplicated_knn_distances(data, int(n2), "GRIDE")[0][None]
+    dist = exact_rank_distances_deduplicated(data, [int(n1), int(n2)], "GRIDE")[0][None]
     valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
-    ids, err = gride_from_distances(dist, valid, np.array([n1]), np.array([n2]))
+    with single_thread():  # the Newton steps are many small ops
+        ids, err = gride_from_distances(dist, valid, np.array([n1]), np.array([n2]), ranks=[int(n1), int(n2)])
     return (float(ids[0, 0]), float(err[0, 0])) if return_error else float(ids[0, 0])
 
 
@@ -543,11 +566,13 @@ def gride_scaling(
     """
     data = as_matrix(X, "X", device=get_device(device), dtype=torch.float64)
     scales = default_scales(data.shape[0], max_scale)
-    dist, n_distinct = deduplicated_knn_distances(data, int(scales[-1]), "GRIDE", shrink=True)
+    ranks = sorted({1} | {int(r) for r in scales})
+    dist, n_distinct, ranks = exact_rank_distances_deduplicated(data, ranks, "GRIDE", shrink=True)
     scales = default_scales(n_distinct, max_scale)
-    dist = dist[None, :, : int(scales[-1])]
+    dist = dist[None]
     valid = torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
-    ids, err = gride_from_distances(dist, valid, scales // 2, scales)
+    with single_thread():  # the Newton steps are many small ops
+        ids, err = gride_from_distances(dist, valid, scales // 2, scales, ranks=ranks)
     return scales, ids[0].cpu().numpy(), err[0].cpu().numpy()
 
 

@@ -57,6 +57,9 @@ _FIT, _FLOOR, _TRANSFER, _UNIFORM, _NULL = CONDITIONS
 
 # Gathered neighbourhoods per chunk take an eighth of the budget: small chunks reuse cache and are faster.
 _BUDGET_FRACTION = 8
+# lle_weights: neighbourhoods gathered per step (about 1 MiB, within the core's cache) and systems per solve.
+_GATHER_BYTES = 1 << 20
+_SOLVE_ROWS = 1024
 
 
 def _storage_dtype(X: np.ndarray | torch.Tensor) -> torch.dtype:
@@ -130,18 +133,32 @@ def lle_weights(
     if kk < 1:
         raise EmbgeoInputError("indices must hold at least one neighbour per point.")
     weights = torch.empty((n, kk), dtype=torch.float64, device=dev)
-    step = chunk_rows(8 * kk * max(1, d), dev, budget_bytes=chunk_budget(dev) // _BUDGET_FRACTION)
+    # Local Gram matrices are formed in small gathers that stay in cache (_GATHER_BYTES), and
+    # solved in blocks of _SOLVE_ROWS systems (one batched LU per block).
+    gather = chunk_rows(8 * kk * max(1, d), dev, budget_bytes=_GATHER_BYTES)
+    gather = max(16, gather) if dev.type == "cpu" else chunk_rows(8 * kk * max(1, d), dev)
+    block = max(gather, min(n, _SOLVE_ROWS))
     ones = torch.ones((1, kk, 1), dtype=torch.float64, device=dev)
-    eye = torch.eye(kk, dtype=torch.float64, device=dev)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        local = data.index_select(0, idx[start:stop].reshape(-1)).view(stop - start, kk, d).to(torch.float64)
-        local -= data[start:stop, None, :]
-        gram = torch.bmm(local, local.transpose(1, 2))
-        trace = gram.diagonal(dim1=1, dim2=2).sum(dim=1)
+    gram = torch.empty((block, kk, kk), dtype=torch.float64, device=dev)
+    # Reused gather buffers: a fresh allocation per step would cost page faults on the CPU.
+    raw_buf = torch.empty((gather * kk, d), dtype=data.dtype, device=dev)
+    buf = raw_buf if data.dtype == torch.float64 else torch.empty((gather * kk, d), dtype=torch.float64, device=dev)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        for sub in range(start, stop, gather):
+            end = min(stop, sub + gather)
+            rows = (end - sub) * kk
+            torch.index_select(data, 0, idx[sub:end].reshape(-1), out=raw_buf[:rows])
+            if buf is not raw_buf:
+                buf[:rows].copy_(raw_buf[:rows])
+            local = buf[:rows].view(end - sub, kk, d)
+            local -= data[sub:end, None, :]
+            torch.bmm(local, local.transpose(1, 2), out=gram[sub - start : end - start])
+        g = gram[: stop - start]
+        trace = g.diagonal(dim1=1, dim2=2).sum(dim=1)
         ridge = torch.where(trace > 0, reg * trace, torch.full_like(trace, reg))
-        gram += ridge[:, None, None] * eye
-        w = torch.linalg.solve(gram, ones.expand(stop - start, kk, 1)).squeeze(2)
+        g.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+        w = torch.linalg.solve(g, ones.expand(stop - start, kk, 1)).squeeze(2)
         weights[start:stop] = w / w.sum(dim=1, keepdim=True)
     return idx.cpu().numpy(), weights.cpu().numpy()
 

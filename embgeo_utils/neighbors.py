@@ -13,6 +13,9 @@ The intrinsic-dimension estimators (chapters 3 and 4) need sorted neighbour
 *distances* of clouds whose duplicate rows are removed or masked:
 ``deduplicated_knn_distances`` for one cloud, ``batched_knn_distances`` and
 ``knn_from_sq_distances`` for a stack of clouds (every layer of a prompt).
+``exact_order_statistics`` and ``exact_rank_distances`` give the same distances
+at chosen ranks from a float32 ranking: rigorous bounds on the float32 error
+leave a few candidates per rank, and only those are recomputed in float64.
 
 References:
     Lee, Weber, Viegas, Wattenberg (2025). Shared Global and Local Geometry of
@@ -23,7 +26,9 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -40,12 +45,19 @@ __all__ = [
     "check_queries",
     "deduplicated_knn_distances",
     "duplicate_groups",
+    "exact_order_statistics",
+    "exact_rank_distances",
+    "exact_rank_distances_deduplicated",
+    "float32_error_factor",
+    "key_bits",
     "knn",
     "knn_from_sq_distances",
     "neighborhood_overlap",
     "neighborhood_overlap_batched",
     "shared_neighbor_counts",
+    "single_thread",
     "smallest_sorted",
+    "sort_keys",
     "sorted_knn_distances",
     "unique_rows",
 ]
@@ -592,3 +604,449 @@ def batched_knn_distances(
     sq = (x * x).sum(dim=2)
     d2 = torch.bmm(x, x.transpose(1, 2)).mul_(-2.0).add_(sq[:, :, None]).add_(sq[:, None, :])
     return knn_from_sq_distances(stack, d2, sq, kmax, what)
+
+
+# ----------------------------------------------------------------------------------------
+# Float32 ranking, exact float64 order statistics (chapters 3 and 4)
+#
+# The estimators need only a few neighbour distances per point (the ranks n1, n2 of GRIDE,
+# the first two for TwoNN, the k nearest indices for the overlap). A float32 matrix product
+# ranks all candidates at the matrix-multiply rate; rigorous error bounds on those float32
+# squared distances then say which few candidates could hold each wanted rank, and only
+# those are recomputed in float64: dot products of the float64 points (one sampled sparse
+# product), and coordinate differences for pairs much closer than their norms, so every
+# recomputed squared distance is within 6e-11 of its value (about 1e-15 in practice) and
+# identical rows are at exactly 0.
+#
+# Approximate squared distances are sorted as int32 keys: the bits of the non-negative
+# float32 value with its low ``b`` bits replaced by the candidate's column (``2^b`` >= the
+# number of columns). Sorting these keys sorts the values truncated to ``23 - b`` mantissa
+# bits and carries the column along, so one SIMD integer sort replaces an argsort.
+
+_U32 = 2.0**-24
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on one intra-op thread, then restore the thread count (chapters 3 and 4).
+
+    For bookkeeping made of many small ops (band searches, gathers, GRIDE's Newton
+    steps): on a CPU shared with other jobs, torch's OpenMP threads wait on each
+    other at every op (a 65k-element op took 8 ms with two threads on a loaded
+    2-core machine, 0.05 ms with one), while splitting such small ops gains little
+    on an idle one. Matrix products and whole-matrix passes stay outside.
+    """
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
+
+
+def float32_error_factor(d: int) -> float:
+    """``g`` with ``|f - e| <= g (|x_i|^2 + |x_j|^2) + u e`` for float32 squared distances (chapters 3 and 4).
+
+    ``f = |x_j|^2 - 2 x_i.x_j + |x_i|^2`` computed in float32 from the centred
+    points rounded to float32 (dimension ``d``), ``e`` the exact squared distance
+    of the unrounded points. The product errs by at most
+    ``gamma_d |x_i| |x_j| <= gamma_d (|x_i|^2 + |x_j|^2) / 2`` with
+    ``gamma_d = d u / (1 - d u)`` in any summation order (``u`` the unit roundoff:
+    ``2^-24``, or ``2^-11`` when torch may run float32 products in TF32 or bfloat16,
+    i.e. ``torch.get_float32_matmul_precision() != "highest"``); the rounding of
+    the points and of the three additions adds at most ``10 u (|x_i|^2 + |x_j|^2) + u e``.
+    A worst case, independent of the BLAS kernel.
+    """
+    u = _U32 if torch.get_float32_matmul_precision() == "highest" else 2.0**-11
+    du = int(d) * u
+    if du >= 0.5:
+        raise EmbgeoInputError(f"float32 ranking needs fewer than {int(0.5 / u)} features, got {d}.")
+    return du / (1.0 - du) + 10.0 * u
+
+
+def key_bits(n_columns: int) -> int:
+    """Low bits of an int32 sort key that hold the column index (chapters 3 and 4)."""
+    return max(1, int(n_columns - 1).bit_length())
+
+
+def sort_keys(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Sorted int32 keys of non-negative float32 ``values`` (rows x columns), column in the low ``bits``.
+
+    ``values`` is overwritten (it becomes the unsorted keys); on the CPU the keys
+    are sorted in place with numpy's SIMD sort and returned as the same storage.
+    """
+    if values.dtype != torch.float32 or values.ndim != 2:
+        raise EmbgeoInputError(f"sort_keys needs a 2-D float32 tensor, got {values.dtype} {tuple(values.shape)}.")
+    mask = (1 << bits) - 1
+    keys = values.view(torch.int32)
+    keys.bitwise_and_(~mask)
+    keys.bitwise_or_(torch.arange(values.shape[1], dtype=torch.int32, device=values.device))
+    if keys.device.type == "cpu":
+        keys.numpy().sort(axis=1)
+        return keys
+    return torch.sort(keys, dim=1).values
+
+
+def _decode(keys: torch.Tensor, bits: int) -> torch.Tensor:
+    """The truncated float32 values of int32 keys, as float64."""
+    return (keys & ~((1 << bits) - 1)).view(torch.float32).to(torch.float64)
+
+
+def _key_floor(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Int32 thresholds: a key below it has a (truncated) value below ``values``."""
+    v = values.clamp(min=0.0).mul(1.0 - 1e-6).to(torch.float32)
+    return v.view(torch.int32) & ~((1 << bits) - 1)
+
+
+def _key_ceil(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Int32 thresholds: a key at or above it has a (truncated) value above ``values``."""
+    v = values.clamp(min=0.0).mul(1.0 + 1e-6).to(torch.float32)
+    return (v.view(torch.int32) | ((1 << bits) - 1)) + 1
+
+
+def _exact_sq(points: torch.Tensor, norms: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``|p_rows - p_cols|^2`` in float64 for pairs of rows of the float64 ``points`` (``norms = |p|^2``).
+
+    The distinct pairs form one sparse matrix whose dot products come from one
+    ``torch.sparse.sampled_addmm`` (no gathered copies); ``|p_i|^2 + |p_j|^2 - 2 p_i.p_j``
+    then errs by at most ``(d + 2) 2^-53 (|p_i|^2 + |p_j|^2)``. Pairs closer than
+    ``1e-3 (|p_i|^2 + |p_j|^2)`` are recomputed from coordinate differences (identical
+    rows give exactly 0), so every result is within ``1e3 (d + 2) 2^-53`` (6e-11 at
+    ``d = 576``) of the exact value, relative; in practice about 1e-15.
+    """
+    n = points.shape[0]
+    if rows.numel() == 0:
+        return torch.empty(0, dtype=torch.float64, device=points.device)
+    pair, inverse = torch.unique(rows * n + cols, return_inverse=True)
+    pr, pc = pair // n, pair % n
+    crow = torch.zeros(n + 1, dtype=torch.long, device=points.device)
+    crow[1:] = torch.cumsum(torch.bincount(pr, minlength=n), 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        sampled = torch.sparse_csr_tensor(
+            crow,
+            pc,
+            torch.zeros(pair.numel(), dtype=torch.float64, device=points.device),
+            size=(n, n),
+            check_invariants=False,  # rows and sorted columns by construction
+        )
+    dots = torch.sparse.sampled_addmm(sampled, points, points.T).values()
+    scale = norms[pr] + norms[pc]
+    e = (scale - 2.0 * dots).clamp_(min=0.0)
+    close = (e < 1e-3 * scale).nonzero()[:, 0]
+    if close.numel():
+        diff = points[pc[close]] - points[pr[close]]
+        e[close] = (diff * diff).sum(dim=1)
+    return e[inverse]
+
+
+@torch.no_grad()
+def exact_order_statistics(
+    points: torch.Tensor,
+    norms: torch.Tensor,
+    keys: torch.Tensor,
+    bits: int,
+    sq: torch.Tensor,
+    shift: torch.Tensor,
+    gamma: float,
+    ranks: Sequence[int],
+    top: int = 0,
+    query: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
+    rest: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact squared distances at given neighbour ranks, and exact nearest-neighbour sets (chapters 3 and 4).
+
+    Row ``r`` of ``keys`` holds the sorted keys (:func:`sort_keys`) of the float32
+    squared distances ``f`` from query point ``r`` to its candidates, offset by
+    ``shift[r]`` (``f + shift >= 0``); masked candidates are ``+inf``. With
+    ``e`` the exact squared distance and ``a = sqrt(sq[r])``, every candidate
+    with ``f <= t`` satisfies ``|e - f| <= gamma (a^2 + (a + sqrt(t))^2) + u t``
+    (``|x_j| <= a + sqrt(e)``; see :func:`float32_error_factor`; the constants
+    here keep a margin), so each wanted
+    rank has a band of candidates that could hold it: those below the band are
+    certainly nearer, those above certainly farther. Only the band is
+    recomputed in float64 (to within 6e-11 relative, see ``_exact_sq``) and the rank is read from it.
+    The ``top`` nearest are found the same way from the band of rank ``top``;
+    exact ties are broken by the lower candidate index.
+
+    Args:
+        points: ``(n, d)`` float64 coordinates (the exact distances come from them).
+        norms: ``(n,)`` their squared norms.
+        keys: ``(rows, m)`` sorted int32 keys; a key's low ``bits`` are a column.
+        bits: index bits of the keys.
+        sq: ``(rows,)`` squared norms of the centred query points (float64).
+        shift: ``(rows,)`` offset added to ``f`` before encoding.
+        gamma: :func:`float32_error_factor` of the float32 product.
+        ranks: 1-based ranks wanted, each at most ``m``.
+        top: size of the exact nearest-neighbour sets wanted (0: none).
+        query: ``(rows,)`` row of ``points`` of each query (default: ``arange(rows)``).
+        base: ``(rows,)`` row of ``points`` of column 0 (default: ``(row // m) * m``,
+            i.e. ``rows = clouds x m`` queries of ``m``-point clouds stored
+            consecutively in ``points``, keys holding all ``m`` columns).
+        rest: ``(rows,)`` int32 key below which every candidate of the row is
+            in ``keys`` (when a row lists only its nearest candidates); a band
+            that may reach beyond it marks the row as not resolved.
+
+    Returns:
+        ``(d2, nearest, ok)``: ``(rows, len(ranks))`` exact squared distances,
+        ``(rows, top)`` int64 columns of the nearest candidates, nearest first,
+        and a ``(rows,)`` mask of the rows resolved (all, without ``rest``).
+    """
+    with single_thread():
+        return _exact_order_statistics(points, norms, keys, bits, sq, shift, gamma, ranks, top, query, base, rest)
+
+
+def _exact_order_statistics(
+    points: torch.Tensor,
+    norms: torch.Tensor,
+    keys: torch.Tensor,
+    bits: int,
+    sq: torch.Tensor,
+    shift: torch.Tensor,
+    gamma: float,
+    ranks: Sequence[int],
+    top: int = 0,
+    query: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
+    rest: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dev = keys.device
+    n_rows, m = keys.shape
+    ranks_t = torch.as_tensor(list(ranks), dtype=torch.long, device=dev)
+    if ranks_t.numel() and (int(ranks_t.min()) < 1 or int(ranks_t.max()) > m):
+        raise EmbgeoInputError(f"ranks must lie in [1, {m}], got {list(ranks)}.")
+    if not 0 <= top <= m:
+        raise EmbgeoInputError(f"top must lie in [0, {m}], got {top}.")
+    positions = torch.cat([ranks_t - 1, torch.tensor([top - 1] if top else [], dtype=torch.long, device=dev)])
+    n_pos = positions.numel()
+    row_ids = torch.arange(n_rows, device=dev)
+    query = row_ids if query is None else query
+    base = (row_ids // m) * m if base is None else base
+    # Band of every wanted position: [lo, hi) in sorted order.
+    f_p = _decode(keys[:, positions], bits)  # (rows, n_pos)
+    sq64 = sq.to(torch.float64)[:, None]
+    a = sq64.sqrt()
+    s = shift.to(torch.float64)[:, None]
+    # |e - f| <= gamma (|x_i|^2 + |x_j|^2) + u e, with |x_j| <= (1.025) (|x_i| + sqrt(e)) for the
+    # candidates up to tau; the shift and the truncated key bits (rho) come on top.
+    rho = 1.01 * 2.0 ** (bits - 23)
+    tau = 2.0 * f_p + 16.0 * gamma * sq64 + s
+    half = 1.05 * gamma * (sq64 + (a + tau.sqrt()).square()) + 0.1 * gamma * tau + rho * (f_p + s) + s
+    lo = torch.searchsorted(keys, _key_floor(f_p - 2.0 * half, bits), right=False)
+    upper = _key_ceil(f_p + 2.0 * half, bits)
+    hi = torch.searchsorted(keys, upper, right=False)
+    ok = torch.ones(n_rows, dtype=torch.bool, device=dev) if rest is None else (upper <= rest[:, None]).all(dim=1)
+    if top:
+        lo[:, -1] = 0
+    lo = torch.minimum(lo, positions[None, :])
+    hi = torch.maximum(hi, positions[None, :] + 1).clamp_(max=m)
+    # Ragged list of band members, segment by segment (row-major over (row, position)).
+    seg_lo, seg_len = lo.reshape(-1), (hi - lo).reshape(-1)
+    seg_row = row_ids.repeat_interleave(n_pos)
+    seg_start = torch.cumsum(seg_len, 0) - seg_len
+    total = int(seg_len.sum())
+    member_seg = torch.repeat_interleave(torch.arange(seg_len.numel(), device=dev), seg_len, output_size=total)
+    member_pos = seg_lo[member_seg] + torch.arange(total, device=dev) - seg_start[member_seg]
+    member_row = seg_row[member_seg]
+    col = (keys[member_row, member_pos] & ((1 << bits) - 1)).to(torch.long)
+    target = col + base[member_row]
+    e = _exact_sq(points, norms, query[member_row], target)
+    # Sort members by (segment, exact distance, column).
+    # Rank bands: sort members by (band, exact value) with one sort of band + position in the
+    # band. Every member's exact value lies in [low, low + span] of its band and the fraction
+    # keeps 2^-36 of the span (the span is about 1e-3 of the distance), so the value read at
+    # each rank is exact to about 1e-14 of it.
+    n_rank = ranks_t.numel()
+    low = (f_p - 3.0 * half).reshape(-1)[member_seg]
+    span = (6.0 * half + rho * f_p).reshape(-1)[member_seg]
+    frac = ((e - low) / span).clamp_(0.0, 1.0 - 2.0**-36)
+    order = torch.sort(member_seg.to(torch.float64) + frac, stable=True).indices
+    pick = seg_start.view(n_rows, n_pos)[:, :n_rank] + (ranks_t - 1)[None, :] - lo[:, :n_rank]
+    d2 = e[order][pick]
+    if not top:
+        return d2, torch.empty((n_rows, 0), dtype=torch.long, device=dev), ok
+    # Nearest set: the band of rank ``top`` from position 0, sorted by (row, exact value, column).
+    in_top = ((member_seg % n_pos) == n_pos - 1).nonzero()[:, 0]
+    t_row, t_e, t_col = member_row[in_top], e[in_top], col[in_top]
+    order = torch.sort(t_col, stable=True).indices
+    order = order[torch.sort(t_e[order], stable=True).indices]
+    order = order[torch.sort(t_row[order], stable=True).indices]
+    first = torch.cumsum(seg_len.view(n_rows, n_pos)[:, -1], 0)[:, None] - seg_len.view(n_rows, n_pos)[:, -1:]
+    return d2, t_col[order][first + torch.arange(top, device=dev)[None, :]], ok
+
+
+def _smallest_keys(keys: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted keys of each row below a per-row threshold that leaves at least ``m`` of them.
+
+    The threshold is read from a strided sample of the row's keys (sorted) with a
+    margin; rows that still come out short are sorted in full. Returns the
+    ``(rows, M)`` sorted keys (padded with the largest int32) and the ``(rows,)``
+    threshold: every key of the row below it is listed.
+    """
+    n_rows, n = keys.shape
+    big = torch.iinfo(torch.int32).max
+    if m + 8 < n and m <= 32:  # few neighbours: a partial selection is cheaper
+        best = torch.topk(keys, m + 8, dim=1, largest=False, sorted=True).values
+        return best[:, :-1].contiguous(), best[:, -1].contiguous()
+    stride = max(1, n // 1024)
+    sample = keys[:, ::stride].contiguous()
+    s = sample.shape[1]
+    if sample.device.type == "cpu":
+        sample.numpy().sort(axis=1)
+    else:
+        sample = torch.sort(sample, dim=1).values
+    q = min(s - 1, int(np.ceil(1.5 * m * s / n)) + 8)
+    theta = sample[:, q].clone()
+    if q == s - 1:
+        theta.fill_(big)
+    below = keys < theta[:, None]
+    counts = torch.count_nonzero(below, dim=1)
+    short = (counts < m).nonzero()[:, 0]
+    if short.numel():  # rare: take the whole row
+        theta[short] = big
+        below[short] = True
+        counts[short] = n
+    width = int(counts.max())
+    r, c = below.nonzero().unbind(1)  # row-major: each row's members are contiguous
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(r.numel(), device=keys.device) - start[r]
+    out = torch.full((n_rows, width), big, dtype=torch.int32, device=keys.device)
+    out[r, pos] = keys[r, c]
+    if out.device.type == "cpu":
+        out.numpy().sort(axis=1)
+    else:
+        out = torch.sort(out, dim=1).values
+    return out, theta
+
+
+@torch.no_grad()
+def exact_rank_distances(
+    data: torch.Tensor, ranks: Sequence[int], chunk_size: int | None = None
+) -> tuple[torch.Tensor, bool]:
+    """Exact squared distances of every point to its neighbours at the given ranks (chapters 3 and 4).
+
+    Candidates are ranked by a float32 matrix product in chunks of query rows;
+    the decisive distances are recomputed exactly in float64
+    (:func:`exact_order_statistics`). The point itself is excluded by index.
+
+    Args:
+        data: ``(n, d)`` points.
+        ranks: 1-based neighbour ranks, each at most ``n - 1``.
+        chunk_size: query rows per chunk (default: a float32 block of about 8 MiB).
+
+    Returns:
+        ``(d2, has_duplicates)``: ``(n, len(ranks))`` float64 squared distances,
+        and whether the cloud holds identical rows (then the distances count
+        them; :func:`exact_rank_distances_deduplicated` removes them).
+    """
+    n, dim = data.shape
+    wanted = [int(r) for r in ranks]
+    if not wanted or min(wanted) < 1 or max(wanted) > n - 1:
+        raise EmbgeoInputError(f"ranks must lie in [1, {n - 1}] for {n} points, got {wanted}.")
+    ranks = sorted(set(wanted) | {1})
+    dev = data.device
+    data64 = data.to(torch.float64)
+    # A power of two brings the largest centred norm near 1 (exact): no float32 overflow or underflow.
+    spread = float((data64 - data64.mean(dim=0)).abs().max())
+    scale = 2.0 ** -np.floor(np.log2(spread)) if spread > 0 else 1.0
+    data64 = data64 * scale
+    mean = data64.mean(dim=0)
+    centred64 = data64 - mean
+    xc = centred64.to(torch.float32)
+    sq64 = (centred64 * centred64).sum(dim=1)
+    sq = sq64.to(torch.float32)
+    norms = (data64 * data64).sum(dim=1)
+    gamma = float32_error_factor(dim)
+    shift = 2.1 * gamma * sq64 + 1e-30
+    bits = key_bits(n)
+    mask = (1 << bits) - 1
+    step = chunk_rows(4 * n, dev, chunk_size, max_rows=n, budget_bytes=1 << 23)
+    out = torch.empty((n, len(ranks)), dtype=torch.float64, device=dev)
+    has_duplicates = False
+    zeros = torch.zeros(1, dtype=torch.long, device=dev)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        rows = torch.arange(start, stop, device=dev)
+        score = torch.addmm(sq[None, :], xc[start:stop], xc.T, alpha=-2.0)
+        score.add_((sq64[start:stop] + shift[start:stop]).to(torch.float32)[:, None]).clamp_(min=0.0)
+        score[rows - start, rows] = float("inf")
+        keys = score.view(torch.int32)
+        keys.bitwise_and_(~mask).bitwise_or_(torch.arange(n, dtype=torch.int32, device=dev))
+        listed, rest = _smallest_keys(keys, max(ranks) + 1)
+        d2, _, ok = exact_order_statistics(
+            data64,
+            norms,
+            listed,
+            bits,
+            sq64[start:stop],
+            shift[start:stop],
+            gamma,
+            ranks,
+            query=rows,
+            base=zeros.expand(stop - start),
+            rest=rest,
+        )
+        if not bool(ok.all()):  # a band reaches past the listed keys: sort those rows in full
+            bad = (~ok).nonzero()[:, 0]
+            full = keys[bad].clone()
+            if full.device.type == "cpu":
+                full.numpy().sort(axis=1)
+            else:
+                full = torch.sort(full, dim=1).values
+            d2[bad], _, _ = exact_order_statistics(
+                data64,
+                norms,
+                full,
+                bits,
+                sq64[start + bad],
+                shift[start + bad],
+                gamma,
+                ranks,
+                query=start + bad,
+                base=zeros.expand(bad.numel()),
+            )
+        out[start:stop] = d2
+    # Identical rows, and only they, are at exactly 0 (near pairs are recomputed from differences).
+    has_duplicates = bool((out[:, 0] == 0).any())
+    return out[:, [ranks.index(r) for r in wanted]] / scale**2, has_duplicates
+
+
+def exact_rank_distances_deduplicated(
+    data: torch.Tensor, ranks: Sequence[int], what: str = "the estimator", shrink: bool = False
+) -> tuple[torch.Tensor, int, list[int]]:
+    """:func:`exact_rank_distances` of the cloud with its identical rows removed (chapters 3 and 4).
+
+    Args:
+        data: ``(n, d)`` points.
+        ranks: 1-based neighbour ranks.
+        what: name of the caller, used in the error message.
+        shrink: drop the ranks that the distinct points do not allow (keeping at
+            least rank 2) instead of raising.
+
+    Returns:
+        ``(dist, n_distinct, ranks)``: ``(n_distinct, len(ranks))`` float64 distances
+        (not squared) floored at :data:`DISTANCE_FLOOR`, the number of distinct
+        points and the ranks kept.
+
+    Raises:
+        EmbgeoInputError: if fewer than ``max(ranks) + 1`` distinct points remain.
+    """
+    if data.ndim != 2:
+        raise EmbgeoInputError(f"data must be 2-D (points x features), got shape {tuple(data.shape)}.")
+    ranks = sorted({int(r) for r in ranks})
+    n_distinct = data.shape[0]
+    if data.shape[0] >= ranks[-1] + 1:
+        d2, has_duplicates = exact_rank_distances(data, ranks)
+        if not has_duplicates:
+            return d2.sqrt_().clamp_(min=DISTANCE_FLOOR), n_distinct, ranks
+    data = unique_rows(data)
+    n_distinct = data.shape[0]
+    if shrink and n_distinct >= 3:
+        ranks = [r for r in ranks if r <= n_distinct - 1]
+    if n_distinct < ranks[-1] + 1:
+        raise _too_few(n_distinct, ranks[-1], what)
+    d2, _ = exact_rank_distances(data, ranks)
+    return d2.sqrt_().clamp_(min=DISTANCE_FLOOR), n_distinct, ranks

@@ -215,3 +215,18 @@ def test_chapter2_figures(device) -> None:
     plotting.lle_errors(errors, 5, 80, order=CONDITIONS)
     plotting.neighbour_overlap(summary, 5)
     plt.close("all")
+
+
+def test_gather_steps_and_solve_blocks_do_not_change_the_weights(device, monkeypatch) -> None:
+    """Many small gathers and solve blocks (and the float32 copy path) give the weights of one step."""
+    from embgeo_utils import lle
+
+    X = np.random.default_rng(5).normal(size=(250, 12))
+    idx, whole = lle_weights(X, 7, reg=1e-3, device=device)
+    _, whole32 = lle_weights(X.astype(np.float32), 7, reg=1e-3, device=device, indices=idx)
+    monkeypatch.setattr(lle, "_GATHER_BYTES", 1)  # 16 rows per gather on the CPU
+    monkeypatch.setattr(lle, "_SOLVE_ROWS", 40)
+    _, steps = lle_weights(X, 7, reg=1e-3, device=device, indices=idx)
+    _, steps32 = lle_weights(X.astype(np.float32), 7, reg=1e-3, device=device, indices=idx)
+    np.testing.assert_allclose(steps, whole, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(steps32, whole32, rtol=1e-12, atol=1e-14)

@@ -99,3 +99,39 @@ def test_errors(device) -> None:
     zero[0, 0, 5] = 0.0
     with pytest.raises(EmbgeoInputError, match="zero vectors"):
         layer_observables(zero, scales=[2], device=device)
+
+
+def test_float32_path_is_exact_and_chunking_does_not_matter(device) -> None:
+    """dtype=float32 ranks in float32 but reads every decisive distance exactly: it equals the float64 path."""
+    hidden = _hidden(prompts=2, layers=3, tokens=120, dim=24, seed=2)
+    hidden[1, 0] += 40.0  # a large shared offset (anisotropy)
+    hidden[0, 2, 7] *= 60.0  # a token of huge norm
+    scales = [2, 4, 8, 16, 32]
+    ref = layer_observables(hidden, scales=scales, device=device)
+    one = layer_observables(hidden, scales=scales, device=device, dtype=torch.float32, chunk_size=1)
+    many = layer_observables(hidden, scales=scales, device=device, dtype=torch.float32)
+    for out in (one, many):
+        np.testing.assert_allclose(out.gride, ref.gride, rtol=1e-10)
+        np.testing.assert_allclose(out.twonn, ref.twonn, rtol=1e-10)
+        np.testing.assert_allclose(out.cos_mean, ref.cos_mean, rtol=1e-10)
+        np.testing.assert_allclose(out.cos_std, ref.cos_std, rtol=1e-6)
+    for k in (1, 2, 4):
+        np.testing.assert_array_equal(one.overlap[k], many.overlap[k])
+    np.testing.assert_array_equal(one.gride, many.gride)
+
+
+def test_float32_path_overlap_breaks_ties_by_index(device) -> None:
+    """Duplicated tokens are tied neighbours: the overlap uses the exact order, ties broken by the lower index."""
+    hidden = _hidden(prompts=1, layers=3, tokens=80, dim=16, seed=4)
+    hidden[0, :, 30] = hidden[0, :, 31]  # the same duplicate pair in every layer
+    out = layer_observables(hidden, scales=[2, 4], overlap_k=(1, 2), device=device, dtype=torch.float32)
+    for k in (1, 2):
+        for layer in range(2):
+            expected = []
+            for cloud in (hidden[0, layer], hidden[0, layer + 1]):
+                X = cloud.astype(np.float64)
+                e = ((X[:, None] - X[None]) ** 2).sum(-1)
+                np.fill_diagonal(e, np.inf)
+                expected.append(np.lexsort((np.broadcast_to(np.arange(len(X)), e.shape), e), axis=1)[:, :k])
+            shared = [len(set(a) & set(b)) for a, b in zip(*expected)]
+            assert out.overlap[k][0, layer] == pytest.approx(np.mean(shared) / k, abs=1e-12)
