@@ -8,7 +8,7 @@ Examples::
     embgeo ledger --csv claims.csv           # the claims table (printed, or written as CSV / JSON)
     embgeo models                            # the registry: installed?, converted?, cache size
     embgeo cache info                        # where the cache is and what it holds
-    embgeo cache clear activations --yes     # delete one part of the cache (models, gguf, activations, sae, all)
+    embgeo cache clear activations --yes     # delete one part of the cache (models, gguf, activations, sae, ..., all)
 
 Parameters are checked against the chapter's cell tagged ``parameters`` before
 anything runs: an unknown name, a wrong type or a value out of range stops the
@@ -28,7 +28,18 @@ from .errors import EmbgeoError, ParameterError
 
 __all__ = ["main", "cache_report", "models_report"]
 
-_PARTS = ("models", "gguf", "activations", "sae", "results")
+_PARTS = (
+    "models",
+    "gguf",
+    "activations",
+    "sae",
+    "steering",
+    "token_ids",
+    "similarity",
+    "string_embeddings",
+    "token_counts",
+    "results",
+)
 
 
 def _human(n: int) -> str:
