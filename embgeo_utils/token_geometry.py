@@ -50,6 +50,7 @@ import torch
 from scipy import stats as sps
 
 from . import stats
+from .cache import array_digest, cache_dir, content_key, load_frame, save_frame
 from .device import chunk_budget, chunk_rows, get_device
 from .errors import EmbgeoInputError
 from .intrinsic_dim import (
@@ -564,6 +565,7 @@ def run_layerwise(
     batch_size: int = 4,
     loader: Callable[[str], LoadedModel] | None = None,
     verbose: bool = True,
+    cache: bool = True,
 ) -> LayerwiseRun:
     """Measure the layerwise geometry of real prompts, every model at every shuffle level (chapter 4).
 
@@ -591,6 +593,9 @@ def run_layerwise(
         batch_size: prompts per forward pass.
         loader: ``name -> LoadedModel`` (default :func:`~embgeo_utils.models.load` on ``device``).
         verbose: print the time taken per model.
+        cache: keep each model's tables per shuffle level on disk, keyed by the
+            model, the token ids and the parameters of the geometry, so a rerun
+            reads them instead of the hidden states.
 
     Returns:
         A :class:`LayerwiseRun`.
@@ -623,6 +628,20 @@ def run_layerwise(
         n_layers = 0
         for S in levels:
             ids = [corpus.shuffle_tokens(p.token_ids, S, seed=seed * 100_003 + i) for i, p in enumerate(passages)]
+            key = content_key(
+                "layerwise-v1", name, loaded.info.sha256, str(loaded.model.dtype), [array_digest(np.asarray(x)) for x in ids],
+                int(n_tokens), scales_arr.tolist(), list(map(int, overlap_k)),
+                curve_scales.tolist() if S in (s_lo, s_hi) else None, dev.type,
+            )  # fmt: skip
+            paths = [cache_dir("layerwise") / f"{key}-{part}.npz" for part in ("geometry", "loss", "curve")]
+            geo, lss, crv = [load_frame(path) for path in paths] if cache else [None, None, None]
+            if geo is not None and lss is not None and (crv is not None or S not in (s_lo, s_hi)):
+                frames.append(geo)
+                loss_frames.append(lss)
+                if crv is not None and S in (s_lo, s_hi):
+                    curve_frames.append(crv)
+                n_layers = int(geo["layer"].nunique())
+                continue
             acts = activations.hidden_states(loaded, ids, n_tokens, batch_size=batch_size, progress=False)
             hidden = acts.hidden[:, 1:]  # skip the embedding layer: layers 1..L
             obs = layer_observables(
@@ -635,6 +654,9 @@ def run_layerwise(
                     {"model": name, "S": S, "prompt": np.arange(len(passages)), "loss": acts.loss.astype(np.float64)}
                 )
             )
+            if cache:
+                save_frame(frames[-1], paths[0])
+                save_frame(loss_frames[-1], paths[1])
             n_layers = hidden.shape[1]
             if S in (s_lo, s_hi):
                 peak = int(np.argmax(obs.gride[:, :, 0].mean(0)))
@@ -652,6 +674,8 @@ def run_layerwise(
                         }
                     )
                 )
+                if cache:
+                    save_frame(curve_frames[-1], paths[2])
             del acts, hidden
         seconds[name] = time.perf_counter() - start
         if verbose:

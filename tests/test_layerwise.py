@@ -239,5 +239,15 @@ def test_run_layerwise_on_a_real_model(smollm, device, tmp_cache) -> None:
     assert sorted(run.curves["n2"].unique()) == [2, 4, 8] and set(run.curves["S"]) == {0, 5}
     mean_loss = run.losses.groupby("S")["loss"].mean()
     assert mean_loss[5] > mean_loss[0]
+    # a rerun reads every table from the cache, without the hidden states
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("embgeo_utils.activations.hidden_states", lambda *a, **k: pytest.fail("should read the cache"))
+        again = tg.run_layerwise(
+            ["smollm2-135m"], n_prompts=3, n_tokens=24, shuffle_levels=[5, 0], scales=[2, 4], scale_curve_max=8,
+            overlap_k=[1], device=device, loader=lambda name: smollm, verbose=False,
+        )  # fmt: skip
+    pd.testing.assert_frame_equal(run.geometry, again.geometry)
+    pd.testing.assert_frame_equal(run.losses, again.losses)
+    pd.testing.assert_frame_equal(run.curves, again.curves)
     with pytest.raises(EmbgeoInputError, match="non-negative integers"):
         tg.run_layerwise(["smollm2-135m"], shuffle_levels=[0.5], loader=lambda name: smollm)
