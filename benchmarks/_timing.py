@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,16 +69,10 @@ def bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
 
 
 def machine() -> str:
-    """A short description of the CPU and the torch build."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    """A short description of the CPU and the torch build (the CPU name as the book's timings page gives it)."""
+    from embgeo_utils.timings import machine as book_machine
+
+    return f"{book_machine()['cpu']}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 class Recorder:
