@@ -743,6 +743,7 @@ def _exact_sq(points: torch.Tensor, norms: torch.Tensor, rows: torch.Tensor, col
 
 
 @torch.no_grad()
+@single_thread()  # many small ops: one thread (see single_thread)
 def exact_order_statistics(
     points: torch.Tensor,
     norms: torch.Tensor,
@@ -795,24 +796,6 @@ def exact_order_statistics(
         ``(rows, top)`` int64 columns of the nearest candidates, nearest first,
         and a ``(rows,)`` mask of the rows resolved (all, without ``rest``).
     """
-    with single_thread():
-        return _exact_order_statistics(points, norms, keys, bits, sq, shift, gamma, ranks, top, query, base, rest)
-
-
-def _exact_order_statistics(
-    points: torch.Tensor,
-    norms: torch.Tensor,
-    keys: torch.Tensor,
-    bits: int,
-    sq: torch.Tensor,
-    shift: torch.Tensor,
-    gamma: float,
-    ranks: Sequence[int],
-    top: int = 0,
-    query: torch.Tensor | None = None,
-    base: torch.Tensor | None = None,
-    rest: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dev = keys.device
     n_rows, m = keys.shape
     ranks_t = torch.as_tensor(list(ranks), dtype=torch.long, device=dev)
