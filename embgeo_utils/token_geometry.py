@@ -595,7 +595,8 @@ def run_layerwise(
         verbose: print the time taken per model.
         cache: keep each model's tables per shuffle level on disk, keyed by the
             model, the token ids and the parameters of the geometry, so a rerun
-            reads them instead of the hidden states.
+            reads them instead of the hidden states. The hidden states themselves
+            are not written to disk (about 10 GB at the chapter's defaults).
 
     Returns:
         A :class:`LayerwiseRun`.
@@ -642,7 +643,7 @@ def run_layerwise(
                     curve_frames.append(crv)
                 n_layers = int(geo["layer"].nunique())
                 continue
-            acts = activations.hidden_states(loaded, ids, n_tokens, batch_size=batch_size, progress=False)
+            acts = activations.hidden_states(loaded, ids, n_tokens, batch_size=batch_size, cache=False, progress=False)
             hidden = acts.hidden[:, 1:]  # skip the embedding layer: layers 1..L
             obs = layer_observables(
                 hidden, scales=scales_arr, overlap_k=overlap_k, device=dev, dtype=torch.float32, progress=False
