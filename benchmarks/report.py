@@ -34,8 +34,52 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def gpu_table(rows: list[dict]) -> str:
+    """The accelerator rows: our time there, our CPU path and the CPU peer on the same machine, the card's floor."""
+    head = (
+        "| script | kernel | input | ours (card) | ours (CPU path) | CPU / card | peer (CPU) | peer time "
+        "| peer / ours | floor (card) | floor time | ours / floor | agreement | card | CPU threads | load start → end "
+        "| date |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        cpu = r.get("ours_cpu_s")
+        cells = [
+            r["script"],
+            r["kernel"],
+            r["input"],
+            _seconds(r["ours_s"]),
+            _seconds(cpu),
+            _ratio(cpu / r["ours_s"] if cpu else None),
+            r.get("peer") or "—",
+            _seconds(r.get("peer_s")),
+            _ratio(r.get("peer_ratio")),
+            r.get("floor") or "—",
+            _seconds(r.get("floor_s")),
+            _ratio(r.get("floor_ratio")),
+            r["agreement"],
+            r["device"],
+            str(r.get("cpu_threads", r["threads"])),
+            f"{r['load_start']:.1f} → {r['load_end']:.1f}",
+            r["date"],
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    machines = sorted({r["machine"] for r in rows})
+    return (
+        "On an accelerator (each peer and our CPU path on the same machine's CPU):\n\n"
+        + head
+        + "\n".join(lines)
+        + "\n\nMachine: "
+        + "; ".join(machines)
+        + "."
+    )
+
+
 def table(rows: list[dict]) -> str:
-    """The markdown table of all rows, one line per comparison."""
+    """The markdown table of all rows, one line per comparison (rows run on an accelerator in a second table)."""
+    gpu = [r for r in rows if r.get("device")]
+    rows = [r for r in rows if not r.get("device")]
     head = (
         "| script | kernel | input | ours | peer | peer time | peer / ours | floor | floor time | ours / floor "
         "| agreement | load start → end | threads | date |\n"
@@ -68,7 +112,7 @@ def table(rows: list[dict]) -> str:
         )
     machines = sorted({r["machine"] for r in rows})
     note = "\n\nMachine: " + "; ".join(machines) + "." if machines else ""
-    return head + "\n".join(lines) + note
+    return head + "\n".join(lines) + note + ("\n\n" + gpu_table(gpu) if gpu else "")
 
 
 def render(readme: str, rows: list[dict]) -> str:
