@@ -183,7 +183,12 @@ def local_pca_id(
             small = block @ block.transpose(1, 2)
         else:
             small = block.transpose(1, 2) @ block
-        eig = torch.linalg.eigvalsh(small.to(torch.float64)).flip(-1).clamp_(min=0.0)
+        if small.device.type == "cuda" and small.shape[-1] > 32:
+            # cuSOLVER batches symmetric eigenproblems only up to 32 x 32; larger ones solve faster on the host
+            eig = torch.linalg.eigvalsh(small.to("cpu", torch.float64)).to(dev)
+        else:
+            eig = torch.linalg.eigvalsh(small.to(torch.float64))
+        eig = eig.flip(-1).clamp_(min=0.0)
         total = eig.sum(dim=1, keepdim=True)
         ratio = eig.cumsum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))
         ids = (ratio < variance).sum(dim=1) + 1

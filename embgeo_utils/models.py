@@ -351,6 +351,7 @@ def _check_finite(spec: ModelSpec, gguf: Path, state: dict[str, torch.Tensor]) -
 def _convert_gguf(spec: ModelSpec, gguf: Path, digest: str, target: Path) -> None:
     """Dequantize a GGUF with transformers and write a safetensors copy atomically, with a manifest of every file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
     storage = getattr(torch, spec.storage_dtype)
     with _progress_off():
@@ -360,7 +361,8 @@ def _convert_gguf(spec: ModelSpec, gguf: Path, digest: str, target: Path) -> Non
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config = AutoConfig.for_model(**config.to_dict())
-    plain = AutoModelForCausalLM.from_config(config, dtype=storage)
+    with no_init_weights():  # every parameter is assigned from the GGUF below: skip the random initialisation
+        plain = AutoModelForCausalLM.from_config(config, dtype=storage)
     state = loaded.state_dict()
     _check_finite(spec, gguf, state)
     plain.load_state_dict(state, assign=True)

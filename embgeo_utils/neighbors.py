@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .device import chunk_rows, get_device
+from .device import chunk_budget, chunk_rows, get_device
 from .errors import EmbgeoInputError
 from .validation import as_matrix
 
@@ -246,7 +246,8 @@ def shared_neighbor_counts(
     a = a.reshape(-1, a.shape[-1])
     b = b.reshape(-1, b.shape[-1])
     out = torch.empty(a.shape[0], dtype=torch.long, device=a.device)
-    step = chunk_rows(a.shape[1] * b.shape[1], a.device, chunk_size, budget_bytes=1 << 20)
+    budget = 1 << 20 if a.device.type == "cpu" else chunk_budget(a.device) // 8
+    step = chunk_rows(a.shape[1] * b.shape[1], a.device, chunk_size, budget_bytes=budget)
     for start in range(0, a.shape[0], step):
         stop = min(a.shape[0], start + step)
         out[start:stop] = (a[start:stop, :, None] == b[start:stop, None, :]).any(dim=2).sum(dim=1)
@@ -946,7 +947,9 @@ def exact_rank_distances(
     shift = 2.1 * gamma * sq64 + 1e-30
     bits = key_bits(n)
     mask = (1 << bits) - 1
-    step = chunk_rows(4 * n, dev, chunk_size, max_rows=n, budget_bytes=1 << 23)
+    # Blocks that stay in the CPU's cache; on a GPU, large blocks (few kernel launches per row).
+    budget = 1 << 23 if dev.type == "cpu" else chunk_budget(dev) // 8
+    step = chunk_rows(4 * n, dev, chunk_size, max_rows=n, budget_bytes=budget)
     out = torch.empty((n, len(ranks)), dtype=torch.float64, device=dev)
     has_duplicates = False
     zeros = torch.zeros(1, dtype=torch.long, device=dev)
