@@ -34,6 +34,18 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _peer_and_floor(r: dict) -> list[str]:
+    """The peer, its time and ratio, the floor, its time and ratio: the cells both tables share."""
+    return [
+        r.get("peer") or "—",
+        _seconds(r.get("peer_s")),
+        _ratio(r.get("peer_ratio")),
+        r.get("floor") or "—",
+        _seconds(r.get("floor_s")),
+        _ratio(r.get("floor_ratio")),
+    ]
+
+
 def gpu_table(rows: list[dict]) -> str:
     """The accelerator rows: our time there, our CPU path and the CPU peer on the same machine, the card's floor."""
     head = (
@@ -52,12 +64,7 @@ def gpu_table(rows: list[dict]) -> str:
             _seconds(r["ours_s"]),
             _seconds(cpu),
             _ratio(cpu / r["ours_s"] if cpu else None),
-            r.get("peer") or "—",
-            _seconds(r.get("peer_s")),
-            _ratio(r.get("peer_ratio")),
-            r.get("floor") or "—",
-            _seconds(r.get("floor_s")),
-            _ratio(r.get("floor_ratio")),
+            *_peer_and_floor(r),
             r["agreement"],
             r["device"],
             str(r.get("cpu_threads", r["threads"])),
@@ -96,12 +103,7 @@ def table(rows: list[dict]) -> str:
                     r["kernel"],
                     r["input"],
                     _seconds(r["ours_s"]),
-                    r.get("peer") or "—",
-                    _seconds(r.get("peer_s")),
-                    _ratio(r.get("peer_ratio")),
-                    r.get("floor") or "—",
-                    _seconds(r.get("floor_s")),
-                    _ratio(r.get("floor_ratio")),
+                    *_peer_and_floor(r),
                     r["agreement"],
                     f"{r['load_start']:.1f} → {r['load_end']:.1f}",
                     str(r["threads"]),
