@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,6 +78,21 @@ def bmm_rate(
     torch.bmm(x, x.transpose(1, 2))
     seconds, _ = best_time(lambda: torch.bmm(x, x.transpose(1, 2)), repeats, device)
     return 2.0 * batch * rows * rows * inner / seconds
+
+
+def row_block_rate(n: int, d: int, block: int, device: str | torch.device = "cpu", repeats: int = 3) -> float:
+    """float32 flops per second of ``x[:block] @ x.T`` for ``x`` of shape ``(n, d)``: one row block of a distance search."""
+    x = torch.randn(n, d, device=device)
+    rows = x[: min(block, n)]
+    torch.mm(rows, x.T)  # warm-up
+    seconds, _ = best_time(lambda: torch.mm(rows, x.T), repeats, device)
+    return 2.0 * len(rows) * n * d / seconds
+
+
+def max_rel(a: Any, b: Any) -> float:
+    """Largest relative difference of ``a`` from the reference ``b`` (elementwise)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
 
 
 def bandwidth(megabytes: int = 256, repeats: int = 3, device: str | torch.device = "cpu") -> float:

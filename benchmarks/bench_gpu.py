@@ -153,10 +153,6 @@ def version(package: str) -> str:
         return "?"
 
 
-def max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
-
-
 def bench_layer_observables(b: Bench, hidden: np.ndarray) -> None:
     import dadapy  # noqa: F401  (imported here, not inside the timed loop)
     from bench_token_geometry import dadapy_loop
@@ -176,7 +172,7 @@ def bench_layer_observables(b: Bench, hidden: np.ndarray) -> None:
         np.testing.assert_allclose(ours.overlap[k][:sub], peer["overlap"][:, j], atol=1e-12)
     np.testing.assert_allclose(ours.cos_mean[:sub], peer["cos_mean"], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(ours.cos_std[:sub], peer["cos_std"], rtol=1e-6)
-    vs_cpu = max(max_rel(ours.gride, cpu.gride), max_rel(ours.twonn, cpu.twonn))
+    vs_cpu = max(_timing.max_rel(ours.gride, cpu.gride), _timing.max_rel(ours.twonn, cpu.twonn))
     np.testing.assert_allclose(ours.gride, cpu.gride, rtol=1e-9)
     same = all(np.array_equal(ours.overlap[k], cpu.overlap[k]) for k in OVERLAP_K)
     rate = _timing.bmm_rate(16, n_tokens, dim, device=b.dev)
@@ -208,15 +204,6 @@ def synthetic_clouds(big_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return lpca, sphere, big
 
 
-def thin_gemm_rate(n: int, d: int, dev: torch.device, block: int = 4096) -> float:
-    """float32 flops per second of ``x[:block] @ x.T`` on ``dev`` (the row-block product of the distance search)."""
-    x = torch.randn(n, d, device=dev)
-    rows = x[: min(block, n)]
-    torch.mm(rows, x.T)
-    seconds, _ = _timing.best_time(lambda: torch.mm(rows, x.T), 3, dev)
-    return 2.0 * len(rows) * n * d / seconds
-
-
 def bench_twonn_gride(b: Bench, Y: np.ndarray, what: str, reference: bool) -> None:
     """TwoNN and GRIDE rows for the cloud ``Y`` (each checked against DADApy and our CPU path).
 
@@ -230,7 +217,7 @@ def bench_twonn_gride(b: Bench, Y: np.ndarray, what: str, reference: bool) -> No
 
     warnings.filterwarnings("ignore")
     n, d = Y.shape
-    rate = thin_gemm_rate(n, d, b.dev)
+    rate = _timing.row_block_rate(n, d, 4096, b.dev)
     floor = 2.0 * n * n * d / rate
     floor_what = f"float32 distance products 2 n^2 d at {rate_text(rate)} (blocks of 4096 rows, TF32 off)"
     repeats = 3 if reference else 1
@@ -366,7 +353,7 @@ def bench_knn(b: Bench, X: np.ndarray, k: int) -> None:
     max_dd, max_dd_cpu = float(np.abs(sk_d - dist).max()), float(np.abs(cpu_d - dist).max())
     np.testing.assert_allclose(dist, sk_d, rtol=1e-3, atol=1e-3)
     assert shared > 0.99, "neighbour sets differ from sklearn's beyond ties"
-    rate = thin_gemm_rate(n, d, b.dev)
+    rate = _timing.row_block_rate(n, d, 4096, b.dev)
     b.rec.add(
         f"knn(k={k}), all rows vs sklearn NearestNeighbors(algorithm='brute')",
         f"SmolLM2-135M input embeddings (real, float16 -> float32), {n} x {d}",

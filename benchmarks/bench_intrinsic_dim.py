@@ -24,15 +24,6 @@ import torch
 from embgeo_utils import intrinsic_dim as idm
 
 
-def thin_gemm_rate(n: int, d: int) -> float:
-    """float32 flops per second of the row-block product the single-cloud search runs (blocks of 1024 rows)."""
-    x = torch.randn(n, d)
-    block = x[:1024]
-    torch.mm(block, x.T)
-    seconds, _ = _timing.best_time(lambda: torch.mm(block, x.T), 3)
-    return 2.0 * 1024 * n * d / seconds
-
-
 def main() -> None:
     import skdim
     from dadapy import Data
@@ -67,7 +58,7 @@ def main() -> None:
     Y = rng.standard_normal((5000, 7))
     Y = (Y / np.linalg.norm(Y, axis=1, keepdims=True)) @ rng.standard_normal((7, 50))
     n, d = Y.shape
-    rate = thin_gemm_rate(n, d)
+    rate = _timing.row_block_rate(n, d, 1024)
     floor = 2.0 * n * n * d / rate
     floor_what = f"float32 distance products 2 n^2 d at {rate / 1e9:.0f} GFLOP/s (same block shape, this run)"
     idm.twonn(Y[:1000], device="cpu")  # warm-up

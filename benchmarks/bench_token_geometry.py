@@ -78,10 +78,6 @@ def real_hidden(prompts: int, tokens: int = 512, model: str = "smollm2-135m") ->
     return acts.hidden
 
 
-def max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=20)
@@ -117,10 +113,10 @@ def main() -> None:
     )
 
     errs = {
-        "GRIDE": max_rel(ours.gride[:sub], peer["gride"]),
-        "TwoNN": max_rel(ours.twonn[:sub], peer["twonn"]),
-        "cos mean": max_rel(ours.cos_mean[:sub], peer["cos_mean"]),
-        "cos std": max_rel(ours.cos_std[:sub], peer["cos_std"]),
+        "GRIDE": _timing.max_rel(ours.gride[:sub], peer["gride"]),
+        "TwoNN": _timing.max_rel(ours.twonn[:sub], peer["twonn"]),
+        "cos mean": _timing.max_rel(ours.cos_mean[:sub], peer["cos_mean"]),
+        "cos std": _timing.max_rel(ours.cos_std[:sub], peer["cos_std"]),
     }
     same_overlap = all(np.array_equal(ours.overlap[k][:sub], peer["overlap"][:, j]) for j, k in enumerate(OVERLAP_K))
     np.testing.assert_allclose(ours.gride[:sub], peer["gride"], rtol=1e-6)
@@ -129,7 +125,7 @@ def main() -> None:
         np.testing.assert_allclose(ours.overlap[k][:sub], peer["overlap"][:, j], atol=1e-12)
     np.testing.assert_allclose(ours.cos_mean[:sub], peer["cos_mean"], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(ours.cos_std[:sub], peer["cos_std"], rtol=1e-6)
-    vs_f64 = max(max_rel(ours.gride, f64.gride), max_rel(ours.twonn, f64.twonn))
+    vs_f64 = max(_timing.max_rel(ours.gride, f64.gride), _timing.max_rel(ours.twonn, f64.twonn))
     agreement = (
         "vs DADApy: max rel. diff "
         + ", ".join(f"{k} {v:.0e}" for k, v in errs.items())
