@@ -43,7 +43,7 @@ models-all: models-book
 
 ## Execute every chapter with its default parameters, then build the HTML book.
 book: models-book
-	$(PY) -m embgeo_utils.runner --out $(OUT) --jobs $(JOBS)
+	$(PY) -m embgeo_utils.book.runner --out $(OUT) --jobs $(JOBS)
 	$(MAKE) html
 	@echo "The book: file://$(CURDIR)/_build/html/index.html"
 
@@ -52,7 +52,7 @@ html:
 
 ## The built HTML as a self-contained static site (.nojekyll, relative links checked): publish $(SITE)/ anywhere.
 site: install html
-	$(PY) -m embgeo_utils.publish --html _build/html --out $(SITE)
+	$(PY) -m embgeo_utils.book.publish --html _build/html --out $(SITE)
 
 ## JupyterLab on notebooks/ with the project's kernel, on 127.0.0.1 only, token auth on.
 lab: models

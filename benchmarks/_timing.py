@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from embgeo_utils.book.timings import machine as book_machine
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -112,7 +114,6 @@ def card(device: str | torch.device = "cpu") -> str | None:
 
 def machine(device: str | torch.device = "cpu") -> str:
     """A short description of the CPU, the card if any and the torch build (the CPU name as the book's timings page gives it)."""
-    from embgeo_utils.timings import machine as book_machine
 
     name = card(device)
     gpu = f", {name}" if name else ""

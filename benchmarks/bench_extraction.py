@@ -16,7 +16,7 @@ import _timing
 import torch
 from _timing import best_time
 
-from embgeo_utils import corpus, models
+from embgeo_utils.lm import corpus, models
 
 
 def timed(fn, repeats: int) -> float:

@@ -38,7 +38,8 @@ import _timing
 import numpy as np
 import torch
 
-from embgeo_utils import feature_matching, intrinsic_dim, lle, neighbors, sae, similarity, token_geometry
+from embgeo_utils.geometry import intrinsic_dim, lle, matching, neighbors, similarity, token_clouds
+from embgeo_utils.lm import sae
 
 HIDDEN_PROMPTS = 2
 EMBEDDING_ROWS = 10_000
@@ -160,9 +161,9 @@ def bench_layer_observables(b: Bench, hidden: np.ndarray) -> None:
     n_prompts, n_layers, n_tokens, dim = hidden.shape
     scales = [s for s in SCALES if s < n_tokens]  # all of them at 512 tokens (--small: up to 128)
     kw: dict[str, Any] = {"scales": scales, "overlap_k": OVERLAP_K, "progress": False, "dtype": torch.float32}
-    token_geometry.layer_observables(hidden[:1], device=b.dev, **kw)  # warm-up
-    t_ours, ours = b.time(lambda: token_geometry.layer_observables(hidden, device=b.dev, **kw), 3)
-    t_cpu, cpu = b.cpu(lambda: token_geometry.layer_observables(hidden, device="cpu", **kw))
+    token_clouds.layer_observables(hidden[:1], device=b.dev, **kw)  # warm-up
+    t_ours, ours = b.time(lambda: token_clouds.layer_observables(hidden, device=b.dev, **kw), 3)
+    t_cpu, cpu = b.cpu(lambda: token_clouds.layer_observables(hidden, device="cpu", **kw))
     sub = 1
     t_peer_sub, peer = b.cpu(lambda: dadapy_loop(hidden[:sub]))
     t_peer = t_peer_sub * n_prompts / sub
@@ -397,10 +398,10 @@ def bench_sae(b: Bench, acts: np.ndarray, epochs: int, n_perms: int, peer_perms:
         train, n_latents, k, epochs=1, batch_size=batch, lr=lr, seed=1, device=b.dev, progress=False
     )
     za, zb = sae.encode_all(ours, acts), sae.encode_all(other, acts)
-    feature_matching.activation_correlation(za[:500], zb[:500], device=b.dev)  # warm-up
-    t_ours, corr = b.time(lambda: feature_matching.activation_correlation(za, zb, device=b.dev))
+    matching.activation_correlation(za[:500], zb[:500], device=b.dev)  # warm-up
+    t_ours, corr = b.time(lambda: matching.activation_correlation(za, zb, device=b.dev))
     za_cpu, zb_cpu = za.cpu(), zb.cpu()
-    t_cpu, corr_cpu = b.cpu(lambda: feature_matching.activation_correlation(za_cpu, zb_cpu, device="cpu"))
+    t_cpu, corr_cpu = b.cpu(lambda: matching.activation_correlation(za_cpu, zb_cpu, device="cpu"))
     dense_a, dense_b = za_cpu.numpy().astype(np.float64), zb_cpu.numpy().astype(np.float64)
 
     def corrcoef() -> np.ndarray:
@@ -424,18 +425,16 @@ def bench_sae(b: Bench, acts: np.ndarray, epochs: int, n_perms: int, peer_perms:
     )
 
     print("   rsa_test null")
-    pairs = feature_matching.match_features(corr, "max")
+    pairs = matching.match_features(corr, "max")
     keep = np.argsort(-pairs.corr)[:2000]
     xa = ours.W_dec.detach().cpu().numpy()[pairs.a[keep]][:1000]
     xb = other.W_dec.detach().cpu().numpy()[pairs.b[keep]][:1000]
-    feature_matching.rsa_test(xa[:200], xb[:200], None, n_permutations=10, seed=0, device=b.dev)  # warm-up
-    t_ours, res = b.time(lambda: feature_matching.rsa_test(xa, xb, None, n_permutations=n_perms, seed=0, device=b.dev))
-    t_cpu, res_cpu = b.cpu(
-        lambda: feature_matching.rsa_test(xa, xb, None, n_permutations=n_perms, seed=0, device="cpu")
-    )
+    matching.rsa_test(xa[:200], xb[:200], None, n_permutations=10, seed=0, device=b.dev)  # warm-up
+    t_ours, res = b.time(lambda: matching.rsa_test(xa, xb, None, n_permutations=n_perms, seed=0, device=b.dev))
+    t_cpu, res_cpu = b.cpu(lambda: matching.rsa_test(xa, xb, None, n_permutations=n_perms, seed=0, device="cpu"))
     gen = torch.Generator().manual_seed(0)
     perms = torch.argsort(torch.rand((n_perms, len(xa)), generator=gen), dim=1).numpy()[:peer_perms]
-    t_loop_sub, loop = b.cpu(lambda: np.array([feature_matching.rsa(xa, xb[p], None, device="cpu") for p in perms]))
+    t_loop_sub, loop = b.cpu(lambda: np.array([matching.rsa(xa, xb[p], None, device="cpu") for p in perms]))
     err, err_cpu = float(np.abs(res.null[:peer_perms] - loop).max()), float(np.abs(res.null - res_cpu.null).max())
     np.testing.assert_allclose(res.null[:peer_perms], loop, atol=1e-6)
     np.testing.assert_allclose(res.null, res_cpu.null, atol=1e-6)

@@ -21,7 +21,7 @@ import _timing
 import numpy as np
 import torch
 
-from embgeo_utils import intrinsic_dim as idm
+from embgeo_utils.geometry import intrinsic_dim as idm
 
 
 def main() -> None:

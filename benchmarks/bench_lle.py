@@ -1,4 +1,4 @@
-"""Benchmark of ``embgeo_utils.lle.lle_weights`` (chapter 2).
+"""Benchmark of ``embgeo_utils.geometry.lle.lle_weights`` (chapter 2).
 
 Batched LLE weights (one Gram ``bmm`` and one ``torch.linalg.solve`` in float64
 per chunk) against scikit-learn's ``barycenter_weights`` (a Python loop of
@@ -21,14 +21,13 @@ import sklearn
 import torch
 from sklearn.manifold._locally_linear import barycenter_weights
 
-from embgeo_utils.lle import lle_weights
-from embgeo_utils.neighbors import knn
+from embgeo_utils.geometry.lle import lle_weights
+from embgeo_utils.geometry.neighbors import knn
+from embgeo_utils.lm.models import input_embeddings
 
 
 def load_table(rows: int) -> tuple[np.ndarray, str]:
     try:
-        from embgeo_utils.models import input_embeddings
-
         table = input_embeddings("smollm2-135m").numpy()
         source = "SmolLM2-135M input embeddings (real)"
     except Exception as exc:

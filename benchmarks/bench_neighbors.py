@@ -1,4 +1,4 @@
-"""Benchmark of ``embgeo_utils.neighbors.knn`` (chapters 2 and 3).
+"""Benchmark of ``embgeo_utils.geometry.neighbors.knn`` (chapters 2 and 3).
 
 Exact k-NN (k = 50, Euclidean, self excluded) over the full SmolLM2-135M input
 embedding table (49,152 x 576), against
@@ -22,14 +22,13 @@ import numpy as np
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from embgeo_utils.device import chunk_rows
-from embgeo_utils.neighbors import knn
+from embgeo_utils.core.device import chunk_rows
+from embgeo_utils.geometry.neighbors import knn
+from embgeo_utils.lm.models import input_embeddings
 
 
 def load_table(rows: int | None) -> tuple[np.ndarray, str]:
     try:
-        from embgeo_utils.models import input_embeddings
-
         table = input_embeddings("smollm2-135m").numpy().astype(np.float32)
         source = "SmolLM2-135M input embeddings (real)"
     except Exception as exc:  # no model installed: same shape, synthetic

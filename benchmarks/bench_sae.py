@@ -1,14 +1,14 @@
 """Benchmark of chapter 5's kernels: SAE training, activation correlation, the permutation null.
 
-1. TopK SAE training (``embgeo_utils.sae.train_sae``) against EleutherAI's ``sparsify``
+1. TopK SAE training (``embgeo_utils.lm.sae.train_sae``) against EleutherAI's ``sparsify``
    ``SparseCoder`` trained by the same loop (Adam, the same learning rate, batches,
    epochs, AuxK for dead latents, unit-norm decoder), on the same real SmolLM2-135M
    residual activations, scaled the same way: tokens per second and held-out FVU side by side.
-2. ``feature_matching.activation_correlation`` on two SAEs' latents against a numpy
+2. ``matching.activation_correlation`` on two SAEs' latents against a numpy
    reference (``np.corrcoef`` on dense latents) and against the GEMM floor of the
    dense cross product measured in this run; the results must agree.
-3. ``feature_matching.svcca_test`` (batched null) against a plain loop of numpy SVDs, same permutations.
-4. ``feature_matching.rsa_test`` (batched gather of ranks) against a plain loop of ``rsa`` on re-paired rows.
+3. ``matching.svcca_test`` (batched null) against a plain loop of numpy SVDs, same permutations.
+4. ``matching.rsa_test`` (batched gather of ranks) against a plain loop of ``rsa`` on re-paired rows.
 
 Run: ``python benchmarks/bench_sae.py [--tokens N] [--layer L] [--epochs E]``.
 """
@@ -25,8 +25,9 @@ import _timing
 import numpy as np
 import torch
 
-from embgeo_utils import activations, corpus, feature_matching, models
-from embgeo_utils import sae as S
+from embgeo_utils.geometry import matching
+from embgeo_utils.lm import activations, corpus, models
+from embgeo_utils.lm import sae as S
 
 
 def smollm_activations(n_tokens: int, layer: int) -> np.ndarray:
@@ -138,7 +139,7 @@ def main() -> None:
     )
     za, zb = S.encode_all(ours, x), S.encode_all(other, x)
     start = time.perf_counter()
-    corr = feature_matching.activation_correlation(za, zb, device="cpu")
+    corr = matching.activation_correlation(za, zb, device="cpu")
     t_corr = time.perf_counter() - start
     dense_a, dense_b = za.numpy().astype(np.float64), zb.numpy().astype(np.float64)
     start = time.perf_counter()
@@ -166,11 +167,11 @@ def main() -> None:
     )
 
     print("\n3. SVCCA permutation null (200 re-pairings of 2,000 matched rows, n = 20)")
-    pairs = feature_matching.match_features(corr, "max")
+    pairs = matching.match_features(corr, "max")
     keep = np.argsort(-pairs.corr)[:2000]
     xa, xb = ours.W_dec.detach().numpy()[pairs.a[keep]], other.W_dec.detach().numpy()[pairs.b[keep]]
     start = time.perf_counter()
-    res = feature_matching.svcca_test(xa, xb, 20, n_permutations=200, seed=0, device="cpu")
+    res = matching.svcca_test(xa, xb, 20, n_permutations=200, seed=0, device="cpu")
     t_batched = time.perf_counter() - start
 
     def loop_null() -> np.ndarray:
@@ -203,12 +204,12 @@ def main() -> None:
     print("\n4. RSA permutation null (200 re-pairings of 1,000 matched rows)")
     xr, yr = xa[:1000], xb[:1000]
     start = time.perf_counter()
-    res = feature_matching.rsa_test(xr, yr, None, n_permutations=200, seed=0, device="cpu")
+    res = matching.rsa_test(xr, yr, None, n_permutations=200, seed=0, device="cpu")
     t_batched = time.perf_counter() - start
     gen = torch.Generator().manual_seed(0)
     perms = torch.argsort(torch.rand((200, len(xr)), generator=gen), dim=1).numpy()
     start = time.perf_counter()
-    null = np.array([feature_matching.rsa(xr, yr[p], None, device="cpu") for p in perms])
+    null = np.array([matching.rsa(xr, yr[p], None, device="cpu") for p in perms])
     t_loop = time.perf_counter() - start
     print(f"{'ours (batched gather)':>28} {t_batched:>8.2f} s")
     print(f"{'plain loop of rsa()':>28} {t_loop:>8.2f} s   ratio {t_loop / t_batched:.1f}x")

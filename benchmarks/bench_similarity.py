@@ -1,4 +1,4 @@
-"""Benchmark of the chapter 1 permutation test (``embgeo_utils.similarity``).
+"""Benchmark of the chapter 1 permutation test (``embgeo_utils.geometry.similarity``).
 
 Cosine-matrix correlation with a row-permutation null on n shared tokens: the
 fast null (both cosine matrices computed once, the second re-indexed per
@@ -17,7 +17,7 @@ import _timing
 import numpy as np
 import torch
 
-from embgeo_utils.similarity import cosine_matrix_correlation, permutation_test
+from embgeo_utils.geometry.similarity import cosine_matrix_correlation, permutation_test
 
 
 def main() -> None:

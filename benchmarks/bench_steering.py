@@ -26,6 +26,8 @@ import time
 import numpy as np
 import torch
 
+from embgeo_utils.lm import models, steering
+
 POS = [
     "The violin concerto was first performed in Leipzig.",
     "Her novel won the prize for fiction that year.",
@@ -61,7 +63,6 @@ def peer_last_tokens(loaded, layer: int) -> tuple[list[np.ndarray], float]:
 
 def ours_last_tokens(loaded, layer: int) -> tuple[list[np.ndarray], float]:
     """The same statistic with our token_states: mean over texts of the state at position -1, -2, -3, pos minus neg."""
-    from embgeo_utils import steering
 
     start = time.perf_counter()
     sp = steering.token_states(loaded, POS, layer)
@@ -81,8 +82,6 @@ def main() -> None:
     parser.add_argument("--skip-generation", action="store_true", help="only compare the vectors")
     args = parser.parse_args()
     import _timing
-
-    from embgeo_utils import models, steering
 
     rec = _timing.Recorder(__file__)
 

@@ -22,7 +22,8 @@ import _timing
 import numpy as np
 import torch
 
-from embgeo_utils.token_geometry import layer_observables
+from embgeo_utils.geometry.token_clouds import layer_observables
+from embgeo_utils.lm import activations, corpus, models
 
 SCALES = [2, 4, 8, 16, 32, 64, 128, 256]
 OVERLAP_K = (1, 2, 4)
@@ -70,7 +71,6 @@ def dadapy_loop(hidden: np.ndarray) -> dict[str, np.ndarray]:
 
 def real_hidden(prompts: int, tokens: int = 512, model: str = "smollm2-135m") -> np.ndarray:
     """Real hidden states of every layer for real passages."""
-    from embgeo_utils import activations, corpus, models
 
     loaded = models.load(model, device="cpu")
     passages = corpus.load_passages(prompts, loaded.tokenizer, min_tokens=tokens, max_tokens=tokens, seed=0)

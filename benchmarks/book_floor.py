@@ -22,8 +22,8 @@ from pathlib import Path
 import _timing
 import torch
 
-from embgeo_utils import models
-from embgeo_utils.parameters import notebook_parameters
+from embgeo_utils.book.parameters import notebook_parameters
+from embgeo_utils.lm import models
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from embgeo_utils.book import publish
+from embgeo_utils.core.device import get_device
+from embgeo_utils.lm import models
+
 ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,21 +46,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> str:
     """The device chosen with ``--device`` (checked to exist)."""
-    from embgeo_utils.device import get_device
 
     return str(get_device(pytestconfig.getoption("device")))
 
 
 @pytest.fixture(scope="session")
 def smollm(device):
-    from embgeo_utils import models
 
     return models.load("smollm2-135m", device=device)
 
 
 @pytest.fixture(scope="session")
 def gemma(device):
-    from embgeo_utils import models
 
     return models.load("gemma3-270m", device=device)
 
@@ -79,7 +80,7 @@ def small_book(tmp_path_factory, pytestconfig) -> Path:
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
     done = subprocess.run(
-        [sys.executable, "-m", "embgeo_utils.runner", "--root", str(work), "--small"],
+        [sys.executable, "-m", "embgeo_utils.book.runner", "--root", str(work), "--small"],
         capture_output=True,
         text=True,
     )
@@ -100,7 +101,6 @@ def small_build(small_book, pytestconfig) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def small_site(small_book, small_build) -> Path:
     """``make site``'s folder made from the small build (what the site and browser tests serve)."""
-    from embgeo_utils import publish
 
     if small_build.returncode != 0:
         pytest.fail("the small book did not build; test_book_builds_without_warnings shows why")

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from embgeo_utils.lm import labels
+
 SYMBOLS = "!#$%&*+-"
 
 
@@ -22,7 +24,6 @@ def kind_encoder(strings):
     Two strings are "similar" exactly when they are of the same kind, so a neighbourhood's semantic
     coherence is known in advance.
     """
-    from embgeo_utils import labels
 
     kinds = labels.token_labels(list(strings)).kind
     out = np.zeros((len(kinds), len(labels.KINDS)))

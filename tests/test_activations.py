@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import activations, corpus, errors, models
+from embgeo_utils.core import errors
+from embgeo_utils.lm import activations, corpus, models, vocab
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,6 @@ def test_bad_prompts_are_explained(smollm):
 
 
 def test_lone_token_states_take_the_token_position(smollm, tmp_cache):
-    from embgeo_utils import vocab
 
     ids = [100, 2000, 30000]
     states = activations.lone_token_states(smollm, ids, batch_size=2)

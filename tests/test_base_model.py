@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embgeo_utils import models
-from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.lm import models
 
 
 class _WithDecoder(torch.nn.Module):

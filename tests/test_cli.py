@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from embgeo_utils import cli, results, stats
+from embgeo_utils.book import cli, results
+from embgeo_utils.core import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_console_script_points_at_main():
     text = (ROOT / "pyproject.toml").read_text()
-    assert '[project.scripts]\nembgeo = "embgeo_utils.cli:main"\n' in text
+    assert '[project.scripts]\nembgeo = "embgeo_utils.book.cli:main"\n' in text
     assert callable(cli.main)
 
 

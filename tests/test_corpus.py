@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embgeo_utils import corpus, errors
+from embgeo_utils.core import errors
+from embgeo_utils.lm import corpus
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embgeo_utils.cache import atomic_path, content_key, sha256_file
-from embgeo_utils.device import get_device
+from embgeo_utils.core.cache import atomic_path, content_key, load_frame, save_frame, sha256_file
+from embgeo_utils.core.device import get_device
 
 
 def test_auto_device_follows_cuda_and_env(monkeypatch):
@@ -60,8 +60,6 @@ def test_sha256_of_known_bytes(tmp_path):
 def test_frames_round_trip_exactly_and_damage_is_recomputed(tmp_path, capsys):
     import numpy as np
     import pandas as pd
-
-    from embgeo_utils.cache import load_frame, save_frame
 
     frame = pd.DataFrame(
         {

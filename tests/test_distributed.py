@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import distributed as D
-from embgeo_utils import sae as S
-from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.lm import distributed, torchrun
+from embgeo_utils.lm import sae as S
 
 ROOT = Path(__file__).resolve().parents[1]
 HYPER = {"epochs": 3, "batch_size": 125, "lr": 1e-2, "dead_tokens": 300, "seed": 3}
@@ -38,7 +38,7 @@ def _torchrun(acts: Path, out: Path, nproc: int = 2) -> subprocess.CompletedProc
 
 def _launch(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
-    cmd += ["-m", "embgeo_utils.distributed", *args, "--backend", "gloo", "--quiet"]
+    cmd += ["-m", "embgeo_utils.lm.torchrun", *args, "--backend", "gloo", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
 
@@ -78,12 +78,12 @@ def test_the_tolerance_separates_a_different_training_run(runs):
 
 
 def test_without_a_process_group_nothing_is_distributed(monkeypatch):
-    assert D.rank_and_world() == (0, 1) and D.is_main()
+    assert distributed.rank_and_world() == (0, 1) and distributed.is_main()
     with pytest.raises(EmbgeoInputError, match="torchrun"):
         S.train_sae(_sparse_data(n=200), 16, 2, epochs=1, device="cpu", progress=False, distributed=True)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(EmbgeoInputError, match="torchrun"):
-        D.init_from_env()
+        distributed.init_from_env()
 
 
 @pytest.mark.slow
@@ -94,7 +94,7 @@ def test_sharded_extraction_and_training_on_real_hidden_states(tmp_path, monkeyp
     done = _launch([*args, "--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert D.main([*args, "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    assert torchrun.main([*args, "--out", str(tmp_path / "one"), "--quiet"]) == 0
     (two, two_history), (one, one_history) = S.load_sae(tmp_path / "two"), S.load_sae(tmp_path / "one")
     assert two_history.tokens == one_history.tokens == 6 * 47
     assert _max_relative(two, one) < 1e-4  # measured 3e-5 (float sums in another order)

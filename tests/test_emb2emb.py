@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import emb2emb
-from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.lm import emb2emb
 
 
 def test_fit_linear_map_equals_numpy_ridge_and_lstsq():

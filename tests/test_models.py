@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from embgeo_utils import errors, models
+from embgeo_utils.core import cache, errors
+from embgeo_utils.lm import models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_info_of_packaged_models(smollm, gemma):
     assert (smollm.info.n_layers, smollm.info.d_model, smollm.info.vocab_size) == (30, 576, 49152)
     assert (gemma.info.n_layers, gemma.info.d_model, gemma.info.vocab_size) == (18, 640, 262144)
     assert gemma.info.needs_bos and not smollm.info.needs_bos
-    assert smollm.info.tied_embeddings and smollm.info.sha256 == models.sha256_file(models.gguf_path("smollm2-135m"))
+    assert smollm.info.tied_embeddings and smollm.info.sha256 == cache.sha256_file(models.gguf_path("smollm2-135m"))
     model, tokenizer, info = smollm  # unpacks like a tuple
     assert info is smollm.info and len(tokenizer) == 49152
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import intrinsic_dim as idm
-from embgeo_utils import neighbors as nb
-from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.geometry import intrinsic_dim as idm
+from embgeo_utils.geometry import neighbors as nb
 
 
 def _cloud(n: int = 120, d: int = 6, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests for embgeo_utils.neighbors (chapters 2, 3 and 4)."""
+"""Tests for embgeo_utils.geometry.neighbors (chapters 2, 3 and 4)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils.errors import EmbgeoInputError
-from embgeo_utils.neighbors import knn, neighborhood_overlap, neighborhood_overlap_batched
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.geometry.neighbors import knn, neighborhood_overlap, neighborhood_overlap_batched
 
 
 def _brute(X: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embgeo_utils import parameters, runner
+from embgeo_utils.book import parameters, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = runner.chapter_sources(ROOT) + [ROOT / runner.LEDGER]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from embgeo_utils import parameters, results, runner
-from embgeo_utils.errors import ParameterError, UnknownModelError
+from embgeo_utils.book import parameters, results, runner
+from embgeo_utils.core.errors import ParameterError, UnknownModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = runner.chapter_sources(ROOT) + [ROOT / runner.LEDGER]
@@ -160,7 +160,7 @@ def test_start_chapter_checks_parameters_and_model_names_before_loading(tmp_path
     good = {"model_pairs": [["smollm2-135m", "gemma3-270m"]], "n_tokens": 300, "k": 10, "reg": 1e-3}
     good |= {"center": True, "alpha": 0.01, "seed": 0, "device": "cpu"}
     loads = []
-    monkeypatch.setattr("embgeo_utils.models.load", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr("embgeo_utils.lm.models.load", lambda *a, **k: loads.append(a))
     with pytest.raises(ParameterError, match=r"'n_tokens' of 02_lle.*expected int, got 'abc'"):
         results.start_chapter("ch02_lle", "LLE", {**good, "n_tokens": "abc"})
     with pytest.raises(ParameterError, match=r"allowed values are \[50, inf\), got 0"):

@@ -10,6 +10,8 @@ from pathlib import Path
 import tomllib
 import yaml
 
+from embgeo_utils.core import errors
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,7 +73,6 @@ def test_no_module_imports_a_private_name_from_another():
 
 
 def test_every_project_exception_derives_from_the_base():
-    from embgeo_utils import errors
 
     classes = [getattr(errors, name) for name in errors.__all__]
     assert all(issubclass(c, errors.EmbgeoError) for c in classes)

@@ -23,8 +23,8 @@ import yaml
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from embgeo_utils import publish
-from embgeo_utils.errors import EmbgeoInputError, SiteError
+from embgeo_utils.book import publish
+from embgeo_utils.core.errors import EmbgeoInputError, SiteError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "book.yml"

@@ -6,8 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from embgeo_utils import results, stats
-from embgeo_utils.errors import EmbgeoError
+from embgeo_utils.book import results
+from embgeo_utils.chapters import claims
+from embgeo_utils.core import stats
+from embgeo_utils.core.errors import EmbgeoError
 
 
 def test_record_round_trip_and_ledger(tmp_path, monkeypatch):
@@ -25,7 +27,7 @@ def test_record_round_trip_and_ledger(tmp_path, monkeypatch):
     assert data["claims"][1]["value"] is None  # NaN stored as null, never as invalid JSON
     assert data["run"]["parameters"] == {"n": 3} and data["run"]["models"] == ["a", "b"]
     ledger = results.load_ledger(tmp_path).set_index("claim")
-    assert list(ledger.index) == sorted(results.CLAIMS)
+    assert list(ledger.index) == sorted(claims.CLAIMS)
     assert ledger.loc[6, "verdict"] == "reproduced"
     assert ledger.loc[7, "verdict"] == "partly reproduced"
     assert ledger.loc[7, "failing checks"] == "a vs b"
@@ -53,7 +55,7 @@ def test_verdicts_come_from_the_rule_and_bad_files_are_refused(tmp_path):
 def test_start_chapter_resolves_device_seeds_and_models(tmp_path, monkeypatch, device):
     monkeypatch.setenv("EMBGEO_RESULTS", str(tmp_path))
     params = {"model_names": ["smollm2-135m", "qwen2.5-coder-1.5b"], "seed": 3, "device": device}
-    monkeypatch.setattr("embgeo_utils.models.installed_models", lambda: ["smollm2-135m"])
+    monkeypatch.setattr("embgeo_utils.lm.models.installed_models", lambda: ["smollm2-135m"])
     ch = results.start_chapter("ch_test", "Test", params)
     assert ch.models == ["smollm2-135m"] and ch.missing == ["qwen2.5-coder-1.5b"]
     assert ch.params["device"] == device and ch.seed == 3

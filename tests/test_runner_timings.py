@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from embgeo_utils import runner, timings
+from embgeo_utils.book import runner, timings
 
 
 def _notebook(path: Path, body: str) -> None:

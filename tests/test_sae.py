@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import sae as S
-from embgeo_utils.errors import EmbgeoError, EmbgeoInputError
+from embgeo_utils.core.errors import EmbgeoError, EmbgeoInputError
+from embgeo_utils.lm import activations, corpus
+from embgeo_utils.lm import sae as S
 
 
 def _sparse_data(n=4000, d=24, atoms=48, k=3, seed=0):
@@ -95,7 +96,6 @@ def test_clear_errors():
 
 @pytest.mark.slow
 def test_loss_recovered_on_a_real_model(smollm, device):
-    from embgeo_utils import activations, corpus
 
     passages = corpus.load_passages(3, smollm.tokenizer, min_tokens=48, max_tokens=48, seed=0)
     ids = np.stack([p.token_ids for p in passages])

@@ -1,4 +1,4 @@
-"""Tests for embgeo_utils.similarity (chapter 1)."""
+"""Tests for embgeo_utils.geometry.similarity (chapter 1)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-import embgeo_utils.similarity as sim
-from embgeo_utils.errors import EmbgeoInputError
-from embgeo_utils.similarity import (
-    PermutationResult,
+from embgeo_utils.chapters import ch01_global_orientation as ch01
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.core.stats import PermutationResult
+from embgeo_utils.geometry import similarity
+from embgeo_utils.geometry.similarity import (
     cka,
     cosine_matrix_correlation,
     measure,
@@ -19,6 +20,7 @@ from embgeo_utils.similarity import (
     permutation_test,
     spearman_cosine,
 )
+from embgeo_utils.lm.vocab import SharedVocabulary
 
 
 def _related(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +126,7 @@ def test_fast_null_equals_generic(device, name: str, monkeypatch: pytest.MonkeyP
     assert fast.statistic == pytest.approx(slow.statistic, abs=1e-6)
     np.testing.assert_allclose(fast.null, slow.null, atol=1e-6)
     if name != "cka":  # the large-n path (Frobenius identity) gives the same null
-        monkeypatch.setattr(sim, "_FULL_MATRIX_ROWS", 10)
+        monkeypatch.setattr(similarity, "_FULL_MATRIX_ROWS", 10)
         big = permutation_test(name, X, Y, n=30, seed=3, device=device)
         np.testing.assert_allclose(big.null, slow.null, atol=1e-6)
         assert big.statistic == pytest.approx(slow.statistic, abs=1e-6)
@@ -178,7 +180,6 @@ def test_errors(device) -> None:
 
 
 def _identity_shared(n: int):
-    from embgeo_utils.vocab import SharedVocabulary
 
     ids = np.arange(n)
     return SharedVocabulary(ids, ids, tuple(f"t{i}" for i in range(n)), True, "byte-bpe", "byte-bpe")
@@ -194,7 +195,7 @@ def _zoo(n: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
 def _pairs_table(pairs, n_permutations: int, device, n: int = 200):
     tables = _zoo(n)
     shared = {p: _identity_shared(n) for p in pairs}
-    return sim.compare_models(
+    return ch01.compare_models(
         tables,
         shared,
         n_tokens=n,
@@ -219,9 +220,9 @@ def test_compare_models_matches_the_measures(device, tmp_cache) -> None:
     assert row["mutual kNN chance"] == pytest.approx(5 / 199)
     assert row["p raw"] == pytest.approx(1 / 31)
     with pytest.raises(EmbgeoInputError, match="pairs"):
-        sim.compare_models(_zoo(), {}, device=device)
+        ch01.compare_models(_zoo(), {}, device=device)
     with pytest.raises(EmbgeoInputError, match="No embedding table"):
-        sim.compare_models({"a": X}, {("a", "b"): _identity_shared(200)}, device=device)
+        ch01.compare_models({"a": X}, {("a", "b"): _identity_shared(200)}, device=device)
 
 
 @pytest.fixture(scope="module")
@@ -232,31 +233,31 @@ def zoo_pairs(device):
 
 def test_claim6_planted_absent_and_partly(zoo_pairs) -> None:
     rows = {(r["model A"], r["model B"]): i for i, r in zoo_pairs.iterrows()}
-    planted = sim.check_claim6(zoo_pairs.loc[[rows[("a", "b")]]])
+    planted = ch01.check_claim6(zoo_pairs.loc[[rows[("a", "b")]]])
     assert planted.verdict == "reproduced" and planted.n_hold == 1
     # one check per pair (the raw r); its p-value sits at the floor 1/501
     assert planted.adjusted == pytest.approx((1 / 501,))
-    absent = sim.check_claim6(zoo_pairs.loc[[rows[("a", "c")], rows[("b", "c")]]])
+    absent = ch01.check_claim6(zoo_pairs.loc[[rows[("a", "c")], rows[("b", "c")]]])
     assert absent.verdict == "not reproduced"
-    mixed = sim.check_claim6(zoo_pairs.loc[[rows[("a", "b")], rows[("b", "c")]]])
+    mixed = ch01.check_claim6(zoo_pairs.loc[[rows[("a", "b")], rows[("b", "c")]]])
     assert mixed.verdict == "partly reproduced" and mixed.holds == (True, False)
 
 
 def test_claim6_minimum_effect_and_resolution(zoo_pairs, device) -> None:
     table = zoo_pairs.iloc[[0]]
     weak = table.assign(**{"r raw": table["null mean raw"] + 0.05})
-    assert sim.check_claim6(weak).holds == (False,)
+    assert ch01.check_claim6(weak).holds == (False,)
     with pytest.warns(UserWarning, match="n_permutations >= 100"):
-        few = sim.check_claim6(_pairs_table([("a", "b")], 20, device, n=60))
+        few = ch01.check_claim6(_pairs_table([("a", "b")], 20, device, n=60))
     assert few.verdict == "not reproduced"  # p >= 1/21: no evidence at alpha = 0.01
     with pytest.raises(EmbgeoInputError, match="compare_models"):
-        sim.check_claim6(table.drop(columns=["p raw"]))
+        ch01.check_claim6(table.drop(columns=["p raw"]))
 
 
 def test_token_pair_cosines(device) -> None:
     X, Y = _related(60)
     strings = [f"w{i}" for i in range(60)]
-    pairs = sim.token_pair_cosines(X, Y, strings, n_pairs=500, seed=1, names=("A", "B"))
+    pairs = ch01.token_pair_cosines(X, Y, strings, n_pairs=500, seed=1, names=("A", "B"))
     assert list(pairs.columns) == ["token 1", "token 2", "cosine in A", "cosine in B"]
     assert 450 < len(pairs) <= 500 and (pairs["token 1"] != pairs["token 2"]).all()
     total = (pairs["cosine in A"] + pairs["cosine in B"]).to_numpy()
@@ -265,20 +266,20 @@ def test_token_pair_cosines(device) -> None:
     Xc = X - X.mean(0)
     assert pairs["cosine in A"][0] == pytest.approx(Xc[i] @ Xc[j] / np.linalg.norm(Xc[i]) / np.linalg.norm(Xc[j]))
     with pytest.raises(EmbgeoInputError, match="same tokens"):
-        sim.token_pair_cosines(X, Y, strings[:10])
+        ch01.token_pair_cosines(X, Y, strings[:10])
 
 
 def test_layer_map(device) -> None:
     rng = np.random.default_rng(3)
     ha = rng.normal(size=(80, 3, 12))
     hb = np.concatenate([ha[:, :2] @ _rotation(12, 4), rng.normal(size=(80, 1, 12))], axis=1)
-    lm = sim.layer_map(ha, hb, device=device)
+    lm = similarity.layer_map(ha, hb, device=device)
     assert list(lm.columns) == ["layer A", "layer B", "r"] and len(lm) == 9
     r = lm.set_index(["layer A", "layer B"])["r"]
     assert r[(0, 0)] == pytest.approx(1.0, abs=1e-6) and r[(1, 1)] == pytest.approx(1.0, abs=1e-6)
     assert abs(r[(2, 2)]) < 0.1
     with pytest.raises(EmbgeoInputError, match="same tokens"):
-        sim.layer_map(ha, hb[:50], device=device)
+        similarity.layer_map(ha, hb[:50], device=device)
 
 
 def test_chapter1_tables_and_figures(device) -> None:
@@ -287,18 +288,16 @@ def test_chapter1_tables_and_figures(device) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from embgeo_utils import plotting
-
     tables = _zoo(50)
     shared = {("a", "b"): _identity_shared(50)}
-    overlap = sim.shared_vocabulary_table(shared, tables)
+    overlap = ch01.shared_vocabulary_table(shared, tables)
     assert overlap.loc[0, "shared tokens"] == 50 and overlap.loc[0, "vocabulary B"] == 50
     table = _pairs_table([("a", "b"), ("a", "c")], 5, device, n=50)
-    plotting.pair_heatmaps(table, ["a", "b", "c"])
-    plotting.cosine_scatter(sim.token_pair_cosines(tables["a"], tables["b"], [str(i) for i in range(50)], 100))
+    ch01.plot_pair_heatmaps(table, ["a", "b", "c"])
+    ch01.plot_cosine_scatter(ch01.token_pair_cosines(tables["a"], tables["b"], [str(i) for i in range(50)], 100))
     rng = np.random.default_rng(0)
-    plotting.layer_map(
-        sim.layer_map(rng.normal(size=(30, 2, 4)), rng.normal(size=(30, 3, 5)), device=device), "a", "b", 30
+    ch01.plot_layer_map(
+        similarity.layer_map(rng.normal(size=(30, 2, 4)), rng.normal(size=(30, 3, 5)), device=device), "a", "b", 30
     )
     plt.close("all")
 
@@ -310,7 +309,7 @@ def test_compare_models_rows_are_cached_by_content(tmp_cache, monkeypatch) -> No
     def no_test(*args, **kwargs):
         raise AssertionError("the cached rows should have been read")
 
-    monkeypatch.setattr(sim, "permutation_test", no_test)
+    monkeypatch.setattr(ch01, "permutation_test", no_test)
     again = _pairs_table([("a", "b"), ("a", "c")], 20, "cpu")
     pd.testing.assert_frame_equal(first, again)
     with pytest.raises(AssertionError, match="cached rows"):  # other permutation count: another key
@@ -321,17 +320,17 @@ def test_layer_map_equals_the_pairwise_statistic_in_any_chunking(device) -> None
     rng = np.random.default_rng(5)
     ha = rng.normal(size=(60, 4, 10)) + 0.5
     hb = np.concatenate([ha[:, :3] @ rng.normal(size=(10, 7)), rng.normal(size=(60, 2, 7))], axis=1)
-    lm = sim.layer_map(ha, hb, device=device).set_index(["layer A", "layer B"])["r"]
+    lm = similarity.layer_map(ha, hb, device=device).set_index(["layer A", "layer B"])["r"]
     for p in range(4):
         for q in range(5):
             ref = cosine_matrix_correlation(ha[:, p], hb[:, q], center=True, device=device)
             assert lm[(p, q)] == pytest.approx(ref, abs=1e-6)
-    ua = sim._layer_units(torch.as_tensor(ha), "a", True, torch.device("cpu"))
-    ub = sim._layer_units(torch.as_tensor(hb), "b", True, torch.device("cpu"))
+    ua = similarity._layer_units(torch.as_tensor(ha), "a", True, torch.device("cpu"))
+    ub = similarity._layer_units(torch.as_tensor(hb), "b", True, torch.device("cpu"))
     np.testing.assert_allclose(
-        sim._cosine_correlations(ua, ub, chunk_size=7), sim._cosine_correlations(ua, ub), atol=1e-9
+        similarity._cosine_correlations(ua, ub, chunk_size=7), similarity._cosine_correlations(ua, ub), atol=1e-9
     )
     bad = ha.copy()
     bad[3, 2] = np.nan
     with pytest.raises(EmbgeoInputError):
-        sim.layer_map(bad, hb, device=device)
+        similarity.layer_map(bad, hb, device=device)

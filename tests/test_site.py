@@ -23,7 +23,9 @@ from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
 import pytest
 
-from embgeo_utils import results, runner
+from embgeo_utils.book import runner
+from embgeo_utils.chapters import claims
+from embgeo_utils.core import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "/embgeo/"
@@ -290,10 +292,10 @@ def test_ledger_page_lists_every_claim(tab, site_url):
     )
     assert not tab.problems
     listed = {int(number): (statement, verdict) for number, statement, verdict in rows}
-    assert set(listed) == set(results.CLAIMS), f"ledger lists claims {sorted(listed)}"
+    assert set(listed) == set(claims.CLAIMS), f"ledger lists claims {sorted(listed)}"
     for number, (statement, verdict) in listed.items():
-        assert statement == results.CLAIMS[number][0]
-        assert verdict in (*results.VERDICTS, "not yet run")
+        assert statement == claims.CLAIMS[number][0]
+        assert verdict in (*stats.VERDICTS, "not yet run")
 
 
 def test_search_finds_intrinsic_dimension(tab, site_url):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from embgeo_utils import stats
-from embgeo_utils.errors import EmbgeoError, EmbgeoInputError
+from embgeo_utils.core import stats
+from embgeo_utils.core.errors import EmbgeoError, EmbgeoInputError
 
 
 def test_permutation_p_counts_ties_and_never_zero():

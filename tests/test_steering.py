@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import models, steering
-from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.lm import models, steering
 
 TEXTS = ["The cat sat on the mat and looked at the door.", "Rain fell on the quiet town all night long."]
 

@@ -1,4 +1,4 @@
-"""Tests for embgeo_utils.token_geometry (chapter 4)."""
+"""Tests for embgeo_utils.chapters.ch04_layerwise_geometry (chapter 4)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from embgeo_utils import intrinsic_dim as idm
-from embgeo_utils.errors import EmbgeoInputError
-from embgeo_utils.neighbors import neighborhood_overlap
-from embgeo_utils.token_geometry import layer_observables
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.geometry import intrinsic_dim as idm
+from embgeo_utils.geometry.neighbors import neighborhood_overlap
+from embgeo_utils.geometry.token_clouds import layer_observables
 
 
 def _hidden(prompts: int = 2, layers: int = 4, tokens: int = 200, dim: int = 32, seed: int = 0) -> np.ndarray:

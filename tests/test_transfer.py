@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from embgeo_utils import corpus, models, steering, transfer
-from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.chapters import ch06_emb2emb as ch06
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.lm import corpus, models, steering
 
 TOPICS = ["Arts", "Geography", "Mathematics"]
 
@@ -36,40 +37,40 @@ def _gens(pair, effect, rng, n_prompts=6, ratio=1.3):
 
 def test_claim9_planted_effect_is_found_and_absent_is_not():
     rng = np.random.default_rng(0)
-    planted = transfer.check_claim9(_sweep("A → B", 0.8, rng), _gens("A → B", 0.3, rng), n_permutations=2000)
+    planted = ch06.check_claim9(_sweep("A → B", 0.8, rng), _gens("A → B", 0.3, rng), n_permutations=2000)
     assert planted.verdict == "reproduced", planted.table()
-    absent = transfer.check_claim9(_sweep("A → B", 0.0, rng), _gens("A → B", 0.0, rng), n_permutations=2000)
+    absent = ch06.check_claim9(_sweep("A → B", 0.0, rng), _gens("A → B", 0.0, rng), n_permutations=2000)
     assert absent.verdict == "not reproduced", absent.table()
     both = pd.concat([_sweep("A → B", 0.8, rng), _sweep("C → D", 0.0, rng)])
     gens = pd.concat([_gens("A → B", 0.3, rng), _gens("C → D", 0.0, rng)])
-    mixed = transfer.check_claim9(both, gens, n_permutations=2000)
+    mixed = ch06.check_claim9(both, gens, n_permutations=2000)
     assert mixed.verdict == "partly reproduced"
     assert all(h for c, h in zip(mixed.checks, mixed.holds) if c.name.startswith("A → B"))
 
 
 def test_claim9_needs_fluency_and_reports_the_native_fraction():
     rng = np.random.default_rng(1)
-    broken = transfer.check_claim9(_sweep("A → B", 0.8, rng, ratio=3.0), n_permutations=500)
+    broken = ch06.check_claim9(_sweep("A → B", 0.8, rng, ratio=3.0), n_permutations=500)
     assert broken.verdict == "not reproduced" and "perplexity" in broken.checks[0].name
-    r = transfer.pair_analysis(_sweep("A → B", 0.5, rng, native=1.0), n_permutations=500)
+    r = ch06.pair_analysis(_sweep("A → B", 0.5, rng, native=1.0), n_permutations=500)
     assert r["alpha*"] == 1.0 and r["admissible alphas"] == [0.5, 1.0]
     assert r["fraction of native"] == pytest.approx(0.5, abs=0.15)
 
 
 def test_texts_are_split_and_prompts_are_not_summaries():
-    tx = transfer.topic_texts(TOPICS, n_build=5, n_classifier=20, n_heldout=10, n_map=30, seed=0)
+    tx = ch06.topic_texts(TOPICS, n_build=5, n_classifier=20, n_heldout=10, n_map=30, seed=0)
     for t in TOPICS:
         assert tx.build[t] == tx.classifier[t][:5] and not set(tx.heldout[t]) & set(tx.classifier[t])
     assert not set(tx.map_texts) & {x for t in TOPICS for x in tx.classifier[t] + tx.heldout[t]}
-    prompts = transfer.neutral_prompts(9, n_words=8, seed=0)
-    assert prompts == transfer.neutral_prompts(9, n_words=8, seed=0) and len(set(prompts)) == 9
+    prompts = ch06.neutral_prompts(9, n_words=8, seed=0)
+    assert prompts == ch06.neutral_prompts(9, n_words=8, seed=0) and len(set(prompts)) == 9
     assert all(len(p.split()) == 8 and "|" not in p for p in prompts)
     summaries = " ".join(r["extract"] for r in corpus.wiki_summaries())
     assert not any(p in summaries for p in prompts)
     with pytest.raises(EmbgeoInputError, match="Unknown topic"):
-        transfer.topic_texts(["Cooking", "Arts"], 1, 2, 1, 1)
+        ch06.topic_texts(["Cooking", "Arts"], 1, 2, 1, 1)
     with pytest.raises(EmbgeoInputError, match="two distinct"):
-        transfer.topic_texts(["Arts"], 1, 2, 1, 1)
+        ch06.topic_texts(["Arts"], 1, 2, 1, 1)
 
 
 def test_topic_tokens_find_the_planted_word(smollm):
@@ -77,7 +78,7 @@ def test_topic_tokens_find_the_planted_word(smollm):
         "a": ["The violin and the violin again, a violin concerto."] * 3,
         "b": ["The river and the mountain, the river valley."] * 3,
     }
-    toks = transfer.topic_tokens(smollm.tokenizer, texts, k=3, min_count=3)
+    toks = ch06.topic_tokens(smollm.tokenizer, texts, k=3, min_count=3)
     assert " violin" in [smollm.tokenizer.decode([i]) for i in toks["a"]]
     assert " river" in [smollm.tokenizer.decode([i]) for i in toks["b"]]
 
@@ -125,7 +126,7 @@ def test_resume_after_and_per_row_vectors_give_the_full_steered_pass(smollm):
 
 def test_topic_classifier_beats_chance_on_heldout_summaries():
     enc = models.load("minilm-l6")
-    tx = transfer.topic_texts(TOPICS, n_build=5, n_classifier=30, n_heldout=15, n_map=1, seed=0)
+    tx = ch06.topic_texts(TOPICS, n_build=5, n_classifier=30, n_heldout=15, n_map=1, seed=0)
     clf = steering.fit_topic_classifier(
         enc,
         [x for t in TOPICS for x in tx.classifier[t]],
@@ -141,10 +142,10 @@ def test_sweep_table_is_cached_by_content_and_rebuilt_when_damaged(smollm, tmp_c
     g = torch.Generator().manual_seed(0)
     d = smollm.info.d_model
     vectors = {c: {t: torch.randn(d, generator=g) for t in TOPICS[:2]} for c in ("native", "random")}
-    tr = transfer.Transfer(("smollm2-135m", "smollm2-135m"), 6, 6, 10.0, TOPICS[:2], {}, vectors, {}, True)
+    tr = ch06.Transfer(("smollm2-135m", "smollm2-135m"), 6, 6, 10.0, TOPICS[:2], {}, vectors, {}, True)
     prompts = ["The cat sat on the mat and looked at the door.", "Rain fell on the quiet town all night."]
     tokens = {t: [100 + i, 200 + i] for i, t in enumerate(TOPICS[:2])}
-    first = transfer.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
+    first = ch06.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
     files = list(tmp_cache.rglob("sweep-*.npz"))
     assert len(files) == 1
 
@@ -153,12 +154,12 @@ def test_sweep_table_is_cached_by_content_and_rebuilt_when_damaged(smollm, tmp_c
 
     with monkeypatch.context() as m:
         m.setattr(smollm.model, "forward", broken)
-        again = transfer.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
+        again = ch06.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
     pd.testing.assert_frame_equal(first, again)  # bit for bit
     # another strength is another table; a damaged file is recomputed with a notice
-    other = transfer.concept_sweep(smollm, tr, prompts, [0.25], tokens, batch_size=4)
+    other = ch06.concept_sweep(smollm, tr, prompts, [0.25], tokens, batch_size=4)
     assert set(other["alpha"]) == {0.0, 0.25} and len(list(tmp_cache.rglob("sweep-*.npz"))) == 2
     files[0].write_bytes(b"not a table")
-    rebuilt = transfer.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
+    rebuilt = ch06.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
     assert "unreadable" in capsys.readouterr().out
     pd.testing.assert_frame_equal(first, rebuilt)

@@ -1,12 +1,12 @@
-"""Under-trained-token detection (embgeo_utils.undertrained; chapter 3), on planted tables and a real tokenizer."""
+"""Under-trained-token detection (embgeo_utils.lm.undertrained; chapter 3), on planted tables and a real tokenizer."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from embgeo_utils import undertrained
-from embgeo_utils.errors import EmbgeoInputError
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.lm import undertrained
 
 
 def _planted(seed: int = 0, n: int = 2000, d: int = 32, n_bad: int = 100, n_reserved: int = 30):

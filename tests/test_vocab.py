@@ -1,16 +1,16 @@
-"""Shared vocabulary across tokenizers (embgeo_utils.vocab; chapters 1-3), on the real packaged tokenizers."""
+"""Shared vocabulary across tokenizers (embgeo_utils.lm.vocab; chapters 1-3), on the real packaged tokenizers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from embgeo_utils import errors, vocab
+from embgeo_utils.core import errors
+from embgeo_utils.lm import models, vocab
 
 
 @pytest.fixture(scope="module")
 def minilm_tok(device):
-    from embgeo_utils import models
 
     return models.load("minilm-l6", device=device).tokenizer
 

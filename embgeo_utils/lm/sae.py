@@ -1,0 +1,659 @@
+"""TopK sparse autoencoders on residual-stream activations (chapter 5).
+
+:class:`TopKSAE` follows Gao et al. (2024): a pre-encoder bias ``b_pre`` is
+subtracted before encoding and added back after decoding, the encoder keeps the
+``k`` largest pre-activations of every token (ReLU on those), and the decoder rows
+have unit norm (renormalised after every step, with the gradient component
+parallel to each row removed before it). The decoder starts as the encoder's
+transpose. Inputs are scaled so that their mean squared norm is ``d_in``; the
+scale is stored in the SAE, so ``encode``/``decode`` take and give activations in
+the model's own units.
+
+:func:`train_sae` trains one with Adam on MSE plus the AuxK loss that revives dead
+latents; :func:`cached_sae` trains once and reloads from the content-keyed cache;
+:func:`sae_metrics` and :func:`loss_recovered` say how good the SAE is.
+
+References:
+    L. Gao, T. Dupré la Tour, H. Tillman, G. Goh, R. Troll, A. Radford,
+    I. Sutskever, J. Leike, J. Wu (2024), Scaling and evaluating sparse
+    autoencoders, arXiv:2406.04093.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.cache import atomic_path, cache_dir, clean_staging, content_key, notice, sha256_file
+from ..core.device import chunk_rows, get_device
+from ..core.errors import EmbgeoInputError
+from ..core.progress import tqdm
+from .distributed import all_reduce_sum, barrier, broadcast_module, is_main, rank_and_world
+from .models import block_output_hook, transformer_blocks
+
+__all__ = [
+    "SAEHistory",
+    "TopKSAE",
+    "cached_loss_recovered",
+    "cached_sae",
+    "encode_all",
+    "load_sae",
+    "loss_recovered",
+    "sae_metrics",
+    "save_sae",
+    "train_sae",
+]
+
+
+_CACHE_VERSION = 1
+
+
+ArrayLike = np.ndarray | torch.Tensor | str | Path
+
+
+class TopKSAE(torch.nn.Module):
+    """TopK sparse autoencoder (chapter 5).
+
+    Args:
+        d_in: width of the activations.
+        n_latents: number of latents (dictionary size).
+        k: active latents per token.
+        seed: seed of the initialisation.
+
+    Attributes:
+        W_enc: ``(d_in, n_latents)`` encoder.
+        b_enc: ``(n_latents,)`` encoder bias.
+        W_dec: ``(n_latents, d_in)`` decoder, unit-norm rows.
+        b_pre: ``(d_in,)`` pre-encoder bias (in scaled units).
+        input_scale: scalar buffer; activations are multiplied by it before encoding.
+    """
+
+    def __init__(self, d_in: int, n_latents: int, k: int, seed: int = 0) -> None:
+        super().__init__()
+        for name, value in (("d_in", d_in), ("n_latents", n_latents), ("k", k)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise EmbgeoInputError(f"{name} must be a positive integer, got {value!r}.")
+        if k > n_latents:
+            raise EmbgeoInputError(f"k = {k} active latents cannot exceed n_latents = {n_latents}; lower k.")
+        self.d_in, self.n_latents, self.k = int(d_in), int(n_latents), int(k)
+        gen = torch.Generator().manual_seed(int(seed))
+        bound = 1.0 / math.sqrt(d_in)
+        w = (torch.rand((n_latents, d_in), generator=gen) * 2 - 1) * bound
+        w = w / w.norm(dim=1, keepdim=True)
+        self.W_dec = torch.nn.Parameter(w.clone())
+        self.W_enc = torch.nn.Parameter(w.T.clone().contiguous())
+        self.b_enc = torch.nn.Parameter(torch.zeros(n_latents))
+        self.b_pre = torch.nn.Parameter(torch.zeros(d_in))
+        self.input_scale: torch.Tensor
+        self.register_buffer("input_scale", torch.ones(()))
+
+    def config(self) -> dict[str, int]:
+        return {"d_in": self.d_in, "n_latents": self.n_latents, "k": self.k}
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations of raw activations ``x`` ``(n, d_in)``."""
+        xs = x.to(self.W_enc.dtype) * self.input_scale
+        return (xs - self.b_pre) @ self.W_enc + self.b_enc
+
+    def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values (ReLU'd) and indices of the ``k`` active latents of every row."""
+        values, indices = torch.topk(self.pre_activations(x), self.k, dim=-1, sorted=False)
+        return torch.relu(values), indices
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents ``(n, n_latents)`` with at most ``k`` non-zeros per row."""
+        values, indices = self.topk(x)
+        return torch.zeros((x.shape[0], self.n_latents), dtype=values.dtype, device=values.device).scatter_(
+            1, indices, values
+        )
+
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in scaled units from the active latents (an embedding bag: ``k`` rows per token)."""
+        out = torch.nn.functional.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        return out + self.b_pre
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Activations in the model's units from dense latents ``(n, n_latents)``."""
+        return (z.to(self.W_dec.dtype) @ self.W_dec + self.b_pre) / self.input_scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_hat, z)``: reconstruction in the model's units and dense latents."""
+        z = self.encode(x)
+        return self.decode(z), z
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Drop the part of each decoder row's gradient that would change its norm."""
+        if self.W_dec.grad is not None:
+            g, w = self.W_dec.grad, self.W_dec
+            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+
+@dataclass
+class SAEHistory:
+    """Training record of :func:`train_sae` (chapter 5): per-epoch losses and dead fractions."""
+
+    epochs: list[int] = field(default_factory=list)
+    mse: list[float] = field(default_factory=list)
+    aux: list[float] = field(default_factory=list)
+    fvu: list[float] = field(default_factory=list)
+    dead_fraction: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    from_cache: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class _Source:
+    """Rows of an activation matrix held in memory or read from a ``.npy`` file in batches."""
+
+    def __init__(self, x: ArrayLike, dev: torch.device, memory_budget: int) -> None:
+        if isinstance(x, (str, Path)):
+            path = Path(x)
+            if not path.exists():
+                raise EmbgeoInputError(f"Activation file {path} does not exist.")
+            x = np.load(path, mmap_mode="r")
+        if isinstance(x, torch.Tensor):
+            data: np.ndarray | torch.Tensor = x.detach()
+        else:
+            data = np.asarray(x) if not isinstance(x, np.memmap) else x
+        if data.ndim != 2:
+            raise EmbgeoInputError(f"Activations must be 2-D (tokens x width), got shape {tuple(data.shape)}.")
+        if data.shape[0] < 2:
+            raise EmbgeoInputError(f"Need at least 2 tokens to train an SAE, got {data.shape[0]}.")
+        self.n, self.d = int(data.shape[0]), int(data.shape[1])
+        nbytes = self.n * self.d * 4
+        self.dev = dev
+        self.data: Any
+        self.on_disk = isinstance(data, np.memmap) and nbytes > memory_budget
+        if self.on_disk:
+            self.data = data
+        else:
+            self.data = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
+            self.data = self.data.to(device=dev, dtype=torch.float32)
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        for rows in self.chunks(1 << 14):
+            if not bool(torch.isfinite(rows).all()):
+                raise EmbgeoInputError(
+                    "Activations hold NaN or infinite values; check the model (a damaged weight file?) and re-extract."
+                )
+
+    def rows(self, index: np.ndarray) -> torch.Tensor:
+        if self.on_disk:
+            order = np.sort(index)
+            return torch.from_numpy(np.ascontiguousarray(self.data[order], dtype=np.float32)).to(self.dev)
+        return self.data[torch.as_tensor(index, device=self.dev)]
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, self.n, size):
+            stop = min(self.n, start + size)
+            if self.on_disk:
+                yield torch.from_numpy(np.ascontiguousarray(self.data[start:stop], dtype=np.float32)).to(self.dev)
+            else:
+                yield self.data[start:stop]
+
+
+def _moments(source: _Source) -> tuple[torch.Tensor, float]:
+    """Mean vector and mean squared norm of the activations (float64 accumulation)."""
+    total = torch.zeros(source.d, dtype=torch.float64, device=source.dev)
+    sq = 0.0
+    for rows in source.chunks(1 << 14):
+        total += rows.double().sum(dim=0)
+        sq += float((rows.double() ** 2).sum())
+    return (total / source.n).float(), sq / source.n
+
+
+def _shard_moments(source: _Source, rank: int, world: int) -> tuple[torch.Tensor, float]:
+    """:func:`_moments` over the rows ``rank::world``, summed over ranks (float64 sums; chapter 5)."""
+    total = torch.zeros(source.d, dtype=torch.float64, device=source.dev)
+    sq = torch.zeros((), dtype=torch.float64, device=source.dev)
+    for start, rows in zip(range(0, source.n, 1 << 14), source.chunks(1 << 14), strict=True):
+        mine = rows[(rank - start) % world :: world].double()
+        total += mine.sum(dim=0)
+        sq += (mine**2).sum()
+    all_reduce_sum(total)
+    all_reduce_sum(sq)
+    return (total / source.n).float(), float(sq) / source.n
+
+
+def _use_distributed(distributed: bool | None) -> tuple[int, int]:
+    """``(rank, world)`` for :func:`train_sae`: the process group's when one is initialised and wanted."""
+    rank, world = rank_and_world()
+    if distributed and world == 1 and not torch.distributed.is_initialized():
+        raise EmbgeoInputError(
+            "distributed=True but no process group is initialised: start with torchrun and call "
+            "embgeo_utils.lm.distributed.init_from_env() first."
+        )
+    return (rank, world) if distributed is not False else (0, 1)
+
+
+def train_sae(
+    x: ArrayLike,
+    n_latents: int,
+    k: int,
+    *,
+    epochs: int = 4,
+    batch_size: int = 256,
+    lr: float | None = None,
+    aux_k: int | None = None,
+    aux_coef: float = 1 / 32,
+    dead_tokens: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    memory_budget: int = 1 << 30,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> tuple[TopKSAE, SAEHistory]:
+    """Train a :class:`TopKSAE` on activations ``x`` ``(tokens, d_in)`` (chapter 5).
+
+    Adam on the mean squared error in scaled units plus ``aux_coef`` times the
+    AuxK loss: the residual ``x - x_hat`` is reconstructed from the ``aux_k``
+    largest pre-activations among the dead latents (those that did not fire in
+    the last ``dead_tokens`` tokens), normalised by the residual's variance.
+
+    Args:
+        x: activations as an array, tensor, or path to a ``.npy`` file; a file
+            larger than ``memory_budget`` bytes is read in batches from disk.
+        n_latents: dictionary size; k: active latents per token.
+        epochs: passes over the tokens (shuffled with ``seed`` each epoch).
+        batch_size: tokens per step.
+        lr: Adam learning rate (default ``2e-4 / sqrt(n_latents / 2**14)``, Gao et al.'s scaling).
+        aux_k: latents of the AuxK reconstruction (default ``d_in // 2``).
+        aux_coef: weight of the AuxK loss.
+        dead_tokens: a latent is dead after this many tokens without firing (default: half an epoch).
+        seed: seed of the initialisation and of the batch order; the same seed
+            gives the same weights on the CPU.
+        device: where to train.
+        memory_budget: bytes of activations kept in memory.
+        progress: show a progress bar (rank 0 only when distributed).
+        distributed: train data-parallel over the initialised ``torch.distributed``
+            process group (default: whenever one is initialised; ``False`` trains
+            alone). Every rank passes the same ``x``; rank ``r`` takes rows
+            ``r::world`` of every global batch of ``batch_size`` (the batch order
+            of a single-process run with this seed), gradients are summed over
+            ranks before each Adam step, and the input moments, dead-latent
+            counters and the AuxK normaliser are global. The result equals a
+            single-process run up to the order of float sums (measured on the
+            CPU: 3e-7 relative on synthetic data, 3e-5 on SmolLM2 hidden
+            states; a latent whose top-k membership is decided by a near tie
+            can make long runs drift further). On GPUs pass this rank's device
+            (:func:`embgeo_utils.lm.distributed.init_from_env`).
+
+    Returns:
+        ``(sae, history)``; the SAE is in eval mode on ``device``, identical on every rank.
+
+    Raises:
+        EmbgeoInputError: on NaN/inf activations, ``k > n_latents`` or bad arguments.
+    """
+    import time
+
+    rank, world = _use_distributed(distributed)
+    dev = get_device(device)
+    source = _Source(x, dev, memory_budget)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise EmbgeoInputError(f"{name} must be a positive integer, got {value!r}.")
+    sae = TopKSAE(source.d, n_latents, k, seed=seed).to(dev)
+    if world > 1:
+        broadcast_module(sae)
+    mean, mean_sq = _moments(source) if world == 1 else _shard_moments(source, rank, world)
+    if mean_sq <= 0:
+        raise EmbgeoInputError("All activations are zero; nothing to learn.")
+    scale = math.sqrt(source.d / mean_sq)
+    with torch.no_grad():
+        sae.input_scale.fill_(scale)
+        sae.b_pre.copy_(mean * scale)
+    lr = 2e-4 / math.sqrt(n_latents / 2**14) if lr is None else float(lr)
+    aux_k = min(n_latents, source.d // 2 if aux_k is None else int(aux_k))
+    dead_after = max(batch_size, source.n // 2) if dead_tokens is None else int(dead_tokens)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+    rng = np.random.default_rng(seed)
+    since_fired = torch.zeros(n_latents, dtype=torch.long, device=dev)
+    history = SAEHistory()
+    start_time = time.perf_counter()
+    steps = epochs * math.ceil(source.n / batch_size)
+    bar = tqdm(
+        total=steps, desc=f"SAE {n_latents}x k={k}", unit="step", disable=not progress or rank > 0, mininterval=2.0
+    )
+    sae.train()
+    for epoch in range(epochs):
+        order = rng.permutation(source.n)
+        sums = {"mse": 0.0, "aux": 0.0, "err": 0.0, "var": 0.0}
+        for start in range(0, source.n, batch_size):
+            rows = order[start : start + batch_size]
+            n_global = len(rows)
+            batch = source.rows(rows[rank::world])
+            xs = batch * sae.input_scale
+            pre = (xs - sae.b_pre) @ sae.W_enc + sae.b_enc
+            values, indices = torch.topk(pre, k, dim=1, sorted=False)
+            values = torch.relu(values)
+            recon = sae.decode_sparse(values, indices)
+            err = xs - recon
+            mse = err.pow(2).sum(dim=1).mean() if world == 1 else err.pow(2).sum() / n_global
+            fired = torch.zeros(n_latents, dtype=torch.bool, device=dev)
+            fired[indices[values > 0]] = True
+            if world > 1:
+                fired = all_reduce_sum(fired.to(torch.int32)) > 0
+            since_fired += n_global
+            since_fired[fired] = 0
+            dead = since_fired >= dead_after
+            aux = torch.zeros((), device=dev)
+            if bool(dead.any()):
+                masked = pre.masked_fill(~dead[None, :], float("-inf"))
+                n_aux = min(aux_k, int(dead.sum()))
+                a_vals, a_idx = torch.topk(masked, n_aux, dim=1, sorted=False)
+                a_vals = torch.relu(a_vals)
+                e_hat = torch.nn.functional.embedding_bag(a_idx, sae.W_dec, per_sample_weights=a_vals, mode="sum")
+                target = err.detach()
+                if world == 1:
+                    denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+                    aux = (e_hat - target).pow(2).sum(dim=1).mean() / denom
+                else:
+                    denom = _global_residual_variance(target, n_global)
+                    aux = (e_hat - target).pow(2).sum() / n_global / denom
+                aux = torch.nan_to_num(aux, nan=0.0)
+            loss = mse + aux_coef * aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                _all_reduce_gradients(sae)
+            sae.remove_parallel_gradient()
+            opt.step()
+            sae.normalize_decoder()
+            with torch.no_grad():
+                sums["mse"] += float(mse) * (batch.shape[0] if world == 1 else n_global)
+                sums["aux"] += float(aux) * (batch.shape[0] if world == 1 else n_global)
+                sums["err"] += float(err.pow(2).sum())
+                sums["var"] += float((xs - sae.input_scale * mean).pow(2).sum())
+            bar.update(1)
+        if world > 1:
+            _all_reduce_sums(sums, dev)
+        history.epochs.append(epoch + 1)
+        history.mse.append(sums["mse"] / source.n)
+        history.aux.append(sums["aux"] / source.n)
+        history.fvu.append(sums["err"] / max(sums["var"], 1e-30))
+        history.dead_fraction.append(float((since_fired >= dead_after).float().mean()))
+        bar.set_postfix(fvu=f"{history.fvu[-1]:.3f}", dead=f"{history.dead_fraction[-1]:.2f}")
+    bar.close()
+    if world > 1:
+        broadcast_module(sae)  # the weights already agree; this makes them bit-identical whatever the backend did
+    sae.eval()
+    history.tokens = source.n
+    history.seconds = time.perf_counter() - start_time
+    return sae, history
+
+
+def _global_residual_variance(target: torch.Tensor, n_global: int) -> torch.Tensor:
+    """AuxK normaliser over the whole global batch: mean squared deviation of the residual from its mean (chapter 5)."""
+    mean = all_reduce_sum(target.sum(dim=0)) / n_global
+    sq = all_reduce_sum((target - mean).pow(2).sum())
+    return (sq / n_global).clamp_min(1e-12)
+
+
+def _all_reduce_gradients(sae: TopKSAE) -> None:
+    """Sum every gradient over ranks (each rank's loss is already divided by the global batch size; chapter 5)."""
+    for param in sae.parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        all_reduce_sum(param.grad)
+
+
+def _all_reduce_sums(sums: dict[str, float], dev: torch.device) -> None:
+    """Sum an epoch's running totals over ranks, in place (chapter 5)."""
+    names = sorted(sums)
+    totals = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=dev))
+    for name, value in zip(names, totals.tolist(), strict=True):
+        sums[name] = value
+
+
+def save_sae(sae: TopKSAE, folder: str | Path, history: SAEHistory | None = None, meta: dict | None = None) -> Path:
+    """Write ``sae.safetensors`` and ``config.json`` (with the weights' sha256) atomically (chapter 5)."""
+    from safetensors.torch import save_file
+
+    target = Path(folder)
+    with atomic_path(target) as staged:
+        staged.mkdir(parents=True)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+        save_file(tensors, str(staged / "sae.safetensors"))
+        config = {
+            "version": _CACHE_VERSION,
+            **sae.config(),
+            "sha256": sha256_file(staged / "sae.safetensors"),
+            "history": history.as_dict() if history else None,
+            "meta": meta or {},
+        }
+        (staged / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    return target
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> tuple[TopKSAE, SAEHistory | None]:
+    """Read an SAE written by :func:`save_sae`, checking its sha256 (chapter 5).
+
+    Raises:
+        EmbgeoInputError: if the folder is missing, unreadable or its weights do not match their checksum.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        weights = folder / "sae.safetensors"
+        if sha256_file(weights) != config["sha256"]:
+            raise EmbgeoInputError(f"{weights} does not match its checksum; delete {folder} to retrain.")
+        sae = TopKSAE(config["d_in"], config["n_latents"], config["k"])
+        sae.load_state_dict(load_file(str(weights)))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if isinstance(exc, EmbgeoInputError):
+            raise
+        raise EmbgeoInputError(f"SAE folder {folder} is unreadable ({exc}); delete it to retrain.") from exc
+    hist = config.get("history")
+    history = SAEHistory(**{k: v for k, v in hist.items() if k in SAEHistory.__dataclass_fields__}) if hist else None
+    return sae.to(get_device(device)).eval(), history
+
+
+def cached_sae(
+    x: ArrayLike,
+    n_latents: int,
+    k: int,
+    key: dict[str, Any],
+    *,
+    device: str | torch.device = "auto",
+    **train_kwargs: Any,
+) -> tuple[TopKSAE, SAEHistory]:
+    """Train an SAE once and reuse it (chapter 5).
+
+    The cache entry is named by a hash of ``key`` (model digest, layer, token-set
+    digest: what determines ``x``) and every hyperparameter. A rerun loads it; an
+    entry whose weights fail their checksum or cannot be read is retrained, with a
+    one-line notice. Under ``torchrun`` every rank trains its shard and rank 0 writes the entry.
+    """
+    hyper = {"n_latents": n_latents, "k": k, **{name: train_kwargs.get(name) for name in sorted(train_kwargs)}}
+    hyper.pop("progress", None)
+    hyper.pop("distributed", None)  # a data-parallel run trains the same SAE
+    clean_staging(cache_dir("sae"))
+    folder = cache_dir("sae") / content_key(_CACHE_VERSION, key, hyper)
+    if (folder / "config.json").exists():
+        try:
+            sae, history = load_sae(folder, device)
+            history = history or SAEHistory()
+            history.from_cache = True
+            return sae, history
+        except EmbgeoInputError as exc:
+            notice(f"cached SAE unusable, retraining: {exc}")
+    sae, history = train_sae(x, n_latents, k, device=device, **train_kwargs)
+    if is_main():
+        save_sae(sae, folder, history, meta={"key": key, "hyper": hyper})
+    barrier()
+    return sae, history
+
+
+@torch.no_grad()
+def encode_all(sae: TopKSAE, x: ArrayLike, chunk_size: int | None = None) -> torch.Tensor:
+    """Dense latents of every row of ``x`` (chapter 5), computed in chunks on the SAE's device."""
+    dev = sae.W_enc.device
+    source = _Source(x, dev, 1 << 62)
+    step = chunk_rows(8 * sae.n_latents, dev, chunk_size)
+    return torch.cat([sae.encode(rows) for rows in source.chunks(step)])
+
+
+@torch.no_grad()
+def sae_metrics(sae: TopKSAE, x: ArrayLike, chunk_size: int | None = None) -> dict[str, float]:
+    """Quality of an SAE on activations ``x`` (chapter 5), usually held-out tokens.
+
+    Returns:
+        ``fvu`` (fraction of variance unexplained: squared error over squared
+        deviation from the mean), ``l0`` (mean active latents per token),
+        ``dead_fraction`` (latents never active on these tokens), ``n_tokens``.
+    """
+    dev = sae.W_enc.device
+    source = _Source(x, dev, 1 << 62)
+    mean, _ = _moments(source)
+    step = chunk_rows(8 * sae.n_latents, dev, chunk_size)
+    err = var = 0.0
+    active = 0
+    ever = torch.zeros(sae.n_latents, dtype=torch.bool, device=dev)
+    for rows in source.chunks(step):
+        x_hat, z = sae(rows)
+        err += float((rows - x_hat).double().pow(2).sum())
+        var += float((rows - mean).double().pow(2).sum())
+        nz = z > 0
+        active += int(nz.sum())
+        ever |= nz.any(dim=0)
+    return {
+        "fvu": err / max(var, 1e-30),
+        "l0": active / source.n,
+        "dead_fraction": float((~ever).float().mean()),
+        "n_tokens": float(source.n),
+    }
+
+
+@torch.no_grad()
+def loss_recovered(
+    loaded: Any,
+    ids: np.ndarray,
+    layer: int,
+    sae: TopKSAE,
+    mean_activation: torch.Tensor | np.ndarray,
+    skip_first: int = 1,
+    batch_size: int = 2,
+    clean: float | None = None,
+) -> dict[str, float]:
+    """Next-token loss with the SAE's reconstruction spliced in at block ``layer`` (chapter 5).
+
+    The output of block ``layer`` (1-based, as in the hidden states) is replaced by
+    its reconstruction at every position from ``skip_first`` on (the first
+    position carries outsized activations in these models and is not what the SAE
+    was trained on); the same positions are replaced by the mean activation for
+    the ablation baseline. The loss is the mean next-token cross-entropy over the
+    predictions made from those positions.
+
+    ``clean`` is the unmodified loss on the same ``ids`` when already known (it
+    does not depend on the layer or the SAE), which saves one forward pass.
+
+    Returns:
+        ``clean``, ``spliced``, ``ablated`` losses (nats) and ``recovered`` =
+        ``(ablated - spliced) / (ablated - clean)``.
+    """
+
+    blocks = transformer_blocks(loaded.model)
+    if not 1 <= layer <= len(blocks):
+        raise EmbgeoInputError(f"layer must lie in [1, {len(blocks)}] for {loaded.info.name}, got {layer}.")
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.ndim != 2 or arr.shape[1] <= skip_first + 1:
+        raise EmbgeoInputError(f"ids must be (prompts, tokens) with more than {skip_first + 1} tokens.")
+    dev = loaded.device
+    mean_vec = torch.as_tensor(mean_activation, dtype=torch.float32, device=dev)
+    block = blocks[layer - 1]
+
+    def splice(h: torch.Tensor) -> torch.Tensor:
+        out = h.clone()
+        flat = h[:, skip_first:].reshape(-1, h.shape[-1]).float()
+        out[:, skip_first:] = sae.decode(sae.encode(flat)).reshape(h.shape[0], -1, h.shape[-1]).to(h.dtype)
+        return out
+
+    def ablate(h: torch.Tensor) -> torch.Tensor:
+        out = h.clone()
+        out[:, skip_first:] = mean_vec.to(h.dtype)
+        return out
+
+    def run(fn: Any | None) -> float:
+        total, count = 0.0, 0
+        for start in range(0, len(arr), batch_size):
+            batch = torch.as_tensor(arr[start : start + batch_size], device=dev)
+            if fn is None:
+                logits = loaded.model(input_ids=batch).logits
+            else:
+                with block_output_hook(block, fn):
+                    logits = loaded.model(input_ids=batch).logits
+            pred = logits[:, skip_first:-1].float()
+            target = batch[:, skip_first + 1 :]
+            ce = torch.nn.functional.cross_entropy(
+                pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"
+            )
+            total += float(ce)
+            count += target.numel()
+        return total / count
+
+    clean = run(None) if clean is None else float(clean)
+    spliced, ablated = run(splice), run(ablate)
+    gap = ablated - clean
+    return {
+        "clean": clean,
+        "spliced": spliced,
+        "ablated": ablated,
+        "recovered": (ablated - spliced) / gap if gap > 0 else float("nan"),
+    }
+
+
+def cached_loss_recovered(
+    loaded: Any,
+    ids: np.ndarray,
+    layer: int,
+    sae: TopKSAE,
+    mean_activation: np.ndarray,
+    skip_first: int = 1,
+    clean: float | None = None,
+) -> dict[str, float]:
+    """:func:`loss_recovered`, stored in the cache under the model, tokens, layer, SAE weights and mean (chapter 5).
+
+    A rerun with the same inputs reads the numbers instead of running the model
+    three times; an unreadable entry is recomputed.
+    """
+    weights = b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in sae.state_dict().values())
+    key = content_key(
+        _CACHE_VERSION,
+        "loss-recovered",
+        loaded.info.sha256 or loaded.info.name,
+        layer,
+        skip_first,
+        np.ascontiguousarray(ids, dtype=np.int64).tobytes(),
+        np.ascontiguousarray(mean_activation, dtype=np.float32).tobytes(),
+        weights,
+    )
+    path = cache_dir("sae", "loss") / f"{key}.json"
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+            return {name: float(stored[name]) for name in ("clean", "spliced", "ablated", "recovered")}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable entry: recompute and replace it
+    result = loss_recovered(loaded, ids, layer, sae, mean_activation, skip_first=skip_first, clean=clean)
+    with atomic_path(path) as staged:
+        staged.write_text(json.dumps(result))
+    return result
