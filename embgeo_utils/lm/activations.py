@@ -13,7 +13,6 @@ instead of compute.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.cache import atomic_path, cache_dir, clean_staging, content_key, notice
+from ..core.cache import cached
 from ..core.device import chunk_rows
 from ..core.errors import EmbgeoInputError, PromptTooShortError
 from ..core.progress import tqdm
@@ -33,11 +32,9 @@ __all__ = [
     "hidden_states",
     "lone_token_states",
     "prepare_ids",
+    "prompt_states",
     "token_losses",
 ]
-
-
-_CACHE_VERSION = 1
 
 
 @dataclass
@@ -139,22 +136,18 @@ def _forward(loaded: LoadedModel, ids: np.ndarray, with_loss: bool, layers: list
     return hidden, loss
 
 
-def _cache_key(loaded: LoadedModel, ids: np.ndarray, with_loss: bool, layers: list[int] | None) -> str:
-    info = loaded.info
-    dtype = str(next(loaded.model.parameters()).dtype)
-    return content_key(
-        _CACHE_VERSION, info.name, info.sha256, dtype, info.needs_bos, with_loss, layers, ids.astype(np.int64).tobytes()
-    )
+@cached("activations", version=1)
+def prompt_states(loaded: LoadedModel, ids: np.ndarray, with_loss: bool, layers: list[int] | None) -> dict[str, Any]:
+    """Hidden states of one prompt (``{"hidden": [layers + 1, tokens, d]}``, plus ``"loss"`` ``(1,)``), cached (chapter 4).
+
+    :func:`hidden_states` looks each prompt up here and runs the misses in batches.
+    """
+    hidden, loss = _forward(loaded, np.asarray(ids, dtype=np.int64)[None], with_loss, layers)
+    return _entry(hidden[0], None if loss is None else loss[:1])
 
 
-def _read(path) -> tuple[np.ndarray, np.ndarray | None] | None:
-    try:
-        with np.load(path) as data:
-            hidden = data["hidden"]
-            loss = data["loss"] if "loss" in data.files else None
-        return hidden, loss
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # unreadable entry: recompute and replace it
+def _entry(hidden: np.ndarray, loss: np.ndarray | None) -> dict[str, Any]:
+    return {"hidden": hidden} if loss is None else {"hidden": hidden, "loss": loss}
 
 
 def hidden_states(
@@ -191,18 +184,10 @@ def hidden_states(
             f"Token ids must lie in [0, {vocab}) for {loaded.info.name}: were they made by its tokenizer?"
         )
     layer_list = list(layers) if layers is not None else None
-    folder = cache_dir("activations", loaded.info.name.replace("/", "__"))
-    clean_staging(folder)
-    results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(arr)
-    paths = [folder / f"{_cache_key(loaded, row[None], with_loss, layer_list)}.npz" for row in arr]
-    hits = 0
+    results: list[dict[str, Any] | None] = [None] * len(arr)
     if cache:
-        for i, path in enumerate(paths):
-            if path.exists():
-                results[i] = _read(path)
-                hits += results[i] is not None
-                if results[i] is None:
-                    notice(f"cached hidden states {path.name} of {loaded.info.name} are unreadable; recomputing them")
+        results = [prompt_states.peek(loaded, row, with_loss, layer_list) for row in arr]
+    hits = sum(r is not None for r in results)
     todo = [i for i, r in enumerate(results) if r is None]
     bar = tqdm(
         total=len(todo), desc=f"{loaded.info.name} hidden states", unit="prompt", disable=not progress or not todo
@@ -211,18 +196,12 @@ def hidden_states(
         chunk = todo[start : start + batch_size]
         hidden, loss = _forward(loaded, arr[chunk], with_loss, layer_list)
         for j, i in enumerate(chunk):
-            item = (hidden[j], None if loss is None else loss[j : j + 1])
-            results[i] = item
-            if cache:
-                with atomic_path(paths[i]) as staged, open(staged, "wb") as handle:
-                    if item[1] is None:
-                        np.savez(handle, hidden=item[0])
-                    else:
-                        np.savez(handle, hidden=item[0], loss=item[1])
+            item = _entry(hidden[j], None if loss is None else loss[j : j + 1])
+            results[i] = prompt_states.put(item, loaded, arr[i], with_loss, layer_list) if cache else item
         bar.update(len(chunk))
     bar.close()
-    hidden_all = np.stack([r[0] for r in results])  # type: ignore[index]
-    loss_all = np.concatenate([r[1] for r in results]) if with_loss else None  # type: ignore[index]
+    hidden_all = np.stack([r["hidden"] for r in results])  # type: ignore[index]
+    loss_all = np.concatenate([r["loss"] for r in results]) if with_loss else None  # type: ignore[index]
     return Activations(hidden_all, loss_all, arr, loaded.info.name, hits)
 
 

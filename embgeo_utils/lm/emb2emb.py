@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..core.cache import atomic_path, cache_dir, content_key
+from ..core.cache import cached
 from ..core.errors import EmbgeoInputError
 from .alignment import align_positions
 from .models import LoadedModel
@@ -226,21 +226,10 @@ def residual_pairs(
     return torch.cat(rows_a), torch.cat(rows_b)
 
 
+@cached("steering_states", version=1)
 def cached_states(
     loaded: LoadedModel, texts: Sequence[str], layer: int, *, max_tokens: int = 128, skip_first: int = 1
 ) -> list[torch.Tensor]:
     """:func:`~embgeo_utils.lm.steering.token_states`, cached on disk per model, layer and texts (chapter 6)."""
-
-    key = content_key(
-        loaded.info.name, loaded.info.sha256, str(loaded.model.dtype), layer, max_tokens, skip_first, list(texts)
-    )
-    path = cache_dir("steering") / f"{key}.pt"
-    if path.exists():
-        try:
-            return list(torch.load(path, weights_only=True))
-        except (OSError, RuntimeError, EOFError):
-            path.unlink(missing_ok=True)
     states = token_states(loaded, texts, layer, max_tokens=max_tokens, skip_first=skip_first)
-    with atomic_path(path) as tmp:
-        torch.save([h.clone() for h in states], tmp)
-    return states
+    return [h.clone() for h in states]

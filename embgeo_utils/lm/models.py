@@ -193,6 +193,15 @@ class LoadedModel:
     def __iter__(self):  # allows ``model, tokenizer, info = load(...)``
         return iter((self.model, self.tokenizer, self.info))
 
+    def cache_key(self) -> dict[str, Any]:
+        """What identifies the model in a cache key (:func:`embgeo_utils.core.cache.key_part`): name, weights, dtype.
+
+        The compute dtype is part of it (the same weights computed in another dtype give other numbers), the device
+        is not (callers that depend on it pass the device type themselves).
+        """
+        dtype = str(next(self.model.parameters()).dtype)
+        return {"model": self.info.name, "sha256": self.info.sha256, "dtype": dtype, "bos": self.info.needs_bos}
+
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformer body of a causal language model, without its language-model head (chapters 0, 1 and 4).

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.cache import atomic_path, cache_dir, clean_staging, content_key, notice, sha256_file
+from ..core.cache import atomic_path, cached, sha256_file
 from ..core.device import chunk_rows, get_device
 from ..core.errors import EmbgeoInputError
 from ..core.progress import tqdm
@@ -52,8 +52,8 @@ __all__ = [
 ]
 
 
-_CACHE_VERSION = 1
-
+#: Version of the folder layout :func:`save_sae` writes.
+SAE_FORMAT = 1
 
 ArrayLike = np.ndarray | torch.Tensor | str | Path
 
@@ -158,8 +158,8 @@ class SAEHistory:
         return {k: v for k, v in self.__dict__.items()}
 
 
-class _Source:
-    """Rows of an activation matrix held in memory or read from a ``.npy`` file in batches."""
+class ActivationSource:
+    """Rows of an activation matrix held in memory or read from a ``.npy`` file in batches (chapter 5)."""
 
     def __init__(self, x: ArrayLike, dev: torch.device, memory_budget: int) -> None:
         if isinstance(x, (str, Path)):
@@ -195,12 +195,14 @@ class _Source:
                 )
 
     def rows(self, index: np.ndarray) -> torch.Tensor:
+        """The rows at ``index`` as float32 on the device."""
         if self.on_disk:
             order = np.sort(index)
             return torch.from_numpy(np.ascontiguousarray(self.data[order], dtype=np.float32)).to(self.dev)
         return self.data[torch.as_tensor(index, device=self.dev)]
 
     def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """Consecutive blocks of at most ``size`` rows."""
         for start in range(0, self.n, size):
             stop = min(self.n, start + size)
             if self.on_disk:
@@ -208,39 +210,204 @@ class _Source:
             else:
                 yield self.data[start:stop]
 
-
-def _moments(source: _Source) -> tuple[torch.Tensor, float]:
-    """Mean vector and mean squared norm of the activations (float64 accumulation)."""
-    total = torch.zeros(source.d, dtype=torch.float64, device=source.dev)
-    sq = 0.0
-    for rows in source.chunks(1 << 14):
-        total += rows.double().sum(dim=0)
-        sq += float((rows.double() ** 2).sum())
-    return (total / source.n).float(), sq / source.n
-
-
-def _shard_moments(source: _Source, rank: int, world: int) -> tuple[torch.Tensor, float]:
-    """:func:`_moments` over the rows ``rank::world``, summed over ranks (float64 sums; chapter 5)."""
-    total = torch.zeros(source.d, dtype=torch.float64, device=source.dev)
-    sq = torch.zeros((), dtype=torch.float64, device=source.dev)
-    for start, rows in zip(range(0, source.n, 1 << 14), source.chunks(1 << 14), strict=True):
-        mine = rows[(rank - start) % world :: world].double()
-        total += mine.sum(dim=0)
-        sq += (mine**2).sum()
-    all_reduce_sum(total)
-    all_reduce_sum(sq)
-    return (total / source.n).float(), float(sq) / source.n
+    def moments(self) -> tuple[torch.Tensor, float]:
+        """Mean vector and mean squared norm of the rows (float64 accumulation)."""
+        total = torch.zeros(self.d, dtype=torch.float64, device=self.dev)
+        sq = 0.0
+        for rows in self.chunks(1 << 14):
+            total += rows.double().sum(dim=0)
+            sq += float((rows.double() ** 2).sum())
+        return (total / self.n).float(), sq / self.n
 
 
-def _use_distributed(distributed: bool | None) -> tuple[int, int]:
-    """``(rank, world)`` for :func:`train_sae`: the process group's when one is initialised and wanted."""
+class LocalTraining:
+    """How :func:`train_sae` trains in one process: a world of one (chapter 5).
+
+    The trainer asks its strategy for everything that depends on how the batch is split: which rows this
+    process takes, the loss normalisers, and the sums over processes. :class:`DataParallelTraining` answers
+    the same questions over a ``torch.distributed`` process group.
+    """
+
+    rank, world = 0, 1
+
+    def moments(self, source: ActivationSource) -> tuple[torch.Tensor, float]:
+        return source.moments()
+
+    def my_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows
+
+    def mse(self, err: torch.Tensor, n_global: int) -> torch.Tensor:
+        return err.pow(2).sum(dim=1).mean()
+
+    def fired(self, fired: torch.Tensor) -> torch.Tensor:
+        return fired
+
+    def aux_loss(self, e_hat: torch.Tensor, target: torch.Tensor, n_global: int) -> torch.Tensor:
+        denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+        return (e_hat - target).pow(2).sum(dim=1).mean() / denom
+
+    def rows_counted(self, batch: torch.Tensor, n_global: int) -> int:
+        return batch.shape[0]
+
+    def share_module(self, sae: TopKSAE) -> None:
+        pass
+
+    def reduce_gradients(self, sae: TopKSAE) -> None:
+        pass
+
+    def reduce_sums(self, sums: dict[str, float], dev: torch.device) -> None:
+        pass
+
+
+class DataParallelTraining(LocalTraining):
+    """:func:`train_sae` over a ``torch.distributed`` process group (chapter 5).
+
+    Rank ``r`` takes rows ``r::world`` of every global batch; losses are divided by the global batch size,
+    gradients and running sums are summed over ranks, and the input moments, dead-latent counters and the
+    AuxK normaliser are global.
+    """
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def moments(self, source: ActivationSource) -> tuple[torch.Tensor, float]:
+        total = torch.zeros(source.d, dtype=torch.float64, device=source.dev)
+        sq = torch.zeros((), dtype=torch.float64, device=source.dev)
+        for start, rows in zip(range(0, source.n, 1 << 14), source.chunks(1 << 14), strict=True):
+            mine = rows[(self.rank - start) % self.world :: self.world].double()
+            total += mine.sum(dim=0)
+            sq += (mine**2).sum()
+        all_reduce_sum(total)
+        all_reduce_sum(sq)
+        return (total / source.n).float(), float(sq) / source.n
+
+    def my_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows[self.rank :: self.world]
+
+    def mse(self, err: torch.Tensor, n_global: int) -> torch.Tensor:
+        return err.pow(2).sum() / n_global
+
+    def fired(self, fired: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(fired.to(torch.int32)) > 0
+
+    def aux_loss(self, e_hat: torch.Tensor, target: torch.Tensor, n_global: int) -> torch.Tensor:
+        mean = all_reduce_sum(target.sum(dim=0)) / n_global
+        denom = (all_reduce_sum((target - mean).pow(2).sum()) / n_global).clamp_min(1e-12)
+        return (e_hat - target).pow(2).sum() / n_global / denom
+
+    def rows_counted(self, batch: torch.Tensor, n_global: int) -> int:
+        return n_global
+
+    def share_module(self, sae: TopKSAE) -> None:
+        broadcast_module(sae)
+
+    def reduce_gradients(self, sae: TopKSAE) -> None:
+        for param in sae.parameters():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            all_reduce_sum(param.grad)
+
+    def reduce_sums(self, sums: dict[str, float], dev: torch.device) -> None:
+        names = sorted(sums)
+        totals = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=dev))
+        for name, value in zip(names, totals.tolist(), strict=True):
+            sums[name] = value
+
+
+def training_strategy(distributed: bool | None) -> LocalTraining:
+    """The strategy :func:`train_sae` uses: the process group's when one is initialised and wanted (chapter 5)."""
     rank, world = rank_and_world()
     if distributed and world == 1 and not torch.distributed.is_initialized():
         raise EmbgeoInputError(
             "distributed=True but no process group is initialised: start with torchrun and call "
             "embgeo_utils.lm.distributed.init_from_env() first."
         )
-    return (rank, world) if distributed is not False else (0, 1)
+    return DataParallelTraining(rank, world) if world > 1 and distributed is not False else LocalTraining()
+
+
+@dataclass
+class _Settings:
+    """The optimisation settings of one :func:`train_sae` call, resolved."""
+
+    k: int
+    batch_size: int
+    aux_k: int
+    aux_coef: float
+    dead_after: int
+
+
+def _initial_sae(
+    source: ActivationSource, n_latents: int, k: int, seed: int, strategy: LocalTraining
+) -> tuple[TopKSAE, torch.Tensor]:
+    """A new SAE whose input scale and pre-encoder bias come from the activations' moments, and their mean."""
+    sae = TopKSAE(source.d, n_latents, k, seed=seed).to(source.dev)
+    strategy.share_module(sae)
+    mean, mean_sq = strategy.moments(source)
+    if mean_sq <= 0:
+        raise EmbgeoInputError("All activations are zero; nothing to learn.")
+    scale = math.sqrt(source.d / mean_sq)
+    with torch.no_grad():
+        sae.input_scale.fill_(scale)
+        sae.b_pre.copy_(mean * scale)
+    return sae, mean
+
+
+def _step(
+    sae: TopKSAE, batch: torch.Tensor, n_global: int, since_fired: torch.Tensor, s: _Settings, strategy: LocalTraining
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of one batch: MSE in scaled units plus the AuxK loss on the dead latents; updates ``since_fired``."""
+    xs = batch * sae.input_scale
+    pre = (xs - sae.b_pre) @ sae.W_enc + sae.b_enc
+    values, indices = torch.topk(pre, s.k, dim=1, sorted=False)
+    values = torch.relu(values)
+    err = xs - sae.decode_sparse(values, indices)
+    mse = strategy.mse(err, n_global)
+    fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=batch.device)
+    fired[indices[values > 0]] = True
+    since_fired += n_global
+    since_fired[strategy.fired(fired)] = 0
+    dead = since_fired >= s.dead_after
+    aux = torch.zeros((), device=batch.device)
+    if bool(dead.any()):
+        masked = pre.masked_fill(~dead[None, :], float("-inf"))
+        a_vals, a_idx = torch.topk(masked, min(s.aux_k, int(dead.sum())), dim=1, sorted=False)
+        e_hat = torch.nn.functional.embedding_bag(a_idx, sae.W_dec, per_sample_weights=torch.relu(a_vals), mode="sum")
+        aux = torch.nan_to_num(strategy.aux_loss(e_hat, err.detach(), n_global), nan=0.0)
+    return mse, aux, err, xs
+
+
+def _epoch(
+    sae: TopKSAE,
+    opt: torch.optim.Optimizer,
+    source: ActivationSource,
+    order: np.ndarray,
+    since_fired: torch.Tensor,
+    mean: torch.Tensor,
+    s: _Settings,
+    strategy: LocalTraining,
+    bar: Any,
+) -> dict[str, float]:
+    """One pass over the shuffled rows; returns the epoch's running sums (summed over processes)."""
+    sums = {"mse": 0.0, "aux": 0.0, "err": 0.0, "var": 0.0}
+    for start in range(0, source.n, s.batch_size):
+        rows = order[start : start + s.batch_size]
+        batch = source.rows(strategy.my_rows(rows))
+        mse, aux, err, xs = _step(sae, batch, len(rows), since_fired, s, strategy)
+        opt.zero_grad(set_to_none=True)
+        (mse + s.aux_coef * aux).backward()
+        strategy.reduce_gradients(sae)
+        sae.remove_parallel_gradient()
+        opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            counted = strategy.rows_counted(batch, len(rows))
+            sums["mse"] += float(mse) * counted
+            sums["aux"] += float(aux) * counted
+            sums["err"] += float(err.pow(2).sum())
+            sums["var"] += float((xs - sae.input_scale * mean).pow(2).sum())
+        bar.update(1)
+    strategy.reduce_sums(sums, source.dev)
+    return sums
 
 
 def train_sae(
@@ -266,6 +433,9 @@ def train_sae(
     AuxK loss: the residual ``x - x_hat`` is reconstructed from the ``aux_k``
     largest pre-activations among the dead latents (those that did not fire in
     the last ``dead_tokens`` tokens), normalised by the residual's variance.
+    The activations come through an :class:`ActivationSource`; the split of
+    every batch over processes through a strategy (:func:`training_strategy`):
+    one process is :class:`LocalTraining`, the same trainer with a world of one.
 
     Args:
         x: activations as an array, tensor, or path to a ``.npy`` file; a file
@@ -288,10 +458,10 @@ def train_sae(
             ``r::world`` of every global batch of ``batch_size`` (the batch order
             of a single-process run with this seed), gradients are summed over
             ranks before each Adam step, and the input moments, dead-latent
-            counters and the AuxK normaliser are global. The result equals a
-            single-process run up to the order of float sums (measured on the
-            CPU: 3e-7 relative on synthetic data, 3e-5 on SmolLM2 hidden
-            states; a latent whose top-k membership is decided by a near tie
+            counters and the AuxK normaliser are global (:class:`DataParallelTraining`).
+            The result equals a single-process run up to the order of float sums
+            (measured on the CPU: 3e-7 relative on synthetic data, 3e-5 on SmolLM2
+            hidden states; a latent whose top-k membership is decided by a near tie
             can make long runs drift further). On GPUs pass this rank's device
             (:func:`embgeo_utils.lm.distributed.init_from_env`).
 
@@ -303,87 +473,31 @@ def train_sae(
     """
     import time
 
-    rank, world = _use_distributed(distributed)
-    dev = get_device(device)
-    source = _Source(x, dev, memory_budget)
+    strategy = training_strategy(distributed)
+    source = ActivationSource(x, get_device(device), memory_budget)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise EmbgeoInputError(f"{name} must be a positive integer, got {value!r}.")
-    sae = TopKSAE(source.d, n_latents, k, seed=seed).to(dev)
-    if world > 1:
-        broadcast_module(sae)
-    mean, mean_sq = _moments(source) if world == 1 else _shard_moments(source, rank, world)
-    if mean_sq <= 0:
-        raise EmbgeoInputError("All activations are zero; nothing to learn.")
-    scale = math.sqrt(source.d / mean_sq)
-    with torch.no_grad():
-        sae.input_scale.fill_(scale)
-        sae.b_pre.copy_(mean * scale)
+    sae, mean = _initial_sae(source, n_latents, k, seed, strategy)
     lr = 2e-4 / math.sqrt(n_latents / 2**14) if lr is None else float(lr)
-    aux_k = min(n_latents, source.d // 2 if aux_k is None else int(aux_k))
+    aux = min(n_latents, source.d // 2 if aux_k is None else int(aux_k))
     dead_after = max(batch_size, source.n // 2) if dead_tokens is None else int(dead_tokens)
+    settings = _Settings(k, batch_size, aux, aux_coef, dead_after)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     rng = np.random.default_rng(seed)
-    since_fired = torch.zeros(n_latents, dtype=torch.long, device=dev)
-    history = SAEHistory()
-    start_time = time.perf_counter()
+    since_fired = torch.zeros(n_latents, dtype=torch.long, device=source.dev)
+    history, start_time = SAEHistory(), time.perf_counter()
     steps = epochs * math.ceil(source.n / batch_size)
     bar = tqdm(
-        total=steps, desc=f"SAE {n_latents}x k={k}", unit="step", disable=not progress or rank > 0, mininterval=2.0
+        total=steps,
+        desc=f"SAE {n_latents}x k={k}",
+        unit="step",
+        disable=not progress or strategy.rank > 0,
+        mininterval=2.0,
     )
     sae.train()
     for epoch in range(epochs):
-        order = rng.permutation(source.n)
-        sums = {"mse": 0.0, "aux": 0.0, "err": 0.0, "var": 0.0}
-        for start in range(0, source.n, batch_size):
-            rows = order[start : start + batch_size]
-            n_global = len(rows)
-            batch = source.rows(rows[rank::world])
-            xs = batch * sae.input_scale
-            pre = (xs - sae.b_pre) @ sae.W_enc + sae.b_enc
-            values, indices = torch.topk(pre, k, dim=1, sorted=False)
-            values = torch.relu(values)
-            recon = sae.decode_sparse(values, indices)
-            err = xs - recon
-            mse = err.pow(2).sum(dim=1).mean() if world == 1 else err.pow(2).sum() / n_global
-            fired = torch.zeros(n_latents, dtype=torch.bool, device=dev)
-            fired[indices[values > 0]] = True
-            if world > 1:
-                fired = all_reduce_sum(fired.to(torch.int32)) > 0
-            since_fired += n_global
-            since_fired[fired] = 0
-            dead = since_fired >= dead_after
-            aux = torch.zeros((), device=dev)
-            if bool(dead.any()):
-                masked = pre.masked_fill(~dead[None, :], float("-inf"))
-                n_aux = min(aux_k, int(dead.sum()))
-                a_vals, a_idx = torch.topk(masked, n_aux, dim=1, sorted=False)
-                a_vals = torch.relu(a_vals)
-                e_hat = torch.nn.functional.embedding_bag(a_idx, sae.W_dec, per_sample_weights=a_vals, mode="sum")
-                target = err.detach()
-                if world == 1:
-                    denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
-                    aux = (e_hat - target).pow(2).sum(dim=1).mean() / denom
-                else:
-                    denom = _global_residual_variance(target, n_global)
-                    aux = (e_hat - target).pow(2).sum() / n_global / denom
-                aux = torch.nan_to_num(aux, nan=0.0)
-            loss = mse + aux_coef * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                _all_reduce_gradients(sae)
-            sae.remove_parallel_gradient()
-            opt.step()
-            sae.normalize_decoder()
-            with torch.no_grad():
-                sums["mse"] += float(mse) * (batch.shape[0] if world == 1 else n_global)
-                sums["aux"] += float(aux) * (batch.shape[0] if world == 1 else n_global)
-                sums["err"] += float(err.pow(2).sum())
-                sums["var"] += float((xs - sae.input_scale * mean).pow(2).sum())
-            bar.update(1)
-        if world > 1:
-            _all_reduce_sums(sums, dev)
+        sums = _epoch(sae, opt, source, rng.permutation(source.n), since_fired, mean, settings, strategy, bar)
         history.epochs.append(epoch + 1)
         history.mse.append(sums["mse"] / source.n)
         history.aux.append(sums["aux"] / source.n)
@@ -391,35 +505,10 @@ def train_sae(
         history.dead_fraction.append(float((since_fired >= dead_after).float().mean()))
         bar.set_postfix(fvu=f"{history.fvu[-1]:.3f}", dead=f"{history.dead_fraction[-1]:.2f}")
     bar.close()
-    if world > 1:
-        broadcast_module(sae)  # the weights already agree; this makes them bit-identical whatever the backend did
+    strategy.share_module(sae)  # the weights already agree; this makes them bit-identical whatever the backend did
     sae.eval()
-    history.tokens = source.n
-    history.seconds = time.perf_counter() - start_time
+    history.tokens, history.seconds = source.n, time.perf_counter() - start_time
     return sae, history
-
-
-def _global_residual_variance(target: torch.Tensor, n_global: int) -> torch.Tensor:
-    """AuxK normaliser over the whole global batch: mean squared deviation of the residual from its mean (chapter 5)."""
-    mean = all_reduce_sum(target.sum(dim=0)) / n_global
-    sq = all_reduce_sum((target - mean).pow(2).sum())
-    return (sq / n_global).clamp_min(1e-12)
-
-
-def _all_reduce_gradients(sae: TopKSAE) -> None:
-    """Sum every gradient over ranks (each rank's loss is already divided by the global batch size; chapter 5)."""
-    for param in sae.parameters():
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        all_reduce_sum(param.grad)
-
-
-def _all_reduce_sums(sums: dict[str, float], dev: torch.device) -> None:
-    """Sum an epoch's running totals over ranks, in place (chapter 5)."""
-    names = sorted(sums)
-    totals = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=dev))
-    for name, value in zip(names, totals.tolist(), strict=True):
-        sums[name] = value
 
 
 def save_sae(sae: TopKSAE, folder: str | Path, history: SAEHistory | None = None, meta: dict | None = None) -> Path:
@@ -432,7 +521,7 @@ def save_sae(sae: TopKSAE, folder: str | Path, history: SAEHistory | None = None
         tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
         save_file(tensors, str(staged / "sae.safetensors"))
         config = {
-            "version": _CACHE_VERSION,
+            "version": SAE_FORMAT,
             **sae.config(),
             "sha256": sha256_file(staged / "sae.safetensors"),
             "history": history.as_dict() if history else None,
@@ -478,36 +567,55 @@ def cached_sae(
 ) -> tuple[TopKSAE, SAEHistory]:
     """Train an SAE once and reuse it (chapter 5).
 
-    The cache entry is named by a hash of ``key`` (model digest, layer, token-set
-    digest: what determines ``x``) and every hyperparameter. A rerun loads it; an
-    entry whose weights fail their checksum or cannot be read is retrained, with a
-    one-line notice. Under ``torchrun`` every rank trains its shard and rank 0 writes the entry.
+    The cache entry (:func:`embgeo_utils.core.cache.cached`, kind ``sae``) is named by ``key`` (model digest, layer,
+    token-set digest: what determines ``x``) and every hyperparameter. A rerun loads it; a damaged entry is
+    retrained with a one-line notice. Under ``torchrun`` every rank trains its shard and rank 0 writes the entry.
     """
     hyper = {"n_latents": n_latents, "k": k, **{name: train_kwargs.get(name) for name in sorted(train_kwargs)}}
     hyper.pop("progress", None)
     hyper.pop("distributed", None)  # a data-parallel run trains the same SAE
-    clean_staging(cache_dir("sae"))
-    folder = cache_dir("sae") / content_key(_CACHE_VERSION, key, hyper)
-    if (folder / "config.json").exists():
-        try:
-            sae, history = load_sae(folder, device)
-            history = history or SAEHistory()
-            history.from_cache = True
-            return sae, history
-        except EmbgeoInputError as exc:
-            notice(f"cached SAE unusable, retraining: {exc}")
+    found = _sae_entry.peek(x, key, hyper, device, train_kwargs)
+    if found is not None:
+        sae, history = _from_entry(found, device)
+        history.from_cache = True
+        return sae, history
+    if training_strategy(train_kwargs.get("distributed")).world == 1:
+        return _from_entry(_sae_entry(x, key, hyper, device, train_kwargs), device)
     sae, history = train_sae(x, n_latents, k, device=device, **train_kwargs)
     if is_main():
-        save_sae(sae, folder, history, meta={"key": key, "hyper": hyper})
+        _sae_entry.put(_as_entry(sae, history), x, key, hyper, device, train_kwargs)
     barrier()
     return sae, history
+
+
+@cached("sae", version=1, ignore=("x", "device", "train_kwargs"))
+def _sae_entry(
+    x: ArrayLike, key: dict[str, Any], hyper: dict[str, Any], device: str | torch.device, train_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """A trained SAE as a cache entry: its weights, configuration and training history."""
+    sae, history = train_sae(x, hyper["n_latents"], hyper["k"], device=device, **train_kwargs)
+    return _as_entry(sae, history)
+
+
+def _as_entry(sae: TopKSAE, history: SAEHistory) -> dict[str, Any]:
+    state = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+    return {"state": state, "config": sae.config(), "history": history.as_dict()}
+
+
+def _from_entry(entry: dict[str, Any], device: str | torch.device) -> tuple[TopKSAE, SAEHistory]:
+    config = entry["config"]
+    sae = TopKSAE(config["d_in"], config["n_latents"], config["k"])
+    sae.load_state_dict(entry["state"])
+    fields = SAEHistory.__dataclass_fields__
+    history = SAEHistory(**{k: v for k, v in entry["history"].items() if k in fields})
+    return sae.to(get_device(device)).eval(), history
 
 
 @torch.no_grad()
 def encode_all(sae: TopKSAE, x: ArrayLike, chunk_size: int | None = None) -> torch.Tensor:
     """Dense latents of every row of ``x`` (chapter 5), computed in chunks on the SAE's device."""
     dev = sae.W_enc.device
-    source = _Source(x, dev, 1 << 62)
+    source = ActivationSource(x, dev, 1 << 62)
     step = chunk_rows(8 * sae.n_latents, dev, chunk_size)
     return torch.cat([sae.encode(rows) for rows in source.chunks(step)])
 
@@ -522,8 +630,8 @@ def sae_metrics(sae: TopKSAE, x: ArrayLike, chunk_size: int | None = None) -> di
         ``dead_fraction`` (latents never active on these tokens), ``n_tokens``.
     """
     dev = sae.W_enc.device
-    source = _Source(x, dev, 1 << 62)
-    mean, _ = _moments(source)
+    source = ActivationSource(x, dev, 1 << 62)
+    mean, _ = source.moments()
     step = chunk_rows(8 * sae.n_latents, dev, chunk_size)
     err = var = 0.0
     active = 0
@@ -621,39 +729,7 @@ def loss_recovered(
     }
 
 
-def cached_loss_recovered(
-    loaded: Any,
-    ids: np.ndarray,
-    layer: int,
-    sae: TopKSAE,
-    mean_activation: np.ndarray,
-    skip_first: int = 1,
-    clean: float | None = None,
-) -> dict[str, float]:
-    """:func:`loss_recovered`, stored in the cache under the model, tokens, layer, SAE weights and mean (chapter 5).
-
-    A rerun with the same inputs reads the numbers instead of running the model
-    three times; an unreadable entry is recomputed.
-    """
-    weights = b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in sae.state_dict().values())
-    key = content_key(
-        _CACHE_VERSION,
-        "loss-recovered",
-        loaded.info.sha256 or loaded.info.name,
-        layer,
-        skip_first,
-        np.ascontiguousarray(ids, dtype=np.int64).tobytes(),
-        np.ascontiguousarray(mean_activation, dtype=np.float32).tobytes(),
-        weights,
-    )
-    path = cache_dir("sae", "loss") / f"{key}.json"
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text())
-            return {name: float(stored[name]) for name in ("clean", "spliced", "ablated", "recovered")}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable entry: recompute and replace it
-    result = loss_recovered(loaded, ids, layer, sae, mean_activation, skip_first=skip_first, clean=clean)
-    with atomic_path(path) as staged:
-        staged.write_text(json.dumps(result))
-    return result
+#: :func:`loss_recovered`, cached under the model, tokens, layer, SAE weights and mean (chapter 5): a rerun with the
+#: same inputs reads the numbers instead of running the model three times; ``clean`` and ``batch_size`` cannot
+#: change them and are left out of the key.
+cached_loss_recovered = cached("sae_loss", version=1, ignore=("clean", "batch_size"))(loss_recovered)

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..core.cache import atomic_path, cache_dir, content_key
+from ..core.cache import cached, content_key
 from ..core.errors import EmbgeoInputError
 from . import corpus
 
@@ -134,19 +134,20 @@ def corpus_token_counts(
         int64 array ``(n_rows,)``.
     """
     names = sorted(sources) if sources else sorted(corpus.SOURCES)
-    path = cache_dir("token_counts") / f"{content_key(_tokenizer_key(tokenizer), names, n_rows)}.npy"
-    if use_cache and path.exists():
-        return np.load(path)
+    count = _token_counts if use_cache else _token_counts.compute
+    return count(tokenizer, _tokenizer_key(tokenizer), names, n_rows)["counts"]
+
+
+@cached("token_counts", version=1, ignore=("tokenizer",))
+def _token_counts(tokenizer: Any, vocabulary_key: str, names: list[str], n_rows: int) -> dict[str, np.ndarray]:
+    """Token counts over the sources, keyed by the tokenizer's vocabulary (``vocabulary_key``) rather than the object."""
     texts = [p for source in names for _, _, paragraphs in corpus.documents(source) for p in paragraphs]
     counts = np.zeros(n_rows, dtype=np.int64)
     for start in range(0, len(texts), 2000):
         encoded = tokenizer(texts[start : start + 2000], add_special_tokens=False, verbose=False)["input_ids"]
         flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64)
         counts += np.bincount(flat[flat < n_rows], minlength=n_rows)[:n_rows]
-    if use_cache:
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, counts)
-    return counts
+    return {"counts": counts}
 
 
 def reserved_rows(tokenizer: Any, n_rows: int) -> np.ndarray:

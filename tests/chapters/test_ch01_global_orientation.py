@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from embgeo_utils.chapters import ch01_global_orientation as ch01
@@ -132,3 +133,17 @@ def test_chapter1_tables_and_figures(device) -> None:
         similarity.layer_map(rng.normal(size=(30, 2, 4)), rng.normal(size=(30, 3, 5)), device=device), "a", "b", 30
     )
     plt.close("all")
+
+
+def test_compare_models_rows_are_cached_by_content(tmp_cache, monkeypatch) -> None:
+    first = _pairs_table([("a", "b"), ("a", "c")], 20, "cpu")
+    assert len(list(tmp_cache.rglob("*.npz"))) == 2
+
+    def no_test(*args, **kwargs):
+        raise AssertionError("the cached rows should have been read")
+
+    monkeypatch.setattr(ch01, "permutation_test", no_test)
+    again = _pairs_table([("a", "b"), ("a", "c")], 20, "cpu")
+    pd.testing.assert_frame_equal(first, again)
+    with pytest.raises(AssertionError, match="cached rows"):  # other permutation count: another key
+        _pairs_table([("a", "b")], 21, "cpu")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import pytest
 
 from embgeo_utils.chapters import ch02_lle as ch02
-from embgeo_utils.chapters.ch02_lle import CONDITIONS, compare_pairs
+from embgeo_utils.chapters.ch02_lle import CONDITIONS, check_claim7, compare_pairs
+from embgeo_utils.core.errors import EmbgeoInputError
+from embgeo_utils.geometry.lle import lle_weights, reconstruction_error
 from embgeo_utils.lm.vocab import SharedVocabulary
 
 
@@ -23,6 +27,62 @@ def _shared(n: int = 300):
 
     ids = np.arange(n)
     return {("a", "b"): SharedVocabulary(ids, ids, tuple(map(str, ids)), True, "byte-bpe", "byte-bpe")}
+
+
+def test_compare_pairs_tables(device) -> None:
+    tables = _swiss_pair(0.5)
+    summary, errors = compare_pairs(tables, _shared(), n_tokens=250, k=6, seed=2, device=device)
+    assert list(errors.columns) == ["pair", "token", "weights", "relative error"]
+    assert len(errors) == 5 * 250 and set(errors["weights"]) == set(CONDITIONS)
+    row = summary.iloc[0]
+    assert row["pair"] == "a → b" and row["tokens"] == 250 and row["shared vocabulary"] == 300
+    assert (
+        row["median B's own weights (floor)"]
+        < row["median A's weights transferred"]
+        < row["median A's weights, random neighbours (null)"]
+    )
+    assert row["Wilcoxon p (transfer < null)"] < 1e-10 and row["fraction transfer < null"] > 0.9
+    assert row["overlap chance k/(n-1)"] == pytest.approx(6 / 249) and row["neighbour overlap"] > 0.5
+    # The same numbers by hand: sampled rows, centred, A's weights on B.
+    sample = _shared()[("a", "b")].sample(250, seed=2)
+    X, Y = tables["a"][sample.ids_a], tables["b"][sample.ids_b]
+    X, Y = X - X.mean(0), Y - Y.mean(0)
+    idx, w = lle_weights(X, 6, device=device)
+    expected = reconstruction_error(Y, idx, w, device=device)
+    got = errors[errors["weights"] == "A's weights transferred"]["relative error"].to_numpy()
+    np.testing.assert_allclose(got, expected)
+    with pytest.raises(EmbgeoInputError, match="install"):
+        compare_pairs(tables, {}, device=device)
+
+
+@pytest.mark.parametrize(
+    ("noise", "expected"), [(0.5, "reproduced"), (8.0, "partly reproduced"), (100.0, "not reproduced")]
+)
+def test_claim7_planted_partly_absent(device, noise: float, expected: str) -> None:
+    _, errors = compare_pairs(_swiss_pair(noise), _shared(), n_tokens=300, k=6, device=device)
+    verdict = check_claim7(errors)
+    assert verdict.verdict == expected
+    if expected == "partly reproduced":  # beats the null significantly, but not by half
+        assert verdict.holds == (True, False)
+
+
+def test_claim7_checks_and_errors() -> None:
+    rng = np.random.default_rng(0)
+    null = rng.uniform(1.0, 2.0, 200)
+    rows = [("p", i, "A's weights transferred", 0.3 * v) for i, v in enumerate(null)]
+    rows += [("p", i, "A's weights, random neighbours (null)", v) for i, v in enumerate(null)]
+    errors = pd.DataFrame(rows, columns=["pair", "token", "weights", "relative error"])
+    v = check_claim7(errors)
+    assert v.verdict == "reproduced"
+    assert v.checks[1].effect == pytest.approx(0.7) and v.checks[1].min_effect == pytest.approx(0.5)
+    assert v.checks[1].p_value is None and v.checks[0].n == 200
+    assert check_claim7(errors, max_ratio=0.2).verdict == "partly reproduced"
+    with pytest.raises(EmbgeoInputError, match="compare_pairs"):
+        check_claim7(errors.drop(columns=["token"]))
+    with pytest.raises(EmbgeoInputError, match="lacks"):
+        check_claim7(errors[errors["weights"] != "A's weights transferred"])
+    with pytest.raises(EmbgeoInputError, match="max_ratio"):
+        check_claim7(errors, max_ratio=1.5)
 
 
 def test_chapter2_figures(device) -> None:

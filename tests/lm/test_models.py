@@ -10,7 +10,7 @@ import torch
 from embgeo_utils.core import cache, errors
 from embgeo_utils.lm import models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_unknown_model_lists_known_names(device):

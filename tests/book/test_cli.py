@@ -11,7 +11,7 @@ import pytest
 from embgeo_utils.book import cli, results
 from embgeo_utils.core import stats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_console_script_points_at_main():

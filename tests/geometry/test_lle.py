@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from sklearn.manifold._locally_linear import barycenter_weights
 
-from embgeo_utils.chapters import ch02_lle as ch02
-from embgeo_utils.chapters.ch02_lle import CONDITIONS, check_claim7, compare_pairs
 from embgeo_utils.core.errors import EmbgeoInputError
 from embgeo_utils.geometry import lle
 from embgeo_utils.geometry.lle import lle_weights, random_neighbors, reconstruction_error, uniform_weights
-from embgeo_utils.lm.vocab import SharedVocabulary
 
 
 def _plane(n: int = 300, d: int = 10, seed: int = 0) -> np.ndarray:
@@ -121,93 +117,6 @@ def test_errors(device) -> None:
         reconstruction_error(Z, idx, w, device=device)
     with pytest.raises(EmbgeoInputError):
         random_neighbors(5, 5, seed=0)
-
-
-# --- chapter 2 comparison and the check of claim 7 ---------------------------------------------------------------
-
-
-def _swiss_pair(noise: float, n: int = 300) -> dict[str, np.ndarray]:
-    """A curved cloud in A and a rotated copy in B with isotropic noise of the given size."""
-    rng = np.random.default_rng(0)
-    t = rng.uniform(0, 3 * np.pi, n)
-    h = rng.uniform(-1, 1, n)
-    X = np.c_[t * np.cos(t), h * 5, t * np.sin(t)] @ rng.normal(size=(3, 8)) + 0.05 * rng.normal(size=(n, 8))
-    Y = X @ np.linalg.qr(rng.normal(size=(8, 8)))[0] + noise * np.random.default_rng(1).normal(size=(n, 8))
-    return {"a": X, "b": Y}
-
-
-def _shared(n: int = 300):
-
-    ids = np.arange(n)
-    return {("a", "b"): SharedVocabulary(ids, ids, tuple(map(str, ids)), True, "byte-bpe", "byte-bpe")}
-
-
-def test_compare_pairs_tables(device) -> None:
-    tables = _swiss_pair(0.5)
-    summary, errors = compare_pairs(tables, _shared(), n_tokens=250, k=6, seed=2, device=device)
-    assert list(errors.columns) == ["pair", "token", "weights", "relative error"]
-    assert len(errors) == 5 * 250 and set(errors["weights"]) == set(CONDITIONS)
-    row = summary.iloc[0]
-    assert row["pair"] == "a → b" and row["tokens"] == 250 and row["shared vocabulary"] == 300
-    assert (
-        row["median B's own weights (floor)"]
-        < row["median A's weights transferred"]
-        < row["median A's weights, random neighbours (null)"]
-    )
-    assert row["Wilcoxon p (transfer < null)"] < 1e-10 and row["fraction transfer < null"] > 0.9
-    assert row["overlap chance k/(n-1)"] == pytest.approx(6 / 249) and row["neighbour overlap"] > 0.5
-    # The same numbers by hand: sampled rows, centred, A's weights on B.
-    sample = _shared()[("a", "b")].sample(250, seed=2)
-    X, Y = tables["a"][sample.ids_a], tables["b"][sample.ids_b]
-    X, Y = X - X.mean(0), Y - Y.mean(0)
-    idx, w = lle_weights(X, 6, device=device)
-    expected = reconstruction_error(Y, idx, w, device=device)
-    got = errors[errors["weights"] == "A's weights transferred"]["relative error"].to_numpy()
-    np.testing.assert_allclose(got, expected)
-    with pytest.raises(EmbgeoInputError, match="install"):
-        compare_pairs(tables, {}, device=device)
-
-
-@pytest.mark.parametrize(
-    ("noise", "expected"), [(0.5, "reproduced"), (8.0, "partly reproduced"), (100.0, "not reproduced")]
-)
-def test_claim7_planted_partly_absent(device, noise: float, expected: str) -> None:
-    _, errors = compare_pairs(_swiss_pair(noise), _shared(), n_tokens=300, k=6, device=device)
-    verdict = check_claim7(errors)
-    assert verdict.verdict == expected
-    if expected == "partly reproduced":  # beats the null significantly, but not by half
-        assert verdict.holds == (True, False)
-
-
-def test_claim7_checks_and_errors() -> None:
-    rng = np.random.default_rng(0)
-    null = rng.uniform(1.0, 2.0, 200)
-    rows = [("p", i, "A's weights transferred", 0.3 * v) for i, v in enumerate(null)]
-    rows += [("p", i, "A's weights, random neighbours (null)", v) for i, v in enumerate(null)]
-    errors = pd.DataFrame(rows, columns=["pair", "token", "weights", "relative error"])
-    v = check_claim7(errors)
-    assert v.verdict == "reproduced"
-    assert v.checks[1].effect == pytest.approx(0.7) and v.checks[1].min_effect == pytest.approx(0.5)
-    assert v.checks[1].p_value is None and v.checks[0].n == 200
-    assert check_claim7(errors, max_ratio=0.2).verdict == "partly reproduced"
-    with pytest.raises(EmbgeoInputError, match="compare_pairs"):
-        check_claim7(errors.drop(columns=["token"]))
-    with pytest.raises(EmbgeoInputError, match="lacks"):
-        check_claim7(errors[errors["weights"] != "A's weights transferred"])
-    with pytest.raises(EmbgeoInputError, match="max_ratio"):
-        check_claim7(errors, max_ratio=1.5)
-
-
-def test_chapter2_figures(device) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary, errors = compare_pairs(_swiss_pair(1.0, 80), _shared(80), n_tokens=80, k=5, device=device)
-    ch02.plot_lle_errors(errors, 5, 80, order=CONDITIONS)
-    ch02.plot_neighbour_overlap(summary, 5)
-    plt.close("all")
 
 
 def test_gather_steps_and_solve_blocks_do_not_change_the_weights(device, monkeypatch) -> None:

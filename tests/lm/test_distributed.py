@@ -15,7 +15,7 @@ from embgeo_utils.core.errors import EmbgeoInputError
 from embgeo_utils.lm import distributed, torchrun
 from embgeo_utils.lm import sae as S
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HYPER = {"epochs": 3, "batch_size": 125, "lr": 1e-2, "dead_tokens": 300, "seed": 3}
 N_LATENTS, K = 96, 3
 

@@ -27,7 +27,7 @@ from embgeo_utils.book import runner
 from embgeo_utils.chapters import claims
 from embgeo_utils.core import stats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "/embgeo/"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [

@@ -10,7 +10,7 @@ import yaml
 
 from embgeo_utils.book import parameters, runner
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = runner.chapter_sources(ROOT) + [ROOT / runner.LEDGER]
 
 

@@ -10,7 +10,7 @@ import pytest
 from embgeo_utils.book import parameters, results, runner
 from embgeo_utils.core.errors import ParameterError, UnknownModelError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = runner.chapter_sources(ROOT) + [ROOT / runner.LEDGER]
 #: Chapters whose parameters cell still declares no types (they get types inferred from the defaults).
 NOT_YET_TYPED: set[str] = set()

@@ -26,7 +26,7 @@ from papermill.parameterize import parameterize_notebook
 from embgeo_utils.book import publish
 from embgeo_utils.core.errors import EmbgeoInputError, SiteError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "book.yml"
 CHAPTER = ROOT / "notebooks" / "00_models_and_text.ipynb"
 

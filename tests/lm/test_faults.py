@@ -125,11 +125,11 @@ def smollm_cache(smollm, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "name, how", [("tokenizer.json", "truncate"), ("config.json", "garble"), ("model.safetensors", "truncate")]
 )
-def test_a_damaged_cached_model_is_rebuilt_with_one_notice(smollm, smollm_cache, name, how, capsys):
+def test_a_damaged_cached_model_is_rebuilt_with_one_notice(smollm, smollm_cache, name, how, caplog):
     folder, rebuilds = smollm_cache
     _damage(folder / name, how)
     loaded = models.load("smollm2-135m", device="cpu")
-    out = capsys.readouterr().out.strip().splitlines()
+    out = [r.getMessage() for r in caplog.records]
     assert len(rebuilds) == 1 and not loaded.info.from_cache
     assert len(out) == 1 and f"({name} does not match its sha256); rebuilding it" in out[0]
     text = "The cat sat on the mat."
@@ -140,7 +140,7 @@ def test_a_damaged_cached_model_is_rebuilt_with_one_notice(smollm, smollm_cache,
     assert models.cache_problem(folder) is None
 
 
-def test_a_killed_conversion_leaves_nothing_behind_on_the_next_load(smollm_cache, capsys):
+def test_a_killed_conversion_leaves_nothing_behind_on_the_next_load(smollm_cache, caplog):
     folder, rebuilds = smollm_cache
     script = (
         "import sys, time\n"
@@ -153,7 +153,7 @@ def test_a_killed_conversion_leaves_nothing_behind_on_the_next_load(smollm_cache
         "    time.sleep(120)\n"
     )
     target = folder.parent / "qwen2.5-coder-0.5b-0123456789abcdef"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     child = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True, env=env)
     assert child.stdout is not None
     staging = Path(child.stdout.readline().strip())
@@ -163,7 +163,7 @@ def test_a_killed_conversion_leaves_nothing_behind_on_the_next_load(smollm_cache
     assert staging.is_dir() and not target.exists()  # what kill -9 leaves
     models.load("smollm2-135m", device="cpu")
     assert not staging.exists() and not rebuilds
-    assert "left by a write that was interrupted" in capsys.readouterr().out
+    assert "left by a write that was interrupted" in caplog.text
 
 
 def test_staging_folders_without_a_process_id_are_removed_when_old(tmp_path):
@@ -237,13 +237,13 @@ def test_a_damaged_file_of_a_safetensors_wheel_is_refused(tmp_path, monkeypatch,
 # ----------------------------------------------------------------------------- cached hidden states
 
 
-def test_garbled_cached_hidden_states_are_recomputed(smollm, tmp_cache, capsys):
-    """Bytes changed inside an entry (its zip checksum fails); truncation is covered in test_activations."""
+def test_garbled_cached_hidden_states_are_recomputed(smollm, tmp_cache, caplog):
+    """Bytes changed inside an entry (its sha256 fails); truncation is covered in test_activations."""
     ids = np.array([[504, 2644, 3290, 335]])
     first = activations.hidden_states(smollm, ids, progress=False)
-    entry = next((tmp_cache / "activations" / "smollm2-135m").glob("*.npz"))
+    entry = next((tmp_cache / "activations").glob("*/a0.npy"))
     _damage(entry, "garble", size=256)
     again = activations.hidden_states(smollm, ids, progress=False)
     assert again.cache_hits == 0 and np.array_equal(again.hidden, first.hidden)
-    assert "unreadable; recomputing them" in capsys.readouterr().out
+    assert "does not match its checksum" in caplog.text and "recomputing it" in caplog.text
     assert activations.hidden_states(smollm, ids, progress=False).cache_hits == 1
