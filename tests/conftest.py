@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from embgeo_utils.book import publish
+from embgeo_utils.book import parameters, publish
 from embgeo_utils.core.device import get_device
 from embgeo_utils.lm import models
 
@@ -105,3 +105,15 @@ def small_site(small_book, small_build) -> Path:
     if small_build.returncode != 0:
         pytest.fail("the small book did not build; test_book_builds_without_warnings shows why")
     return publish.make_site(small_book / "_build" / "html", small_book / "_site")
+
+
+@pytest.fixture
+def chapter_params():
+    """``make(module, **overrides)``: a chapter's ``Parameters`` with its notebook's defaults, on the CPU, overridden."""
+
+    def make(module, **overrides):
+        notebook = next((ROOT / "notebooks").glob(f"{module.CHAPTER[2:4]}_*.ipynb"))
+        values = {name: p.default for name, p in parameters.notebook_parameters(notebook).items()}
+        return module.Parameters(**{**values, "device": "cpu", **overrides})
+
+    return make

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -83,3 +84,104 @@ def test_every_project_exception_derives_from_the_base():
                 isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception")) for b in node.bases
             ):
                 assert path.name == "errors.py", f"{path.name} defines exception {node.name}: put it in errors.py"
+
+
+#: The package's layers, lowest first: a module imports only from its own layer or the ones below.
+LAYERS = ("core", "geometry", "lm", "chapters", "book")
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """For every module ``layer.name`` of embgeo_utils, the modules it imports (top level, in functions, for types)."""
+    edges: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "embgeo_utils").rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        layer = path.parent.name
+        module = f"{layer}.{path.stem}"
+        edges[module] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                parts = ([layer] if node.level == 1 else []) + (node.module.split(".") if node.module else [])
+                targets = [f"{parts[0]}.{a.name}" for a in node.names] if len(parts) == 1 else [".".join(parts[:2])]
+                edges[module].update(targets)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for name in names:
+                    assert not name.startswith("embgeo_utils"), f"{module} imports {name}: use a relative import"
+    return edges
+
+
+def test_layers_import_only_downward_and_without_circles():
+    edges = _package_imports()
+    assert {m.split(".")[0] for m in edges} == set(LAYERS), "every module lives in one of the layers"
+    upward = [
+        f"{m} -> {t}"
+        for m, ts in edges.items()
+        for t in ts
+        if LAYERS.index(t.split(".")[0]) > LAYERS.index(m.split(".")[0])
+    ]
+    assert not upward, f"imports from a higher layer: {upward}"
+    across = [
+        f"{m} -> {t}"
+        for m, ts in edges.items()
+        for t in ts
+        if m.startswith("chapters.ch") and t.startswith("chapters.ch")
+    ]
+    assert not across, f"a chapter module imports another chapter's: {across}"
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(edges.get(module, ())):
+            assert state.get(target) != 1, f"import circle: {' -> '.join(path + [target])}"
+            if not state.get(target):
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in sorted(edges):
+        if not state.get(module):
+            visit(module, [module])
+
+
+def test_the_contract_test_sees_an_upward_import(tmp_path, monkeypatch):
+    """A positive control for the test above: a planted upward import and a planted circle are found."""
+    fake = tmp_path / "embgeo_utils"
+    for layer, name, text in [
+        ("core", "a", "from ..book import b\n"),
+        ("book", "b", ""),
+        ("lm", "c", "from . import d\n"),
+        ("lm", "d", "from . import c\n"),
+        ("geometry", "e", ""),
+        ("chapters", "f", ""),
+    ]:
+        (fake / layer).mkdir(parents=True, exist_ok=True)
+        (fake / layer / f"{name}.py").write_text(text)
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    with pytest.raises(AssertionError, match="higher layer"):
+        test_layers_import_only_downward_and_without_circles()
+    (fake / "core" / "a.py").write_text("")
+    with pytest.raises(AssertionError, match="import circle"):
+        test_layers_import_only_downward_and_without_circles()
+
+
+#: Numeric kernels that do one job and may run past 80 lines (CONTRIBUTING.md gives each one's reason).
+LONG_KERNELS = {
+    "geometry/neighbors.py:exact_order_statistics",
+    "geometry/neighbors.py:exact_rank_distances",
+    "geometry/token_clouds.py:_clouds_float32",
+    "geometry/token_clouds.py:layer_observables",
+    "geometry/intrinsic_dim.py:local_pca_id",
+}
+
+
+def test_no_function_runs_past_80_lines_except_the_listed_kernels():
+    long = []
+    for path in sorted((ROOT / "embgeo_utils").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                name = f"{path.parent.name}/{path.name}:{node.name}"
+                if name not in LONG_KERNELS:
+                    long.append(f"{name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, f"split these into stages: {long}"
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    assert all(k.split(":")[1] in text for k in LONG_KERNELS), "CONTRIBUTING.md must name every listed kernel"

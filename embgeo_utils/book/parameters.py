@@ -33,6 +33,7 @@ import json
 import math
 import re
 import tokenize
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from ..core.errors import ParameterError
 __all__ = [
     "HASH_EXCLUDES",
     "Parameter",
-    "chapter_notebook",
+    "session_declarations",
     "check_overrides",
     "check_values",
     "injected_names",
@@ -203,22 +204,41 @@ def notebook_parameters(path: str | Path) -> dict[str, Parameter]:
     return parse_cell(_parameters_cell(Path(path)), Path(path).name)
 
 
-def chapter_notebook(chapter: str, search: list[Path] | None = None) -> Path | None:
-    """The source notebook of a chapter id such as ``"ch02_lle"`` (``NN_*.ipynb``), or ``None`` when not found.
+def session_declarations(fields: list[str], where: str) -> dict[str, Parameter]:
+    """The declarations of the parameters cell the running kernel executed last (every chapter, ``start_chapter``).
 
-    Looks in the current folder (papermill runs a chapter in its own folder), in ``notebooks/`` under it, and in the
-    ``notebooks/`` folder of the checkout this package was installed from.
+    The cell is found among the kernel's executed cells (IPython's ``In``), as the last one that declares exactly the
+    names ``fields``, so nothing depends on the working folder or on where the notebook file lies.
+
+    Raises:
+        ParameterError: outside a kernel, or when no executed cell declares those names.
     """
-    match = re.match(r"ch(\d\d)", chapter)
-    if not match:
-        return None
-    here = Path.cwd()
-    folders = search or [here, here / "notebooks", Path(__file__).resolve().parents[1] / "notebooks"]
-    for folder in folders:
-        found = sorted(folder.glob(f"{match.group(1)}_*.ipynb"))
-        if len(found) == 1:
-            return found[0]
-    return None
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return _no_cell(where)
+    shell = get_ipython()
+    history = (shell.user_ns.get("In") or []) if shell is not None else []
+    for source in reversed(history):
+        if not isinstance(source, str) or not all(name in source for name in fields):
+            continue
+        try:
+            declared = parse_cell(source, where)
+        except ParameterError:
+            continue
+        if sorted(declared) == sorted(fields):
+            return declared
+    return _no_cell(where)
+
+
+def _no_cell(where: str) -> dict[str, Parameter]:
+    raise ParameterError(
+        f"Found no executed parameters cell of {where}: run the chapter's cell tagged 'parameters' first, or, outside "
+        "a notebook, pass values= and declarations=parameters.notebook_parameters(<the notebook>) to start_chapter."
+    )
+
+
+# ---------------------------------------------------------------------------- types and allowed values
 
 
 _BASE = {"int", "float", "bool", "str", "None", "any"}
@@ -298,18 +318,18 @@ def _problem(param: Parameter, value: Any) -> str | None:
     return None
 
 
-def _allowed_names(declared: dict[str, Parameter]) -> str:
+def _allowed_names(declared: Mapping[str, Parameter]) -> str:
     return ", ".join(declared)
 
 
-def _unknown_message(name: str, declared: dict[str, Parameter], where: str) -> str:
+def _unknown_message(name: str, declared: Mapping[str, Parameter], where: str) -> str:
     close = difflib.get_close_matches(name, list(declared), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"Unknown parameter {name!r} for {where}.{hint} Allowed parameters: {_allowed_names(declared)}."
 
 
 def check_values(
-    declared: dict[str, Parameter], values: dict[str, Any], where: str, unknown: list[str] | None = None
+    declared: Mapping[str, Parameter], values: dict[str, Any], where: str, unknown: list[str] | None = None
 ) -> None:
     """Check parameter values against their declarations (every chapter, in ``start_chapter``).
 

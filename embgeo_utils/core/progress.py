@@ -11,6 +11,7 @@ even the closing line.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -18,9 +19,35 @@ from typing import Any
 from tqdm.std import tqdm as _std_tqdm
 
 __all__ = [
+    "LOG",
     "interactive",
+    "show_messages",
     "tqdm",
 ]
+
+#: The package's logger: notices (a damaged cache entry rebuilt, a model left out) and the closing lines of bars.
+LOG = logging.getLogger("embgeo")
+
+
+class _StdoutLines(logging.Handler):
+    """Writes each message as one ``[embgeo] ...`` line to whatever ``sys.stdout`` is when it is emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(f"[embgeo] {self.format(record)}\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            self.handleError(record)
+
+
+def show_messages() -> None:
+    """Show the package's messages as ``[embgeo] ...`` lines on standard output (chapters, the runner, the CLI).
+
+    Adds one handler to the ``embgeo`` logger (never a second one) at level INFO.
+    """
+    LOG.setLevel(logging.INFO)
+    if not any(isinstance(h, _StdoutLines) for h in LOG.handlers):
+        LOG.addHandler(_StdoutLines())
 
 
 def interactive() -> bool:
@@ -51,7 +78,7 @@ class _CompactBar(_std_tqdm):
             elapsed = self.format_dict.get("elapsed", 0.0)
             label = f"{self.desc}: " if self.desc else ""
             unit = self.unit if self.unit != "it" else "steps"
-            print(f"[embgeo] {label}{self.n} {unit} in {elapsed:.0f} s", flush=True)
+            LOG.info(f"{label}{self.n} {unit} in {elapsed:.0f} s")
         super().close()
 
 

@@ -37,6 +37,7 @@ from ..core.errors import EmbgeoInputError
 from .activations import Activations, hidden_states, prepare_ids
 
 __all__ = [
+    "group_active",
     "all_reduce_sum",
     "barrier",
     "broadcast_module",
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-def _active() -> bool:
+def group_active() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
@@ -57,7 +58,7 @@ def rank_and_world() -> tuple[int, int]:
     """``(rank, world size)`` of the current process group; ``(0, 1)`` when none is initialised."""
     import torch.distributed as dist
 
-    if not _active():
+    if not group_active():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
 
@@ -71,7 +72,7 @@ def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     import torch.distributed as dist
 
-    if _active():
+    if group_active():
         dist.barrier()
 
 
@@ -109,7 +110,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (no-op without a process group); returns it."""
     import torch.distributed as dist
 
-    if _active() and dist.get_world_size() > 1:
+    if group_active() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -118,7 +119,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (no-op without a process group)."""
     import torch.distributed as dist
 
-    if not _active() or dist.get_world_size() == 1:
+    if not group_active() or dist.get_world_size() == 1:
         return
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:

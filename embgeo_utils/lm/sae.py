@@ -157,6 +157,14 @@ class SAEHistory:
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
 
+    def add_epoch(self, epoch: int, sums: dict[str, float], n_tokens: int, dead_fraction: float) -> None:
+        """Record one epoch from its running sums (squared errors, AuxK loss, variance) over ``n_tokens`` tokens."""
+        self.epochs.append(epoch)
+        self.mse.append(sums["mse"] / n_tokens)
+        self.aux.append(sums["aux"] / n_tokens)
+        self.fvu.append(sums["err"] / max(sums["var"], 1e-30))
+        self.dead_fraction.append(dead_fraction)
+
 
 class ActivationSource:
     """Rows of an activation matrix held in memory or read from a ``.npy`` file in batches (chapter 5)."""
@@ -410,6 +418,12 @@ def _epoch(
     return sums
 
 
+def _check_counts(**counts: Any) -> None:
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise EmbgeoInputError(f"{name} must be a positive integer, got {value!r}.")
+
+
 def train_sae(
     x: ArrayLike,
     n_latents: int,
@@ -434,8 +448,8 @@ def train_sae(
     largest pre-activations among the dead latents (those that did not fire in
     the last ``dead_tokens`` tokens), normalised by the residual's variance.
     The activations come through an :class:`ActivationSource`; the split of
-    every batch over processes through a strategy (:func:`training_strategy`):
-    one process is :class:`LocalTraining`, the same trainer with a world of one.
+    every batch over processes through a strategy (:func:`training_strategy`;
+    one process is :class:`LocalTraining`: the same trainer with a world of one).
 
     Args:
         x: activations as an array, tensor, or path to a ``.npy`` file; a file
@@ -447,22 +461,13 @@ def train_sae(
         aux_k: latents of the AuxK reconstruction (default ``d_in // 2``).
         aux_coef: weight of the AuxK loss.
         dead_tokens: a latent is dead after this many tokens without firing (default: half an epoch).
-        seed: seed of the initialisation and of the batch order; the same seed
-            gives the same weights on the CPU.
-        device: where to train.
-        memory_budget: bytes of activations kept in memory.
-        progress: show a progress bar (rank 0 only when distributed).
-        distributed: train data-parallel over the initialised ``torch.distributed``
-            process group (default: whenever one is initialised; ``False`` trains
-            alone). Every rank passes the same ``x``; rank ``r`` takes rows
-            ``r::world`` of every global batch of ``batch_size`` (the batch order
-            of a single-process run with this seed), gradients are summed over
-            ranks before each Adam step, and the input moments, dead-latent
-            counters and the AuxK normaliser are global (:class:`DataParallelTraining`).
-            The result equals a single-process run up to the order of float sums
-            (measured on the CPU: 3e-7 relative on synthetic data, 3e-5 on SmolLM2
-            hidden states; a latent whose top-k membership is decided by a near tie
-            can make long runs drift further). On GPUs pass this rank's device
+        seed: seed of the initialisation and of the batch order (the same seed gives the same weights on the CPU).
+        device: where to train; memory_budget: bytes of activations kept in memory; progress: show a bar (rank 0).
+        distributed: train data-parallel over the initialised ``torch.distributed`` process group (default: whenever
+            one is initialised; ``False`` trains alone; every rank passes the same ``x``). The batch order is that of
+            a one-process run with this seed, and the result equals it up to the order of float sums (measured on
+            the CPU: 3e-7 relative on synthetic data, 3e-5 on SmolLM2 hidden states); see
+            :class:`DataParallelTraining`. On GPUs pass this rank's device
             (:func:`embgeo_utils.lm.distributed.init_from_env`).
 
     Returns:
@@ -475,34 +480,23 @@ def train_sae(
 
     strategy = training_strategy(distributed)
     source = ActivationSource(x, get_device(device), memory_budget)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise EmbgeoInputError(f"{name} must be a positive integer, got {value!r}.")
+    _check_counts(epochs=epochs, batch_size=batch_size)
     sae, mean = _initial_sae(source, n_latents, k, seed, strategy)
-    lr = 2e-4 / math.sqrt(n_latents / 2**14) if lr is None else float(lr)
-    aux = min(n_latents, source.d // 2 if aux_k is None else int(aux_k))
     dead_after = max(batch_size, source.n // 2) if dead_tokens is None else int(dead_tokens)
-    settings = _Settings(k, batch_size, aux, aux_coef, dead_after)
+    aux_k = min(n_latents, source.d // 2 if aux_k is None else int(aux_k))
+    settings = _Settings(k, batch_size, aux_k, aux_coef, dead_after)
+    lr = 2e-4 / math.sqrt(n_latents / 2**14) if lr is None else float(lr)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     rng = np.random.default_rng(seed)
     since_fired = torch.zeros(n_latents, dtype=torch.long, device=source.dev)
     history, start_time = SAEHistory(), time.perf_counter()
     steps = epochs * math.ceil(source.n / batch_size)
-    bar = tqdm(
-        total=steps,
-        desc=f"SAE {n_latents}x k={k}",
-        unit="step",
-        disable=not progress or strategy.rank > 0,
-        mininterval=2.0,
-    )
+    quiet = not progress or strategy.rank > 0
+    bar = tqdm(total=steps, desc=f"SAE {n_latents}x k={k}", unit="step", disable=quiet, mininterval=2.0)
     sae.train()
     for epoch in range(epochs):
         sums = _epoch(sae, opt, source, rng.permutation(source.n), since_fired, mean, settings, strategy, bar)
-        history.epochs.append(epoch + 1)
-        history.mse.append(sums["mse"] / source.n)
-        history.aux.append(sums["aux"] / source.n)
-        history.fvu.append(sums["err"] / max(sums["var"], 1e-30))
-        history.dead_fraction.append(float((since_fired >= dead_after).float().mean()))
+        history.add_epoch(epoch + 1, sums, source.n, float((since_fired >= dead_after).float().mean()))
         bar.set_postfix(fvu=f"{history.fvu[-1]:.3f}", dead=f"{history.dead_fraction[-1]:.2f}")
     bar.close()
     strategy.share_module(sae)  # the weights already agree; this makes them bit-identical whatever the backend did

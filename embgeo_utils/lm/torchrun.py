@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import corpus, models
-from .distributed import _active, barrier, init_from_env, is_main, rank_and_world, sharded_hidden_states
+from .distributed import barrier, group_active, init_from_env, is_main, rank_and_world, sharded_hidden_states
 from .sae import save_sae, train_sae
 
 __all__ = [
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         import torch.distributed as dist
 
-        if _active():
+        if group_active():
             dist.destroy_process_group()
     return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from embgeo_utils.book import parameters, results, runner
+from embgeo_utils.chapters import ch02_lle as ch02
 from embgeo_utils.core.errors import ParameterError, UnknownModelError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,27 +157,35 @@ def test_runner_refuses_a_typo_before_a_kernel_starts(tmp_path):
 
 def test_start_chapter_checks_parameters_and_model_names_before_loading(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBGEO_RESULTS", str(tmp_path))
-    monkeypatch.chdir(ROOT / "notebooks")
+    monkeypatch.chdir(tmp_path)  # nothing depends on the working folder
+    cell = parameters.notebook_parameters(ROOT / "notebooks" / "02_lle.ipynb")
     good = {"model_pairs": [["smollm2-135m", "gemma3-270m"]], "n_tokens": 300, "k": 10, "reg": 1e-3}
     good |= {"center": True, "alpha": 0.01, "seed": 0, "device": "cpu"}
     loads = []
     monkeypatch.setattr("embgeo_utils.lm.models.load", lambda *a, **k: loads.append(a))
-    with pytest.raises(ParameterError, match=r"'n_tokens' of 02_lle.*expected int, got 'abc'"):
-        results.start_chapter("ch02_lle", "LLE", {**good, "n_tokens": "abc"})
+
+    def start(values):
+        return results.start_chapter(ch02, values, declarations=cell)
+
+    with pytest.raises(ParameterError, match=r"'n_tokens' of ch02_lle.*expected int, got 'abc'"):
+        start({**good, "n_tokens": "abc"})
     with pytest.raises(ParameterError, match=r"allowed values are \[50, inf\), got 0"):
-        results.start_chapter("ch02_lle", "LLE", {**good, "n_tokens": 0})
-    # a name papermill injected but the chapter does not declare
-    monkeypatch.setattr(parameters, "injected_names", lambda: ["n_token"])
-    with pytest.raises(ParameterError, match="Did you mean 'n_tokens'"):
-        results.start_chapter("ch02_lle", "LLE", good)
-    monkeypatch.setattr(parameters, "injected_names", lambda: [])
+        start({**good, "n_tokens": 0})
+    with pytest.raises(ParameterError, match="Did you mean 'n_tokens'"):  # a name the chapter does not declare
+        start({**good, "n_token": 300})
     # every model name is checked, before any model loads
     pairs = [["smollm2-135m", "gemma3-270m"], ["smollm2-135m", "no-such-model-xyz"]]
     with pytest.raises(UnknownModelError, match="no-such-model-xyz"):
-        results.start_chapter("ch02_lle", "LLE", {**good, "model_pairs": pairs})
+        start({**good, "model_pairs": pairs})
     assert not loads
-    ch = results.start_chapter("ch02_lle", "LLE", good)
+    ch = start(good)
+    assert isinstance(ch.params, ch02.Parameters) and ch.params.n_tokens == 300 and ch.params.device == "cpu"
     assert ch.record.parameters_hash and not ch.record.defaults
-    defaults = {name: p.default for name, p in parameters.notebook_parameters("02_lle.ipynb").items()}
-    book = results.start_chapter("ch02_lle", "LLE", {**defaults, "device": "cpu"})
+    book = start({"device": "cpu"})  # every other parameter at its declared default
     assert book.record.defaults and book.record.parameters_hash != ch.record.parameters_hash
+    assert book.params.n_tokens == cell["n_tokens"].default
+    with pytest.raises(ParameterError, match="run the chapter's cell tagged 'parameters'"):
+        results.start_chapter(ch02)  # outside a kernel, nothing to read the declarations from
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="rerun its chapter"):
+        results.load_records(tmp_path)

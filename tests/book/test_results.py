@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import types
+from dataclasses import dataclass
 import math
 
 import numpy as np
 import pytest
 
-from embgeo_utils.book import results
+from embgeo_utils.book import parameters, results
 from embgeo_utils.chapters import claims
 from embgeo_utils.core import stats
 from embgeo_utils.core.errors import EmbgeoError
@@ -52,15 +54,41 @@ def test_verdicts_come_from_the_rule_and_bad_files_are_refused(tmp_path):
         results.load_records(tmp_path)
 
 
-def test_start_chapter_resolves_device_seeds_and_models(tmp_path, monkeypatch, device):
+@dataclass(frozen=True)
+class _TestParameters:
+    model_names: list[str]
+    n_tokens: int
+    seed: int
+    device: str
+
+    def models(self) -> list[str]:
+        return self.model_names
+
+
+#: A stand-in chapter module: what start_chapter needs of one.
+TEST_CHAPTER = types.SimpleNamespace(CHAPTER="ch_test", TITLE="Test", Parameters=_TestParameters, __name__="ch_test")
+TEST_CELL = parameters.parse_cell(
+    'model_names: list[str] = ["smollm2-135m"]  # names\n'
+    "n_tokens: int = 4000  # [1, inf) tokens\n"
+    "seed: int = 0  # [0, inf)\n"
+    'device: str = "auto"  # where\n'
+)
+
+
+def _start(values):
+    return results.start_chapter(TEST_CHAPTER, values, declarations=TEST_CELL)
+
+
+def test_start_chapter_resolves_device_seeds_and_models(tmp_path, monkeypatch, device, caplog):
     monkeypatch.setenv("EMBGEO_RESULTS", str(tmp_path))
     params = {"model_names": ["smollm2-135m", "qwen2.5-coder-1.5b"], "seed": 3, "device": device}
     monkeypatch.setattr("embgeo_utils.lm.models.installed_models", lambda: ["smollm2-135m"])
-    ch = results.start_chapter("ch_test", "Test", params)
+    ch = _start(params)
     assert ch.models == ["smollm2-135m"] and ch.missing == ["qwen2.5-coder-1.5b"]
-    assert ch.params["device"] == device and ch.seed == 3
+    assert ch.params.device == device and ch.seed == 3 and ch.params.n_tokens == 4000
+    assert "left out: qwen2.5-coder-1.5b" in caplog.text
     first = np.random.rand()
-    results.start_chapter("ch_test", "Test", params)
+    _start(params)
     assert np.random.rand() == first
     ch.record.claim(6, "r", 0.3, "null", stats.verdict([stats.Check("c", 0.3, 0.001)]))
     line = ch.finish()
@@ -103,7 +131,7 @@ def test_a_failed_run_leaves_the_record_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBGEO_RESULTS", str(tmp_path))
     good = _run(tmp_path, {"n_tokens": 4000}, 0.5, True)
     before = good.read_bytes()
-    ch = results.start_chapter("ch_test", "Test", {"n_tokens": 4000, "device": "cpu"})
+    ch = _start({"n_tokens": 4000, "device": "cpu"})
     with pytest.raises(RuntimeError):
         ch.record.claim(7, "ratio", 0.1, "null", stats.verdict([stats.Check("c", 0.1, 0.5)]))
         raise RuntimeError("the chapter fails before ch.finish()")

@@ -29,9 +29,10 @@ def _shared(n: int = 300):
     return {("a", "b"): SharedVocabulary(ids, ids, tuple(map(str, ids)), True, "byte-bpe", "byte-bpe")}
 
 
-def test_compare_pairs_tables(device) -> None:
+def test_compare_pairs_tables(device, chapter_params) -> None:
     tables = _swiss_pair(0.5)
-    summary, errors = compare_pairs(tables, _shared(), n_tokens=250, k=6, seed=2, device=device)
+    lle = compare_pairs(tables, _shared(), chapter_params(ch02, n_tokens=250, k=6, seed=2, device=str(device)))
+    summary, errors = lle.summary, lle.errors
     assert list(errors.columns) == ["pair", "token", "weights", "relative error"]
     assert len(errors) == 5 * 250 and set(errors["weights"]) == set(CONDITIONS)
     row = summary.iloc[0]
@@ -52,14 +53,16 @@ def test_compare_pairs_tables(device) -> None:
     got = errors[errors["weights"] == "A's weights transferred"]["relative error"].to_numpy()
     np.testing.assert_allclose(got, expected)
     with pytest.raises(EmbgeoInputError, match="install"):
-        compare_pairs(tables, {}, device=device)
+        compare_pairs(tables, {}, chapter_params(ch02, device=str(device)))
 
 
 @pytest.mark.parametrize(
     ("noise", "expected"), [(0.5, "reproduced"), (8.0, "partly reproduced"), (100.0, "not reproduced")]
 )
-def test_claim7_planted_partly_absent(device, noise: float, expected: str) -> None:
-    _, errors = compare_pairs(_swiss_pair(noise), _shared(), n_tokens=300, k=6, device=device)
+def test_claim7_planted_partly_absent(device, chapter_params, noise: float, expected: str) -> None:
+    errors = compare_pairs(
+        _swiss_pair(noise), _shared(), chapter_params(ch02, n_tokens=300, k=6, device=str(device))
+    ).errors
     verdict = check_claim7(errors)
     assert verdict.verdict == expected
     if expected == "partly reproduced":  # beats the null significantly, but not by half
@@ -85,13 +88,14 @@ def test_claim7_checks_and_errors() -> None:
         check_claim7(errors, max_ratio=1.5)
 
 
-def test_chapter2_figures(device) -> None:
+def test_chapter2_figures(device, chapter_params) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary, errors = compare_pairs(_swiss_pair(1.0, 80), _shared(80), n_tokens=80, k=5, device=device)
+    lle = compare_pairs(_swiss_pair(1.0, 80), _shared(80), chapter_params(ch02, n_tokens=80, k=5, device=str(device)))
+    summary, errors = lle.summary, lle.errors
     ch02.plot_lle_errors(errors, 5, 80, order=CONDITIONS)
     ch02.plot_neighbour_overlap(summary, 5)
     plt.close("all")
