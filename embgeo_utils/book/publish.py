@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     site = make_site(args.html, args.out)
     pages = sum(1 for p in site.rglob("*.html") if p.relative_to(site).parts[0] not in _NOT_PAGES)
     where = PurePosixPath(site.resolve().as_posix())
-    print(f"The site: {where} ({pages} pages, links checked). Publish the folder as it is, or open {where}/index.html")
+    sys.stdout.write(f"The site: {where} ({pages} pages, links checked). Publish the folder as it is, or open {where}/index.html\n")
     return 0
 
 

@@ -210,6 +210,7 @@ class ChapterRecord:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "packages": versions,
+            "package_folder": str(Path(__file__).resolve().parents[1]),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
 

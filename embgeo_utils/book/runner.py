@@ -27,6 +27,7 @@ import yaml
 from . import publish
 from . import timings
 from .parameters import check_overrides
+from ..core.progress import LOG, show_messages
 from ..core.errors import ParameterError
 from ..lm.models import check_name
 
@@ -46,7 +47,17 @@ LEDGER = Path("book") / "ledger.ipynb"
 
 
 #: Memory one chapter may need at its peak (bytes); ``--jobs`` runs no more chapters at once than fit in free memory.
-JOB_MEMORY = int(float(os.environ.get("EMBGEO_JOB_MEMORY_GIB", "6")) * 2**30)
+#: Memory one chapter may take when several run at once, unless EMBGEO_JOB_MEMORY_GIB says otherwise (bytes).
+JOB_MEMORY = 6 << 30
+
+
+def job_memory() -> int:
+    """Bytes of memory one chapter is given when several run at once: ``EMBGEO_JOB_MEMORY_GIB``, else :data:`JOB_MEMORY`."""
+    value = os.environ.get("EMBGEO_JOB_MEMORY_GIB")
+    try:
+        return int(float(value) * 2**30) if value else JOB_MEMORY
+    except ValueError as exc:
+        raise ParameterError(f"EMBGEO_JOB_MEMORY_GIB must be a number of GiB, got {value!r}.") from exc
 
 
 #: Parameters that name models (their overrides are checked with ``models.check_name`` before a run starts).
@@ -130,12 +141,11 @@ def parallel_jobs(jobs: int, n_chapters: int) -> int:
         )
     except (OSError, StopIteration, ValueError):
         return wanted
-    fits = max(1, free // JOB_MEMORY)
+    fits = max(1, free // job_memory())
     if fits < wanted:
-        print(
-            f"[embgeo] {free / 2**30:.0f} GiB free memory fits {fits} chapter(s) at once, not {wanted} "
-            "(EMBGEO_JOB_MEMORY_GIB sets the memory per chapter)",
-            flush=True,
+        LOG.info(
+            f"{free / 2**30:.0f} GiB free memory fits {fits} chapter(s) at once, not {wanted} "
+            "(EMBGEO_JOB_MEMORY_GIB sets the memory per chapter)"
         )
     return int(min(wanted, fits))
 
@@ -162,9 +172,9 @@ def _run_one(source: Path, out: Path, params: dict[str, Any]) -> tuple[timings.N
 def _report(row: timings.NotebookTime, error: str | None, failed: list[str], name: str) -> None:
     if error:
         failed.append(name)
-        print(f"[embgeo] {error}", file=sys.stderr, flush=True)
+        LOG.error(error)
     else:
-        print(f"[embgeo] {name} done in {row.seconds:.0f} s ({row.cache})", flush=True)
+        LOG.info(f"{name} done in {row.seconds:.0f} s ({row.cache})")
 
 
 def run_notebooks(
@@ -201,7 +211,7 @@ def run_notebooks(
     workers = parallel_jobs(jobs, len(chapters))
     start = time.perf_counter()
     if workers > 1:
-        print(f"[embgeo] executing {len(chapters)} chapters, {workers} at a time ...", flush=True)
+        LOG.info(f"executing {len(chapters)} chapters, {workers} at a time ...")
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(_run_one, source, out, params): source for source, params in chapters}
             for future in as_completed(futures):
@@ -212,7 +222,7 @@ def run_notebooks(
         rows.sort(key=lambda r: order.index(r.notebook))
         chapters = []
     for source, params in chapters + last:
-        print(f"[embgeo] executing {source.name} ...", flush=True)
+        LOG.info(f"executing {source.name} ...")
         row, error = _run_one(source, out, params)
         rows.append(row)
         _report(row, error, failed, source.name)
@@ -262,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="chapter stems or numbers to run, e.g. 00 04_layerwise")
     parser.add_argument("--jobs", type=int, default=1, help="chapters run at once in separate processes (default 1)")
     args = parser.parse_args(argv)
+    show_messages()
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
@@ -270,12 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         failed = run_notebooks(root, out, select_chapters(root, args.only), small=args.small, jobs=args.jobs)
     except ParameterError as exc:
-        print(f"[embgeo] nothing was run: {exc}", file=sys.stderr, flush=True)
+        LOG.error(f"nothing was run: {exc}")
         return 2
     if failed:
-        print(f"[embgeo] {len(failed)} notebook(s) failed: {', '.join(failed)}", file=sys.stderr)
+        LOG.error(f"{len(failed)} notebook(s) failed: {', '.join(failed)}")
         return 1
-    print(f"[embgeo] executed notebooks in {out}", flush=True)
+    LOG.info(f"executed notebooks in {out}")
     return 0
 
 

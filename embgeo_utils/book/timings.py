@@ -10,6 +10,8 @@ executed notebooks, where ``_toc.yml`` finds it.
 
 from __future__ import annotations
 
+from ..core.progress import LOG
+
 import json
 import os
 import platform
@@ -112,7 +114,7 @@ def write_timings(
 ) -> Path:
     """Print the table and write ``timings.json`` and the page ``timings.md`` into ``out``; returns the page."""
     table = timing_table(rows, wall)
-    print("[embgeo] time per notebook:\n" + table, flush=True)
+    LOG.info("time per notebook:\n" + table)
     info = {**info, "load_average_end": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
     record = {"rows": [asdict(r) for r in rows], "wall_seconds": wall, "jobs": jobs, "small": small, "machine": info}
     (out / "timings.json").write_text(json.dumps(record, indent=1))

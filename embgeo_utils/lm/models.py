@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -341,11 +342,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, default: str, device: torch.
     return resolved
 
 
-def _set_offline() -> None:
-    for key, value in _OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-
-
 def _check_finite(spec: ModelSpec, gguf: Path, state: dict[str, torch.Tensor]) -> None:
     """Every dequantized tensor must be finite: a damaged block decodes to NaN or inf without any other error."""
     bad = [
@@ -366,8 +362,10 @@ def _convert_gguf(spec: ModelSpec, gguf: Path, digest: str, target: Path) -> Non
 
     storage = getattr(torch, spec.storage_dtype)
     with _progress_off():
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=storage)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=storage, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -490,8 +488,8 @@ def _read_folder(loader: Any, folder: Path, dtype: torch.dtype) -> tuple[torch.n
     from transformers import AutoTokenizer
 
     with _progress_off():
-        model = loader.from_pretrained(str(folder), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = loader.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer
 
 
@@ -649,37 +647,64 @@ def load(
     kind = check_name(name)
     dev = get_device(device)
     if kind == "packaged":
-        _set_offline()
         spec = REGISTRY[name]
         return _load_packaged(spec, dev, _resolve_dtype(dtype, spec.storage_dtype, dev), verify)
     return _load_hub(name, dev, _resolve_dtype(dtype, "float32", dev))
 
 
-_EMBED_CACHE: dict[str, torch.Tensor] = {}
+#: Bytes of embedding tables kept in memory between calls of :func:`input_embeddings` / :func:`output_embeddings`.
+TABLE_MEMORY = 2 << 30
+
+
+class _Tables:
+    """Embedding tables by (name, kind), least recently used first out when their bytes pass :data:`TABLE_MEMORY`."""
+
+    def __init__(self) -> None:
+        self.items: OrderedDict[tuple[str, str], torch.Tensor | None] = OrderedDict()
+
+    def get(self, key: tuple[str, str], make: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        table = make()
+        self.items[key] = table
+        while len(self.items) > 1 and sum(t.nbytes for t in self.items.values() if t is not None) > TABLE_MEMORY:
+            self.items.popitem(last=False)
+        return table
+
+
+_TABLES = _Tables()
 
 
 def input_embeddings(name: str, loader: Callable[..., LoadedModel] | None = None) -> torch.Tensor:
-    """The input token-embedding table of a model as a float32 CPU tensor ``[vocab, d]`` (chapters 0-3)."""
-    if name not in _EMBED_CACHE:
+    """The input token-embedding table of a model as a float32 CPU tensor ``[vocab, d]`` (chapters 0-3).
+
+    Tables are kept between calls, at most :data:`TABLE_MEMORY` bytes of them (least recently used dropped first).
+    """
+
+    def make() -> torch.Tensor:
         loaded = (loader or load)(name, device="cpu")
-        _EMBED_CACHE[name] = loaded.model.get_input_embeddings().weight.detach().float().cpu().clone()
-    return _EMBED_CACHE[name]
+        return loaded.model.get_input_embeddings().weight.detach().float().cpu().clone()
 
-
-_OUTPUT_CACHE: dict[str, torch.Tensor | None] = {}
+    table = _TABLES.get((name, "input"), make)
+    assert table is not None  # the input table always exists
+    return table
 
 
 def output_embeddings(name: str, loader: Callable[..., LoadedModel] | None = None) -> torch.Tensor | None:
     """The output (unembedding) table of a model as a float32 CPU tensor ``[vocab, d]``, or None (chapter 1).
 
     The unembedding maps the last hidden state to next-token logits. A model with tied embeddings returns a table
-    equal to :func:`input_embeddings`; an encoder without a language-model head (MiniLM) returns None.
+    equal to :func:`input_embeddings`; an encoder without a language-model head (MiniLM) returns None. Kept between
+    calls like the input tables.
     """
-    if name not in _OUTPUT_CACHE:
+
+    def make() -> torch.Tensor | None:
         loaded = (loader or load)(name, device="cpu")
         head = loaded.model.get_output_embeddings() if loaded.info.causal else None
-        _OUTPUT_CACHE[name] = None if head is None else head.weight.detach().float().cpu().clone()
-    return _OUTPUT_CACHE[name]
+        return None if head is None else head.weight.detach().float().cpu().clone()
+
+    return _TABLES.get((name, "output"), make)
 
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..core.progress import LOG, show_messages
 from . import corpus, models
 from .distributed import barrier, group_active, init_from_env, is_main, rank_and_world, sharded_hidden_states
 from .sae import save_sae, train_sae
@@ -57,10 +58,9 @@ def _train_and_save(x: Any, args: argparse.Namespace, key: dict[str, Any]) -> No
     )
     if is_main():
         save_sae(sae, args.out, history, meta={"key": key, "world_size": rank_and_world()[1]})
-        print(
-            f"[embgeo] SAE {args.n_latents}x k={args.k} on {history.tokens} tokens, {rank_and_world()[1]} rank(s): "
-            f"fvu {history.fvu[-1]:.4f}, dead {history.dead_fraction[-1]:.3f}, {history.seconds:.1f} s -> {args.out}",
-            flush=True,
+        LOG.info(
+            f"SAE {args.n_latents}x k={args.k} on {history.tokens} tokens, {rank_and_world()[1]} rank(s): "
+            f"fvu {history.fvu[-1]:.4f}, dead {history.dead_fraction[-1]:.3f}, {history.seconds:.1f} s -> {args.out}"
         )
     barrier()
 
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--backend", choices=["gloo", "nccl"], default=None)
         p.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    show_messages()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     try:
         if "WORLD_SIZE" in os.environ:

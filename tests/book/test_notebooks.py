@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embgeo_utils.book import parameters, runner
+from embgeo_utils.book import parameters, results, runner
+from embgeo_utils.chapters import claims
+from embgeo_utils.core import stats
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = runner.chapter_sources(ROOT) + [ROOT / runner.LEDGER]
@@ -57,5 +59,15 @@ def test_book_builds_without_warnings(small_book, small_build):
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     html = small_book / "_build" / "html"
     assert (html / "index.html").exists()
-    ledger = (html / "_executed" / "ledger.html").read_text()
-    assert "not yet run" in ledger or "reproduced" in ledger
+    # the ledger is read from this run's records: every claim once, each verdict one of the defined ones
+    folder = runner.results_folder(small_book / "_executed", small=True)
+    ledger = results.load_ledger(folder).set_index("claim")
+    records = {r["run"]["record"]: r for r in results.load_records(folder)}
+    assert sorted(ledger.index) == sorted(claims.CLAIMS)
+    for number, row in ledger.iterrows():
+        assert row["run"] in records, f"claim {number}: the ledger names no record of this run ({row['run']!r})"
+        (claim,) = [c for c in records[row["run"]]["claims"] if c["number"] == number]
+        assert row["verdict"] == claim["verdict"] and row["verdict"] in stats.VERDICTS
+        assert row["value"] == claim["value"] or (row["value"] != row["value"] and claim["value"] is None)
+    page = (html / "_executed" / "ledger.html").read_text()
+    assert all(name in page for name in records), "the ledger page names every record it read"

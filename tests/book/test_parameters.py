@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import time
 from pathlib import Path
 
@@ -189,3 +191,24 @@ def test_start_chapter_checks_parameters_and_model_names_before_loading(tmp_path
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="rerun its chapter"):
         results.load_records(tmp_path)
+
+
+def _type_text(annotation) -> str:
+    """A field's annotation as the parameters cell writes types: ``float | None`` -> ``float or None``."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return " or ".join(part.strip() for part in text.split("|"))
+
+
+@pytest.mark.parametrize("path", runner.chapter_sources(ROOT), ids=lambda p: p.stem)
+def test_one_line_from_notebook_to_chapter_module_record_and_tests(path):
+    """notebooks/NN_name.ipynb <-> chapters/chNN_name.py <-> record chNN_name <-> tests/chapters/test_chNN_name.py."""
+    module = importlib.import_module(f"embgeo_utils.chapters.ch{path.stem}")
+    assert module.CHAPTER == f"ch{path.stem}"
+    assert (ROOT / "tests" / "chapters" / f"test_ch{path.stem}.py").exists()
+    declared = parameters.notebook_parameters(path)
+    fields = dataclasses.fields(module.Parameters)
+    assert [f.name for f in fields] == list(declared), "Parameters has the fields of the parameters cell, in order"
+    for f in fields:
+        assert _type_text(f.type) == declared[f.name].type.replace('"', ""), f"{f.name}: {f.type} vs {declared[f.name].type}"
+    defaults = {name: p.default for name, p in declared.items()}
+    assert isinstance(module.Parameters(**defaults), module.Parameters)

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
 import pytest
 
-from embgeo_utils.book import runner
+from embgeo_utils.book import results, runner
 from embgeo_utils.chapters import claims
 from embgeo_utils.core import stats
 
@@ -275,7 +275,7 @@ def test_every_page_loads_cleanly_and_every_figure_is_rendered(tab, site_url, sm
     assert not tab.page.context.external, f"the site loads from outside: {sorted(set(tab.page.context.external))}"
 
 
-def test_ledger_page_lists_every_claim(tab, site_url):
+def test_ledger_page_shows_the_verdicts_of_this_runs_records(tab, site_url, small_book):
     page = tab.open(site_url + "_executed/ledger.html").page
     rows = page.evaluate(
         """() => {
@@ -284,18 +284,31 @@ def test_ledger_page_lists_every_claim(tab, site_url):
             if (!head.includes('claim') || !head.includes('verdict')) continue;
             return [...table.querySelectorAll('tbody tr')].map(tr => {
               const cells = [...tr.children].map(c => c.textContent.trim());
-              return [cells[head.indexOf('claim')], cells[head.indexOf('statement')], cells[head.indexOf('verdict')]];
+              return ['claim', 'statement', 'verdict', 'run'].map(name => cells[head.indexOf(name)]);
             });
           }
           return [];
         }"""
     )
     assert not tab.problems
-    listed = {int(number): (statement, verdict) for number, statement, verdict in rows}
+    recorded = _recorded_claims(small_book)
+    listed = {int(number): (statement, verdict, run) for number, statement, verdict, run in rows}
     assert set(listed) == set(claims.CLAIMS), f"ledger lists claims {sorted(listed)}"
-    for number, (statement, verdict) in listed.items():
+    for number, (statement, verdict, run) in listed.items():
         assert statement == claims.CLAIMS[number][0]
-        assert verdict in (*stats.VERDICTS, "not yet run")
+        assert (verdict, run) == recorded[number], f"claim {number}: the page says {verdict!r} from {run!r}"
+
+
+def _recorded_claims(book: Path) -> dict[int, tuple[str, str]]:
+    """Claim number -> (verdict, record file) from the records the small run wrote (each claim recorded once)."""
+    found: dict[int, tuple[str, str]] = {}
+    for record in results.load_records(runner.results_folder(book / "_executed", small=True)):
+        for claim in record["claims"]:
+            assert claim["number"] not in found, f"claim {claim['number']} recorded twice"
+            assert claim["verdict"] in stats.VERDICTS, claim["verdict"]
+            found[claim["number"]] = (claim["verdict"], record["run"]["record"])
+    assert set(found) == set(claims.CLAIMS), f"the small run recorded claims {sorted(found)}"
+    return found
 
 
 def test_search_finds_intrinsic_dimension(tab, site_url):

@@ -1,0 +1,281 @@
+"""Presenting and publishing the book: parameters as run, and the static site (every chapter; ``make site``).
+
+After papermill runs a chapter, :func:`show_parameters` hides its parameters cell
+and papermill's injected-parameters cell in the HTML (Jupyter Book's
+``remove-cell`` tag; the downloaded ``.ipynb`` keeps both) and puts one compact
+table in their place: each parameter, the value the chapter ran with (and the
+default where it was overridden) and the comment of the parameters cell.
+
+:func:`make_site` turns Jupyter Book's ``_build/html`` into a self-contained folder
+for any static host: a copy with ``.nojekyll`` (GitHub Pages would otherwise hide
+``_static/``), checked so that every local link is relative, stays inside the
+folder and names a file that exists. Such a folder works when served from a
+sub-path (``https://<user>.github.io/<repo>/``) and when opened from disk.
+``python -m embgeo_utils.book.publish`` does this for ``make site``.
+
+The module is also a Sphinx extension (``_config.yml`` lists it): Sphinx 7.4 writes
+an inline script that an extension adds after the builder started twice (once with
+file name ``None``, once with ``""``), and sphinx-thebe's ``const THEBE_JS_URL``
+then throws "already been declared" in every browser console. Each page keeps the
+first copy of such a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from html.parser import HTMLParser
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import unquote, urlsplit
+from .results import results_dir
+from ..core.errors import EmbgeoInputError, SiteError
+
+__all__ = [
+    "PARAMETERS_TABLE_TAG",
+    "TABLE_ROWS",
+    "check_site",
+    "local_links",
+    "make_site",
+    "parameters_table",
+    "setup",
+    "show_parameters",
+    "show_table",
+]
+
+
+#: Rows a chapter shows of a long table (:func:`show_table`); the rest is in the CSV it links.
+TABLE_ROWS = 20
+
+
+#: Tag of the markdown cell that shows a chapter's parameters as run.
+PARAMETERS_TABLE_TAG = "parameters-as-run"
+
+
+_HIDDEN = ("parameters", "injected-parameters")
+
+
+_NOT_PAGES = ("_static", "_sources")  # theme templates and page sources, not pages
+
+
+_LINK_ATTRIBUTES = {"href", "src", "action", "poster"}
+
+
+_EXTERNAL = ("http:", "https:", "mailto:", "data:", "javascript:", "tel:", "blob:", "about:")
+
+
+def show_table(frame: Any, name: str, max_rows: int = TABLE_ROWS) -> Any:
+    """Show a table in a chapter, trimmed to its first ``max_rows`` rows, with the whole table as a CSV (every chapter).
+
+    A table of at most ``max_rows`` rows is returned unchanged (the cell shows it). A longer one is written whole to
+    ``tables/<name>.csv`` in the results folder (:func:`embgeo_utils.book.results.results_dir`); the cell shows its
+    first rows and a line with the row count and the CSV. Under the runner the executed notebook sits one folder
+    above the results folder, so the line holds a MyST ``download`` role with the relative path and the book copies
+    the file into the HTML as a download; elsewhere (JupyterLab) it names the file's path.
+
+    Args:
+        frame: a pandas DataFrame (already rounded for display).
+        name: the CSV's file stem, unique in the book (start it with the chapter, e.g. ``"ch04_scale_curve"``).
+        max_rows: rows shown.
+
+    Returns:
+        The table to show (the first ``max_rows`` rows of a long one).
+
+    Raises:
+        EmbgeoInputError: ``max_rows`` below 1 or a ``name`` that is not a plain file stem.
+    """
+    import os
+
+    from IPython.display import Markdown, display
+
+
+    if max_rows < 1:
+        raise EmbgeoInputError(f"max_rows must be at least 1, got {max_rows}.")
+    if not name or PurePosixPath(name).name != name or name.startswith("."):
+        raise EmbgeoInputError(f"Table name {name!r} must be a plain file stem such as 'ch04_scale_curve'.")
+    if len(frame) <= max_rows:
+        return frame
+    folder = results_dir() / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.csv"
+    frame.to_csv(path)
+    where = f"`{path}`"
+    if os.environ.get("EMBGEO_RESULTS"):  # the runner: the executed notebook is in the results folder's parent
+        where = f"{{download}}`{path.name} <{path.relative_to(results_dir().parent).as_posix()}>`"
+    display(Markdown(f"The first {max_rows} of {len(frame)} rows; the whole table: {where}."))
+    return frame.head(max_rows)
+
+
+def parameters_table(source: str | Path, overrides: dict[str, Any] | None = None) -> str:
+    """Markdown table of a notebook's parameters as run: name, value, the parameters cell's comment.
+
+    Args:
+        source: the notebook source (its cell tagged ``parameters`` gives defaults and comments).
+        overrides: the values papermill injected; each is shown with its default beside it.
+    """
+    import papermill as pm
+    from papermill.translators import PythonTranslator
+
+    overrides = dict(overrides or {})
+    declared = pm.inspect_notebook(str(source))
+    rows = []
+    for name, info in declared.items():
+        default = str(info["default"])
+        if name in overrides:
+            value = f"`{PythonTranslator.translate(overrides.pop(name))}` (default `{default}`)"
+        else:
+            value = f"`{default}`"
+        rows.append((f"`{name}`", value, str(info.get("help") or "")))
+    for name, raw in overrides.items():  # papermill warns about these; they are shown all the same
+        rows.append((f"`{name}`", f"`{PythonTranslator.translate(raw)}`", "not in the parameters cell"))
+    lines = ["| parameter | value | meaning |", "|---|---|---|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    lead = (
+        "**Parameters of this run.** The notebook's cell tagged `parameters` holds the defaults; "
+        "run it with others through `papermill -p name value` or `python -m embgeo_utils.book.runner`."
+    )
+    return lead + "\n\n" + "\n".join(lines)
+
+
+def show_parameters(executed: str | Path, source: str | Path, overrides: dict[str, Any] | None = None) -> None:
+    """Hide the parameter cells of an executed notebook in the HTML and show the run's parameters once.
+
+    The cell tagged ``parameters`` and papermill's ``injected-parameters`` cell get
+    Jupyter Book's ``remove-cell`` tag; a markdown cell tagged
+    :data:`PARAMETERS_TABLE_TAG` with :func:`parameters_table` follows them
+    (replaced, not repeated, when the notebook is processed again).
+    """
+    import nbformat
+
+    path = Path(executed)
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if PARAMETERS_TABLE_TAG not in c.get("metadata", {}).get("tags", [])]
+    last = None
+    for i, cell in enumerate(cells):
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if any(t in tags for t in _HIDDEN):
+            if "remove-cell" not in tags:
+                tags.append("remove-cell")
+            last = i
+    if last is not None:
+        table = nbformat.v4.new_markdown_cell(parameters_table(source, overrides))
+        table.metadata["tags"] = [PARAMETERS_TABLE_TAG]
+        cells.insert(last + 1, table)
+    nb.cells = cells
+    nbformat.write(nb, path)
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for key, value in attrs:
+            if key in _LINK_ATTRIBUTES and value:
+                self.links.append(value.strip())
+            elif key == "srcset" and value:
+                self.links += [part.split()[0] for part in value.split(",") if part.strip()]
+
+
+def local_links(page: str | Path) -> list[str]:
+    """The links (href, src, ...) of an HTML page that point into the site, as written."""
+    parser = _Links()
+    parser.feed(Path(page).read_text(encoding="utf-8", errors="replace"))
+    return [link for link in parser.links if not link.lower().startswith(_EXTERNAL) and not link.startswith("#")]
+
+
+def check_site(folder: str | Path) -> list[str]:
+    """Problems that would break the site on a sub-path or from disk (empty when there are none).
+
+    Each local link of each page (not the theme's templates in ``_static/``) must be relative (no leading ``/``), stay inside
+    ``folder`` and name an existing file (a folder does not open from disk).
+    """
+    root = Path(folder).resolve()
+    problems = []
+    for page in sorted(root.rglob("*.html")):
+        if page.relative_to(root).parts[0] in _NOT_PAGES:
+            continue
+        where = page.relative_to(root).as_posix()
+        for link in local_links(page):
+            parts = urlsplit(link)
+            if link.startswith("//") or parts.scheme:
+                continue
+            if link.startswith("/"):
+                problems.append(f"{where}: absolute link {link!r} (breaks on a sub-path)")
+                continue
+            if not parts.path:
+                continue
+            target = (page.parent / unquote(parts.path)).resolve()
+            if root not in target.parents and target != root:
+                problems.append(f"{where}: link {link!r} leaves the site folder")
+            elif target.is_dir():
+                problems.append(f"{where}: link {link!r} names a folder (does not open from disk)")
+            elif not target.is_file():
+                problems.append(f"{where}: link {link!r} names a missing file")
+    return problems
+
+
+def make_site(html: str | Path, out: str | Path) -> Path:
+    """Copy Jupyter Book's HTML to ``out`` as a self-contained static site with ``.nojekyll``.
+
+    Args:
+        html: the built HTML (``_build/html``).
+        out: the site folder to (re)create.
+
+    Raises:
+        SiteError: ``html`` has no ``index.html``, or a local link would break (all are listed).
+    """
+    src, dst = Path(html), Path(out)
+    if not (src / "index.html").is_file():
+        raise SiteError(f"No index.html in {src}; build the book first (make html, or make book).")
+    if dst.resolve() in (src.resolve(), *src.resolve().parents):
+        raise SiteError(f"The site folder {dst} must not contain the HTML it is made from ({src}).")
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".buildinfo", ".doctrees"))
+    (dst / ".nojekyll").write_text("")
+    problems = check_site(dst)
+    if problems:
+        shown = "\n  ".join(problems[:40])
+        raise SiteError(f"{len(problems)} link(s) in {dst} would break when published:\n  {shown}")
+    return dst
+
+
+def _drop_repeated_scripts(app: Any, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
+    """``html-page-context`` handler: keep the first of scripts that differ only in file name None vs ""."""
+    seen, kept = set(), []
+    for script in context.get("script_files", []):
+        attributes = getattr(script, "attributes", {})
+        key = (
+            str(getattr(script, "filename", script) or ""),
+            tuple(sorted((k, str(v)) for k, v in attributes.items())),
+        )
+        if key not in seen:
+            seen.add(key)
+            kept.append(script)
+    if "script_files" in context:
+        context["script_files"] = kept
+
+
+def setup(app: Any) -> dict[str, Any]:
+    """Sphinx entry point (the book's ``_config.yml``): drop repeated inline scripts from every page."""
+    app.connect("html-page-context", _drop_repeated_scripts)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--html", default="_build/html", help="built HTML (default: _build/html)")
+    parser.add_argument("--out", default="_site", help="site folder to write (default: _site)")
+    args = parser.parse_args(argv)
+    site = make_site(args.html, args.out)
+    pages = sum(1 for p in site.rglob("*.html") if p.relative_to(site).parts[0] not in _NOT_PAGES)
+    where = PurePosixPath(site.resolve().as_posix())
+    sys.stdout.write(f"The site: {where} ({pages} pages, links checked). Publish the folder as it is, or open {where}/index.html\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Execute the book's notebooks with papermill (used by ``make book`` and the tests).
+
+``python -m embgeo_utils.book.runner`` runs every chapter in ``notebooks/`` in order
+with its default parameters, then the Claims ledger page (``book/ledger.ipynb``),
+writing executed copies to ``_executed/`` and chapter records to
+``_executed/results/``. ``--small`` uses the small parameters of
+``notebooks/params_small.yml`` (what the tests run) and keeps their records apart
+in ``_executed/results-small/``; ``--only`` picks chapters. Every notebook's
+parameters are checked against its declarations before the first one runs.
+``--jobs N`` runs up to N chapters at once in separate processes (fewer when
+the free memory is short); the ledger page always runs last. At the end the
+runner prints the time of every notebook and writes the book's "How long it
+takes" page (``_executed/timings.md``, see :mod:`embgeo_utils.book.timings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+import yaml
+from . import publish
+from . import timings
+from .parameters import check_overrides
+from ..core.progress import LOG, show_messages
+from ..core.errors import ParameterError
+from ..lm.models import check_name
+
+__all__ = [
+    "chapter_sources",
+    "execute",
+    "main",
+    "parallel_jobs",
+    "results_folder",
+    "run_notebooks",
+    "select_chapters",
+    "small_parameters",
+]
+
+
+LEDGER = Path("book") / "ledger.ipynb"
+
+
+#: Memory one chapter may need at its peak (bytes); ``--jobs`` runs no more chapters at once than fit in free memory.
+#: Memory one chapter may take when several run at once, unless EMBGEO_JOB_MEMORY_GIB says otherwise (bytes).
+JOB_MEMORY = 6 << 30
+
+
+def job_memory() -> int:
+    """Bytes of memory one chapter is given when several run at once: ``EMBGEO_JOB_MEMORY_GIB``, else :data:`JOB_MEMORY`."""
+    value = os.environ.get("EMBGEO_JOB_MEMORY_GIB")
+    try:
+        return int(float(value) * 2**30) if value else JOB_MEMORY
+    except ValueError as exc:
+        raise ParameterError(f"EMBGEO_JOB_MEMORY_GIB must be a number of GiB, got {value!r}.") from exc
+
+
+#: Parameters that name models (their overrides are checked with ``models.check_name`` before a run starts).
+MODEL_PARAMETERS = (
+    "model_names",
+    "model_pairs",
+    "model_a",
+    "model_b",
+    "layer_pair",
+    "cross_pair",
+    "semantic_encoder",
+    "pairs",
+    "encoder",
+)
+
+
+def chapter_sources(root: str | Path = ".") -> list[Path]:
+    """Chapter notebooks in book order (their file names start with the chapter number)."""
+    folder = Path(root) / "notebooks"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"No notebooks/ folder under {Path(root).resolve()}; run from the repository root or pass --root."
+        )
+    return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def small_parameters(root: str | Path = ".") -> dict[str, dict[str, Any]]:
+    """Small parameters per chapter stem, from ``notebooks/params_small.yml``."""
+    path = Path(root) / "notebooks" / "params_small.yml"
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def execute(
+    source: Path, out_dir: Path, parameters: dict[str, Any] | None = None, timeout: int = 3600
+) -> tuple[Path, float]:
+    """Run one notebook with papermill into ``out_dir``; returns (executed path, seconds).
+
+    The parameters are checked against the notebook's declarations first, so an unknown name, a wrong type or a
+    value out of range fails before a kernel starts. The executed copy shows its parameters once, as a table
+    (:func:`publish.show_parameters`).
+
+    Raises:
+        ParameterError: a parameter that the notebook does not declare or whose value it does not allow.
+    """
+    import papermill as pm
+
+    parameters = dict(parameters or {})
+    check_overrides(source, parameters)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / source.name
+    start = time.perf_counter()
+    pm.execute_notebook(
+        str(source),
+        str(target),
+        parameters=parameters,
+        cwd=str(source.parent),
+        kernel_name="python3",
+        execution_timeout=timeout,
+        progress_bar=False,
+        log_output=False,
+    )
+    publish.show_parameters(target, source, parameters)
+    return target, time.perf_counter() - start
+
+
+def results_folder(out: Path, small: bool = False) -> Path:
+    """Where a run's records go: ``<out>/results``, or ``<out>/results-small`` for the small test parameters."""
+    return out / ("results-small" if small else "results")
+
+
+def parallel_jobs(jobs: int, n_chapters: int) -> int:
+    """How many chapters to run at once: at most ``jobs``, the chapters, and what free memory allows (``JOB_MEMORY`` each)."""
+    wanted = max(1, min(int(jobs), n_chapters))
+    if wanted == 1:
+        return 1
+    try:
+        free = next(
+            int(line.split()[1]) * 1024
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemAvailable:")
+        )
+    except (OSError, StopIteration, ValueError):
+        return wanted
+    fits = max(1, free // job_memory())
+    if fits < wanted:
+        LOG.info(
+            f"{free / 2**30:.0f} GiB free memory fits {fits} chapter(s) at once, not {wanted} "
+            "(EMBGEO_JOB_MEMORY_GIB sets the memory per chapter)"
+        )
+    return int(min(wanted, fits))
+
+
+def _run_one(source: Path, out: Path, params: dict[str, Any]) -> tuple[timings.NotebookTime, str | None]:
+    """Execute one notebook, timed; returns its timing row and the failure message (``None`` when it ran)."""
+    import papermill as pm
+
+    before = timings.cache_snapshot()
+    start = time.perf_counter()
+    error = None
+    try:
+        execute(source, out, params)
+    except pm.PapermillExecutionError as exc:
+        error = (
+            f"{source.name} FAILED in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+            f"         the executed copy with the traceback is {out / source.name}"
+        )
+    seconds = time.perf_counter() - start
+    cache = timings.cache_written(before, timings.cache_snapshot())
+    return timings.NotebookTime(source.stem, seconds, "failed" if error else "ok", cache), error
+
+
+def _report(row: timings.NotebookTime, error: str | None, failed: list[str], name: str) -> None:
+    if error:
+        failed.append(name)
+        LOG.error(error)
+    else:
+        LOG.info(f"{name} done in {row.seconds:.0f} s ({row.cache})")
+
+
+def run_notebooks(
+    root: Path,
+    out: Path,
+    sources: list[Path],
+    overrides: dict[str, dict[str, Any]] | None = None,
+    small: bool = False,
+    ledger: bool = True,
+    jobs: int = 1,
+) -> list[str]:
+    """Execute chapters (then the ledger page) into ``out``; returns the names of the notebooks that failed.
+
+    Every notebook's parameters are checked before the first one runs. Records go to :func:`results_folder`.
+    ``jobs`` > 1 runs chapters in that many processes at once (:func:`parallel_jobs`); the ledger runs after
+    them all. The time of every notebook is printed and written to ``out/timings.md`` (:mod:`embgeo_utils.book.timings`).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the book runs offline unless the caller says otherwise
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    small_params = small_parameters(root) if small else {}
+    plan = [(s, {**small_params.get(s.stem, {}), **(overrides or {}).get(s.stem, {})}) for s in sources]
+    if ledger:
+        plan.append((root / LEDGER, {}))
+    for source, params in plan:
+        check_overrides(source, params)
+    _check_model_names([params for _, params in plan])
+    results = results_folder(out, small)
+    results.mkdir(parents=True, exist_ok=True)
+    os.environ["EMBGEO_RESULTS"] = str(results)
+    info = timings.machine()
+    failed: list[str] = []
+    rows: list[timings.NotebookTime] = []
+    chapters, last = (plan[:-1], plan[-1:]) if ledger else (plan, [])
+    workers = parallel_jobs(jobs, len(chapters))
+    start = time.perf_counter()
+    if workers > 1:
+        LOG.info(f"executing {len(chapters)} chapters, {workers} at a time ...")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, source, out, params): source for source, params in chapters}
+            for future in as_completed(futures):
+                row, error = future.result()
+                rows.append(row)
+                _report(row, error, failed, futures[future].name)
+        order = [s.stem for s, _ in chapters]
+        rows.sort(key=lambda r: order.index(r.notebook))
+        chapters = []
+    for source, params in chapters + last:
+        LOG.info(f"executing {source.name} ...")
+        row, error = _run_one(source, out, params)
+        rows.append(row)
+        _report(row, error, failed, source.name)
+    timings.write_timings(out, rows, time.perf_counter() - start, workers, info, small)
+    return failed
+
+
+def _check_model_names(plans: list[dict[str, Any]]) -> None:
+    """Model names given as overrides are checked before a kernel starts (the chapter checks them again)."""
+    names = []
+    for params in plans:
+        for key in MODEL_PARAMETERS:
+            value = params.get(key)
+            items = [value] if isinstance(value, str) else list(value or [])
+            names += [n for item in items for n in (item if isinstance(item, (list, tuple)) else [item])]
+    if names:
+
+        for name in dict.fromkeys(names):
+            check_name(name)
+
+
+def select_chapters(root: Path, only: list[str] | None) -> list[Path]:
+    """Chapters named by number or stem (``"04"``, ``"04_layerwise"``); all when ``only`` is empty.
+
+    Raises:
+        ParameterError: a name that matches no chapter (the message lists the chapters).
+    """
+    sources = chapter_sources(root)
+    if not only:
+        return sources
+    picked = []
+    for name in only:
+        found = [s for s in sources if s.stem == name or s.stem.startswith(name)]
+        if not found:
+            raise ParameterError(
+                f"No chapter {name!r}. Chapters: {', '.join(s.stem for s in sources)} (a number such as 04 is enough)."
+            )
+        picked += [s for s in found if s not in picked]
+    return picked
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=".", help="repository root (default: current folder)")
+    parser.add_argument("--out", default="_executed", help="folder for executed notebooks (default: _executed)")
+    parser.add_argument("--small", action="store_true", help="use the small test parameters (records: results-small/)")
+    parser.add_argument("--only", nargs="*", help="chapter stems or numbers to run, e.g. 00 04_layerwise")
+    parser.add_argument("--jobs", type=int, default=1, help="chapters run at once in separate processes (default 1)")
+    args = parser.parse_args(argv)
+    show_messages()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+
+    root = Path(args.root).resolve()
+    out = (root / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    try:
+        failed = run_notebooks(root, out, select_chapters(root, args.only), small=args.small, jobs=args.jobs)
+    except ParameterError as exc:
+        LOG.error(f"nothing was run: {exc}")
+        return 2
+    if failed:
+        LOG.error(f"{len(failed)} notebook(s) failed: {', '.join(failed)}")
+        return 1
+    LOG.info(f"executed notebooks in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

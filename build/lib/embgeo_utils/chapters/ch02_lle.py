@@ -1,0 +1,265 @@
+"""Chapter 2, local geometry by LLE: do the LLE weights of one model rebuild another model's embeddings?
+
+Each token is written as an affine combination of its ``k`` nearest neighbours in model A (weights summing to 1,
+the first step of LLE, :func:`embgeo_utils.geometry.lle.lle_weights`), and the same neighbours and weights are
+then applied to model B's vectors of the same tokens. Baselines: B's own weights (the floor), uniform weights, and
+A's weights on random neighbours (the null). The stages: :func:`compare_pairs` measures every pair
+(:class:`LLETransfer`), :func:`check_claim7` turns the errors into claim 7's verdict, and the two figures show them.
+
+References:
+    Roweis, S. T. and Saul, L. K. (2000). Nonlinear Dimensionality Reduction by
+    Locally Linear Embedding. Science 290(5500), 2323-2326.
+    Lee, Weber, Viegas, Wattenberg (2025). Shared Global and Local Geometry of
+    Language Model Embeddings. arXiv:2503.21073.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core import stats
+from ..core.device import get_device
+from ..core.errors import EmbgeoInputError
+from ..core.validation import check_pairs
+from ..geometry.lle import lle_weights, random_neighbors, reconstruction_error, uniform_weights
+from ..geometry.neighbors import shared_neighbor_counts
+from ..lm.vocab import SharedVocabulary
+from .style import figure_axes
+
+__all__ = [
+    "CHAPTER",
+    "CONDITIONS",
+    "LLETransfer",
+    "Parameters",
+    "TITLE",
+    "check_claim7",
+    "compare_pairs",
+    "plot_lle_errors",
+    "plot_neighbour_overlap",
+]
+
+
+CHAPTER = "ch02_lle"
+TITLE = "Local geometry by LLE"
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Chapter 2's parameters: the fields of its cell tagged ``parameters`` (defaults and allowed values are there)."""
+
+    model_pairs: list[list[str]]
+    n_tokens: int
+    k: int
+    reg: float
+    center: bool
+    alpha: float
+    seed: int
+    device: str
+
+    def models(self) -> list[str]:
+        """Every model the pairs name, in order."""
+        return [name for pair in self.model_pairs for name in pair]
+
+
+@dataclass(frozen=True)
+class LLETransfer:
+    """What :func:`compare_pairs` measured (chapter 2).
+
+    Attributes:
+        summary: one row per pair: ``pair``, ``A``, ``B``, ``shared vocabulary``, ``tokens``, ``median <weighting>``
+            for every weighting of :data:`CONDITIONS`, ``transfer / null (median ratio)``, ``fraction transfer <
+            null``, ``Wilcoxon p (transfer < null)``, ``fraction transfer < uniform``, ``Wilcoxon p (transfer <
+            uniform)``, ``neighbour overlap`` and its chance level ``overlap chance k/(n-1)``.
+        errors: one row per pair, weighting and token: ``pair``, ``token``, ``weights``, ``relative error``.
+    """
+
+    summary: pd.DataFrame
+    errors: pd.DataFrame
+
+
+#: The weightings chapter 2 compares in model B, in the order of its figures and tables.
+CONDITIONS = (
+    "A on A (fit)",
+    "B's own weights (floor)",
+    "A's weights transferred",
+    "uniform on A's neighbours",
+    "A's weights, random neighbours (null)",
+)
+
+
+_FIT, _FLOOR, _TRANSFER, _UNIFORM, _NULL = CONDITIONS
+
+
+def compare_pairs(
+    tables: Mapping[str, np.ndarray | torch.Tensor],
+    shared: Mapping[tuple[str, str], SharedVocabulary],
+    p: Parameters,
+) -> LLETransfer:
+    """Chapter 2: LLE transfer from A to B for every pair, against the floor, uniform weights and the null.
+
+    For each pair ``(A, B)`` of ``shared``, ``p.n_tokens`` shared tokens are drawn
+    (``shared[pair].sample(n_tokens, seed)``) and their input-embedding rows taken
+    in float64 (each cloud mean-centred when ``p.center``). A's Euclidean ``k``
+    nearest neighbours and LLE weights (:func:`lle_weights`, ``reg``) are applied to
+    B's vectors; the relative error of :func:`reconstruction_error` is measured for
+    each weighting of :data:`CONDITIONS`: A's fit in A, B's own weights (floor), A's
+    weights transferred, uniform weights on A's neighbours, and A's weights on
+    random neighbours (:func:`random_neighbors` with ``seed``; the null).
+
+    Returns:
+        An :class:`LLETransfer`; its p-values are one-sided Wilcoxon tests (:func:`embgeo_utils.core.stats.wilcoxon`).
+
+    Raises:
+        EmbgeoInputError: no pair, or a model of a pair without an embedding table.
+    """
+    check_pairs(
+        shared, tables, "No model pair has both models installed; install at least smollm2-135m and gemma3-270m."
+    )
+    dev, n_tokens, k, reg, seed = get_device(p.device), p.n_tokens, p.k, p.reg, p.seed
+    per_pair, errors = [], []
+    for (a, b), s in shared.items():
+        sample = s.sample(n_tokens, seed=seed)
+        X = np.asarray(tables[a][sample.ids_a], dtype=np.float64)
+        Y = np.asarray(tables[b][sample.ids_b], dtype=np.float64)
+        if p.center:
+            X, Y = X - X.mean(0), Y - Y.mean(0)
+        n = len(sample)
+        idx_a, w_a = lle_weights(X, k, reg=reg, device=dev)
+        idx_b, w_b = lle_weights(Y, k, reg=reg, device=dev)
+        rnd = random_neighbors(n, k, seed=seed)
+        err = {
+            _FIT: reconstruction_error(X, idx_a, w_a, device=dev),
+            _FLOOR: reconstruction_error(Y, idx_b, w_b, device=dev),
+            _TRANSFER: reconstruction_error(Y, idx_a, w_a, device=dev),
+            _UNIFORM: reconstruction_error(Y, idx_a, uniform_weights(idx_a), device=dev),
+            _NULL: reconstruction_error(Y, rnd, w_a, device=dev),
+        }
+        label = f"{a} → {b}"
+        for name, e in err.items():
+            errors.append(pd.DataFrame({"pair": label, "token": np.arange(n), "weights": name, "relative error": e}))
+        transfer, null = err[_TRANSFER], err[_NULL]
+        wil = stats.wilcoxon(transfer, null, alternative="less")
+        wil_u = stats.wilcoxon(transfer, err[_UNIFORM], alternative="less")
+        shared_nb = shared_neighbor_counts(idx_a, idx_b)
+        per_pair.append(
+            {
+                "pair": label,
+                "A": a,
+                "B": b,
+                "shared vocabulary": len(s),
+                "tokens": n,
+                **{f"median {name}": float(np.median(e)) for name, e in err.items()},
+                "transfer / null (median ratio)": float(np.median(transfer / null)),
+                "fraction transfer < null": float((transfer < null).mean()),
+                "Wilcoxon p (transfer < null)": wil.p_value,
+                "fraction transfer < uniform": float((transfer < err[_UNIFORM]).mean()),
+                "Wilcoxon p (transfer < uniform)": wil_u.p_value,
+                "neighbour overlap": float(shared_nb.mean() / k),
+                "overlap chance k/(n-1)": k / (n - 1),
+            }
+        )
+    return LLETransfer(pd.DataFrame(per_pair), pd.concat(errors, ignore_index=True))
+
+
+def check_claim7(
+    errors: pd.DataFrame, alpha: float = 0.01, max_ratio: float = 0.5, correction: str = "holm"
+) -> stats.Verdict:
+    """Chapter 2: the verdict of claim 7, LLE weights transfer across models with error far below the null.
+
+    Pre-declared checks, two per model pair (``errors`` as returned by :func:`compare_pairs`):
+
+    * ``beats the null``: A's transferred weights rebuild B's tokens better than A's
+      weights on random neighbours, token by token: one-sided Wilcoxon signed-rank
+      test of the paired errors (:func:`embgeo_utils.core.stats.wilcoxon`); effect = mean of
+      ``null - transfer`` over tokens, minimum effect 0 (the test decides);
+    * ``far below``: the median transferred error is at most ``max_ratio`` (one half)
+      of the median null error; effect = ``1 - median(transfer) / median(null)``,
+      minimum effect ``1 - max_ratio`` = 0.5; descriptive (no p-value).
+
+    The Wilcoxon p-values of all pairs are adjusted together (Holm by default) and
+    compared with ``alpha`` by :func:`embgeo_utils.core.stats.verdict`: **reproduced** when
+    every check holds, **partly reproduced** when some do (e.g. the transfer beats
+    the null significantly but not by half everywhere), **not reproduced** otherwise.
+
+    Raises:
+        EmbgeoInputError: missing columns, no rows, or a pair without both weightings.
+    """
+    need = ["pair", "token", "weights", "relative error"]
+    missing = [c for c in need if c not in errors.columns]
+    if errors.empty or missing:
+        raise EmbgeoInputError(
+            f"check_claim7 needs the errors table of compare_pairs (missing columns: {missing or 'none, but no rows'})."
+        )
+    if not 0 < max_ratio < 1:
+        raise EmbgeoInputError(f"max_ratio must lie in (0, 1), got {max_ratio}.")
+    checks = []
+    for pair, group in errors.groupby("pair", sort=False):
+        wide = group.pivot(index="token", columns="weights", values="relative error")
+        if _TRANSFER not in wide or _NULL not in wide:
+            raise EmbgeoInputError(f"Pair {pair!r} lacks the {_TRANSFER!r} or {_NULL!r} errors.")
+        transfer, null = wide[_TRANSFER].to_numpy(), wide[_NULL].to_numpy()
+        test = stats.wilcoxon(null, transfer, alternative="greater")
+        checks.append(
+            stats.Check(f"{pair}: transfer beats the null (Wilcoxon)", test.effect, test.p_value, 0.0, test.n, test.se)
+        )
+        med_null = float(np.median(null))
+        if med_null <= 0:
+            raise EmbgeoInputError(f"Pair {pair!r}: the median null error is {med_null}; the ratio is undefined.")
+        checks.append(
+            stats.Check(
+                f"{pair}: median transfer <= {max_ratio:g} x median null",
+                1.0 - float(np.median(transfer)) / med_null,
+                None,
+                1.0 - max_ratio,
+                test.n,
+            )
+        )
+    return stats.verdict(checks, alpha=alpha, correction=correction)
+
+
+def plot_lle_errors(errors: Any, k: int, n_tokens: int, order: Sequence[str] | None = None, ax: Any = None) -> Any:
+    """Chapter 2: box plots of the relative reconstruction error in B, per pair and weighting (log scale).
+
+    Args:
+        errors: tidy DataFrame with ``pair``, ``weights``, ``relative error`` (from ``lle.compare_pairs``).
+        order: the weightings in legend order (default: as they appear).
+    """
+    import seaborn as sns
+
+    fig, ax = figure_axes((10, 4.5), ax)
+    sns.boxplot(
+        data=errors,
+        x="pair",
+        y="relative error",
+        hue="weights",
+        hue_order=list(order) if order is not None else None,
+        showfliers=False,
+        ax=ax,
+    )
+    ax.set_yscale("log")
+    ax.set_xlabel("model A → model B")
+    ax.set_ylabel("relative reconstruction error ‖y − Σ w y‖² / ‖y‖²")
+    ax.set_title(f"LLE reconstruction in B, k = {k}, {n_tokens} shared tokens")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def plot_neighbour_overlap(summary: Any, k: int, ax: Any = None) -> Any:
+    """Chapter 2: bars of the neighbour-set overlap of A and B per pair, beside its chance level."""
+    import seaborn as sns
+
+    plot = summary.melt(
+        id_vars="pair", value_vars=["neighbour overlap", "overlap chance k/(n-1)"], var_name="", value_name="overlap"
+    )
+    fig, ax = figure_axes((7, 3.4), ax)
+    sns.barplot(data=plot, y="pair", x="overlap", hue="", ax=ax)
+    ax.set_xlabel(f"mean fraction of shared {k}-nearest neighbours")
+    ax.set_ylabel("model pair (A → B)")
+    ax.set_title("Neighbour-set overlap between A and B")
+    return fig

@@ -1,0 +1,1128 @@
+"""Layer-by-layer geometry of a prompt's token cloud (chapter 4).
+
+For every prompt, the hidden states of its ``T`` tokens at one layer form a point
+cloud. ``layer_observables`` measures, for every prompt and layer at once:
+
+* GRIDE intrinsic dimension at ranks ``n2 = 2, 4, 8, ...`` (headline: ``n2 = 2``)
+  and TwoNN, after removing duplicate points (see :mod:`embgeo_utils.geometry.intrinsic_dim`);
+* the neighbourhood overlap ``chi_k`` between consecutive layers ``l`` and
+  ``l + 1``: the mean over tokens of the fraction of shared ``k`` nearest
+  Euclidean neighbours (the token itself excluded by index, duplicates kept);
+* the mean and standard deviation of the off-diagonal token x token cosine
+  similarities (Viswanathan et al. average the full matrix, diagonal included;
+  we leave the diagonal of ones out).
+
+One Gram matrix per cloud serves the distances, the neighbour lists and the
+cosines. With ``dtype=torch.float32`` (what the chapter uses) the clouds of all
+prompts and layers are processed in batches: the float32 Gram matrices only
+*rank* the candidates, and every distance that decides an estimate (the ranks
+GRIDE and TwoNN read, the nearest sets of the overlap) is recomputed exactly in
+float64 (:func:`~embgeo_utils.geometry.neighbors.exact_order_statistics`), so the results
+equal those of the float64 route.
+
+The chapter itself runs on top of that: ``run_layerwise`` measures every model at
+every shuffle level and returns tidy tables (``LayerwiseRun``); ``id_peaks``,
+``loss_table``, ``max_mean_cosine``, ``scale_curve_table``, ``id_loss_correlation``,
+``strongest_correlation`` and ``paper_comparison`` summarise them; and
+``check_claim1`` ... ``check_claim5`` (all five: ``check_claims``) test the
+ledger's claims 1-5 with pre-declared checks judged by
+:func:`embgeo_utils.core.stats.verdict`.
+
+References:
+    K. Viswanathan, Y. Gardinazzi, G. Panerai, A. Cazzaniga, M. Biagetti (2025),
+    The Geometry of Tokens in Internal Representations of Large Language Models,
+    arXiv:2501.10573.
+
+    F. Denti, D. Doimo, A. Laio, A. Mira (2022), The generalized ratios intrinsic
+    dimension estimator, Sci. Rep. 12, 20005.
+
+
+One look for every figure of the book (all chapters).
+
+``use_book_style()`` sets a seaborn theme with a colour-blind-safe palette;
+``model_colors`` gives each packaged model the same colour in every chapter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+
+from ..core import stats
+from ..core.cache import array_digest, cache_dir, content_key, load_frame, save_frame
+from ..core.device import get_device
+from ..core.errors import EmbgeoInputError
+from ..geometry.intrinsic_dim import (
+    check_scales,
+    default_scales,
+    gride_batched,
+)
+from ..geometry.token_clouds import LayerObservables, layer_observables
+from ..lm import activations, corpus, models
+from ..lm.models import LoadedModel
+from .claims import CLAIMS
+from .style import finish_axes, model_colors, need_columns
+
+__all__ = [
+    "ClaimCheck",
+    "LayerwiseRun",
+    "PAPER_REFERENCE",
+    "check_claim1",
+    "check_claim2",
+    "check_claim3",
+    "check_claim4",
+    "check_claim5",
+    "check_claims",
+    "claims_summary",
+    "distinct_levels",
+    "id_loss_correlation",
+    "id_peaks",
+    "loss_table",
+    "max_mean_cosine",
+    "paper_comparison",
+    "plot_gride_scale_curves",
+    "plot_id_loss_correlation_by_layer",
+    "plot_layer_profiles",
+    "plot_loss_by_shuffle_level",
+    "run_layerwise",
+    "scale_curve_table",
+    "strongest_correlation",
+]
+
+
+@dataclass
+class LayerwiseRun:
+    """Everything chapter 4 measures, as tidy pandas tables (returned by :func:`run_layerwise`).
+
+    Attributes:
+        geometry: one row per model, shuffle level ``S``, prompt and layer
+            ``1..L`` with ``depth = layer / L``, the headline GRIDE ``ID``
+            (``n2 = 2``, or the first scale), ``TwoNN``, ``cos_mean``,
+            ``cos_std``, the prompt's ``loss``, ``ID n2=<n2>`` for the other
+            scales and ``chi_<k>`` (overlap of the layer with the next; NaN at
+            the last layer).
+        losses: one row per model, ``S`` and prompt: the mean next-token ``loss`` (nats).
+        curves: the GRIDE scale curve at the peak layer of the mean profile, for
+            the lowest and highest shuffle level: ``model, S, peak layer, prompt, n2, ID``.
+        sources: the passage behind each prompt: ``model, prompt, source, title``.
+        n_tokens: tokens per prompt ``T``.
+        seconds: wall time per model.
+    """
+
+    geometry: pd.DataFrame
+    losses: pd.DataFrame
+    curves: pd.DataFrame
+    sources: pd.DataFrame
+    n_tokens: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def models(self) -> list[str]:
+        """The models in the order they were run."""
+        return list(dict.fromkeys(self.geometry["model"]))
+
+    @property
+    def shuffle_levels(self) -> list[int]:
+        """The shuffle levels, ascending."""
+        return sorted(int(s) for s in self.geometry["S"].unique())
+
+
+def _shuffle_levels(shuffle_levels: Sequence[int]) -> list[int]:
+    values = list(shuffle_levels)
+    if not values or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in values):
+        raise EmbgeoInputError(
+            f"shuffle_levels must be a list of non-negative integers (0 = the text as written), got {shuffle_levels!r}."
+        )
+    return sorted({int(s) for s in values})
+
+
+def run_layerwise(
+    model_names: Sequence[str],
+    n_prompts: int = 16,
+    n_tokens: int = 256,
+    shuffle_levels: Sequence[int] = (0, 1, 2, 3, 4, 5),
+    scales: Sequence[int] = (2, 4, 8),
+    scale_curve_max: int = 128,
+    overlap_k: Sequence[int] = (1, 2, 4),
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    batch_size: int = 4,
+    loader: Callable[[str], LoadedModel] | None = None,
+    verbose: bool = True,
+    cache: bool = True,
+) -> LayerwiseRun:
+    """Measure the layerwise geometry of real prompts, every model at every shuffle level (chapter 4).
+
+    For each model: ``n_prompts`` passages of the book's corpus with at least
+    ``n_tokens`` tokens in the model's tokenizer (:func:`~embgeo_utils.lm.corpus.load_passages`,
+    seed ``seed``), cut to ``n_tokens``; at each shuffle level ``S`` every
+    passage is block-shuffled with its own order
+    (:func:`~embgeo_utils.lm.corpus.shuffle_tokens` with seed ``seed * 100003 + prompt``);
+    the hidden states of layers ``1..L`` (the embedding layer skipped) and the
+    loss come from :func:`~embgeo_utils.lm.activations.hidden_states`, and
+    :func:`layer_observables` measures them (float32 Gram matrices). At the
+    lowest and the highest level, the GRIDE scale curve up to
+    ``scale_curve_max`` is computed at the peak layer of the mean ID profile.
+
+    Args:
+        model_names: registry names, Hugging Face ids or paths.
+        n_prompts: passages per model.
+        n_tokens: tokens per prompt ``T``.
+        shuffle_levels: levels ``S``; level ``S`` cuts a prompt into ``min(4^S, T)`` blocks.
+        scales: GRIDE ranks ``n2`` computed at every layer; the headline ID is the first.
+        scale_curve_max: largest ``n2`` of the scale curve at the peak layer.
+        overlap_k: neighbourhood sizes of the overlap ``chi_k``.
+        seed: seed of the passages and of the shuffles.
+        device: where to run the models and the geometry.
+        batch_size: prompts per forward pass.
+        loader: ``name -> LoadedModel`` (default :func:`~embgeo_utils.lm.models.load` on ``device``).
+        verbose: print the time taken per model.
+        cache: keep each model's tables per shuffle level on disk, keyed by the
+            model, the token ids and the parameters of the geometry, so a rerun
+            reads them instead of the hidden states. The hidden states themselves
+            are not written to disk (about 10 GB at the chapter's defaults).
+
+    Returns:
+        A :class:`LayerwiseRun`.
+
+    Raises:
+        EmbgeoInputError: on no models, bad counts, levels or scales.
+    """
+
+    if isinstance(model_names, str) or not list(model_names):
+        raise EmbgeoInputError("model_names must be a non-empty list of model names.")
+    if n_prompts < 1 or n_tokens < 4:
+        raise EmbgeoInputError(f"Need n_prompts >= 1 and n_tokens >= 4, got {n_prompts} and {n_tokens}.")
+    levels = _shuffle_levels(shuffle_levels)
+    scales_arr = check_scales(scales)
+    curve_scales = default_scales(n_tokens, scale_curve_max)
+    dev = get_device(device)
+    load = loader or (lambda name: models.load(name, device=dev))
+    s_lo, s_hi = levels[0], levels[-1]
+    frames, loss_frames, curve_frames, source_rows, seconds = [], [], [], [], {}
+    for name in model_names:
+        start = time.perf_counter()
+        loaded = load(name)
+        passages = corpus.load_passages(
+            n_prompts, loaded.tokenizer, min_tokens=n_tokens, max_tokens=n_tokens, seed=seed
+        )
+        source_rows += [
+            {"model": name, "prompt": i, "source": p.source, "title": p.title} for i, p in enumerate(passages)
+        ]
+        n_layers = 0
+        for S in levels:
+            ids = [corpus.shuffle_tokens(p.token_ids, S, seed=seed * 100_003 + i) for i, p in enumerate(passages)]
+            key = content_key(
+                "layerwise-v1", name, loaded.info.sha256, str(loaded.model.dtype), [array_digest(np.asarray(x)) for x in ids],
+                int(n_tokens), scales_arr.tolist(), list(map(int, overlap_k)),
+                curve_scales.tolist() if S in (s_lo, s_hi) else None, dev.type,
+            )  # fmt: skip
+            paths = [cache_dir("layerwise") / f"{key}-{part}.npz" for part in ("geometry", "loss", "curve")]
+            geo, lss, crv = [load_frame(path) for path in paths] if cache else [None, None, None]
+            if geo is not None and lss is not None and (crv is not None or S not in (s_lo, s_hi)):
+                frames.append(geo)
+                loss_frames.append(lss)
+                if crv is not None and S in (s_lo, s_hi):
+                    curve_frames.append(crv)
+                n_layers = int(geo["layer"].nunique())
+                continue
+            acts = activations.hidden_states(loaded, ids, n_tokens, batch_size=batch_size, cache=False, progress=False)
+            hidden = acts.hidden[:, 1:]  # skip the embedding layer: layers 1..L
+            obs = layer_observables(
+                hidden, scales=scales_arr, overlap_k=overlap_k, device=dev, dtype=torch.float32, progress=False
+            )
+            assert acts.loss is not None  # with_loss=True
+            frames.append(_geometry_frame(name, S, obs, acts.loss))
+            loss_frames.append(
+                pd.DataFrame(
+                    {"model": name, "S": S, "prompt": np.arange(len(passages)), "loss": acts.loss.astype(np.float64)}
+                )
+            )
+            if cache:
+                save_frame(frames[-1], paths[0])
+                save_frame(loss_frames[-1], paths[1])
+            n_layers = hidden.shape[1]
+            if S in (s_lo, s_hi):
+                peak = int(np.argmax(obs.gride[:, :, 0].mean(0)))
+                curve = np.asarray(gride_batched(hidden[:, peak], scales=curve_scales, device=dev))
+                p_idx, s_idx = np.meshgrid(np.arange(len(passages)), np.arange(len(curve_scales)), indexing="ij")
+                curve_frames.append(
+                    pd.DataFrame(
+                        {
+                            "model": name,
+                            "S": S,
+                            "peak layer": peak + 1,
+                            "prompt": p_idx.ravel(),
+                            "n2": curve_scales[s_idx.ravel()].astype(int),
+                            "ID": curve.ravel(),
+                        }
+                    )
+                )
+                if cache:
+                    save_frame(curve_frames[-1], paths[2])
+            del acts, hidden
+        seconds[name] = time.perf_counter() - start
+        if verbose:
+            print(f"{name}: {n_layers} layers, {len(levels)} shuffle levels in {seconds[name]:.0f} s")
+        del loaded
+    return LayerwiseRun(
+        geometry=pd.concat(frames, ignore_index=True),
+        losses=pd.concat(loss_frames, ignore_index=True),
+        curves=pd.concat(curve_frames, ignore_index=True),
+        sources=pd.DataFrame(source_rows),
+        n_tokens=int(n_tokens),
+        seconds=seconds,
+    )
+
+
+def _geometry_frame(name: str, S: int, obs: LayerObservables, loss: np.ndarray) -> pd.DataFrame:
+    """The rows of :attr:`LayerwiseRun.geometry` for one model and shuffle level (prompt-major)."""
+    n_prompts, n_layers = obs.twonn.shape
+    grid_p, grid_l = np.meshgrid(np.arange(n_prompts), np.arange(n_layers), indexing="ij")
+    prompt, layer = grid_p.ravel(), grid_l.ravel()
+    columns: dict[str, Any] = {
+        "model": name,
+        "S": int(S),
+        "prompt": prompt,
+        "layer": layer + 1,
+        "depth": (layer + 1) / n_layers,
+        "ID": obs.gride[:, :, 0].ravel(),
+        "TwoNN": obs.twonn.ravel(),
+        "cos_mean": obs.cos_mean.ravel(),
+        "cos_std": obs.cos_std.ravel(),
+        "loss": np.asarray(loss, dtype=np.float64)[prompt],
+    }
+    for j, n2 in enumerate(obs.scales[1:], start=1):
+        columns[f"ID n2={n2}"] = obs.gride[:, :, j].ravel()
+    for k, chi in obs.overlap.items():
+        padded = np.concatenate([chi, np.full((n_prompts, 1), np.nan)], axis=1)  # no next layer after the last
+        columns[f"chi_{k}"] = padded.ravel()
+    return pd.DataFrame(columns)
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], name: str) -> None:
+    if not isinstance(frame, pd.DataFrame):
+        raise EmbgeoInputError(
+            f"{name} must be a pandas DataFrame (a table of run_layerwise), got {type(frame).__name__}."
+        )
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise EmbgeoInputError(f"{name} lacks the column(s) {missing}; pass the table that run_layerwise returns.")
+    if frame.empty:
+        raise EmbgeoInputError(f"{name} is empty; run at least one model.")
+
+
+def _layer_counts(geometry: pd.DataFrame) -> dict[str, int]:
+    return {m: int(v) for m, v in geometry.groupby("model", sort=False)["layer"].max().items()}
+
+
+def id_peaks(geometry: pd.DataFrame) -> pd.DataFrame:
+    """Peak of the mean ID profile per model and shuffle level (chapter 4).
+
+    Args:
+        geometry: :attr:`LayerwiseRun.geometry` (columns ``model, S, layer, ID``).
+
+    Returns:
+        DataFrame indexed by ``(model, S)`` with ``peak ID``, ``peak layer``,
+        ``layers``, ``first-layer ID`` and ``last-layer ID`` (means over prompts).
+    """
+    _require(geometry, ["model", "S", "layer", "ID"], "geometry")
+    id_mean = geometry.groupby(["model", "S", "layer"])["ID"].mean()
+    agg = id_mean.groupby(["model", "S"]).agg(["max", "idxmax", "first", "last"])
+    n_layers = _layer_counts(geometry)
+    return pd.DataFrame(
+        {
+            "peak ID": agg["max"],
+            "peak layer": [int(i[2]) for i in agg["idxmax"]],
+            "layers": [n_layers[m] for m, _ in agg.index],
+            "first-layer ID": agg["first"],
+            "last-layer ID": agg["last"],
+        }
+    )
+
+
+def loss_table(losses: pd.DataFrame) -> pd.DataFrame:
+    """Mean next-token loss per model (rows) and shuffle level (columns) (chapter 4)."""
+    _require(losses, ["model", "S", "loss"], "losses")
+    return losses.groupby(["model", "S"])["loss"].mean().unstack("S")
+
+
+def max_mean_cosine(geometry: pd.DataFrame) -> pd.DataFrame:
+    """Largest layer mean of the mean cosine similarity, per model (rows) and shuffle level (columns) (chapter 4)."""
+    _require(geometry, ["model", "S", "layer", "cos_mean"], "geometry")
+    return geometry.groupby(["model", "S", "layer"])["cos_mean"].mean().groupby(["model", "S"]).max().unstack("S")
+
+
+def scale_curve_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """Mean GRIDE ID per model, shuffle level and peak layer (rows) and rank ``n2`` (columns) (chapter 4)."""
+    _require(curves, ["model", "S", "peak layer", "n2", "ID"], "curves")
+    return curves.groupby(["model", "S", "peak layer", "n2"])["ID"].mean().unstack("n2")
+
+
+def id_loss_correlation(geometry: pd.DataFrame, shuffle_level: int | None = None) -> pd.DataFrame:
+    """Pearson r between a layer's ID and the prompt's loss, across prompts, at every layer (chapter 4).
+
+    One-sided test of r > 0 (``scipy.stats.pearsonr``). Two sets of points per
+    model: the prompts at ``shuffle_level`` (default: the lowest level, the
+    text as written), labelled ``"S = <level>"``, and all prompts of all levels
+    pooled, labelled ``"all S pooled"`` (confounded by shuffling, which raises
+    both quantities).
+
+    Args:
+        geometry: :attr:`LayerwiseRun.geometry` (columns ``model, S, layer, ID, loss``).
+        shuffle_level: the level of the headline correlation.
+
+    Returns:
+        DataFrame with ``model, prompts, layer, depth, r, p, n``, one row per layer and set.
+    """
+    _require(geometry, ["model", "S", "layer", "ID", "loss"], "geometry")
+    level = int(geometry["S"].min()) if shuffle_level is None else int(shuffle_level)
+    if level not in set(geometry["S"]):
+        raise EmbgeoInputError(f"shuffle_level {level} is not in the run; choose one of {sorted(set(geometry['S']))}.")
+    n_layers = _layer_counts(geometry)
+    rows = []
+    for name in n_layers:
+        mine = geometry[geometry["model"] == name]
+        for label, part in [(f"S = {level}", mine[mine["S"] == level]), ("all S pooled", mine)]:
+            for layer, sub in part.groupby("layer"):
+                res = sps.pearsonr(sub["ID"], sub["loss"], alternative="greater")
+                rows.append(
+                    {
+                        "model": name,
+                        "prompts": label,
+                        "layer": layer,
+                        "depth": layer / n_layers[name],
+                        "r": res.statistic,
+                        "p": res.pvalue,
+                        "n": len(sub),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def strongest_correlation(corr: pd.DataFrame) -> pd.DataFrame:
+    """The layer with the largest r per model and set of prompts, with its Bonferroni p over layers (chapter 4).
+
+    Args:
+        corr: the table of :func:`id_loss_correlation`.
+
+    Returns:
+        DataFrame indexed by ``(model, prompts)`` with ``layer, depth, r, p,
+        p (Bonferroni), n, layers tested``; the Bonferroni p is ``min(1, p * number of layers)``
+        (:func:`~embgeo_utils.core.stats.bonferroni` over the layers of the set).
+    """
+    _require(corr, ["model", "prompts", "layer", "r", "p", "n"], "corr")
+    rows = []
+    for (name, label), part in corr.groupby(["model", "prompts"]):
+        if not np.isfinite(part["r"].to_numpy(dtype=np.float64)).any():
+            raise EmbgeoInputError(f"No layer of {name} ({label}) has a finite r: the ID or the loss is constant.")
+        adjusted = stats.bonferroni(part["p"].to_numpy())
+        best = int(np.nanargmax(part["r"].to_numpy(dtype=np.float64)))
+        row = part.iloc[best].to_dict()
+        row["p (Bonferroni)"] = float(adjusted[best])
+        row["layers tested"] = len(part)
+        rows.append(row)
+    cols = ["model", "prompts", "layer", "depth", "r", "p", "p (Bonferroni)", "n", "layers tested"]
+    return pd.DataFrame(rows)[[c for c in cols if c in rows[0]]].set_index(["model", "prompts"])
+
+
+#: Reference numbers of Viswanathan et al. (2025), 50 prompts of 1,024 tokens (METHODS.md): peak ID
+#: (``"value @ layer"``), loss and largest mean cosine; keys ending in ``lo`` are for the text as
+#: written (S = 0), in ``hi`` for the finest shuffle (S = 5). :func:`paper_comparison` names them by level.
+PAPER_REFERENCE: tuple[dict[str, Any], ...] = (
+    {
+        "model": "Llama-3-8B (P2)",
+        "layers": 32,
+        "peak ID lo": "9.5 @ 13",
+        "peak ID hi": "13.9 @ 10",
+        "loss lo": 1.87,
+        "loss hi": 7.49,
+        "max mean cos lo": 0.32,
+        "max mean cos hi": 0.83,
+    },
+    {"model": "Mistral-7B (P2)", "layers": 32, "peak ID lo": "9.2", "peak ID hi": "15.0"},
+    {"model": "Pythia-6.9B (P2)", "layers": 32, "peak ID lo": "8.2", "peak ID hi": "13.9"},
+    {"model": "Pythia-160m (P2)", "layers": 12, "peak ID lo": "7.8 @ 8"},
+    {"model": "GPT-2 (P2)", "layers": 12, "peak ID lo": "7.3 @ 9"},
+)
+
+
+def paper_comparison(
+    peaks: pd.DataFrame, losses: pd.DataFrame, cos_max: pd.DataFrame, models: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Our peak IDs, losses and largest mean cosines next to the paper's reference numbers (chapter 4).
+
+    The paper's shuffled numbers are at its highest level, ``S = 5``; ours at
+    the highest level of the run (the column names give both levels).
+
+    Args:
+        peaks: :func:`id_peaks`.
+        losses: :func:`loss_table`.
+        cos_max: :func:`max_mean_cosine`.
+        models: order of our models (default: the order of ``peaks``).
+
+    Returns:
+        DataFrame indexed by model: the paper's models first (missing numbers
+        are NaN), then ours.
+    """
+    levels = sorted({int(s) for s in peaks.index.get_level_values("S")})
+    lo, hi = levels[0], levels[-1]
+    names = {"lo": lo, "hi": hi}
+
+    def rename(row: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in row.items():
+            head, _, tail = key.rpartition(" ")
+            out[f"{head} S={names[tail]}" if tail in names else key] = value
+        return out
+
+    ours = []
+    for name in models or dict.fromkeys(peaks.index.get_level_values("model")):
+        pk = peaks.loc[name]
+        ours.append(
+            rename(
+                {
+                    "model": name,
+                    "layers": int(pk["layers"].iloc[0]),
+                    "peak ID lo": f"{pk.loc[lo, 'peak ID']:.1f} @ {int(pk.loc[lo, 'peak layer'])}",
+                    "peak ID hi": f"{pk.loc[hi, 'peak ID']:.1f} @ {int(pk.loc[hi, 'peak layer'])}",
+                    "loss lo": round(losses.loc[name, lo], 2),
+                    "loss hi": round(losses.loc[name, hi], 2),
+                    "max mean cos lo": round(cos_max.loc[name, lo], 2),
+                    "max mean cos hi": round(cos_max.loc[name, hi], 2),
+                }
+            )
+        )
+    paper = pd.DataFrame([rename(r) for r in PAPER_REFERENCE])
+    return pd.concat([paper, pd.DataFrame(ours)]).set_index("model")
+
+
+@dataclass(frozen=True)
+class ClaimCheck:
+    """The test of one ledger claim in chapter 4.
+
+    Attributes:
+        number: the claim's number in the ledger (1-5).
+        verdict: the :class:`~embgeo_utils.core.stats.Verdict` of its checks.
+        table: per-model numbers behind the checks (DataFrame indexed by model),
+            with ``checks holding`` and ``holds`` (every check of the model holds).
+        statistic: what :attr:`value` is.
+        value: the claim's headline statistic.
+        null: what the statistic is tested against.
+    """
+
+    number: int
+    verdict: stats.Verdict
+    table: pd.DataFrame
+    statistic: str
+    value: float
+    null: str
+
+
+def _levels(geometry: pd.DataFrame, need_two: bool) -> tuple[int, int]:
+    levels = sorted(int(s) for s in geometry["S"].unique())
+    if need_two and len(levels) < 2:
+        raise EmbgeoInputError(
+            f"Claims 2-4 compare shuffle levels, but the run has only S = {levels}; add a higher level (e.g. 5)."
+        )
+    return levels[0], levels[-1]
+
+
+def _per_prompt(geometry: pd.DataFrame, name: str, S: int, column: str, layers: Sequence[int]) -> np.ndarray:
+    """``column`` averaged over ``layers``, one value per prompt (sorted by prompt)."""
+    sub = geometry[(geometry["model"] == name) & (geometry["S"] == S) & (geometry["layer"].isin(list(layers)))]
+    return sub.groupby("prompt")[column].mean().sort_index().to_numpy()
+
+
+def _peak_layer(geometry: pd.DataFrame, name: str, S: int) -> int:
+    """Layer of the largest mean ID over prompts."""
+    sub = geometry[(geometry["model"] == name) & (geometry["S"] == S)]
+    return int(sub.groupby("layer")["ID"].mean().idxmax())
+
+
+def _ratio_se(test: stats.TestResult, baseline: np.ndarray) -> float | None:
+    """Standard error of ``mean(a) / mean(baseline) - 1``, from the paired test's se of ``mean(a - baseline)``."""
+    return None if test.se is None else float(test.se / abs(baseline.mean()))
+
+
+def _claim(
+    number: int,
+    checks: list[stats.Check],
+    rows: list[dict[str, Any]],
+    alpha: float,
+    statistic: str,
+    value: float,
+    null: str,
+) -> ClaimCheck:
+    """The verdict of ``checks`` and the per-model table, with how many of each model's checks hold."""
+    verdict = stats.verdict(checks, alpha=alpha, correction="holm")
+    for row in rows:
+        mine = [ok for c, ok in zip(verdict.checks, verdict.holds) if c.name.startswith(f"{row['model']}: ")]
+        row["checks holding"] = f"{sum(mine)} of {len(mine)}"
+        row["holds"] = bool(mine) and all(mine)
+    return ClaimCheck(number, verdict, pd.DataFrame(rows).set_index("model"), statistic, float(value), null)
+
+
+def check_claim1(geometry: pd.DataFrame, alpha: float = 0.01, min_rise: float = 0.1) -> ClaimCheck:
+    """Claim 1: the ID of the token cloud rises, then falls over the layers (chapter 4).
+
+    Pre-declared checks, per model, on the text as written (the lowest shuffle level):
+
+    * the peak layer ``l*`` of the mean ID profile is interior: effect = layers
+      between ``l*`` and the nearer end, minimum 1, descriptive (no p-value);
+    * the ID at ``l*`` exceeds the ID at the first layer: effect = mean ID at
+      ``l*`` / mean ID at the first layer - 1, minimum ``min_rise`` (10 %),
+      one-sided Wilcoxon signed-rank test over prompts;
+    * the same against the last layer.
+
+    The p-values of all models are Holm-adjusted together and the verdict comes
+    from :func:`~embgeo_utils.core.stats.verdict`. The peak is chosen on the same data,
+    which favours it slightly; the minimum rise guards against a flat profile.
+
+    Args:
+        geometry: :attr:`LayerwiseRun.geometry` (columns ``model, S, prompt, layer, ID``).
+        alpha: significance level.
+        min_rise: smallest relative rise of the peak over the first and last layers.
+
+    Returns:
+        A :class:`ClaimCheck`; its value is the smallest peak / last-layer ratio over models.
+    """
+    _require(geometry, ["model", "S", "prompt", "layer", "ID"], "geometry")
+    lo, _ = _levels(geometry, need_two=False)
+    checks, rows = [], []
+    for name in dict.fromkeys(geometry["model"]):
+        layers = geometry.loc[geometry["model"] == name, "layer"]
+        first_layer, last_layer = int(layers.min()), int(layers.max())
+        l_star = _peak_layer(geometry, name, lo)
+        peak, first, last = (
+            _per_prompt(geometry, name, lo, "ID", [layer]) for layer in (l_star, first_layer, last_layer)
+        )
+        t_first, t_last = stats.wilcoxon(peak, first), stats.wilcoxon(peak, last)
+        ratio_first, ratio_last = peak.mean() / first.mean(), peak.mean() / last.mean()
+        checks += [
+            stats.Check(
+                f"{name}: peak layer {l_star} is interior",
+                float(min(l_star - first_layer, last_layer - l_star)),
+                None,
+                1.0,
+                last_layer - first_layer + 1,
+            ),
+            stats.Check(
+                f"{name}: ID at peak > first layer",
+                float(ratio_first - 1),
+                t_first.p_value,
+                min_rise,
+                t_first.n,
+                _ratio_se(t_first, first),
+            ),
+            stats.Check(
+                f"{name}: ID at peak > last layer",
+                float(ratio_last - 1),
+                t_last.p_value,
+                min_rise,
+                t_last.n,
+                _ratio_se(t_last, last),
+            ),
+        ]
+        rows.append(
+            {
+                "model": name,
+                "peak layer": l_star,
+                "layers": last_layer,
+                "peak/first": ratio_first,
+                "peak/last": ratio_last,
+                "p (peak > first)": t_first.p_value,
+                "p (peak > last)": t_last.p_value,
+            }
+        )
+    return _claim(
+        1,
+        checks,
+        rows,
+        alpha,
+        f"min over models of mean(ID at peak) / mean(ID at last layer), S={lo}",
+        min(r["peak/last"] for r in rows),
+        "peak ID no higher than first/last-layer ID (one-sided Wilcoxon over prompts, Holm)",
+    )
+
+
+def distinct_levels(shuffle_levels: Sequence[int], n_tokens: int) -> list[int]:
+    """The levels that shuffle differently from the level before them (chapter 4).
+
+    Level ``S`` cuts ``T = n_tokens`` tokens into ``min(4^S, T)`` blocks; once
+    ``4^S >= T`` every token is its own block, and higher levels are the same
+    treatment with another random order. Returns the sorted levels with a new
+    number of blocks.
+    """
+    levels = _shuffle_levels(shuffle_levels)
+    blocks = [min(4 ** int(S), int(n_tokens)) for S in levels]
+    return [S for i, S in enumerate(levels) if i == 0 or blocks[i] > blocks[i - 1]]
+
+
+def check_claim2(geometry: pd.DataFrame, losses: pd.DataFrame, n_tokens: int, alpha: float = 0.01) -> ClaimCheck:
+    """Claim 2: shuffling raises the loss and the peak ID, monotonically in S (chapter 4).
+
+    Pre-declared checks, per model:
+
+    * loss: Spearman rho between ``S`` and the prompt's loss over all prompt x
+      level points, one-sided (``scipy.stats.spearmanr``); effect = rho, minimum 0;
+    * peak ID: the same for ``S`` and the per-prompt ID at the peak layer of
+      that level's mean profile;
+    * monotone loss: effect = the smallest rise of the mean loss from one level
+      to the next, minimum 0 (descriptive: it holds when the mean never falls);
+    * monotone peak ID: the same for the mean peak ID.
+
+    Monotonicity is judged over :func:`distinct_levels` only: levels with the
+    same number of blocks are one treatment with two random orders. The
+    p-values of all models are Holm-adjusted together and the verdict comes
+    from :func:`~embgeo_utils.core.stats.verdict`; when only the loss checks hold,
+    the claim is partly reproduced.
+
+    Args:
+        geometry: :attr:`LayerwiseRun.geometry` (columns ``model, S, prompt, layer, ID``).
+        losses: :attr:`LayerwiseRun.losses` (columns ``model, S, prompt, loss``).
+        n_tokens: tokens per prompt ``T`` (sets which levels differ).
+        alpha: significance level.
+
+    Returns:
+        A :class:`ClaimCheck`; its value is the smallest Spearman rho(S, peak ID) over models.
+    """
+    _require(geometry, ["model", "S", "prompt", "layer", "ID"], "geometry")
+    _require(losses, ["model", "S", "prompt", "loss"], "losses")
+    _levels(geometry, need_two=True)
+    levels = sorted(int(s) for s in geometry["S"].unique())
+    distinct = distinct_levels(levels, n_tokens)
+    mean_loss = loss_table(losses)
+    checks, rows = [], []
+    for name in dict.fromkeys(geometry["model"]):
+        lsub = losses[losses["model"] == name]
+        rho_loss = stats.spearman(lsub["S"], lsub["loss"])
+        pk = pd.concat(
+            [
+                pd.DataFrame({"S": S, "ID": _per_prompt(geometry, name, S, "ID", [_peak_layer(geometry, name, S)])})
+                for S in levels
+            ]
+        )
+        rho_id = stats.spearman(pk["S"], pk["ID"])
+        steps_loss = np.diff(mean_loss.loc[name, distinct].to_numpy(dtype=np.float64))
+        steps_id = np.diff(pk.groupby("S")["ID"].mean().loc[distinct].to_numpy(dtype=np.float64))
+        checks += [
+            stats.Check(
+                f"{name}: loss rises with S (Spearman)",
+                rho_loss.effect,
+                rho_loss.p_value,
+                0.0,
+                rho_loss.n,
+                rho_loss.se,
+            ),
+            stats.Check(
+                f"{name}: peak ID rises with S (Spearman)", rho_id.effect, rho_id.p_value, 0.0, rho_id.n, rho_id.se
+            ),
+        ]
+        if len(distinct) > 1:
+            checks += [
+                stats.Check(
+                    f"{name}: mean loss never falls from one level to the next",
+                    float(steps_loss.min()),
+                    None,
+                    0.0,
+                    len(distinct),
+                ),
+                stats.Check(
+                    f"{name}: mean peak ID never falls from one level to the next",
+                    float(steps_id.min()),
+                    None,
+                    0.0,
+                    len(distinct),
+                ),
+            ]
+        rows.append(
+            {
+                "model": name,
+                "rho(S, loss)": rho_loss.statistic,
+                "p loss": rho_loss.p_value,
+                "decreases in mean loss": int((steps_loss < 0).sum()),
+                "rho(S, peak ID)": rho_id.statistic,
+                "p peak ID": rho_id.p_value,
+                "decreases in mean peak ID": int((steps_id < 0).sum()),
+            }
+        )
+    return _claim(
+        2,
+        checks,
+        rows,
+        alpha,
+        "min over models of Spearman rho(S, peak ID); loss rho in details",
+        min(r["rho(S, peak ID)"] for r in rows),
+        "no association of S with loss / peak ID (one-sided Spearman, Holm); mean never falls",
+    )
+
+
+def check_claim3(geometry: pd.DataFrame, alpha: float = 0.01) -> ClaimCheck:
+    """Claim 3: shuffled prompts have a higher mean cosine similarity in the late layers (chapter 4).
+
+    Pre-declared check, per model: the per-prompt mean cosine averaged over the
+    last third of the layers (at least one), highest shuffle level against the
+    lowest; effect = difference of the means, minimum 0; one-sided Wilcoxon
+    signed-rank test over prompts. Holm across models; verdict from
+    :func:`~embgeo_utils.core.stats.verdict`.
+
+    Args:
+        geometry: :attr:`LayerwiseRun.geometry` (columns ``model, S, prompt, layer, cos_mean``).
+        alpha: significance level.
+
+    Returns:
+        A :class:`ClaimCheck`; its value is the smallest difference over models.
+    """
+    _require(geometry, ["model", "S", "prompt", "layer", "cos_mean"], "geometry")
+    lo, hi = _levels(geometry, need_two=True)
+    checks, rows = [], []
+    for name in dict.fromkeys(geometry["model"]):
+        L = int(geometry.loc[geometry["model"] == name, "layer"].max())
+        late = [layer for layer in range(1, L + 1) if layer > L - max(1, L // 3)]
+        cos_lo, cos_hi = (
+            _per_prompt(geometry, name, lo, "cos_mean", late),
+            _per_prompt(geometry, name, hi, "cos_mean", late),
+        )
+        test = stats.wilcoxon(cos_hi, cos_lo)
+        diff = float(cos_hi.mean() - cos_lo.mean())
+        checks.append(
+            stats.Check(
+                f"{name}: mean cosine of layers {late[0]}-{late[-1]}, S={hi} > S={lo}",
+                diff,
+                test.p_value,
+                0.0,
+                test.n,
+                test.se,
+            )
+        )
+        rows.append(
+            {
+                "model": name,
+                "late layers": f"{late[0]}-{late[-1]}",
+                f"cos S={lo}": cos_lo.mean(),
+                f"cos S={hi}": cos_hi.mean(),
+                "difference": diff,
+                "p": test.p_value,
+            }
+        )
+    return _claim(
+        3,
+        checks,
+        rows,
+        alpha,
+        f"min over models of mean cosine difference S={hi} - S={lo}, last third of layers",
+        min(r["difference"] for r in rows),
+        "no difference (one-sided Wilcoxon over prompts, Holm)",
+    )
+
+
+def check_claim4(geometry: pd.DataFrame, alpha: float = 0.01, k: int = 1, window: int = 2) -> ClaimCheck:
+    """Claim 4: the neighbour overlap chi_k is lower for shuffled prompts near the ID peak (chapter 4).
+
+    Pre-declared check, per model: the per-prompt ``chi_k`` averaged over the
+    transitions ``l -> l + 1`` for ``l`` within ``window`` layers of the peak of
+    the lowest level's mean ID profile, lowest shuffle level against the
+    highest; effect = ``chi_k(lowest) - chi_k(highest)`` (positive when the
+    shuffled overlap is lower), minimum 0; one-sided Wilcoxon signed-rank test
+    over prompts. Holm across models; verdict from :func:`~embgeo_utils.core.stats.verdict`.
+
+    Args:
+        geometry: :attr:`LayerwiseRun.geometry` (columns ``model, S, prompt, layer, ID, chi_<k>``).
+        alpha: significance level.
+        k: neighbourhood size (1 in the ledger).
+        window: layers on either side of the peak.
+
+    Returns:
+        A :class:`ClaimCheck`; its value is the largest ``chi_k(highest) - chi_k(lowest)`` over models.
+    """
+    chi = f"chi_{k}"
+    _require(geometry, ["model", "S", "prompt", "layer", "ID", chi], "geometry")
+    lo, hi = _levels(geometry, need_two=True)
+    checks, rows = [], []
+    for name in dict.fromkeys(geometry["model"]):
+        L = int(geometry.loc[geometry["model"] == name, "layer"].max())
+        l_star = _peak_layer(geometry, name, lo)
+        near = [layer for layer in range(l_star - window, l_star + window + 1) if 1 <= layer <= L - 1]
+        if not near:
+            raise EmbgeoInputError(f"{name} has a single layer: there is no transition l -> l + 1 to compare.")
+        chi_lo, chi_hi = _per_prompt(geometry, name, lo, chi, near), _per_prompt(geometry, name, hi, chi, near)
+        test = stats.wilcoxon(chi_lo, chi_hi)
+        checks.append(
+            stats.Check(
+                f"{name}: {chi} of layers {near[0]}-{near[-1]}, S={hi} < S={lo}",
+                float(chi_lo.mean() - chi_hi.mean()),
+                test.p_value,
+                0.0,
+                test.n,
+                test.se,
+            )
+        )
+        rows.append(
+            {
+                "model": name,
+                "layers l (l→l+1)": f"{near[0]}-{near[-1]}",
+                f"{chi} S={lo}": chi_lo.mean(),
+                f"{chi} S={hi}": chi_hi.mean(),
+                "difference": chi_hi.mean() - chi_lo.mean(),
+                "p": test.p_value,
+            }
+        )
+    return _claim(
+        4,
+        checks,
+        rows,
+        alpha,
+        f"max over models of {chi} difference S={hi} - S={lo}, within {window} layers of the ID peak",
+        max(r["difference"] for r in rows),
+        "no difference (one-sided Wilcoxon over prompts, Holm)",
+    )
+
+
+def check_claim5(geometry: pd.DataFrame, alpha: float = 0.01) -> ClaimCheck:
+    """Claim 5: across prompts, a layer's ID correlates positively with the loss (chapter 4).
+
+    Pre-declared check, per model: the largest per-layer Pearson r between ID
+    and loss over the prompts at the lowest shuffle level
+    (:func:`id_loss_correlation`), effect = r, minimum 0, p = its one-sided p
+    times the number of layers (Bonferroni over layers,
+    :func:`strongest_correlation`). The models' p-values are then Holm-adjusted
+    together; verdict from :func:`~embgeo_utils.core.stats.verdict`. The correlation
+    pooled over all levels (confounded by shuffling) is reported, not tested.
+
+    Args:
+        geometry: :attr:`LayerwiseRun.geometry` (columns ``model, S, prompt, layer, ID, loss``).
+        alpha: significance level.
+
+    Returns:
+        A :class:`ClaimCheck`; its value is the smallest max r over models.
+    """
+    lo, _ = _levels(geometry, need_two=False)
+    best = strongest_correlation(id_loss_correlation(geometry, lo))
+    checks, rows = [], []
+    for name in dict.fromkeys(geometry["model"]):
+        b, pooled = best.loc[(name, f"S = {lo}")], best.loc[(name, "all S pooled")]
+        checks.append(
+            stats.Check(
+                f"{name}: Pearson r(ID, loss) at layer {int(b['layer'])}, S={lo}",
+                float(b["r"]),
+                float(b["p (Bonferroni)"]),
+                0.0,
+                int(b["n"]),
+                float(1 / np.sqrt(int(b["n"]) - 1)),
+                int(b["layers tested"]),
+            )
+        )
+        rows.append(
+            {
+                "model": name,
+                "best layer": int(b["layer"]),
+                "max r": b["r"],
+                "p": b["p"],
+                "p (Bonferroni)": b["p (Bonferroni)"],
+                "prompts": int(b["n"]),
+                "pooled max r": pooled["r"],
+                "pooled p (Bonferroni)": pooled["p (Bonferroni)"],
+            }
+        )
+    return _claim(
+        5,
+        checks,
+        rows,
+        alpha,
+        f"min over models of the max per-layer Pearson r(ID, loss), S={lo}",
+        min(r["max r"] for r in rows),
+        "r <= 0 (one-sided Pearson test, Bonferroni over layers, Holm)",
+    )
+
+
+def check_claims(run: LayerwiseRun, alpha: float = 0.01) -> list[ClaimCheck]:
+    """Claims 1-5 of the ledger on one run (chapter 4); see :func:`check_claim1` ... :func:`check_claim5`.
+
+    Each claim's checks are Holm-adjusted together and judged by
+    :func:`~embgeo_utils.core.stats.verdict` at ``alpha``.
+    """
+    if not isinstance(run, LayerwiseRun):
+        raise EmbgeoInputError(f"run must be the LayerwiseRun of run_layerwise, got {type(run).__name__}.")
+    return [
+        check_claim1(run.geometry, alpha),
+        check_claim2(run.geometry, run.losses, run.n_tokens, alpha),
+        check_claim3(run.geometry, alpha),
+        check_claim4(run.geometry, alpha),
+        check_claim5(run.geometry, alpha),
+    ]
+
+
+def claims_summary(claims: Sequence[ClaimCheck], peaks: pd.DataFrame) -> str:
+    """The chapter's summary in markdown: each verdict and where it holds, the peaks, the correlations (chapter 4).
+
+    Args:
+        claims: :func:`check_claims`.
+        peaks: :func:`id_peaks`.
+    """
+
+    by_number = {c.number: c for c in claims}
+    lines = []
+    for c in claims:
+        passed = ", ".join(c.table.index[c.table["holds"].astype(bool)]) or "none"
+        lines.append(f"- **Claim {c.number}** ({CLAIMS[c.number][0]}): *{c.verdict.verdict}* — holds in {passed}.")
+    levels = sorted({int(s) for s in peaks.index.get_level_values("S")})
+    lo, hi = levels[0], levels[-1]
+    if 1 in by_number:
+        c1 = by_number[1].table
+        lines.append(
+            "- The ID peak sits at relative depth "
+            + ", ".join(f"{r['peak layer'] / r['layers']:.2f} ({m})" for m, r in c1.iterrows())
+            + f" for S = {lo}; at S = {hi} it moves to layer "
+            + ", ".join(f"{int(peaks.loc[(m, hi), 'peak layer'])} ({m})" for m in c1.index)
+            + "."
+        )
+    if 5 in by_number:
+        c5 = by_number[5].table
+        lines.append(
+            f"- ID–loss correlation at S = {lo}: max r "
+            + ", ".join(
+                f"{r['max r']:.2f} (layer {r['best layer']}, Bonferroni p {r['p (Bonferroni)']:.3g}, {m})"
+                for m, r in c5.iterrows()
+            )
+            + "; pooled over S (confounded by shuffling): "
+            + ", ".join(f"{r['pooled max r']:.2f}" for _, r in c5.iterrows())
+            + "."
+        )
+    return "\n".join(lines)
+
+
+def plot_layer_profiles(geometry: Any, y: str, ylabel: str, title: str, show: bool = True) -> Any:
+    """One panel per model: ``y`` against relative depth, one line per shuffle level, ± one standard error (chapter 4).
+
+    Args:
+        geometry: ``token_geometry.LayerwiseRun.geometry`` (columns ``model, S, depth`` and ``y``).
+        y: the column to plot, e.g. ``"ID"``, ``"chi_1"``, ``"cos_mean"``.
+        ylabel: its axis label, with units.
+        title: the figure's title.
+        show: show the figure now (inline), so that it comes before the cell's table.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import seaborn as sns
+
+    need_columns(geometry, ["model", "S", "depth", y], "token_geometry.run_layerwise")
+    grid = sns.relplot(
+        data=geometry,
+        x="depth",
+        y=y,
+        hue="S",
+        col="model",
+        kind="line",
+        errorbar="se",
+        palette="viridis",
+        height=3.2,
+        aspect=1.1,
+        facet_kws={"sharey": False},
+    )
+    grid.set_axis_labels("relative depth (layer / number of layers)", ylabel)
+    grid.set_titles("{col_name}")
+    return finish_axes(grid.figure, title, show)
+
+
+def plot_gride_scale_curves(curves: Any, show: bool = True) -> Any:
+    """GRIDE ID against the rank ``n2`` (log scale) at the peak layer, per model and shuffle level (chapter 4).
+
+    Args:
+        curves: ``token_geometry.LayerwiseRun.curves`` (columns ``model, S, n2, ID``).
+        show: show the figure now.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    need_columns(curves, ["model", "S", "n2", "ID"], "token_geometry.run_layerwise")
+    levels = sorted(curves["S"].unique())
+    palette = {s: plt.cm.viridis(i / max(1, len(levels) - 1)) for i, s in enumerate(levels)}
+    grid = sns.relplot(
+        data=curves,
+        x="n2",
+        y="ID",
+        hue="S",
+        col="model",
+        kind="line",
+        errorbar="se",
+        marker="o",
+        palette=palette,
+        height=3.2,
+        aspect=1.1,
+        facet_kws={"sharey": False},
+    )
+    for ax in grid.axes.flat:
+        ax.set_xscale("log", base=2)
+    grid.set_axis_labels("GRIDE rank n2 (neighbours, log scale)", "GRIDE ID (dimensions)")
+    grid.set_titles("{col_name}")
+    title = "GRIDE scale curve at the peak layer, " + " and ".join(f"S = {s}" for s in levels)
+    return finish_axes(grid.figure, title, show)
+
+
+def plot_loss_by_shuffle_level(losses: Any, show: bool = True) -> Any:
+    """Mean next-token loss (± one standard error) against the shuffle level, one colour per model (chapter 4).
+
+    Args:
+        losses: ``token_geometry.LayerwiseRun.losses`` (columns ``model, S, loss``).
+        show: show the figure now.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    need_columns(losses, ["model", "S", "loss"], "token_geometry.run_layerwise")
+    names = list(dict.fromkeys(losses["model"]))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    sns.pointplot(
+        data=losses,
+        x="S",
+        y="loss",
+        hue="model",
+        errorbar="se",
+        dodge=0.3 if len(names) > 1 else False,
+        palette=model_colors(names),
+        ax=ax,
+    )
+    ax.set_xlabel("shuffle level S (K = 4^S blocks)")
+    ax.set_ylabel("mean next-token loss (nats)")
+    ax.set_title("Loss rises with the shuffle level")
+    if show:
+        plt.show()
+    return fig
+
+
+def plot_id_loss_correlation_by_layer(corr: Any, show: bool = True) -> Any:
+    """Pearson r(ID, loss) across prompts against relative depth, one panel per model (chapter 4).
+
+    Args:
+        corr: ``token_geometry.id_loss_correlation(...)`` (columns ``model, prompts, depth, r``).
+        show: show the figure now.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import seaborn as sns
+
+    need_columns(corr, ["model", "prompts", "depth", "r"], "token_geometry.id_loss_correlation")
+    grid = sns.relplot(
+        data=corr, x="depth", y="r", hue="prompts", col="model", kind="line", marker="o", height=3.2, aspect=1.1
+    )
+    for ax in grid.axes.flat:
+        ax.axhline(0, color="grey", lw=0.8)
+    grid.set_axis_labels("relative depth (layer / number of layers)", "Pearson r(ID, loss) across prompts")
+    grid.set_titles("{col_name}")
+    return finish_axes(grid.figure, "Correlation of the layer's ID with the prompt's loss", show)

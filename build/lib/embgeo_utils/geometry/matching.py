@@ -1,0 +1,326 @@
+"""Matching SAE features across models and comparing their decoder geometry (chapter 5).
+
+Two SAEs, one per model, encode the same tokens. :func:`activation_correlation`
+gives the Pearson correlation of every latent of A with every latent of B over
+those tokens; :func:`match_features` pairs them (many-to-one: each B latent with
+its most correlated A latent, as Lan et al.; or one-to-one by optimal
+assignment); :func:`filter_pairs` applies Lan et al.'s filters and counts the
+pairs left after each. The paired decoder rows are then compared with
+:func:`svcca` and :func:`rsa`, each against a null of random re-pairings
+(:func:`svcca_test`, :func:`rsa_test`, built on :func:`embgeo_utils.core.stats.permutation_test`).
+
+References:
+    M. Lan, P. Torr, A. Meek, A. Khakzar, D. Krueger, F. Barez (2024), Quantifying
+    feature space universality across large language models via sparse
+    autoencoders, arXiv:2410.06981.
+
+    J. Son et al. (2025), Semantic convergence: investigating shared
+    representations across scaled LLMs, arXiv:2507.22918.
+
+    M. Raghu, J. Gilmer, J. Yosinski, J. Sohl-Dickstein (2017), SVCCA: singular
+    vector canonical correlation analysis, NeurIPS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..core.device import chunk_rows, get_device
+from ..core.errors import EmbgeoInputError
+from ..core.stats import PermutationResult, permutation_test
+
+__all__ = [
+    "FeaturePairs",
+    "activation_correlation",
+    "match_features",
+    "rsa",
+    "rsa_test",
+    "svcca",
+    "svcca_curve_test",
+    "svcca_test",
+]
+
+
+def _latents(z: Any, name: str, dev: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(z)
+    if t.ndim != 2:
+        raise EmbgeoInputError(f"{name} must be 2-D (tokens x latents), got shape {tuple(t.shape)}.")
+    if not t.is_floating_point():
+        t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        raise EmbgeoInputError(f"{name} holds NaN or infinite values; re-encode the activations.")
+    return t.to(dev)
+
+
+@torch.no_grad()
+def activation_correlation(
+    za: Any, zb: Any, device: str | torch.device = "auto", chunk_size: int | None = None
+) -> np.ndarray:
+    """Pearson correlation of every latent of A with every latent of B, ``(n_a, n_b)`` (chapter 5).
+
+    Both inputs are ``(tokens, latents)`` activations of the same tokens. Means and
+    standard deviations are accumulated in float64 over token chunks; the cross
+    products use a sparse product when the latents are sparse (as TopK latents
+    are), so the cost scales with the non-zeros. A latent that never varies has
+    correlation 0 with everything (never NaN).
+
+    Raises:
+        EmbgeoInputError: if the token counts differ, or on NaN/inf.
+    """
+    dev = get_device(device)
+    a = _latents(za, "za", dev)
+    b = _latents(zb, "zb", dev)
+    if a.shape[0] != b.shape[0]:
+        raise EmbgeoInputError(
+            f"za and zb must hold the same tokens: {a.shape[0]} rows != {b.shape[0]} rows. "
+            "Encode the same token positions with both SAEs."
+        )
+    n = a.shape[0]
+    if n < 2:
+        raise EmbgeoInputError("Correlations need at least 2 tokens.")
+    step = chunk_rows(8 * (a.shape[1] + b.shape[1]), dev, chunk_size, max_rows=n)
+    cross = torch.zeros((a.shape[1], b.shape[1]), dtype=torch.float64, device=dev)
+    sa = torch.zeros(a.shape[1], dtype=torch.float64, device=dev)
+    sb = torch.zeros(b.shape[1], dtype=torch.float64, device=dev)
+    qa = torch.zeros_like(sa)
+    qb = torch.zeros_like(sb)
+    for start in range(0, n, step):
+        xa = a[start : start + step].double()
+        xb = b[start : start + step].double()
+        sa += xa.sum(0)
+        sb += xb.sum(0)
+        qa += (xa * xa).sum(0)
+        qb += (xb * xb).sum(0)
+        if float((xa != 0).float().mean()) < 0.1 and dev.type == "cpu":
+            cross += torch.sparse.mm(xa.T.to_sparse(), xb)
+        else:
+            cross += xa.T @ xb
+    ma, mb = sa / n, sb / n
+    va = (qa / n - ma * ma).clamp_min(0)
+    vb = (qb / n - mb * mb).clamp_min(0)
+    cov = cross / n - ma[:, None] * mb[None, :]
+    da, db = va.sqrt(), vb.sqrt()
+    # A latent with (numerically) no variance correlates with nothing.
+    ok_a = da > 1e-12 * (1 + ma.abs())
+    ok_b = db > 1e-12 * (1 + mb.abs())
+    corr = cov / (da[:, None] * db[None, :]).clamp_min(1e-300)
+    corr[~ok_a] = 0
+    corr[:, ~ok_b] = 0
+    return corr.clamp_(-1, 1).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class FeaturePairs:
+    """Matched latents (chapter 5): index ``a[i]`` of A with ``b[i]`` of B, and their correlation."""
+
+    a: np.ndarray
+    b: np.ndarray
+    corr: np.ndarray
+    method: str
+
+    def __len__(self) -> int:
+        return int(self.a.size)
+
+    def subset(self, keep: np.ndarray) -> FeaturePairs:
+        return FeaturePairs(self.a[keep], self.b[keep], self.corr[keep], self.method)
+
+
+def match_features(corr: np.ndarray, method: Literal["max", "hungarian"] = "max") -> FeaturePairs:
+    """Pair latents of A and B from their correlation matrix ``(n_a, n_b)`` (chapter 5).
+
+    ``"max"``: many-to-one, each B latent with its most correlated A latent (Lan
+    et al.); ``"hungarian"``: one-to-one, the assignment that maximises the total
+    correlation (:func:`scipy.optimize.linear_sum_assignment`).
+    """
+    c = np.asarray(corr, dtype=np.float64)
+    if c.ndim != 2 or 0 in c.shape:
+        raise EmbgeoInputError(f"corr must be a non-empty 2-D matrix, got shape {c.shape}.")
+    if not np.isfinite(c).all():
+        raise EmbgeoInputError("corr holds NaN/inf; compute it with activation_correlation.")
+    if method == "max":
+        b = np.arange(c.shape[1])
+        a = c.argmax(axis=0)
+    elif method == "hungarian":
+        from scipy.optimize import linear_sum_assignment
+
+        a, b = linear_sum_assignment(-c)
+    else:
+        raise EmbgeoInputError(f"method must be 'max' or 'hungarian', got {method!r}.")
+    return FeaturePairs(np.asarray(a), np.asarray(b), c[a, b], method)
+
+
+def _paired_rows(X: Any, Y: Any, dev: torch.device, min_rows: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X).to(dev, torch.float64)
+    y = torch.as_tensor(np.asarray(Y) if not isinstance(Y, torch.Tensor) else Y).to(dev, torch.float64)
+    if x.ndim != 2 or y.ndim != 2:
+        raise EmbgeoInputError("X and Y must be 2-D (pairs x width).")
+    if x.shape[0] != y.shape[0]:
+        raise EmbgeoInputError(f"X and Y must be paired row for row: {x.shape[0]} != {y.shape[0]} rows.")
+    if x.shape[0] < min_rows:
+        raise EmbgeoInputError(f"Need at least {min_rows} pairs, got {x.shape[0]}.")
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+        raise EmbgeoInputError("X or Y holds NaN/inf values.")
+    return x, y
+
+
+def _left_vectors(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Left singular vectors of the centred rows, and the numerical rank."""
+    xc = x - x.mean(dim=0, keepdim=True)
+    u, s, _ = torch.linalg.svd(xc, full_matrices=False)
+    rank = int((s > s[0] * 1e-10).sum()) if s.numel() else 0
+    if rank < 1:
+        raise EmbgeoInputError("A side has no variance after centring; SVCCA is undefined.")
+    return u, rank
+
+
+def _check_components(n_components: Any, n_rows: int) -> int:
+    if isinstance(n_components, bool) or int(n_components) != n_components or n_components < 1:
+        raise EmbgeoInputError(f"n_components must be a positive integer, got {n_components!r}.")
+    if n_components >= n_rows:
+        raise EmbgeoInputError(f"n_components = {n_components} must be below the number of pairs ({n_rows}).")
+    return int(n_components)
+
+
+def _svcca_bases(X: Any, Y: Any, n_components: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _paired_rows(X, Y, dev)
+    n = _check_components(n_components, x.shape[0])
+    (ux, rx), (uy, ry) = _left_vectors(x), _left_vectors(y)
+    return ux[:, : min(n, rx)], uy[:, : min(n, ry)]
+
+
+def svcca(X: Any, Y: Any, n_components: int = 20, device: str | torch.device = "auto") -> float:
+    """SVCCA of paired rows (chapter 5): mean canonical correlation after SVD reduction.
+
+    Each side is centred and projected on its top ``n_components`` singular
+    directions; the canonical correlations of the two projections are the singular
+    values of ``Ux^T Uy`` (orthonormal bases), and SVCCA is their mean.
+    """
+    ux, uy = _svcca_bases(X, Y, n_components, get_device(device))
+    return float(torch.linalg.svdvals(ux.T @ uy).clamp(0, 1).mean())
+
+
+def svcca_test(
+    X: Any,
+    Y: Any,
+    n_components: int = 20,
+    n_permutations: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> PermutationResult:
+    """SVCCA against random re-pairings of the rows (chapter 5), batched on the device."""
+    return svcca_curve_test(X, Y, [n_components], n_permutations, seed, device)[0]
+
+
+def svcca_curve_test(
+    X: Any,
+    Y: Any,
+    n_components: Sequence[int] = (5, 10, 20, 50, 100),
+    n_permutations: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> list[PermutationResult]:
+    """:func:`svcca_test` at several ``n_components`` with one SVD per side (chapter 5).
+
+    The singular vectors of each side do not depend on how many are kept, so
+    they are computed once and truncated for every value; each null uses the
+    same seeded permutations.
+    """
+    dev = get_device(device)
+    x, y = _paired_rows(X, Y, dev)
+    values = [_check_components(n, x.shape[0]) for n in n_components]
+    (ux_all, rx), (uy_all, ry) = _left_vectors(x), _left_vectors(y)
+    out = []
+    for n in values:
+        ux, uy = ux_all[:, : min(n, rx)], uy_all[:, : min(n, ry)]
+
+        def statistic(perms: torch.Tensor, ux: torch.Tensor = ux, uy: torch.Tensor = uy) -> torch.Tensor:
+            # Re-pairing rows permutes the rows of Uy (the SVD of a row-permuted matrix).
+            m = torch.einsum("nk,bnl->bkl", ux, uy[perms])
+            return torch.linalg.svdvals(m).clamp(0, 1).mean(dim=1)
+
+        out.append(permutation_test(statistic, ux.shape[0], n_permutations, seed, dev, chunk_size=64))
+    return out
+
+
+def _rank_matrix(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-correlation matrix's strict lower triangle as average ranks, and the triangle's indices."""
+    from scipy.stats import rankdata
+
+    xc = x - x.mean(dim=1, keepdim=True)
+    norms = xc.norm(dim=1, keepdim=True)
+    if bool((norms <= 0).any()):
+        raise EmbgeoInputError("A row is constant, so its correlation with other rows is undefined; drop it.")
+    u = xc / norms
+    corr = u @ u.T
+    n = x.shape[0]
+    rows, cols = torch.tril_indices(n, n, offset=-1, device=x.device)
+    ranks = torch.as_tensor(rankdata(corr[rows, cols].cpu().numpy()), device=x.device)
+    full = torch.zeros((n, n), dtype=torch.float64, device=x.device)
+    full[rows, cols] = ranks
+    full = full + full.T
+    return full, torch.stack([rows, cols])
+
+
+def _rsa_parts(X: Any, Y: Any, max_rows: int | None, seed: int, dev: torch.device):
+    x, y = _paired_rows(X, Y, dev)
+    if max_rows is not None and x.shape[0] > max_rows:
+        pick = np.sort(np.random.default_rng(seed).choice(x.shape[0], max_rows, replace=False))
+        x, y = x[pick], y[pick]
+    ra, tri = _rank_matrix(x)
+    rb, _ = _rank_matrix(y)
+    a = ra[tri[0], tri[1]]
+    a = a - a.mean()
+    a = a / a.norm().clamp_min(1e-300)
+    mb = float(rb[tri[0], tri[1]].mean())
+    nb = float((rb[tri[0], tri[1]] - mb).norm())
+    return a, rb, tri, mb, nb
+
+
+def rsa(X: Any, Y: Any, max_rows: int | None = 2000, seed: int = 0, device: str | torch.device = "auto") -> float:
+    """RSA of paired rows (chapter 5): Spearman correlation of the two row-correlation matrices.
+
+    Rows are compared by Pearson correlation within each side; the strict lower
+    triangles of the two matrices are ranked and correlated. ``max_rows`` pairs
+    are drawn (seeded) when there are more, to bound memory (``n^2`` entries).
+    """
+    a, rb, tri, mb, nb = _rsa_parts(X, Y, max_rows, seed, get_device(device))
+    return float((a * (rb[tri[0], tri[1]] - mb)).sum() / nb)
+
+
+def rsa_test(
+    X: Any,
+    Y: Any,
+    max_rows: int | None = 2000,
+    n_permutations: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> PermutationResult:
+    """RSA against random re-pairings of the rows (chapter 5).
+
+    Re-pairing permutes the rows and columns of B's rank matrix; ranks are
+    unchanged as a set, so each null value is one gather and one dot product.
+    """
+    dev = get_device(device)
+    a, rb, tri, mb, nb = _rsa_parts(X, Y, max_rows, seed, dev)
+
+    n = rb.shape[0]
+    # Ranks are integers or halves below 2**24, exact in float32; the triangle is gathered
+    # from the flattened matrix for a batch of permutations at once.
+    flat = (rb - mb).to(torch.float32).reshape(-1)
+    a32 = a.to(torch.float32)
+    step = chunk_rows(12 * tri.shape[1], dev, max_rows=64)
+
+    def statistic(perms: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(perms.shape[0], dtype=torch.float64, device=dev)
+        for start in range(0, perms.shape[0], step):
+            p = perms[start : start + step]
+            gathered = flat[p[:, tri[0]] * n + p[:, tri[1]]]
+            out[start : start + step] = (gathered @ a32).double() / nb
+        return out
+
+    return permutation_test(statistic, n, n_permutations, seed, dev, chunk_size=step)
