@@ -63,6 +63,17 @@ ParamsT = TypeVar("ParamsT")
 _PACKAGES = ("torch", "transformers", "numpy", "scipy", "embgeo-utils")
 
 
+def _rule_line(verdict: Verdict) -> str:
+    """How a claim's checks came out, e.g. ``"3 of 4 checks hold, 1 inconclusive; control holds (alpha 0.01, holm)"``."""
+    claim = [s for s, c in zip(verdict.status, verdict.checks) if not c.control]
+    controls = [s for s, c in zip(verdict.status, verdict.checks) if c.control]
+    text = f"{claim.count('holds')} of {len(claim)} checks hold"
+    text += "".join(f", {claim.count(s)} {s}" for s in ("absent", "inconclusive") if claim.count(s))
+    if controls:
+        text += "; control holds" if all(s == "holds" for s in controls) else "; CONTROL FAILED"
+    return f"{text} (alpha {verdict.alpha}, {verdict.correction})"
+
+
 def results_dir() -> Path:
     """Folder that chapters write their records to (``EMBGEO_RESULTS`` or the cache)."""
     env = os.environ.get("EMBGEO_RESULTS")
@@ -149,19 +160,25 @@ class ChapterRecord:
             raise EmbgeoInputError(f"Unknown claim number {number}; the ledger's claims are {sorted(CLAIMS)}.")
         if not isinstance(verdict, Verdict):
             raise EmbgeoInputError("verdict must come from embgeo_utils.core.stats.verdict(...), the book's one rule.")
+        none = (None,) * len(verdict.checks)
         checks = [
             {
                 "check": c.name,
+                "control": c.control,
                 "effect": c.effect,
+                "upper": u,
                 "min_effect": c.min_effect,
+                "min_effect_source": c.min_effect_source,
                 "n": c.n,
                 "detectable": d,
                 "p": c.p_value,
+                "n_permutations": c.n_permutations,
                 "p_adjusted": p_adj,
-                "holds": ok,
+                "status": status,
+                "holds": status == "holds",
             }
-            for c, p_adj, ok, d in zip(
-                verdict.checks, verdict.adjusted, verdict.holds, verdict.detectable or (None,) * len(verdict.checks)
+            for c, p_adj, status, d, u in zip(
+                verdict.checks, verdict.adjusted, verdict.status, verdict.detectable or none, verdict.upper or none
             )
         ]
         item = Claim(
@@ -172,7 +189,7 @@ class ChapterRecord:
             null,
             _plain(verdict.p_value),
             verdict.verdict,
-            f"{verdict.n_hold} of {len(verdict.checks)} checks hold (alpha {verdict.alpha}, {verdict.correction})",
+            _rule_line(verdict),
             _plain(checks),
             _plain(details),
         )
@@ -457,7 +474,8 @@ def load_ledger(folder: str | Path | None = None):
                     "verdict": c["verdict"],
                     "checks": c.get("rule", ""),
                     "n": _n_range(c.get("checks", [])),
-                    "failing checks": ", ".join(k["check"] for k in c.get("checks", []) if not k["holds"]),
+                    "absent checks": _named(c, "absent"),
+                    "inconclusive checks": _named(c, "inconclusive"),
                     "run": rec["run"]["record"],
                 }
             )
@@ -476,7 +494,8 @@ def load_ledger(folder: str | Path | None = None):
                     "verdict": "not yet run",
                     "checks": "",
                     "n": "",
-                    "failing checks": "",
+                    "absent checks": "",
+                    "inconclusive checks": "",
                     "run": "",
                 }
             )
@@ -491,7 +510,8 @@ def load_ledger(folder: str | Path | None = None):
         "verdict",
         "checks",
         "n",
-        "failing checks",
+        "absent checks",
+        "inconclusive checks",
         "run",
     ]
     frame = pd.DataFrame(rows, columns=columns)
@@ -505,13 +525,37 @@ def _n_range(checks: list[dict[str, Any]]) -> str:
     return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
 
 
-def load_checks(folder: str | Path | None = None):
-    """One row per pre-declared check of every recorded claim (Claims ledger page).
+def _named(claim: dict[str, Any], status: str) -> str:
+    """The names of a recorded claim's checks with this status (records before statuses existed: from ``holds``)."""
+    checks = claim.get("checks", [])
+    return ", ".join(k["check"] for k in checks if k.get("status", "holds" if k["holds"] else "inconclusive") == status)
 
-    Columns: claim, check, effect, smallest effect that counts, sample size ``n``,
-    the effect the check's test detects with power 0.8 (``detectable``, see
-    :func:`~embgeo_utils.core.stats.detectable_effect`; empty for descriptive checks),
-    adjusted p-value and whether it holds.
+
+#: Columns of :func:`load_checks`, in order.
+CHECK_COLUMNS = [
+    "claim",
+    "check",
+    "control",
+    "status",
+    "effect",
+    "upper bound",
+    "min effect",
+    "source of the minimum",
+    "n",
+    "detectable",
+    "p adjusted",
+    "permutations",
+]
+
+
+def load_checks(folder: str | Path | None = None):
+    """One row per check of every recorded claim (Claims ledger page).
+
+    Columns (:data:`CHECK_COLUMNS`): claim, check, whether it is a positive control, its status (holds, absent,
+    inconclusive), effect and the upper confidence bound of the effect, the smallest effect that counts and where
+    that minimum comes from, sample size ``n``, the effect the check's test detects with power 0.8
+    (``detectable``, see :func:`~embgeo_utils.core.stats.detectable_effect`; empty for descriptive checks),
+    adjusted p-value and the number of permutations behind it.
     """
     import pandas as pd
 
@@ -519,20 +563,22 @@ def load_checks(folder: str | Path | None = None):
     for rec in chosen_records(folder):
         for c in rec["claims"]:
             for k in c.get("checks", []):
-                rows.append(
-                    {
-                        "claim": c["number"],
-                        "check": k["check"],
-                        "effect": k["effect"],
-                        "min effect": k["min_effect"],
-                        "n": k.get("n"),
-                        "detectable": k.get("detectable"),
-                        "p adjusted": k.get("p_adjusted"),
-                        "holds": k["holds"],
-                    }
-                )
-    columns = ["claim", "check", "effect", "min effect", "n", "detectable", "p adjusted", "holds"]
-    return pd.DataFrame(rows, columns=columns).sort_values("claim", kind="stable").reset_index(drop=True)
+                values = [
+                    c["number"],
+                    k["check"],
+                    k.get("control", False),
+                    k.get("status", "holds" if k["holds"] else "inconclusive"),
+                    k["effect"],
+                    k.get("upper"),
+                    k["min_effect"],
+                    k.get("min_effect_source", ""),
+                    k.get("n"),
+                    k.get("detectable"),
+                    k.get("p_adjusted"),
+                    k.get("n_permutations"),
+                ]
+                rows.append(dict(zip(CHECK_COLUMNS, values)))
+    return pd.DataFrame(rows, columns=CHECK_COLUMNS).sort_values("claim", kind="stable").reset_index(drop=True)
 
 
 def load_runs(folder: str | Path | None = None):

@@ -34,6 +34,8 @@ __all__ = [
     "TestResult",
     "VERDICTS",
     "VERDICT_RULE",
+    "STATUSES",
+    "permutation_floor",
     "Verdict",
     "adjust",
     "bonferroni",
@@ -54,7 +56,13 @@ Alternative = Literal["greater", "less", "two-sided"]
 
 
 #: The verdicts a claim can get.
-VERDICTS = ("reproduced", "partly reproduced", "not reproduced")
+VERDICTS = (
+    "reproduced",
+    "partly reproduced",
+    "not reproduced",
+    "inconclusive",
+    "inconclusive (positive control failed)",
+)
 
 
 @dataclass(frozen=True)
@@ -374,6 +382,10 @@ def adjust(p_values: Any, correction: str = "holm") -> np.ndarray:
     raise EmbgeoInputError(f"correction must be 'holm', 'bonferroni' or 'none', got {correction!r}.")
 
 
+#: What a check can come to: its effect clears the minimum with significance, the data rule the minimum out, or neither.
+STATUSES = ("holds", "absent", "inconclusive")
+
+
 @dataclass(frozen=True)
 class Check:
     """One pre-declared check of a claim (every chapter).
@@ -383,13 +395,20 @@ class Check:
         effect: the effect, signed so that the claimed direction is positive.
         p_value: the test's raw p-value, or ``None`` for a descriptive condition
             (one that has no test, such as "the peak is an interior layer").
-        min_effect: the smallest effect that counts, declared before the data are seen.
+        min_effect: the smallest effect that counts, in the effect's units; it must be positive for a tested
+            check (a minimum of zero would turn the check into a bare significance test).
         n: sample size behind the test (reported with the verdict).
-        se: standard error of ``effect`` under the null, in the effect's units (for
-            a permutation test the null's standard deviation); the verdict turns it
-            into the smallest detectable effect (:func:`detectable_effect`).
+        se: standard error of ``effect``, in the effect's units (for a permutation test the null's standard
+            deviation); it gives the smallest detectable effect (:func:`detectable_effect`) and the upper
+            confidence bound that can show an effect to be absent.
         corrected_for: how many tests ``p_value`` is already corrected for (e.g.
             Bonferroni over layers), so the detectable effect uses the same level.
+        min_effect_source: where that minimum comes from: the paper's number, a fraction of a ceiling (the seed
+            ceiling, the floor of a baseline), or a practical threshold with its reason. Required for a tested check.
+        n_permutations: the number of permutations behind ``p_value`` when it comes from a permutation test
+            (its smallest possible value is ``1 / (n_permutations + 1)``); ``None`` otherwise.
+        control: a positive control: an effect known to be there on the same data, which the pipeline must see
+            before the absence of another effect counts. A claim whose control does not hold is inconclusive.
     """
 
     name: str
@@ -399,6 +418,9 @@ class Check:
     n: int | None = None
     se: float | None = None
     corrected_for: int = 1
+    min_effect_source: str = ""
+    n_permutations: int | None = None
+    control: bool = False
 
 
 @dataclass(frozen=True)
@@ -409,116 +431,201 @@ class Verdict:
         verdict: one of :data:`VERDICTS`.
         checks: the checks as given.
         adjusted: adjusted p-values (``None`` for descriptive checks).
-        holds: whether each check holds.
+        status: per check, one of :data:`STATUSES` (``"holds"``, ``"absent"``, ``"inconclusive"``), in the order given.
         alpha: significance level used.
         correction: the multiple-testing correction used.
         detectable: per check, the smallest effect its test detects with power
             :data:`DETECTABLE_POWER` at this alpha and number of tests (``None``
             where the check has no test or no standard error).
+        upper: per check, the one-sided upper confidence bound of the effect at the checks' level (``None``
+            without a standard error): below ``min_effect``, the check is ``"absent"``.
     """
 
     verdict: str
     checks: tuple[Check, ...]
     adjusted: tuple[float | None, ...]
-    holds: tuple[bool, ...]
+    status: tuple[str, ...]
     alpha: float
     correction: str
     detectable: tuple[float | None, ...] = ()
+    upper: tuple[float | None, ...] = ()
+
+    @property
+    def holds(self) -> tuple[bool, ...]:
+        """Per check, whether it holds."""
+        return tuple(s == "holds" for s in self.status)
 
     @property
     def p_value(self) -> float | None:
-        """Largest adjusted p-value over the checks that have one (the level at which all pass)."""
-        ps = [p for p in self.adjusted if p is not None]
+        """Largest adjusted p-value over the claim's checks that have one (controls left out)."""
+        ps = [p for p, c in zip(self.adjusted, self.checks) if p is not None and not c.control]
         return max(ps) if ps else None
 
     @property
     def n_hold(self) -> int:
-        return int(sum(self.holds))
+        """How many of the claim's checks hold (controls left out)."""
+        return sum(s == "holds" for s, c in zip(self.status, self.checks) if not c.control)
+
+    @property
+    def n_claim_checks(self) -> int:
+        """How many checks test the claim itself (controls left out)."""
+        return sum(not c.control for c in self.checks)
 
     def table(self) -> Any:
-        """The checks as a pandas DataFrame (name, effect, minimum, n, detectable effect, p, adjusted p, holds)."""
+        """The checks as a pandas DataFrame: effect, minimum and its source, n, detectable effect, p, status."""
         import pandas as pd
 
         detectable = self.detectable or (None,) * len(self.checks)
+        upper = self.upper or (None,) * len(self.checks)
         return pd.DataFrame(
             [
                 {
-                    "check": c.name,
+                    "check": c.name + (" (positive control)" if c.control else ""),
                     "effect": c.effect,
+                    "upper bound": u,
                     "min effect": c.min_effect,
+                    "source of the minimum": c.min_effect_source,
                     "n": c.n,
                     "detectable effect": d,
                     "p": c.p_value,
                     "p adjusted": p_adj,
-                    "holds": ok,
+                    "status": status,
                 }
-                for c, p_adj, ok, d in zip(self.checks, self.adjusted, self.holds, detectable)
+                for c, p_adj, status, d, u in zip(self.checks, self.adjusted, self.status, detectable, upper)
             ]
         ).set_index("check")
 
     def summary(self) -> str:
-        """One line: the verdict, how many checks hold, and the sample sizes behind them."""
+        """One line: the verdict, how many checks hold, are absent or inconclusive, and the sample sizes behind them."""
         ns = sorted({c.n for c in self.checks if c.n is not None})
         size = f"; n {ns[0]}" if len(ns) == 1 else (f"; n {ns[0]}-{ns[-1]}" if ns else "")
-        return (
-            f"{self.verdict} ({self.n_hold} of {len(self.checks)} checks hold; alpha {self.alpha}, {self.correction}"
-            f"{size})"
-        )
+        claim = [s for s, c in zip(self.status, self.checks) if not c.control]
+        counts = ", ".join(f"{claim.count(s)} {s}" for s in STATUSES if claim.count(s))
+        return f"{self.verdict} ({counts} of {len(claim)} checks; alpha {self.alpha}, {self.correction}{size})"
 
 
-def verdict(checks: Sequence[Check], alpha: float = 0.01, correction: str = "holm") -> Verdict:
-    """The book's one verdict rule (every chapter; the Claims ledger prints it).
-
-    A claim is tested by checks declared before the data are seen. Each check
-    has an effect signed so that the claimed direction is positive, a smallest
-    effect that counts, and, unless it is descriptive, a p-value. The p-values of
-    one claim are adjusted together (Holm by default). A check **holds** when its
-    effect is positive, at least its smallest effect, and its adjusted p-value is
-    below ``alpha``. The claim is **reproduced** when every check holds,
-    **partly reproduced** when at least one but not all hold, and **not
-    reproduced** when none holds.
-
-    Next to each tested check with a standard error the verdict reports the
-    smallest effect its test detects with power 0.8 (:func:`detectable_effect`
-    at ``alpha`` over the number of tested checks), so a check that fails can be
-    read as "absent" or "too small for this sample".
-
-    Raises:
-        EmbgeoInputError: on no checks, an alpha outside (0, 1), a NaN effect or a
-            p-value outside [0, 1].
-    """
+def _validate(checks: Sequence[Check], alpha: float) -> None:
+    """Refuse checks the rule cannot judge fairly, saying what to declare instead."""
     if not checks:
         raise EmbgeoInputError("A verdict needs at least one check.")
     if not 0 < alpha < 1:
         raise EmbgeoInputError(f"alpha must lie in (0, 1), got {alpha}.")
+    if all(c.control for c in checks):
+        raise EmbgeoInputError("A verdict needs at least one check of the claim itself, not only positive controls.")
     for c in checks:
         if not np.isfinite(c.effect):
             raise EmbgeoInputError(f"Check {c.name!r} has a NaN/inf effect; compute it on valid data.")
         if c.p_value is not None and not (0 <= c.p_value <= 1):
             raise EmbgeoInputError(f"Check {c.name!r} has p-value {c.p_value}, outside [0, 1].")
-    tested = [i for i, c in enumerate(checks) if c.p_value is not None]
-    adjusted_tested = adjust([checks[i].p_value for i in tested], correction) if tested else np.empty(0)
-    adjusted: list[float | None] = [None] * len(checks)
-    for i, p in zip(tested, adjusted_tested):
-        adjusted[i] = float(p)
-    holds = tuple(
-        bool(c.effect > 0 and c.effect >= c.min_effect and (p is None or p < alpha)) for c, p in zip(checks, adjusted)
-    )
-    for c in checks:
         if c.se is not None and not (np.isfinite(c.se) and c.se >= 0):
             raise EmbgeoInputError(f"Check {c.name!r} has standard error {c.se}; it must be finite and non-negative.")
-    m = max(1, len(tested))
+        if c.p_value is not None and not (np.isfinite(c.min_effect) and c.min_effect > 0):
+            raise EmbgeoInputError(
+                f"Check {c.name!r} is tested but its smallest effect that counts is {c.min_effect}: declare the "
+                "minimum the claim's words need (min_effect > 0) and where it comes from (min_effect_source)."
+            )
+        if c.p_value is not None and not c.min_effect_source.strip():
+            raise EmbgeoInputError(
+                f"Check {c.name!r} has no min_effect_source: say where its minimum of {c.min_effect} comes from "
+                "(the paper's number, a fraction of a ceiling, or a practical threshold with its reason)."
+            )
+
+
+def permutation_floor(checks: Sequence[Check], alpha: float = 0.01) -> list[str]:
+    """Checks whose permutation p-value can never pass, with the permutations each would need (every chapter).
+
+    A permutation p-value is at least ``1 / (n_permutations + 1)``; times ``corrected_for`` and, at Holm's first
+    step, times the number ``m`` of tested checks in its family, its adjusted value is at least
+    ``m * corrected_for / (n_permutations + 1)``. When that is not below ``alpha`` the check could not hold
+    whatever the data say. Returns one message per such check (empty when every check can pass).
+    """
+    problems = []
+    for family in (False, True):
+        members = [c for c in checks if c.p_value is not None and c.control == family]
+        m = len(members)
+        for c in members:
+            if c.n_permutations is None:
+                continue
+            floor = m * c.corrected_for / (c.n_permutations + 1)
+            if floor >= alpha:
+                needed = int(np.floor(m * c.corrected_for / alpha))
+                problems.append(
+                    f"{c.name!r}: {c.n_permutations} permutations give an adjusted p of at least {floor:.3g} "
+                    f"(>= alpha {alpha}) over {m} tested checks; use at least {needed} permutations"
+                )
+    return problems
+
+
+def _status(c: Check, p_adj: float | None, alpha: float, level_m: int) -> tuple[str, float | None]:
+    """A check's status and its effect's one-sided upper confidence bound at level ``alpha / level_m``."""
+    from scipy.stats import norm
+
+    if c.effect > 0 and c.effect >= c.min_effect and (p_adj is None or p_adj < alpha):
+        return "holds", None if c.se is None else float(c.effect + norm.ppf(1 - alpha / level_m) * c.se)
+    if c.se is None:
+        return "inconclusive", None
+    upper = float(c.effect + norm.ppf(1 - alpha / level_m) * c.se)
+    return ("absent" if upper < c.min_effect else "inconclusive"), upper
+
+
+def verdict(checks: Sequence[Check], alpha: float = 0.01, correction: str = "holm") -> Verdict:
+    """The book's one verdict rule (every chapter; the Claims ledger prints it).
+
+    A claim is tested by checks, each with an effect signed so that the claimed direction is positive, a smallest
+    effect that counts (positive, with its source: the paper's number, a fraction of a ceiling, or a practical
+    threshold) and, unless it is descriptive, a p-value. The p-values of the claim's checks are adjusted together
+    (Holm by default); positive controls form a family of their own. A check **holds** when its effect is positive,
+    at least its minimum and its adjusted p-value below ``alpha``; it is **absent** when the one-sided upper
+    confidence bound of its effect (from its standard error, at level ``alpha`` over the number of tested checks)
+    lies below the minimum, so the data rule out an effect as large as the claim needs; otherwise it is
+    **inconclusive** (a check without a standard error cannot be absent). A claim whose positive control does not
+    hold is **inconclusive (positive control failed)**, whatever its other checks say. Otherwise the claim is
+    **reproduced** when every check holds, **partly reproduced** when some do, **not reproduced** when none holds
+    and every check is absent, and **inconclusive** when none holds and at least one is inconclusive.
+
+    Next to each tested check with a standard error the verdict reports the smallest effect its test detects with
+    power 0.8 (:func:`detectable_effect`) and the upper confidence bound of its effect.
+
+    Raises:
+        EmbgeoInputError: on no checks, only controls, an alpha outside (0, 1), a NaN effect, a p-value outside
+            [0, 1], a tested check without a positive minimum effect and its source, or a permutation test whose
+            smallest achievable adjusted p-value cannot go below alpha (the message names the permutations needed).
+    """
+    _validate(checks, alpha)
+    floors = permutation_floor(checks, alpha)
+    if floors:
+        raise EmbgeoInputError("Permutation tests too small to ever pass: " + "; ".join(floors) + ".")
+    adjusted: list[float | None] = [None] * len(checks)
+    for family in (False, True):
+        tested = [i for i, c in enumerate(checks) if c.p_value is not None and c.control == family]
+        for i, p in zip(tested, adjust([checks[i].p_value for i in tested], correction) if tested else []):
+            adjusted[i] = float(p)
+    family_size = {
+        family: max(1, sum(c.p_value is not None and c.control == family for c in checks)) for family in (False, True)
+    }
+    judged = [_status(c, p, alpha, family_size[c.control] * c.corrected_for) for c, p in zip(checks, adjusted)]
+    status = tuple(s for s, _ in judged)
     detectable = tuple(
-        detectable_effect(c.se, alpha, m * c.corrected_for) if c.se is not None and c.p_value is not None else None
+        detectable_effect(c.se, alpha, family_size[c.control] * c.corrected_for)
+        if c.se is not None and c.p_value is not None
+        else None
         for c in checks
     )
-    if all(holds):
-        label = "reproduced"
-    elif any(holds):
-        label = "partly reproduced"
-    else:
-        label = "not reproduced"
-    return Verdict(label, tuple(checks), tuple(adjusted), holds, float(alpha), correction, detectable)
+    return Verdict(
+        _claim_label(checks, status), tuple(checks), tuple(adjusted), status, float(alpha), correction, detectable,
+        tuple(u for _, u in judged),
+    )  # fmt: skip
+
+
+def _claim_label(checks: Sequence[Check], status: Sequence[str]) -> str:
+    if any(c.control and s != "holds" for c, s in zip(checks, status)):
+        return "inconclusive (positive control failed)"
+    claim = [s for c, s in zip(checks, status) if not c.control]
+    if all(s == "holds" for s in claim):
+        return "reproduced"
+    if any(s == "holds" for s in claim):
+        return "partly reproduced"
+    return "not reproduced" if all(s == "absent" for s in claim) else "inconclusive"
 
 
 #: The rule in words, as the Claims ledger shows it.

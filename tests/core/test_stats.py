@@ -120,34 +120,92 @@ def test_holm_and_bonferroni_known_values():
         stats.adjust(p, "fdr")
 
 
-def test_verdict_planted_absent_and_borderline():
+def _check(name, effect, p=None, minimum=0.1, **kw):
+    """A check with a declared minimum effect and its source (what every tested check needs)."""
+    return stats.Check(name, effect, p, min_effect=minimum, min_effect_source="test threshold", **kw)
+
+
+def test_verdict_planted_absent_and_mixed():
     rng = np.random.default_rng(4)
-    strong = stats.wilcoxon(rng.normal(1.0, 1, 50))
-    absent = stats.wilcoxon(rng.normal(0.0, 1, 50))
-    planted = stats.verdict(
-        [stats.Check("a", strong.effect, strong.p_value), stats.Check("b", strong.effect, strong.p_value)]
-    )
-    assert planted.verdict == "reproduced" and planted.n_hold == 2
-    none = stats.verdict([stats.Check("a", absent.effect, absent.p_value), stats.Check("b", -0.5, 0.9)])
-    assert none.verdict == "not reproduced"
+    strong = stats.wilcoxon(rng.normal(1.0, 1, 200))
+    absent = stats.wilcoxon(rng.normal(0.0, 1, 200))
+    planted = stats.verdict([_check("a", strong.effect, strong.p_value, se=strong.se)] * 2)
+    assert planted.verdict == "reproduced" and planted.status == ("holds", "holds") and planted.n_hold == 2
+    none = stats.verdict([_check("a", absent.effect, absent.p_value, 0.5, se=absent.se)] * 2)
+    assert none.status == ("absent", "absent") and none.verdict == "not reproduced"
     mixed = stats.verdict(
-        [stats.Check("a", strong.effect, strong.p_value), stats.Check("b", absent.effect, absent.p_value)]
-    )
-    assert mixed.verdict == "partly reproduced"
-    assert list(mixed.table()["holds"]) == [True, False]
+        [_check("a", strong.effect, strong.p_value, se=strong.se), _check("b", absent.effect, absent.p_value, 0.5, se=absent.se)]
+    )  # fmt: skip
+    assert mixed.verdict == "partly reproduced" and mixed.status == ("holds", "absent")
+    assert list(mixed.table()["status"]) == ["holds", "absent"]
+
+
+def test_absent_needs_an_upper_bound_below_the_minimum_else_inconclusive():
+    # an effect of 0.02 against a minimum of 0.3: with se 0.05 the upper bound (0.02 + 2.33 * 0.05 = 0.14) rules
+    # the minimum out; with se 0.5 it does not (the sample cannot tell), and without an se it cannot be absent
+    precise = stats.verdict([_check("x", 0.02, 0.4, 0.3, se=0.05)])
+    assert precise.status == ("absent",) and precise.verdict == "not reproduced"
+    assert precise.upper[0] == pytest.approx(0.02 + 2.326348 * 0.05, rel=1e-5)
+    vague = stats.verdict([_check("x", 0.02, 0.4, 0.3, se=0.5)])
+    assert vague.status == ("inconclusive",) and vague.verdict == "inconclusive"
+    blind = stats.verdict([_check("x", 0.02, 0.4, 0.3)])
+    assert blind.status == ("inconclusive",) and blind.verdict == "inconclusive"
+    # one absent and one inconclusive check: the claim is inconclusive, not "not reproduced"
+    both = stats.verdict([_check("x", 0.02, 0.4, 0.3, se=0.05), _check("y", 0.02, 0.4, 0.3, se=0.5)])
+    assert both.status == ("absent", "inconclusive") and both.verdict == "inconclusive"
+    assert "1 absent, 1 inconclusive" in both.summary()
+
+
+def test_a_failing_positive_control_makes_the_claim_inconclusive():
+    control = _check("native vector moves the topic", 0.3, 1e-4, 0.1, se=0.05, control=True)
+    failed = _check("native vector moves the topic", 0.01, 0.4, 0.1, se=0.05, control=True)
+    claim = _check("mapped vector moves the topic", 0.2, 1e-4, 0.1, se=0.05)
+    gone = _check("mapped vector moves the topic", 0.0, 0.5, 0.1, se=0.01)
+    assert stats.verdict([control, claim]).verdict == "reproduced"
+    assert stats.verdict([control, gone]).verdict == "not reproduced"
+    for other in (claim, gone):
+        assert stats.verdict([failed, other]).verdict == "inconclusive (positive control failed)"
+    # controls are their own Holm family and do not count among the claim's checks
+    v = stats.verdict([control, claim])
+    assert v.adjusted == (pytest.approx(1e-4), pytest.approx(1e-4)) and v.n_hold == 1 and v.n_claim_checks == 1
+    with pytest.raises(EmbgeoInputError, match="not only positive controls"):
+        stats.verdict([control])
+
+
+def test_tested_checks_need_a_positive_minimum_and_its_source():
+    with pytest.raises(EmbgeoInputError, match="min_effect > 0"):
+        stats.verdict([stats.Check("zero", 1.0, 0.001, min_effect=0.0, min_effect_source="none")])
+    with pytest.raises(EmbgeoInputError, match="min_effect_source"):
+        stats.verdict([stats.Check("unsourced", 1.0, 0.001, min_effect=0.1)])
+    # a descriptive check (no test) may keep a zero minimum: it is a condition, not a test
+    assert stats.verdict([stats.Check("interior peak", 1.0), _check("t", 1.0, 0.001)]).verdict == "reproduced"
+
+
+def test_permutation_floors_are_refused_with_the_permutations_needed():
+    # 8 checks, 1,000 permutations: the smallest adjusted p is 8 / 1001 = 0.008 < 0.01: allowed
+    ok = [_check(f"c{i}", 1.0, 1 / 1001, n_permutations=1000) for i in range(8)]
+    assert stats.verdict(ok).verdict == "reproduced"
+    # 12 checks, 200 permutations: 12 / 201 = 0.06 >= 0.01, no check could ever hold
+    floor = [_check(f"c{i}", 1.0, 1 / 201, n_permutations=200) for i in range(12)]
+    with pytest.raises(EmbgeoInputError, match="at least 1200 permutations"):
+        stats.verdict(floor)
+    assert stats.permutation_floor(ok) == [] and len(stats.permutation_floor(floor)) == 12
+    # a p-value already Bonferroni-corrected over 10 layers needs ten times as many
+    with pytest.raises(EmbgeoInputError, match="at least 1000 permutations"):
+        stats.verdict([_check("c", 1.0, 10 / 501, n_permutations=500, corrected_for=10)])
 
 
 def test_verdict_size_direction_and_correction():
     # Significant but smaller than the declared minimum: does not hold.
-    assert stats.verdict([stats.Check("small", 0.05, 1e-6, min_effect=0.1)]).verdict == "not reproduced"
+    assert stats.verdict([_check("small", 0.05, 1e-6, se=0.001)]).verdict == "not reproduced"
     # Wrong direction, however significant: does not hold.
-    assert stats.verdict([stats.Check("wrong", -1.0, 1e-9)]).verdict == "not reproduced"
+    assert stats.verdict([_check("wrong", -1.0, 1e-9, se=0.01)]).verdict == "not reproduced"
     # p = 0.006 twice: passes alone, fails after Holm at alpha = 0.01 (0.012), passes uncorrected.
-    two = [stats.Check("x", 1.0, 0.006), stats.Check("y", 1.0, 0.006)]
-    assert stats.verdict(two, 0.01, "holm").verdict == "not reproduced"
+    two = [_check("x", 1.0, 0.006), _check("y", 1.0, 0.006)]
+    assert stats.verdict(two, 0.01, "holm").verdict == "inconclusive"
     assert stats.verdict(two, 0.01, "none").verdict == "reproduced"
     # Descriptive checks carry no p-value and are not corrected.
-    v = stats.verdict([stats.Check("interior peak", 1.0), stats.Check("t", 1.0, 0.001)])
+    v = stats.verdict([stats.Check("interior peak", 1.0), _check("t", 1.0, 0.001)])
     assert v.verdict == "reproduced" and v.adjusted[0] is None and v.p_value == pytest.approx(0.001)
 
 
@@ -155,10 +213,11 @@ def test_verdict_rejects_bad_input():
     with pytest.raises(EmbgeoInputError):
         stats.verdict([])
     with pytest.raises(EmbgeoError, match="NaN"):
-        stats.verdict([stats.Check("n", float("nan"), 0.1)])
+        stats.verdict([_check("n", float("nan"), 0.1)])
     with pytest.raises(EmbgeoError, match="outside"):
-        stats.verdict([stats.Check("p", 1.0, 1.5)])
-    assert "reproduced" in stats.VERDICT_RULE and "Holm" in stats.VERDICT_RULE
+        stats.verdict([_check("p", 1.0, 1.5)])
+    for word in ("reproduced", "Holm", "absent", "inconclusive", "positive control"):
+        assert word in stats.VERDICT_RULE
 
 
 def test_detectable_effect_known_value_and_errors():
@@ -206,10 +265,10 @@ def test_tests_report_their_standard_error():
 
 def test_verdict_reports_detectable_effects():
     checks = [
-        stats.Check("a", 0.5, 0.001, n=40, se=0.1),
-        stats.Check("b", 0.5, 0.001, n=40, se=0.1, corrected_for=10),
+        _check("a", 0.5, 0.001, n=40, se=0.1),
+        _check("b", 0.5, 0.001, n=40, se=0.1, corrected_for=10),
         stats.Check("descriptive", 1.0, None, n=3),
-        stats.Check("no se", 0.5, 0.001, n=40),
+        _check("no se", 0.5, 0.001, n=40),
     ]
     v = stats.verdict(checks, alpha=0.01)
     assert v.detectable[0] == pytest.approx(stats.detectable_effect(0.1, 0.01, m=3))
@@ -220,4 +279,4 @@ def test_verdict_reports_detectable_effects():
     assert list(table["detectable effect"].isna()) == [False, False, True, True]
     assert "n 3-40" in v.summary()
     with pytest.raises(EmbgeoInputError, match="standard error"):
-        stats.verdict([stats.Check("bad", 0.5, 0.001, se=float("nan"))])
+        stats.verdict([_check("bad", 0.5, 0.001, se=float("nan"))])
