@@ -17,8 +17,17 @@ is typed by hand.
 
 from __future__ import annotations
 
+from importlib import resources
+
+import pandas as pd
+import yaml
+
+from ..core.errors import EmbgeoInputError
+
 __all__ = [
     "CLAIMS",
+    "REVISION_FIELDS",
+    "revisions",
 ]
 
 
@@ -38,3 +47,42 @@ CLAIMS: dict[int, tuple[str, str]] = {
     9: ("Mapped steering vectors steer B better than random and no-steer controls", "Chapter 6"),
     10: ("Paired SAE decoder geometry beats the permutation null, highest in middle layers", "Chapter 5"),
 }
+
+
+#: The fields of every revision-log entry, in order.
+REVISION_FIELDS = ("date", "commit", "claims", "chapter", "change", "reason", "verdict_before", "verdict_after")
+
+
+def revisions(claim: int | None = None, chapter: str | None = None) -> pd.DataFrame:
+    """The revision log (every chapter's Checks section; the Claims ledger).
+
+    Every change to a claim's checks, thresholds, permutation counts or a chapter's defaults made after that claim's
+    first result had been seen, from ``revisions.yaml`` beside this module: one row per change with
+    :data:`REVISION_FIELDS`, oldest first. ``claim`` keeps the entries that name that claim; ``chapter`` the entries
+    of one chapter (its record id, e.g. ``"ch06_emb2emb"``, or its number prefix ``"ch06"``).
+
+    Raises:
+        EmbgeoInputError: an entry without one of the fields, with an unknown claim number, or an unknown ``claim``.
+    """
+    entries = yaml.safe_load(resources.files(__package__).joinpath("revisions.yaml").read_text(encoding="utf-8"))
+    for number, entry in enumerate(entries or [], 1):
+        missing = [name for name in REVISION_FIELDS if name not in entry]
+        unknown = [c for c in entry.get("claims", []) if c not in CLAIMS]
+        if missing or unknown:
+            raise EmbgeoInputError(
+                f"Revision {number} of revisions.yaml lacks {missing} or names unknown claims {unknown}."
+            )
+    if claim is not None and claim not in CLAIMS:
+        raise EmbgeoInputError(f"Unknown claim {claim}; the ledger's claims are {sorted(CLAIMS)}.")
+    rows = [
+        {**entry, "claims": ", ".join(str(c) for c in entry["claims"])}
+        for entry in entries or []
+        if (claim is None or claim in entry["claims"]) and (chapter is None or _of_chapter(entry, chapter))
+    ]
+    return pd.DataFrame(rows, columns=list(REVISION_FIELDS)).sort_values("date", kind="stable").reset_index(drop=True)
+
+
+def _of_chapter(entry: dict, chapter: str) -> bool:
+    """Whether a revision concerns a chapter: it names the chapter, or a claim that chapter tests."""
+    number = int(chapter[2:4])
+    return entry["chapter"].startswith(chapter[:4]) or any(CLAIMS[c][1] == f"Chapter {number}" for c in entry["claims"])
