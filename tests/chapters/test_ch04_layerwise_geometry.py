@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from embgeo_utils.chapters import ch04_layerwise_geometry as ch04
+from embgeo_utils.chapters.claims import CLAIMS
 from embgeo_utils.core import stats
 from embgeo_utils.core.errors import EmbgeoInputError
 
@@ -94,6 +95,7 @@ def test_planted_effects_are_reproduced() -> None:
         assert c.verdict.correction == "holm" and c.verdict.alpha == 0.01
     assert claims[0].table.loc["a", "peak layer"] in (6, 7)
     assert len(claims[1].verdict.checks) == 8  # loss, peak ID and two monotonicity checks per model
+    assert claims[0].statement == CLAIMS[1][0] and "rises then falls" in claims[0].statement
 
 
 def test_absent_effects_are_not_reproduced() -> None:
