@@ -324,6 +324,22 @@ class Transfer:
         v = self.vectors[condition][topic].float()
         return v / v.norm().clamp_min(1e-12)
 
+    def cache_key(self) -> dict[str, Any]:
+        """What a cached table of this transfer depends on (:func:`embgeo_utils.core.cache.key_part` reads it).
+
+        The pair, B's block and median norm, the topics and conditions, and every unit direction (float32) that
+        steers B; not the maps or A's vectors, which reach B only through those directions.
+        """
+        directions = [self.direction(c, t) for c in self.conditions for t in self.topics]
+        return {
+            "names": list(self.names),
+            "layer_b": self.layer_b,
+            "norm_b": self.norm_b,
+            "topics": list(self.topics),
+            "conditions": self.conditions,
+            "directions": torch.stack(directions) if directions else torch.zeros(0),
+        }
+
     def maps_table(self) -> pd.DataFrame:
         """One row per map: rows fitted, held-out R², ridge."""
         return pd.DataFrame(
@@ -596,8 +612,9 @@ def _sweep_table(
     batch_size: int,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """The table of :func:`concept_sweep`, cached under B (weights, dtype), its device type, the whole transfer
-    (directions, norm, block, topics), the prompts, strengths, topic tokens, ``score_from`` and batch size."""
+    """The table of :func:`concept_sweep`, cached under B (weights, dtype), its device type, the transfer's
+    :meth:`Transfer.cache_key` (directions, norm, block, topics), the prompts, strengths, topic tokens, ``score_from``
+    and batch size."""
     batch = _encode_prompts(b, prompts, tokens, score_from)
     hidden, records = _unsteered(b, transfer, batch)
     records += _steered(b, transfer, batch, hidden, alphas, batch_size, progress)
@@ -672,7 +689,7 @@ def _continuations(
 
     Returns one row per job of :func:`_generation_jobs`: ``condition``, ``topic``, ``prompt``, ``continuation`` and
     ``nll`` (mean loss of the continuation under unsteered B). The key holds B (weights, dtype), its device type, the
-    whole transfer, the prompts, the strength, the conditions, the length and the batch size.
+    transfer's :meth:`Transfer.cache_key`, the prompts, the strength, the conditions, the length and the batch size.
     """
     jobs = _generation_jobs(transfer, len(prompts), conditions)
     texts: list[str] = []

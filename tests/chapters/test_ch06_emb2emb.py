@@ -1,6 +1,7 @@
 """Transferred steering (chapter 6): the sweep's shortcuts are exact, and the claim-9 check finds planted effects."""
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -172,7 +173,14 @@ def test_sweep_table_is_cached_by_content_and_rebuilt_when_damaged(smollm, tmp_c
     with monkeypatch.context() as m:
         m.setattr(smollm.model, "forward", broken)
         again = ch06.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
+        # an equal transfer made anew (copied vectors, a table of text) has the same key
+        copy = {c: {t: v.clone() for t, v in vs.items()} for c, vs in vectors.items()}
+        table = pd.DataFrame({"condition": ["native", "random"], "topic": TOPICS[:2]})
+        same = ch06.concept_sweep(
+            smollm, replace(tr, vectors=copy, cosines=table), prompts, [0.5], tokens, batch_size=4
+        )
     pd.testing.assert_frame_equal(first, again)  # bit for bit
+    pd.testing.assert_frame_equal(first, same)
     # another strength is another entry; a damaged entry is recomputed with a notice
     other = ch06.concept_sweep(smollm, tr, prompts, [0.25], tokens, batch_size=4)
     assert set(other["alpha"]) == {0.0, 0.25} and len(list(tmp_cache.glob("concept_sweep/*/entry.json"))) == 2
