@@ -310,7 +310,9 @@ def mark_tokens(tokens: pd.DataFrame, found: Mapping[str, UndertrainedTokens]) -
     """
     missing = [c for c in ("model", "token") if c not in tokens.columns]
     if missing:
-        raise EmbgeoInputError(f"tokens lacks the columns {missing}; pass the per-token table of chapter 3 (token_frame).")
+        raise EmbgeoInputError(
+            f"tokens lacks the columns {missing}; pass the per-token table of chapter 3 (token_frame)."
+        )
     flag = np.zeros(len(tokens), dtype=bool)
     for name, f in found.items():
         where = (tokens["model"] == name).to_numpy()
