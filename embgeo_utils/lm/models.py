@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -762,7 +762,7 @@ def _hook_every_block(body: torch.nn.Module) -> None:
     except ImportError:  # an older transformers records hidden states without hooks
         return
     if getattr(body, "_can_record_outputs", None):  # the module whose forward runs the blocks and records them
-        maybe_install_capturing_hooks(body)
+        maybe_install_capturing_hooks(cast(Any, body))
 
 
 @contextmanager
