@@ -23,6 +23,7 @@ import _timing
 import torch
 
 from embgeo_utils.book.parameters import notebook_parameters
+from embgeo_utils.chapters import ch05_sae_feature_matching as ch05
 from embgeo_utils.lm import models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def chapter5(shapes: dict[str, Shape]) -> float:
     t = p["passage_tokens"]
     tokens = p["n_passages"] * t
     train = tokens * (1 - p["heldout_fraction"])
-    loss_tokens = 4 * t  # feature_matching.run_pair: loss recovered on 4 held-out texts
+    loss_tokens = ch05.LOSS_TEXTS * t  # ch05.sae_quality: loss recovered on LOSS_TEXTS held-out texts
 
     def side(name: str, depths: list[float]) -> tuple[float, float]:
         s = shapes[name]

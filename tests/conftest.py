@@ -107,7 +107,7 @@ def small_site(small_book, small_build) -> Path:
     return publish.make_site(small_book / "_build" / "html", small_book / "_site")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def chapter_params():
     """``make(module, **overrides)``: a chapter's ``Parameters`` with its notebook's defaults, on the CPU, overridden."""
 

@@ -1,26 +1,23 @@
-"""Sanity checks of the model zoo and the corpus (chapter 0, "Models and text").
+"""Chapter 0, models and text: are the models and the corpus what every later chapter assumes?
 
-Chapter 0 makes no claim of the papers. It shows what every later chapter stands
-on: the packaged models (a table of their architecture and provenance), the
-token-embedding tables (the spread of row norms and the *anisotropy*, i.e. the
-mean cosine of random token pairs, raw and after mean-centring), the text
-sources (documents, paragraphs, passage lengths, Wikipedia topics), and a
-check that the dequantized models are language models: their mean next-token
-loss on real passages is low and rises when the tokens are block-shuffled.
+Chapter 0 makes no claim of the papers. It shows what the book stands on and checks it, in five stages:
 
-Each function returns a tidy pandas DataFrame (one row per model, source,
-passage or check) that the chapter shows and records.
+1. the model zoo (:func:`zoo_table`): architecture, size, quantization and provenance of every loaded model;
+2. the token-embedding tables (:func:`embedding_tables`, an :class:`EmbeddingTables`): the spread of row norms,
+   duplicate rows, and the *anisotropy*, the mean cosine of random token pairs, raw and after mean-centring;
+3. the text (:func:`corpus_table`, :func:`passage_lengths`, :func:`topic_counts`): documents, paragraphs and
+   characters per source, passage lengths in tokens, and the Wikipedia topics later chapters use as labels;
+4. the models as language models (:func:`real_vs_shuffled_loss`, :func:`loss_summary`): the mean next-token loss
+   on real passages, and on the same passages block-shuffled;
+5. the sanity checks the book relies on (:func:`loss_checks`): no verdict, a table of checks that pass or fail.
 
-
-One look for every figure of the book (all chapters).
-
-``use_book_style()`` sets a seaborn theme with a colour-blind-safe palette;
-``model_colors`` gives each packaged model the same colour in every chapter.
+The ``plot_*`` functions draw the chapter's figures in the book's style (:mod:`embgeo_utils.chapters.style`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +30,13 @@ from ..lm.models import LoadedModel
 from .style import figure_axes, model_colors
 
 __all__ = [
+    "CHAPTER",
+    "EmbeddingTables",
+    "LOSS_REAL",
+    "LOSS_SHUFFLED",
+    "Parameters",
+    "SHUFFLE_LEVEL",
+    "TITLE",
     "corpus_table",
     "embedding_tables",
     "loss_checks",
@@ -46,6 +50,41 @@ __all__ = [
     "topic_counts",
     "zoo_table",
 ]
+
+
+CHAPTER = "ch00_models_and_text"
+TITLE = "Models and text"
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Chapter 0's parameters: the fields of its cell tagged ``parameters`` (defaults and allowed values are there)."""
+
+    model_names: list[str]
+    n_passages: int
+    passage_tokens: int
+    corpus_sample: int
+    pair_sample: int
+    seed: int
+    device: str
+
+    def models(self) -> list[str]:
+        """The models the chapter loads, in order."""
+        return list(self.model_names)
+
+
+@dataclass(frozen=True)
+class EmbeddingTables:
+    """What :func:`embedding_tables` measured (chapter 0).
+
+    Attributes:
+        summary: one row per model, indexed by ``model``: ``median norm``, ``norm CV`` (std / mean of the row
+            norms), ``mean cosine (raw)``, ``mean cosine (centred)`` and ``duplicate rows``.
+        norms: one row per token of every table: ``model``, ``norm / median norm``.
+    """
+
+    summary: pd.DataFrame
+    norms: pd.DataFrame
 
 
 #: Column names of the loss table (real text, and the strongest block shuffle of chapter 4).
@@ -107,26 +146,22 @@ def _table(item: Any) -> torch.Tensor:
     return table
 
 
-def embedding_tables(
-    tables: Mapping[str, LoadedModel | torch.Tensor | np.ndarray], pair_sample: int = 4000, seed: int = 0
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def embedding_tables(tables: Mapping[str, LoadedModel | torch.Tensor | np.ndarray], p: Parameters) -> EmbeddingTables:
     """Chapter 0: norms, anisotropy and duplicate rows of each token-embedding table.
 
-    The anisotropy is the mean cosine of ``pair_sample`` random token pairs
+    The anisotropy is the mean cosine of ``p.pair_sample`` random token pairs
     (pairs of a token with itself dropped), on the raw rows and on the rows
-    after removing the table's mean. One seeded generator is shared by the
-    models in the order given, so the same seed and models give the same pairs.
+    after removing the table's mean. One generator seeded with ``p.seed`` is shared
+    by the models in the order given, so the same seed and models give the same pairs.
 
     Args:
         tables: model name to a loaded model (its input embeddings are used) or a ``(vocabulary, d)`` array.
-        pair_sample: random token pairs per table.
-        seed: seed of the pairs.
+        p: the chapter's parameters (``pair_sample``: random token pairs per table; ``seed``: seed of the pairs).
 
     Returns:
-        ``(summary, norms)``: ``summary`` indexed by ``model`` with median norm, norm CV (std / mean),
-        mean cosine (raw), mean cosine (centred) and duplicate rows; ``norms`` tidy, one row per token
-        (``model``, ``norm / median norm``).
+        An :class:`EmbeddingTables` (the summary per model and the relative norm of every token).
     """
+    pair_sample, seed = p.pair_sample, p.seed
     if isinstance(pair_sample, bool) or not isinstance(pair_sample, (int, np.integer)) or pair_sample < 1:
         raise EmbgeoInputError(f"pair_sample must be a positive number of token pairs, got {pair_sample!r}.")
     if not tables:
@@ -154,7 +189,7 @@ def embedding_tables(
                 "duplicate rows": dup,
             }
         )
-    return pd.DataFrame(summary).set_index("model"), pd.concat(norm_rows, ignore_index=True)
+    return EmbeddingTables(pd.DataFrame(summary).set_index("model"), pd.concat(norm_rows, ignore_index=True))
 
 
 def corpus_table() -> pd.DataFrame:
@@ -180,22 +215,23 @@ def corpus_table() -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("source")
 
 
-def passage_lengths(tokenizer: Any, corpus_sample: int = 400, seed: int = 0, max_tokens: int = 1024) -> pd.DataFrame:
+def passage_lengths(tokenizer: Any, p: Parameters, max_tokens: int = 1024) -> pd.DataFrame:
     """Chapter 0: token counts of candidate passages of about ``max_tokens`` tokens, per source.
 
-    ``corpus_sample`` candidates are drawn per source (at most 60 from the small
-    news corpus) and tokenized with ``tokenizer``.
+    ``p.corpus_sample`` candidates are drawn per source (at most 60 from the small
+    news corpus, seeded with ``p.seed``) and tokenized with ``tokenizer``.
 
     Returns:
         Tidy DataFrame, one row per passage: ``source``, ``tokens``.
     """
+    corpus_sample, seed = p.corpus_sample, p.seed
     if isinstance(corpus_sample, bool) or not isinstance(corpus_sample, (int, np.integer)) or corpus_sample < 1:
         raise EmbgeoInputError(f"corpus_sample must be a positive number of passages, got {corpus_sample!r}.")
     rows = []
     for source in corpus.SOURCES:
         n = min(corpus_sample, 60) if source == "lee-news" else corpus_sample
-        for p in corpus.load_passages(n, None, min_tokens=1, max_tokens=max_tokens, seed=seed, sources=[source]):
-            rows.append({"source": source, "tokens": len(corpus.encode(tokenizer, p.text))})
+        for passage in corpus.load_passages(n, None, min_tokens=1, max_tokens=max_tokens, seed=seed, sources=[source]):
+            rows.append({"source": source, "tokens": len(corpus.encode(tokenizer, passage.text))})
     return pd.DataFrame(rows)
 
 
@@ -204,14 +240,12 @@ def topic_counts() -> pd.Series:
     return pd.Series([row["topic"] for row in corpus.wiki_summaries()]).value_counts()
 
 
-def real_vs_shuffled_loss(
-    loaded: Mapping[str, LoadedModel], n_passages: int = 16, passage_tokens: int = 256, seed: int = 0
-) -> pd.DataFrame:
+def real_vs_shuffled_loss(loaded: Mapping[str, LoadedModel], p: Parameters) -> pd.DataFrame:
     """Chapter 0: mean next-token loss of each causal model on real and on block-shuffled passages.
 
-    Each model draws the same number of passages with its own tokenizer
-    (:func:`embgeo_utils.lm.corpus.load_passages`, balanced across sources), cut to
-    ``passage_tokens`` tokens, and is scored on them as written and after the
+    Each model draws the same ``p.n_passages`` passages with its own tokenizer
+    (:func:`embgeo_utils.lm.corpus.load_passages`, balanced across sources, seeded with ``p.seed``), cut to
+    ``p.passage_tokens`` tokens, and is scored on them as written and after the
     strongest block shuffle of chapter 4 (:func:`embgeo_utils.lm.corpus.shuffle_tokens`
     with ``S = 5``: every token of a passage of up to 1,024 tokens is its own block).
     Encoders (no next-token loss) are left out.
@@ -219,6 +253,7 @@ def real_vs_shuffled_loss(
     Returns:
         Tidy DataFrame, one row per passage: ``model``, ``source``, ``loss (real)``, ``loss (shuffled, S=5)``.
     """
+    n_passages, passage_tokens, seed = p.n_passages, p.passage_tokens, p.seed
     if isinstance(n_passages, bool) or not isinstance(n_passages, (int, np.integer)) or n_passages < 1:
         raise EmbgeoInputError(f"n_passages must be a positive integer, got {n_passages!r}.")
     if isinstance(passage_tokens, bool) or not isinstance(passage_tokens, (int, np.integer)) or passage_tokens < 2:
@@ -232,12 +267,12 @@ def real_vs_shuffled_loss(
         passages = corpus.load_passages(
             n_passages, m.tokenizer, min_tokens=passage_tokens, max_tokens=passage_tokens, seed=seed
         )
-        ids = [p.token_ids for p in passages]
+        ids = [passage.token_ids for passage in passages]
         real = activations.token_losses(m, ids, passage_tokens)
         shuffled: list[Any] = [corpus.shuffle_tokens(i, SHUFFLE_LEVEL, seed) for i in ids]
         scrambled = activations.token_losses(m, shuffled, passage_tokens)
-        for p, a, b in zip(passages, real, scrambled):
-            rows.append({"model": name, "source": p.source, LOSS_REAL: a, LOSS_SHUFFLED: b})
+        for passage, a, b in zip(passages, real, scrambled):
+            rows.append({"model": name, "source": passage.source, LOSS_REAL: a, LOSS_SHUFFLED: b})
     if not rows:
         raise EmbgeoInputError("None of the models is causal: the loss check needs at least one language model.")
     return pd.DataFrame(rows)
@@ -287,7 +322,7 @@ def plot_embedding_norms(norms: Any, ax: Any = None) -> Any:
     """Chapter 0: violins of token-embedding row norms relative to each table's median (log scale).
 
     Args:
-        norms: tidy DataFrame with ``model`` and ``norm / median norm`` (from ``sanity.embedding_tables``).
+        norms: tidy DataFrame with ``model`` and ``norm / median norm`` (``embedding_tables(...).norms``).
     """
     import seaborn as sns
 
@@ -338,7 +373,7 @@ def plot_real_vs_shuffled_loss(losses: Any, n_passages: int, passage_tokens: int
     """Chapter 0: mean next-token loss per model on real and shuffled text, with 95 % intervals.
 
     Args:
-        losses: tidy DataFrame of ``sanity.real_vs_shuffled_loss`` (one row per passage).
+        losses: tidy DataFrame of :func:`real_vs_shuffled_loss` (one row per passage).
     """
     import seaborn as sns
 

@@ -1,13 +1,20 @@
-"""Global similarity of two point clouds over the same items (chapter 1).
+"""Chapter 1, global orientation: do two models arrange the same tokens alike?
 
-Chapter 1 (global orientation) compares two models through the same tokens:
-the cosine-similarity matrix of the tokens in model A against that in model B
-(Pearson of the upper triangles), with Spearman, linear CKA and mutual k-NN as
-complements, and a permutation null that breaks the token correspondence.
+Two models trained apart place their tokens in unrelated coordinates, but the *relations* between tokens can agree.
+The chapter compares the cosine-similarity matrix of a sample of shared tokens in model A with that in model B
+(Pearson r of the upper triangles), against a permutation null that breaks the token correspondence, and tests
+claim 6 of the ledger: the matrices correlate across models far above the null. The stages:
 
-All measures take ``X`` ``(n, d1)`` and ``Y`` ``(n, d2)`` whose rows are the same
-items; the widths may differ. ``measure(name, X, Y)`` is the single entry point
-used by the notebooks.
+1. :func:`shared_vocabulary_table`: the tokens every pair of models shares (:mod:`embgeo_utils.lm.vocab`);
+2. :func:`compare_models`: for every pair, the sampled rows (:func:`sample_rows`) and their statistics
+   (:func:`pair_statistics`, cached on disk): r raw and mean-centred, linear CKA, Spearman and mutual k-NN, each
+   with its permutation null; one row per pair;
+3. :func:`token_pair_cosines`: the cosines of random token pairs in both models, the points of the scatter plot;
+4. :func:`layer_alignment`: one pair followed through the hidden layers (:class:`LayerAlignment`, a layer x layer
+   map of the centred correlation of tokens presented alone);
+5. :func:`check_claim6`: claim 6's verdict from the table of stage 2.
+
+The ``plot_*`` functions draw the chapter's figures in the book's style (:mod:`embgeo_utils.chapters.style`).
 
 References:
     Lee, Weber, Viegas, Wattenberg (2025). Shared Global and Local Geometry of
@@ -16,19 +23,14 @@ References:
     Representations Revisited. ICML. arXiv:1905.00414.
     Huh, Cheung, Wang, Isola (2024). The Platonic Representation Hypothesis.
     arXiv:2405.07987 (mutual k-NN).
-
-
-One look for every figure of the book (all chapters).
-
-``use_book_style()`` sets a seaborn theme with a colour-blind-safe palette;
-``model_colors`` gives each packaged model the same colour in every chapter.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,23 +38,84 @@ import pandas as pd
 import torch
 
 from ..core import stats
-from ..core.cache import array_digest, cache_dir, content_key, frame_row, load_frame, save_frame
+from ..core.cache import cached
 from ..core.device import get_device
 from ..core.errors import EmbgeoInputError
 from ..core.validation import as_matrix, check_pairs
-from ..geometry.similarity import Array, permutation_test, spearman_cosine
+from ..geometry.similarity import Array, layer_map, permutation_test, spearman_cosine
+from ..lm import activations, models
 from ..lm.vocab import SharedVocabulary
 from .style import figure_axes
 
 __all__ = [
+    "CHAPTER",
+    "LayerAlignment",
+    "Parameters",
+    "TITLE",
     "check_claim6",
     "compare_models",
+    "layer_alignment",
+    "pair_statistics",
     "plot_cosine_scatter",
     "plot_layer_map",
     "plot_pair_heatmaps",
+    "sample_rows",
     "shared_vocabulary_table",
     "token_pair_cosines",
 ]
+
+
+CHAPTER = "ch01_global_orientation"
+TITLE = "Global orientation"
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Chapter 1's parameters: the fields of its cell tagged ``parameters`` (defaults and allowed values are there)."""
+
+    model_names: list[str]
+    n_tokens: int
+    n_permutations: int
+    n_permutations_centred: int
+    n_permutations_complements: int
+    knn_k: int
+    scatter_points: int
+    layer_pair: list[str]
+    n_layer_tokens: int
+    alpha: float
+    seed: int
+    device: str
+
+    def models(self) -> list[str]:
+        """The models the chapter compares, in order."""
+        return list(self.model_names)
+
+
+@dataclass(frozen=True)
+class LayerAlignment:
+    """What :func:`layer_alignment` measured (chapter 1).
+
+    Attributes:
+        model_a: the first model of ``layer_pair``; model_b: the second.
+        tokens: the shared tokens run through both models.
+        table: one row per layer pair: ``layer A``, ``layer B`` (0: the input embeddings as the model sees them) and
+            ``r``, the Pearson r of the mean-centred cosine matrices (:func:`embgeo_utils.geometry.similarity.layer_map`).
+    """
+
+    model_a: str
+    model_b: str
+    tokens: int
+    table: pd.DataFrame
+
+    @property
+    def grid(self) -> pd.DataFrame:
+        """``r`` as a table, layers of A as rows and layers of B as columns."""
+        return self.table.pivot(index="layer A", columns="layer B", values="r")
+
+    @property
+    def best(self) -> pd.Series:
+        """The row of :attr:`table` with the highest ``r``."""
+        return self.table.loc[self.table["r"].idxmax()]
 
 
 def shared_vocabulary_table(
@@ -81,92 +144,109 @@ def shared_vocabulary_table(
     )
 
 
+def sample_rows(
+    tables: Mapping[str, Array], pair: tuple[str, str], shared: SharedVocabulary, n_tokens: int, seed: int
+) -> tuple[Array, Array]:
+    """Chapter 1: the input-embedding rows of ``n_tokens`` shared tokens in both models of ``pair``.
+
+    The tokens are ``shared.sample(n_tokens, seed)`` (at most all shared tokens, in a seeded order); the rows are
+    taken as stored (numpy or torch), row ``i`` of both arrays being the same token.
+    """
+    sample = shared.sample(n_tokens, seed=seed)
+    return tables[pair[0]][sample.ids_a], tables[pair[1]][sample.ids_b]
+
+
+def _null_columns(label: str, res: stats.PermutationResult) -> dict[str, Any]:
+    """The statistic, null mean and std, z and p of one permutation test, named for ``label`` (chapter 1)."""
+    return {
+        f"r {label}" if label != "CKA" else "CKA": res.statistic,
+        f"null mean {label}": res.null_mean,
+        f"null std {label}": res.null_std,
+        f"z {label}": res.z,
+        f"p {label}": res.p_value,
+    }
+
+
+@cached("similarity", version=1)
+def pair_statistics(
+    model_a: str,
+    model_b: str,
+    X: Array,
+    Y: Array,
+    n_permutations: int,
+    n_permutations_centred: int,
+    n_permutations_complements: int,
+    knn_k: int,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Chapter 1: one row of :func:`compare_models`, the statistics of one pair's sampled rows (cached).
+
+    ``X`` and ``Y`` hold the same tokens row for row (:func:`sample_rows`). Each statistic is measured against the
+    permutation null of :func:`embgeo_utils.geometry.similarity.permutation_test` (B's rows shuffled, seeded with
+    ``seed``): Pearson r of the raw cosine matrices (``n_permutations``) and of the mean-centred ones
+    (``n_permutations_centred``), linear CKA (``n_permutations_complements``), and mutual cosine k-NN with ``knn_k``
+    neighbours (``max(1, n_permutations_complements // 5)`` permutations, each recomputing both neighbour searches);
+    Spearman's rank correlation of the raw cosines has no null.
+
+    The entry (cache kind ``similarity``) is keyed by the model names, the digests of ``X`` and ``Y``, every count,
+    ``knn_k``, ``seed`` and the device type, so a rerun reads it.
+
+    Returns:
+        The row as a dict, keys in the order of :func:`compare_models`'s columns.
+    """
+    out: dict[str, Any] = {"model A": model_a, "model B": model_b, "tokens": len(X), "permutations": n_permutations}
+    for label, stat, n_perm in (
+        ("raw", "cosine_corr", n_permutations),
+        ("centred", "cosine_corr_centered", n_permutations_centred),
+        ("CKA", "cka", n_permutations_complements),
+    ):
+        out.update(_null_columns(label, permutation_test(stat, X, Y, n=n_perm, seed=seed, device=device)))
+    out["spearman raw"] = spearman_cosine(X, Y, device=device)
+    knn_res = permutation_test(
+        "mutual_knn", X, Y, n=max(1, n_permutations_complements // 5), seed=seed, device=device, k=knn_k
+    )
+    out.update(
+        {
+            f"mutual kNN@{knn_k}": knn_res.statistic,
+            "mutual kNN null": knn_res.null_mean,
+            "mutual kNN chance": knn_k / (len(X) - 1),
+            "p mutual kNN": knn_res.p_value,
+        }
+    )
+    return out
+
+
 def compare_models(
     tables: Mapping[str, Array],
     shared: Mapping[tuple[str, str], SharedVocabulary],
-    n_tokens: int = 3000,
-    n_permutations: int = 1000,
-    n_permutations_complements: int = 50,
-    knn_k: int = 10,
-    n_permutations_centred: int = 200,
-    seed: int = 0,
-    device: str | torch.device = "auto",
+    p: Parameters,
     cache: bool = True,
 ) -> pd.DataFrame:
     """Chapter 1: the cosine-matrix correlation of every model pair, with its null and its complements.
 
-    For each pair, ``n_tokens`` shared tokens are drawn (``shared[pair].sample(n_tokens, seed)``)
-    and their input-embedding rows taken in both models. Measured, each against the permutation
-    null of :func:`permutation_test` (the token correspondence of B shuffled):
-
-    * ``r raw`` / ``r centred``: Pearson r of the cosine matrices, raw (``n_permutations``
-      permutations: the claim-6 checks) and mean-centred (``n_permutations_centred``);
-    * ``CKA``: linear CKA, ``n_permutations_complements`` permutations;
-    * ``mutual kNN@k``: mutual cosine k-NN, ``max(1, n_permutations_complements // 5)`` permutations
-      (each recomputes both neighbour searches), with chance ``k / (n - 1)``;
-    * ``spearman raw``: Spearman rank correlation of the raw cosines (no null).
-
-    With ``cache`` each pair's row is kept on disk under a key of the sampled rows'
-    values, the permutation counts, ``knn_k``, ``seed`` and the device type, so a
-    rerun reads it.
+    For each pair, ``p.n_tokens`` shared tokens are drawn with ``p.seed`` (:func:`sample_rows`) and measured by
+    :func:`pair_statistics` with ``p.n_permutations`` (raw r: the claim-6 checks), ``p.n_permutations_centred``,
+    ``p.n_permutations_complements``, ``p.knn_k``, ``p.seed`` and ``p.device``. With ``cache`` each pair's row is
+    read from the cache when an earlier run computed it (``pair_statistics.compute`` otherwise).
 
     Returns:
         One row per pair: ``model A``, ``model B``, ``tokens``, ``permutations``, then for ``raw``,
-        ``centred`` and ``CKA`` the statistic, ``null mean``, ``null std``, ``z`` and ``p``, then
-        ``spearman raw``, ``mutual kNN@k``, ``mutual kNN null``, ``mutual kNN chance``, ``p mutual kNN``.
+        ``centred`` and ``CKA`` the statistic (``r raw``, ``r centred``, ``CKA``), ``null mean``, ``null std``,
+        ``z`` and ``p``, then ``spearman raw``, ``mutual kNN@k``, ``mutual kNN null``, ``mutual kNN chance``,
+        ``p mutual kNN``.
 
     Raises:
         EmbgeoInputError: no pair, or a model of a pair without an embedding table.
     """
     check_pairs(shared, tables, "Chapter 1 compares models in pairs: no pair was given (install at least two models).")
-    dev = get_device(device)
+    dev = get_device(p.device)
+    measure: Callable[..., dict[str, Any]] = pair_statistics if cache else pair_statistics.compute
     rows = []
     for (a, b), s in shared.items():
-        sample = s.sample(n_tokens, seed=seed)
-        X = tables[a][sample.ids_a]
-        Y = tables[b][sample.ids_b]
-        path = None
-        if cache:
-            key = content_key(
-                "compare-v2", a, b, array_digest(X), array_digest(Y), n_permutations, n_permutations_centred,
-                n_permutations_complements, knn_k, seed, dev.type,
-            )  # fmt: skip
-            path = cache_dir("similarity") / f"{key}.npz"
-            cached = load_frame(path)
-            if cached is not None and len(cached) == 1:
-                rows.append(frame_row(cached))
-                continue
-        out: dict[str, Any] = {"model A": a, "model B": b, "tokens": len(sample), "permutations": n_permutations}
-        for label, stat, n_perm in (
-            ("raw", "cosine_corr", n_permutations),
-            ("centred", "cosine_corr_centered", n_permutations_centred),
-            ("CKA", "cka", n_permutations_complements),
-        ):
-            res = permutation_test(stat, X, Y, n=n_perm, seed=seed, device=dev)
-            out.update(
-                {
-                    f"r {label}" if label != "CKA" else "CKA": res.statistic,
-                    f"null mean {label}": res.null_mean,
-                    f"null std {label}": res.null_std,
-                    f"z {label}": res.z,
-                    f"p {label}": res.p_value,
-                }
-            )
-        out["spearman raw"] = spearman_cosine(X, Y, device=dev)
-        knn_res = permutation_test(
-            "mutual_knn", X, Y, n=max(1, n_permutations_complements // 5), seed=seed, device=dev, k=knn_k
-        )
-        out.update(
-            {
-                f"mutual kNN@{knn_k}": knn_res.statistic,
-                "mutual kNN null": knn_res.null_mean,
-                "mutual kNN chance": knn_k / (len(sample) - 1),
-                "p mutual kNN": knn_res.p_value,
-            }
-        )
-        if path is not None:
-            save_frame(pd.DataFrame([out]), path)
-        rows.append(out)
+        X, Y = sample_rows(tables, (a, b), s, p.n_tokens, p.seed)
+        counts = (p.n_permutations, p.n_permutations_centred, p.n_permutations_complements)
+        rows.append(measure(a, b, X, Y, *counts, p.knn_k, p.seed, dev))
     return pd.DataFrame(rows)
 
 
@@ -220,6 +300,30 @@ def token_pair_cosines(
             f"cosine in {names[1]}": cb[order],
         }
     )
+
+
+def layer_alignment(shared: Mapping[tuple[str, str], SharedVocabulary], p: Parameters) -> LayerAlignment:
+    """Chapter 1: the layer x layer map of one pair of models, ``p.layer_pair``, over tokens presented alone.
+
+    ``p.n_layer_tokens`` shared tokens of the pair are drawn with seed ``p.seed + 1``; each is run alone after a
+    newline token in both models (:func:`embgeo_utils.lm.activations.lone_token_states`, on ``p.device``), and the
+    mean-centred cosine-matrix correlation of every layer of A with every layer of B is measured
+    (:func:`embgeo_utils.geometry.similarity.layer_map`).
+
+    Raises:
+        EmbgeoInputError: ``shared`` holds neither order of the pair.
+    """
+    la, lb = p.layer_pair
+    key = (la, lb) if (la, lb) in shared else (lb, la)
+    if key not in shared:
+        raise EmbgeoInputError(f"No shared vocabulary of the layer pair {p.layer_pair}; compute it with the others.")
+    sample = shared[key].sample(p.n_layer_tokens, seed=p.seed + 1)
+    ids = dict(zip(key, (sample.ids_a, sample.ids_b)))
+    dev = get_device(p.device)
+    # [tokens, layers + 1, d]: each token alone after a newline, at the token's position
+    states = {name: activations.lone_token_states(models.load(name, device=dev), ids[name]) for name in (la, lb)}
+    table = layer_map(states[la], states[lb], center=True, device=dev)
+    return LayerAlignment(la, lb, len(sample), table)
 
 
 def check_claim6(
@@ -282,7 +386,7 @@ def plot_pair_heatmaps(pairs: Any, model_names: Sequence[str]) -> Any:
 
     Args:
         pairs: one row per model pair with ``model A``, ``model B``, ``r raw``, ``r centred``
-            (from ``similarity.compare_models``).
+            (from :func:`compare_models`).
         model_names: the models, in the order of the axes.
     """
     import matplotlib.pyplot as plt
@@ -317,7 +421,7 @@ def plot_cosine_scatter(cos_pairs: Any, ax: Any = None) -> Any:
 
     Args:
         cos_pairs: DataFrame whose last two columns are the cosines in A and in B
-            (from ``similarity.token_pair_cosines``).
+            (from :func:`token_pair_cosines`).
     """
     import seaborn as sns
 
@@ -333,7 +437,7 @@ def plot_layer_map(layers: Any, model_a: str, model_b: str, n_tokens: int, ax: A
     """Chapter 1: heatmap of the layer x layer cosine-matrix correlation (layer 0 at the bottom).
 
     Args:
-        layers: tidy DataFrame with ``layer A``, ``layer B``, ``r`` (from ``similarity.layer_map``).
+        layers: tidy DataFrame with ``layer A``, ``layer B``, ``r`` (``LayerAlignment.table``, from :func:`layer_alignment`).
     """
     import seaborn as sns
 

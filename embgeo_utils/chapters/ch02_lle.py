@@ -4,7 +4,8 @@ Each token is written as an affine combination of its ``k`` nearest neighbours i
 the first step of LLE, :func:`embgeo_utils.geometry.lle.lle_weights`), and the same neighbours and weights are
 then applied to model B's vectors of the same tokens. Baselines: B's own weights (the floor), uniform weights, and
 A's weights on random neighbours (the null). The stages: :func:`compare_pairs` measures every pair
-(:class:`LLETransfer`), :func:`check_claim7` turns the errors into claim 7's verdict, and the two figures show them.
+(:class:`LLETransfer`) from its sampled clouds (:func:`pair_clouds`) and their errors under each weighting
+(:func:`pair_errors`), :func:`check_claim7` turns the errors into claim 7's verdict, and the two figures show them.
 
 References:
     Roweis, S. T. and Saul, L. K. (2000). Nonlinear Dimensionality Reduction by
@@ -36,10 +37,13 @@ __all__ = [
     "CHAPTER",
     "CONDITIONS",
     "LLETransfer",
+    "PairErrors",
     "Parameters",
     "TITLE",
     "check_claim7",
     "compare_pairs",
+    "pair_clouds",
+    "pair_errors",
     "plot_lle_errors",
     "plot_neighbour_overlap",
 ]
@@ -96,6 +100,84 @@ CONDITIONS = (
 _FIT, _FLOOR, _TRANSFER, _UNIFORM, _NULL = CONDITIONS
 
 
+@dataclass(frozen=True)
+class PairErrors:
+    """What :func:`pair_errors` measured for one pair (chapter 2).
+
+    Attributes:
+        errors: the relative reconstruction error of every sampled token, ``(n,)`` per weighting of
+            :data:`CONDITIONS` (in that order).
+        neighbours_a: A's ``k`` nearest neighbours of every token, ``(n, k)`` row indices; neighbours_b: B's.
+    """
+
+    errors: dict[str, np.ndarray]
+    neighbours_a: np.ndarray
+    neighbours_b: np.ndarray
+
+
+def pair_clouds(
+    tables: Mapping[str, np.ndarray | torch.Tensor], pair: tuple[str, str], shared: SharedVocabulary, p: Parameters
+) -> tuple[np.ndarray, np.ndarray]:
+    """Chapter 2: the clouds of one pair, ``p.n_tokens`` shared tokens drawn with ``p.seed``, in float64.
+
+    Row ``i`` of both is the same token (``shared.sample(n_tokens, seed)``); each cloud is mean-centred when
+    ``p.center``.
+    """
+    sample = shared.sample(p.n_tokens, seed=p.seed)
+    X = np.asarray(tables[pair[0]][sample.ids_a], dtype=np.float64)
+    Y = np.asarray(tables[pair[1]][sample.ids_b], dtype=np.float64)
+    if p.center:
+        X, Y = X - X.mean(0), Y - Y.mean(0)
+    return X, Y
+
+
+def pair_errors(X: np.ndarray, Y: np.ndarray, p: Parameters) -> PairErrors:
+    """Chapter 2: the LLE reconstruction errors of one pair's clouds under every weighting of :data:`CONDITIONS`.
+
+    A's Euclidean ``p.k`` nearest neighbours and LLE weights (:func:`lle_weights`, ``p.reg``) are applied to B's
+    vectors; the relative error of :func:`reconstruction_error` is measured for A's fit in A, B's own weights (the
+    floor), A's weights transferred, uniform weights on A's neighbours, and A's weights on random neighbours
+    (:func:`random_neighbors` with ``p.seed``; the null), on ``p.device``.
+    """
+    dev, k, reg = get_device(p.device), p.k, p.reg
+    idx_a, w_a = lle_weights(X, k, reg=reg, device=dev)
+    idx_b, w_b = lle_weights(Y, k, reg=reg, device=dev)
+    rnd = random_neighbors(len(X), k, seed=p.seed)
+    err = {
+        _FIT: reconstruction_error(X, idx_a, w_a, device=dev),
+        _FLOOR: reconstruction_error(Y, idx_b, w_b, device=dev),
+        _TRANSFER: reconstruction_error(Y, idx_a, w_a, device=dev),
+        _UNIFORM: reconstruction_error(Y, idx_a, uniform_weights(idx_a), device=dev),
+        _NULL: reconstruction_error(Y, rnd, w_a, device=dev),
+    }
+    return PairErrors(err, idx_a, idx_b)
+
+
+def _summary_row(a: str, b: str, vocabulary: int, measured: PairErrors, k: int) -> dict[str, Any]:
+    """One row of :attr:`LLETransfer.summary` (chapter 2): medians, the tests against the null and uniform, overlap."""
+    err = measured.errors
+    n = len(err[_TRANSFER])
+    transfer, null = err[_TRANSFER], err[_NULL]
+    wil = stats.wilcoxon(transfer, null, alternative="less")
+    wil_u = stats.wilcoxon(transfer, err[_UNIFORM], alternative="less")
+    shared_nb = shared_neighbor_counts(measured.neighbours_a, measured.neighbours_b)
+    return {
+        "pair": f"{a} → {b}",
+        "A": a,
+        "B": b,
+        "shared vocabulary": vocabulary,
+        "tokens": n,
+        **{f"median {name}": float(np.median(e)) for name, e in err.items()},
+        "transfer / null (median ratio)": float(np.median(transfer / null)),
+        "fraction transfer < null": float((transfer < null).mean()),
+        "Wilcoxon p (transfer < null)": wil.p_value,
+        "fraction transfer < uniform": float((transfer < err[_UNIFORM]).mean()),
+        "Wilcoxon p (transfer < uniform)": wil_u.p_value,
+        "neighbour overlap": float(shared_nb.mean() / k),
+        "overlap chance k/(n-1)": k / (n - 1),
+    }
+
+
 def compare_pairs(
     tables: Mapping[str, np.ndarray | torch.Tensor],
     shared: Mapping[tuple[str, str], SharedVocabulary],
@@ -103,14 +185,8 @@ def compare_pairs(
 ) -> LLETransfer:
     """Chapter 2: LLE transfer from A to B for every pair, against the floor, uniform weights and the null.
 
-    For each pair ``(A, B)`` of ``shared``, ``p.n_tokens`` shared tokens are drawn
-    (``shared[pair].sample(n_tokens, seed)``) and their input-embedding rows taken
-    in float64 (each cloud mean-centred when ``p.center``). A's Euclidean ``k``
-    nearest neighbours and LLE weights (:func:`lle_weights`, ``reg``) are applied to
-    B's vectors; the relative error of :func:`reconstruction_error` is measured for
-    each weighting of :data:`CONDITIONS`: A's fit in A, B's own weights (floor), A's
-    weights transferred, uniform weights on A's neighbours, and A's weights on
-    random neighbours (:func:`random_neighbors` with ``seed``; the null).
+    For each pair ``(A, B)`` of ``shared``: the sampled clouds (:func:`pair_clouds`), their errors under every
+    weighting (:func:`pair_errors`), and one summary row of medians, tests and neighbour-set overlap.
 
     Returns:
         An :class:`LLETransfer`; its p-values are one-sided Wilcoxon tests (:func:`embgeo_utils.core.stats.wilcoxon`).
@@ -121,49 +197,15 @@ def compare_pairs(
     check_pairs(
         shared, tables, "No model pair has both models installed; install at least smollm2-135m and gemma3-270m."
     )
-    dev, n_tokens, k, reg, seed = get_device(p.device), p.n_tokens, p.k, p.reg, p.seed
     per_pair, errors = [], []
     for (a, b), s in shared.items():
-        sample = s.sample(n_tokens, seed=seed)
-        X = np.asarray(tables[a][sample.ids_a], dtype=np.float64)
-        Y = np.asarray(tables[b][sample.ids_b], dtype=np.float64)
-        if p.center:
-            X, Y = X - X.mean(0), Y - Y.mean(0)
-        n = len(sample)
-        idx_a, w_a = lle_weights(X, k, reg=reg, device=dev)
-        idx_b, w_b = lle_weights(Y, k, reg=reg, device=dev)
-        rnd = random_neighbors(n, k, seed=seed)
-        err = {
-            _FIT: reconstruction_error(X, idx_a, w_a, device=dev),
-            _FLOOR: reconstruction_error(Y, idx_b, w_b, device=dev),
-            _TRANSFER: reconstruction_error(Y, idx_a, w_a, device=dev),
-            _UNIFORM: reconstruction_error(Y, idx_a, uniform_weights(idx_a), device=dev),
-            _NULL: reconstruction_error(Y, rnd, w_a, device=dev),
-        }
-        label = f"{a} → {b}"
-        for name, e in err.items():
-            errors.append(pd.DataFrame({"pair": label, "token": np.arange(n), "weights": name, "relative error": e}))
-        transfer, null = err[_TRANSFER], err[_NULL]
-        wil = stats.wilcoxon(transfer, null, alternative="less")
-        wil_u = stats.wilcoxon(transfer, err[_UNIFORM], alternative="less")
-        shared_nb = shared_neighbor_counts(idx_a, idx_b)
-        per_pair.append(
-            {
-                "pair": label,
-                "A": a,
-                "B": b,
-                "shared vocabulary": len(s),
-                "tokens": n,
-                **{f"median {name}": float(np.median(e)) for name, e in err.items()},
-                "transfer / null (median ratio)": float(np.median(transfer / null)),
-                "fraction transfer < null": float((transfer < null).mean()),
-                "Wilcoxon p (transfer < null)": wil.p_value,
-                "fraction transfer < uniform": float((transfer < err[_UNIFORM]).mean()),
-                "Wilcoxon p (transfer < uniform)": wil_u.p_value,
-                "neighbour overlap": float(shared_nb.mean() / k),
-                "overlap chance k/(n-1)": k / (n - 1),
-            }
-        )
+        X, Y = pair_clouds(tables, (a, b), s, p)
+        measured = pair_errors(X, Y, p)
+        for name, e in measured.errors.items():
+            errors.append(
+                pd.DataFrame({"pair": f"{a} → {b}", "token": np.arange(len(X)), "weights": name, "relative error": e})
+            )
+        per_pair.append(_summary_row(a, b, len(s), measured, p.k))
     return LLETransfer(pd.DataFrame(per_pair), pd.concat(errors, ignore_index=True))
 
 

@@ -1,53 +1,40 @@
-"""Intrinsic dimension of whole token-embedding tables, per token and global, across models (chapter 3).
+"""Chapter 3, intrinsic dimension of token embeddings: how many dimensions does a token's neighbourhood use?
 
-Chapter 3 measures, for every token of a model's input-embedding table, the
-local intrinsic dimension (ID) of its neighbourhood, and asks three questions
-of it (claim 8 of the ledger): is it far below the width, does a token's ID in
-one model predict its ID in another, and are low-ID neighbourhoods coherent.
-The estimators live in :mod:`embgeo_utils.geometry.intrinsic_dim`, the label statistics
-in :mod:`embgeo_utils.chapters.ch03_intrinsic_dimension`; this module runs them over the tables of
-several models and returns tidy tables:
+For every token of a model's input-embedding table the chapter measures the local intrinsic dimension (ID) of its
+``k`` nearest neighbours by local PCA, against the same estimate on ``k`` random tokens (the reference, since ``k``
+caps the ID), and asks the three questions of claim 8: is the per-token ID far below the width, does a token's ID
+in one model predict its ID in another, and are low-ID neighbourhoods coherent, judged by a separate sentence
+encoder. Under-trained tokens (:mod:`embgeo_utils.lm.undertrained`) are left out of every test. Beside the
+per-token IDs, TwoNN and the GRIDE scale curve give each table's global ID.
 
-* :func:`per_token_ids`: local PCA ID of each token and of a random
-  neighbourhood of the same size (the reference), one :class:`LocalIDs` per model;
-* :func:`drop_tokens`: the same IDs without some tokens (the under-trained ones,
-  :mod:`embgeo_utils.lm.undertrained`);
-* :func:`token_frame`, :func:`id_summary`: those IDs as tables;
-* :func:`id_correlations`: Spearman of per-token ID across model pairs, with a
-  permutation null;
-* :func:`global_ids`: TwoNN and the GRIDE scale curve of each table;
-* :func:`check_claim8`: the verdict of claim 8.
+The stages, in the notebook's order:
+
+* :func:`per_token_ids`: the local ID of the evaluated tokens of each table and of random neighbourhoods, one
+  :class:`LocalIDs` per model (neighbours and IDs cached by :func:`neighbourhood_ids`); :func:`drop_tokens` leaves
+  out the under-trained ones; :func:`token_frame` and :func:`id_summary` turn them into tables;
+* :func:`id_correlations`: Spearman of per-token ID across model pairs with a permutation null, summarised by
+  :func:`correlation_summary` (a :class:`CorrelationSummary`);
+* :func:`semantic_coherence`: encoder similarity of the lowest- against the highest-ID decile's neighbourhoods,
+  compared within strata (:func:`stratified_difference_test`), the encoder from :func:`string_encoder` (its
+  embeddings cached by :func:`string_embeddings`); :func:`coherence_table` is the secondary surface-label version
+  (:func:`neighbor_label_agreement`, :func:`coherence_test`); :func:`extreme_id_examples` and
+  :func:`low_id_examples` show neighbourhoods as text;
+* :func:`global_ids`: TwoNN and GRIDE of each table (a :class:`GlobalIDs`);
+* :func:`check_claim8`: the verdict of claim 8;
+* the chapter's figures, ``plot_*``.
+
+The stages take the chapter's :class:`Parameters` (the notebook's cell tagged ``parameters``).
 
 References:
     A. Lee, M. Weber, F. Viégas, M. Wattenberg (2025), Shared Global and Local
     Geometry of Language Model Embeddings, arXiv:2503.21073.
+
+    S. Land, M. Bartolo (2024), Fishing for Magikarp: Automatically Detecting
+    Under-trained Tokens in Large Language Models, arXiv:2405.05417.
 
     E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), Sci. Rep. 7, 12140 (TwoNN).
 
     F. Denti, D. Doimo, A. Laio, A. Mira (2022), Sci. Rep. 12, 20005 (GRIDE).
-
-
-Coherence of token neighbourhoods: do a token's nearest neighbours share its label? (chapter 3)
-
-Lee et al. (2025) show low-ID tokens whose neighbours form meaningful groups
-(numbers, names, word variants). To *measure* that, every token gets a label
-read from its text (:func:`embgeo_utils.lm.labels.token_labels`) and a token's
-coherence is the fraction of its nearest neighbours that share its label,
-minus the chance of that label among all neighbour slots
-(:func:`neighbor_label_agreement`). :func:`coherence_test` compares two groups
-of tokens (the lowest- and highest-ID deciles) with a permutation null;
-:func:`coherence_table` runs it for every model and label, and
-:func:`low_id_examples` lists example low-ID neighbourhoods as text.
-
-References:
-    A. Lee, M. Weber, F. Viégas, M. Wattenberg (2025), Shared Global and Local
-    Geometry of Language Model Embeddings, arXiv:2503.21073.
-
-
-One look for every figure of the book (all chapters).
-
-``use_book_style()`` sets a seaborn theme with a colour-blind-safe palette;
-``model_colors`` gives each packaged model the same colour in every chapter.
 """
 
 from __future__ import annotations
@@ -55,16 +42,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..core import stats
-from ..core.cache import array_digest, atomic_path, cache_dir, content_key, load_arrays, save_arrays
+from ..core.cache import cached
 from ..core.device import NUMPY_CHUNK_BYTES, chunk_rows, get_device
 from ..core.errors import EmbgeoInputError
+from ..core.progress import LOG
 from ..geometry import intrinsic_dim, lle, neighbors
 from ..lm import labels, models, steering, vocab
 from .style import model_colors, need_columns
@@ -74,9 +61,15 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "CHAPTER",
     "COHERENCE_LABEL",
     "CoherenceResult",
+    "CorrelationSummary",
+    "GlobalIDs",
     "LocalIDs",
+    "Parameters",
+    "SEMANTIC_COLUMNS",
+    "TITLE",
     "check_claim8",
     "coherence_table",
     "coherence_test",
@@ -89,6 +82,7 @@ __all__ = [
     "id_summary",
     "low_id_examples",
     "neighbor_label_agreement",
+    "neighbourhood_ids",
     "per_token_ids",
     "plot_embedding_gride_curves",
     "plot_neighbourhood_coherence_bars",
@@ -99,16 +93,47 @@ __all__ = [
     "plot_undertrained_id_histograms",
     "semantic_coherence",
     "stratified_difference_test",
+    "string_embeddings",
     "string_encoder",
     "token_frame",
     "tokens_to_evaluate",
 ]
 
 
+CHAPTER = "ch03_intrinsic_dimension"
+TITLE = "Intrinsic dimension of token embeddings"
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Chapter 3's parameters: the fields of its cell tagged ``parameters`` (defaults and allowed values are there)."""
+
+    model_names: list[str]
+    k: int
+    variance: float
+    id_tokens: int | str
+    cpu_all_tokens_up_to: int
+    cpu_id_tokens: int
+    n_common: int
+    coherence_k: int
+    n_permutations: int
+    global_points: int
+    alpha: float
+    seed: int
+    device: str
+    count_sources: list[str] | None
+    semantic_encoder: str
+    semantic_tokens: int
+
+    def models(self) -> list[str]:
+        """The models whose embedding tables the chapter measures (``model_names``), in order."""
+        return list(self.model_names)
+
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
-#: The label whose neighbourhood agreement claim 8 tests (see :func:`embgeo_utils.chapters.ch03_intrinsic_dimension.coherence_table`).
+#: The surface label of :func:`coherence_table`'s main comparison (claim 8's secondary result, not one of its checks).
 COHERENCE_LABEL = "kind + capitalised"
 
 
@@ -129,7 +154,8 @@ class LocalIDs:
         width: the table's width ``d``.
         n_table_rows: the table's number of rows.
         n_alignable: tokens of the table that have a normalised string (the vocabulary sampled from).
-        seconds: wall time of the neighbour search and of the two local PCAs.
+        seconds: wall time of the neighbour search and of the two local PCAs when they were computed (a result read
+            from the cache keeps the times of the run that computed it).
     """
 
     model: str
@@ -202,125 +228,124 @@ def tokens_to_evaluate(
     return int(cpu_id_tokens)
 
 
+def _evaluated_rows(
+    strings_by_id: Mapping[int, str], common_rows: np.ndarray, p: Parameters, dev: torch.device
+) -> np.ndarray:
+    """Chapter 3: the sorted token ids of one table that get an ID: a sample (or all) of the alignable ones, and the
+    common sample."""
+    ids = np.array(sorted(strings_by_id), dtype=np.int64)
+    n_tokens = tokens_to_evaluate(len(ids), p.id_tokens, dev, p.cpu_all_tokens_up_to, p.cpu_id_tokens)
+    if n_tokens == "all":
+        rows = ids
+    else:
+        strata = labels.frequency_strata([strings_by_id[i] for i in ids])
+        rows = ids[labels.stratified_sample(strata, int(n_tokens), seed=p.seed)]
+    return np.union1d(rows, common_rows)
+
+
+@cached("token_ids", version=1)
+def neighbourhood_ids(
+    table: ArrayLike, rows: np.ndarray, k: int, variance: float, seed: int, device: torch.device
+) -> dict[str, Any]:
+    """Chapter 3, cached: the nearest neighbours and local IDs of the ``rows`` of one embedding table.
+
+    Neighbours are searched in the whole table (``neighbors.knn(table, k, queries=rows)``); the ID is
+    :func:`embgeo_utils.geometry.intrinsic_dim.local_pca_id` of each token and its ``k`` nearest neighbours at
+    ``variance``, the reference the same estimate on the token and ``k`` random rows of the table
+    (``lle.random_neighbors(n_rows, k, seed)``). The cache key holds the table's and the rows' values, ``k``,
+    ``variance``, ``seed`` and the device type.
+
+    Returns:
+        ``neighbors`` (``(len(rows), k)`` rows of the table, nearest first), ``local_id`` and ``random_id`` (one per
+        row), and ``seconds``: the wall time of the neighbour search and of the two local PCAs when they were
+        computed.
+    """
+    n_rows = int(table.shape[0])
+    start = time.perf_counter()
+    _, nbrs = neighbors.knn(table, k, device=device, queries=rows)
+    search_s = time.perf_counter() - start
+    local_id = intrinsic_dim.local_pca_id(table, k=k, variance=variance, device=device, rows=rows, indices=nbrs)
+    random_hood = lle.random_neighbors(n_rows, k, seed=seed)[rows]
+    random_id = intrinsic_dim.local_pca_id(table, k=k, variance=variance, device=device, rows=rows, indices=random_hood)
+    pca_s = time.perf_counter() - start - search_s
+    return {"neighbors": nbrs, "local_id": local_id, "random_id": random_id, "seconds": (search_s, pca_s)}
+
+
 def _local_ids(
     name: str,
     table: ArrayLike,
     strings: Mapping[str, int],
     common: Sequence[str],
-    how_many: tuple[int | str, int, int],
-    k: int,
-    variance: float,
-    seed: int,
+    p: Parameters,
     tie_break: np.random.Generator,
     dev: torch.device,
-    use_cache: bool = True,
+    cache: bool,
 ) -> LocalIDs:
+    """Chapter 3: the :class:`LocalIDs` of one table (its evaluated rows, their cached IDs, the seeded order)."""
     n_rows, width = int(table.shape[0]), int(table.shape[1])
     strings_by_id = {int(i): s for s, i in strings.items() if i < n_rows}
-    ids = np.array(sorted(strings_by_id), dtype=np.int64)
-    n_tokens = tokens_to_evaluate(len(ids), how_many[0], dev, how_many[1], how_many[2])
-    if n_tokens == "all":
-        rows = ids
-    else:
-        strata = labels.frequency_strata([strings_by_id[i] for i in ids])
-        rows = ids[labels.stratified_sample(strata, int(n_tokens), seed=seed)]
     common_rows = np.array([strings[s] for s in common], dtype=np.int64)
-    rows = np.union1d(rows, common_rows)
-    path = None
-    if use_cache:
-        key = content_key("local-ids-v1", array_digest(table), array_digest(rows), k, variance, seed, dev.type)
-        path = cache_dir("token_ids") / f"{key}.npz"
-    cached = load_arrays(path) if path is not None else None
-    if cached is not None and {"neighbors", "local_id", "random_id"} <= set(cached):
-        nbrs, local_id, random_id = cached["neighbors"], cached["local_id"], cached["random_id"]
-        search_s = pca_s = 0.0
-    else:
-        start = time.perf_counter()
-        _, nbrs = neighbors.knn(table, k, device=dev, queries=rows)
-        search_s = time.perf_counter() - start
-        local_id = intrinsic_dim.local_pca_id(table, k=k, variance=variance, device=dev, rows=rows, indices=nbrs)
-        random_hood = lle.random_neighbors(n_rows, k, seed=seed)[rows]
-        random_id = intrinsic_dim.local_pca_id(
-            table, k=k, variance=variance, device=dev, rows=rows, indices=random_hood
-        )
-        pca_s = time.perf_counter() - start - search_s
-        if path is not None:
-            save_arrays(path, {"neighbors": nbrs, "local_id": local_id, "random_id": random_id})
-    order = np.argsort(local_id + tie_break.random(len(rows)) * 0.1, kind="stable")
+    rows = _evaluated_rows(strings_by_id, common_rows, p, dev)
+    measure = neighbourhood_ids if cache else neighbourhood_ids.compute
+    found = measure(table, rows, p.k, p.variance, p.seed, dev)
+    order = np.argsort(found["local_id"] + tie_break.random(len(rows)) * 0.1, kind="stable")
     return LocalIDs(
-        model=name, rows=rows, local_id=local_id, random_id=random_id, neighbors=nbrs, order=order,
-        common_rows=common_rows, strings=strings_by_id, width=width, n_table_rows=n_rows, n_alignable=len(ids),
-        seconds=(search_s, pca_s),
+        model=name, rows=rows, local_id=found["local_id"], random_id=found["random_id"], neighbors=found["neighbors"],
+        order=order, common_rows=common_rows, strings=strings_by_id, width=width, n_table_rows=n_rows,
+        n_alignable=len(strings_by_id), seconds=(float(found["seconds"][0]), float(found["seconds"][1])),
     )  # fmt: skip
 
 
 def per_token_ids(
     tables: Mapping[str, ArrayLike],
     vocabularies: Mapping[str, Mapping[str, int]],
-    k: int = 50,
-    variance: float = 0.9,
-    id_tokens: int | str = "auto",
-    cpu_all_tokens_up_to: int = 50_000,
-    cpu_id_tokens: int = 50_000,
-    n_common: int = 1500,
-    seed: int = 0,
-    device: str | torch.device = "auto",
+    p: Parameters,
     verbose: bool = True,
     cache: bool = True,
 ) -> dict[str, LocalIDs]:
-    """Local ID of the tokens of each embedding table, and of random neighbourhoods (chapter 3).
+    """Chapter 3: local ID of the tokens of each embedding table, and of random neighbourhoods.
 
     For each model, the tokens that have a normalised string are evaluated: all
-    of them, or (see :func:`tokens_to_evaluate`) a sample spread evenly over
-    word-frequency strata; on top, ``n_common`` strings present in *every*
+    of them, or (see :func:`tokens_to_evaluate` with ``p.id_tokens``,
+    ``p.cpu_all_tokens_up_to``, ``p.cpu_id_tokens``) a sample spread evenly over
+    word-frequency strata; on top, ``p.n_common`` strings present in *every*
     vocabulary (:func:`embgeo_utils.lm.vocab.common_strings`, seeded) are
-    evaluated in every model. Neighbours are searched in the whole table
-    (``neighbors.knn(table, k, queries=rows)``). The ID is
-    :func:`embgeo_utils.geometry.intrinsic_dim.local_pca_id` of the token and its ``k``
-    nearest neighbours; the reference is the same estimate on the token and
-    ``k`` random tokens (``lle.random_neighbors``, seeded).
+    evaluated in every model. Neighbours and IDs come from :func:`neighbourhood_ids`
+    (``p.k`` neighbours, ``p.variance``, ``p.seed``, on ``p.device``).
 
-    One generator seeded with ``seed`` draws the common sample and then, model
+    One generator seeded with ``p.seed`` draws the common sample and then, model
     after model, the random tie-break of :attr:`LocalIDs.order`.
 
     Args:
         tables: model name → ``(vocab, d)`` input-embedding table (``models.input_embeddings``).
         vocabularies: model name → ``{string: token id}`` (``vocab.normalized_vocabulary``).
-        k: neighbours per token.
-        variance: fraction of variance the local principal components must explain.
-        id_tokens, cpu_all_tokens_up_to, cpu_id_tokens: how many tokens get an ID (:func:`tokens_to_evaluate`).
-        n_common: strings shared by every vocabulary that get an ID in every model.
-        seed: seed of the samples, the random neighbourhoods and the tie-break.
-        device: where the neighbour search and PCA run.
-        verbose: print one line per model (tokens, median IDs, times).
-        cache: keep each model's neighbours and IDs on disk, keyed by the table's
-            values, the evaluated rows, ``k``, ``variance``, ``seed`` and the device
-            type, so a rerun reads them (times then show 0 s).
+        p: the chapter's parameters.
+        verbose: log one line per model (tokens, median IDs, times).
+        cache: read and keep each model's neighbours and IDs in the cache (kind ``token_ids``).
 
     Returns:
         model name → :class:`LocalIDs`, in the order of ``tables``.
 
     Raises:
-        EmbgeoInputError: no table, a table without a vocabulary, or a bad ``id_tokens``.
+        EmbgeoInputError: no table, a table without a vocabulary, or a bad ``p.id_tokens``.
     """
     if not tables:
         raise EmbgeoInputError("No embedding table given: install at least one model (`make models`).")
     missing = [name for name in tables if name not in vocabularies]
     if missing:
         raise EmbgeoInputError(f"No vocabulary for {missing}; pass vocab.normalized_vocabulary(...) for every table.")
-    dev = get_device(device)
-    rng = np.random.default_rng(seed)
-    common = vocab.common_strings([vocabularies[name] for name in tables], n_common, seed=rng)
+    dev = get_device(p.device)
+    rng = np.random.default_rng(p.seed)
+    common = vocab.common_strings([vocabularies[name] for name in tables], p.n_common, seed=rng)
     if verbose:
         shared = len(vocab.common_strings([vocabularies[name] for name in tables]))
-        print(f"strings in every vocabulary: {shared}; sampled {len(common)}")
+        LOG.info(f"strings in every vocabulary: {shared}; sampled {len(common)}")
     out: dict[str, LocalIDs] = {}
     for name, table in tables.items():
-        how_many = (id_tokens, cpu_all_tokens_up_to, cpu_id_tokens)
-        ids = _local_ids(name, table, vocabularies[name], common, how_many, k, variance, seed, rng, dev, cache)
+        ids = _local_ids(name, table, vocabularies[name], common, p, rng, dev, cache)
         out[name] = ids
         if verbose:
-            print(
+            LOG.info(
                 f"{name}: {len(ids.rows):,} of {ids.n_alignable:,} tokens, median ID {np.median(ids.local_id):.0f} "
                 f"(random neighbourhoods {np.median(ids.random_id):.0f}), d = {ids.width}; "
                 f"neighbour search {ids.seconds[0]:.0f} s, local PCA {ids.seconds[1]:.0f} s"
@@ -432,21 +457,20 @@ def _centred_ranks(values: np.ndarray, what: str) -> np.ndarray:
     return ranks / norm
 
 
-def id_correlations(tokens: pd.DataFrame, n_permutations: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Spearman correlation of per-token ID across every pair of models, with a permutation null (chapter 3).
+def id_correlations(tokens: pd.DataFrame, p: Parameters) -> pd.DataFrame:
+    """Chapter 3: Spearman correlation of per-token ID across every pair of models, with a permutation null.
 
     For models A and B, the IDs of the tokens of the common sample (column
     ``common index`` of :func:`token_frame`, matched by string) are
     rank-correlated. The null re-pairs B's IDs with A's at random: permutation
     ``t`` is the ``t``-th ``rng.permutation`` of a numpy generator seeded with
-    ``seed`` (the stream ``similarity.permutation_test`` draws); the p-value is
-    one-sided, ``(1 + #{null >= observed}) / (1 + n_permutations)``
+    ``p.seed`` (the stream ``similarity.permutation_test`` draws); the p-value is
+    one-sided, ``(1 + #{null >= observed}) / (1 + p.n_permutations)``
     (:func:`embgeo_utils.core.stats.from_null`).
 
     Args:
         tokens: :func:`token_frame` of at least two models.
-        n_permutations: permutations of the null.
-        seed: seed of the permutations.
+        p: the chapter's parameters (``n_permutations``, ``seed``).
 
     Returns:
         One row per pair: ``model A``, ``model B``, ``tokens``, ``Spearman``, ``null mean``, ``null std``,
@@ -458,6 +482,7 @@ def id_correlations(tokens: pd.DataFrame, n_permutations: int = 1000, seed: int 
     import pandas as pd
 
     _require(tokens, ("model", "local ID", "common index"), "tokens")
+    n_permutations = p.n_permutations
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, (int, np.integer)) or n_permutations < 1:
         raise EmbgeoInputError(f"n_permutations must be a positive integer, got {n_permutations!r}.")
     common = tokens[tokens["common index"] >= 0]
@@ -476,7 +501,7 @@ def id_correlations(tokens: pd.DataFrame, n_permutations: int = 1000, seed: int 
             if len(x) < 3:
                 raise EmbgeoInputError(f"Only {len(x)} common tokens: raise n_common to at least 3.")
             rx, ry = _centred_ranks(x, a), _centred_ranks(y, b)
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(p.seed)
             null = np.empty(n_permutations)
             step = chunk_rows(8 * len(y), budget_bytes=NUMPY_CHUNK_BYTES)
             for start in range(0, n_permutations, step):
@@ -500,39 +525,48 @@ def id_correlations(tokens: pd.DataFrame, n_permutations: int = 1000, seed: int 
     return pd.DataFrame(rows, columns=columns)
 
 
-def global_ids(
-    tables: Mapping[str, ArrayLike],
-    n_points: int = 4000,
-    seed: int = 0,
-    max_scale: int = 512,
-    device: str | torch.device = "auto",
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Global ID of each embedding table: TwoNN and the GRIDE scale curve on a random sample of rows (chapter 3).
+@dataclass(frozen=True)
+class GlobalIDs:
+    """What :func:`global_ids` measured (chapter 3).
 
-    Each table gives ``min(n_points, rows)`` rows drawn without replacement with
-    a generator seeded with ``seed``;
+    Attributes:
+        summary: one row per model (index ``model``): ``points`` (rows sampled), ``TwoNN``, ``GRIDE n2=2``,
+            ``GRIDE max over scales``, ``width d``.
+        curves: the GRIDE scale curves, one row per model and scale: ``model``, ``n2``, ``ID``, ``error`` (Fisher
+            standard error).
+    """
+
+    summary: pd.DataFrame
+    curves: pd.DataFrame
+
+
+def global_ids(tables: Mapping[str, ArrayLike], p: Parameters, max_scale: int = 512) -> GlobalIDs:
+    """Chapter 3: global ID of each embedding table, TwoNN and the GRIDE scale curve on a random sample of rows.
+
+    Each table gives ``min(p.global_points, rows)`` rows drawn without replacement with
+    a generator seeded with ``p.seed``;
     :func:`embgeo_utils.geometry.intrinsic_dim.twonn` and
     :func:`embgeo_utils.geometry.intrinsic_dim.gride_scaling` (ranks ``n2 = 2, 4, ...``
-    up to ``min(max_scale, points // 4)``) run on them, duplicate rows removed.
+    up to ``min(max_scale, points // 4)``) run on them on ``p.device``, duplicate rows removed.
 
     Returns:
-        ``(summary, curves)``: one row per model (index ``model``: ``points``, ``TwoNN``, ``GRIDE n2=2``,
-        ``GRIDE max over scales``, ``width d``) and the tidy scale curves (``model``, ``n2``, ``ID``, ``error``).
+        A :class:`GlobalIDs` (summary per model and tidy scale curves).
 
     Raises:
-        EmbgeoInputError: no table, ``n_points`` below 8, or too few distinct rows.
+        EmbgeoInputError: no table, ``p.global_points`` below 8, or too few distinct rows.
     """
     import pandas as pd
 
+    n_points = p.global_points
     if not tables:
         raise EmbgeoInputError("No embedding table given: install at least one model (`make models`).")
     if isinstance(n_points, bool) or not isinstance(n_points, (int, np.integer)) or n_points < 8:
-        raise EmbgeoInputError(f"n_points must be an integer of at least 8, got {n_points!r}.")
-    dev = get_device(device)
+        raise EmbgeoInputError(f"global_points must be an integer of at least 8, got {n_points!r}.")
+    dev = get_device(p.device)
     summary, curves = [], []
     for name, table in tables.items():
         n_rows = int(table.shape[0])
-        pick = np.sort(np.random.default_rng(seed).choice(n_rows, size=min(n_points, n_rows), replace=False))
+        pick = np.sort(np.random.default_rng(p.seed).choice(n_rows, size=min(n_points, n_rows), replace=False))
         X = table[pick]
         scales, ids_g, errs = intrinsic_dim.gride_scaling(X, max_scale=min(max_scale, len(pick) // 4), device=dev)
         summary.append(
@@ -546,27 +580,41 @@ def global_ids(
             }
         )
         curves.append(pd.DataFrame({"model": name, "n2": scales, "ID": ids_g, "error": errs}))
-    return pd.DataFrame(summary).set_index("model"), pd.concat(curves, ignore_index=True)
+    return GlobalIDs(pd.DataFrame(summary).set_index("model"), pd.concat(curves, ignore_index=True))
 
 
-def correlation_summary(correlations: pd.DataFrame) -> dict[str, float | int | None]:
-    """Median, smallest and largest Spearman over the model pairs of :func:`id_correlations` (chapter 3's ledger row).
+@dataclass(frozen=True)
+class CorrelationSummary:
+    """The cross-model agreement of :func:`id_correlations` in a few numbers (chapter 3's ledger row).
 
-    Returns:
-        ``{"median": ..., "min": ..., "max": ..., "pairs": ..., "pairs significant": ...}`` (significant: raw
-        ``p < 0.01``); values are None when there is no pair.
+    Attributes:
+        median: median Spearman over the model pairs (None without a pair).
+        min: smallest Spearman (None without a pair).
+        max: largest Spearman (None without a pair).
+        pairs: number of model pairs.
+        pairs_significant: pairs with a raw permutation ``p < 0.01``.
     """
+
+    median: float | None
+    min: float | None
+    max: float | None
+    pairs: int
+    pairs_significant: int
+
+
+def correlation_summary(correlations: pd.DataFrame) -> CorrelationSummary:
+    """Chapter 3: median, smallest and largest Spearman over the model pairs of :func:`id_correlations`."""
     _require(correlations, ("Spearman", "p"), "correlations")
     rho = correlations["Spearman"].to_numpy(dtype=np.float64)
     if len(rho) == 0:
-        return {"median": None, "min": None, "max": None, "pairs": 0, "pairs significant": 0}
-    return {
-        "median": float(np.median(rho)),
-        "min": float(rho.min()),
-        "max": float(rho.max()),
-        "pairs": len(rho),
-        "pairs significant": int((correlations["p"].to_numpy() < 0.01).sum()),
-    }
+        return CorrelationSummary(None, None, None, 0, 0)
+    return CorrelationSummary(
+        median=float(np.median(rho)),
+        min=float(rho.min()),
+        max=float(rho.max()),
+        pairs=len(rho),
+        pairs_significant=int((correlations["p"].to_numpy() < 0.01).sum()),
+    )
 
 
 def failing_checks(verdict: stats.Verdict) -> list[str]:
@@ -600,7 +648,7 @@ def check_claim8(
        encoder is not the model under study): effect = the stratified
        difference in encoder similarity between the lowest- and highest-ID
        deciles (column ``difference`` of
-       :func:`embgeo_utils.chapters.ch03_intrinsic_dimension.semantic_coherence`; minimum 0); p-value:
+       :func:`semantic_coherence`; minimum 0); p-value:
        its stratified permutation p.
     3. **Cross-model agreement**, per pair: effect = Spearman of per-token ID on
        the common tokens (minimum 0); p-value: its permutation p
@@ -612,7 +660,7 @@ def check_claim8(
 
     Args:
         tokens: :func:`token_frame` (``model``, ``width``, ``local ID``, ``random ID``).
-        semantic: :func:`embgeo_utils.chapters.ch03_intrinsic_dimension.semantic_coherence` (``model``, ``independent``,
+        semantic: :func:`semantic_coherence` (``model``, ``independent``,
             ``difference``, ``p``, ``tokens per group``).
         correlations: :func:`id_correlations` (``model A``, ``model B``, ``tokens``, ``Spearman``, ``p``).
         alpha: significance level.
@@ -624,13 +672,19 @@ def check_claim8(
     Raises:
         EmbgeoInputError: missing columns or no token.
     """
-    from scipy.stats import mannwhitneyu
-
     _require(tokens, ("model", "width", "local ID", "random ID"), "tokens")
     _require(semantic, ("model", "independent", "difference", "p", "tokens per group"), "semantic")
     _require(correlations, ("model A", "model B", "tokens", "Spearman", "p"), "correlations")
     if tokens.empty:
         raise EmbgeoInputError("tokens is empty; run per_token_ids on at least one model.")
+    checks = [*_width_checks(tokens), *_semantic_checks(semantic), *_agreement_checks(correlations)]
+    return stats.verdict(checks, alpha=alpha, correction=correction)
+
+
+def _width_checks(tokens: pd.DataFrame) -> list[stats.Check]:
+    """Chapter 3, claim 8's first part: one "ID ≪ d" check per model (see :func:`check_claim8`)."""
+    from scipy.stats import mannwhitneyu
+
     checks = []
     for name, group in tokens.groupby("model", sort=False):
         local = group["local ID"].to_numpy(dtype=np.float64)
@@ -648,35 +702,43 @@ def check_claim8(
                 float(np.sqrt(np.pi / 2) * local.std(ddof=1) / np.sqrt(len(local))) if len(local) > 1 else None,
             )
         )
-    for row in semantic[semantic["independent"].astype(bool)].to_dict(orient="records"):
-        checks.append(
-            stats.Check(
-                f"{row['model']}: low-ID neighbourhoods semantically more coherent than high-ID (stratified)",
-                float(row["difference"]),
-                float(row["p"]),
-                0.0,
-                int(row["tokens per group"]),
-                _finite(row.get("null std")),
-            )
+    return checks
+
+
+def _semantic_checks(semantic: pd.DataFrame) -> list[stats.Check]:
+    """Chapter 3, claim 8's second part: one semantic-coherence check per model judged by another encoder."""
+    return [
+        stats.Check(
+            f"{row['model']}: low-ID neighbourhoods semantically more coherent than high-ID (stratified)",
+            float(row["difference"]),
+            float(row["p"]),
+            0.0,
+            int(row["tokens per group"]),
+            _finite(row.get("null std")),
         )
-    for row in correlations.to_dict(orient="records"):
-        checks.append(
-            stats.Check(
-                f"{row['model A']} vs {row['model B']}: per-token ID correlates (Spearman)",
-                float(row["Spearman"]),
-                float(row["p"]),
-                0.0,
-                int(row["tokens"]),
-                _finite(row.get("null std")),
-            )
+        for row in semantic[semantic["independent"].astype(bool)].to_dict(orient="records")
+    ]
+
+
+def _agreement_checks(correlations: pd.DataFrame) -> list[stats.Check]:
+    """Chapter 3, claim 8's third part: one cross-model agreement check per model pair."""
+    return [
+        stats.Check(
+            f"{row['model A']} vs {row['model B']}: per-token ID correlates (Spearman)",
+            float(row["Spearman"]),
+            float(row["p"]),
+            0.0,
+            int(row["tokens"]),
+            _finite(row.get("null std")),
         )
-    return stats.verdict(checks, alpha=alpha, correction=correction)
+        for row in correlations.to_dict(orient="records")
+    ]
 
 
 def _check_ids(ids: Mapping[str, Any], coherence_k: int) -> None:
     """The per-token IDs are there and ``coherence_k`` fits their neighbour lists."""
     if not ids:
-        raise EmbgeoInputError("No model's IDs given; run token_dimension.per_token_ids first.")
+        raise EmbgeoInputError("No model's IDs given; run per_token_ids first.")
     for m in ids.values():
         if isinstance(coherence_k, bool) or not 1 <= coherence_k <= m.neighbors.shape[1]:
             raise EmbgeoInputError(f"coherence_k must lie in [1, {m.neighbors.shape[1]}] (the k of the IDs).")
@@ -800,19 +862,13 @@ def coherence_test(
     )
 
 
-def coherence_table(
-    ids: Mapping[str, LocalIDs],
-    coherence_k: int = 10,
-    n_permutations: int = 1000,
-    seed: int = 0,
-    min_labelled: int = 20,
-) -> pd.DataFrame:
-    """Coherence of low- against high-ID neighbourhoods, per model and label (chapter 3).
+def coherence_table(ids: Mapping[str, LocalIDs], p: Parameters, min_labelled: int = 20) -> pd.DataFrame:
+    """Chapter 3: coherence of low- against high-ID neighbourhoods, per model and surface label (secondary result).
 
-    Each evaluated token and each of its ``coherence_k`` nearest neighbours is
+    Each evaluated token and each of its ``p.coherence_k`` nearest neighbours is
     labelled (:func:`embgeo_utils.lm.labels.token_labels`) in two ways:
 
-    * ``"kind + capitalised"`` (:data:`~embgeo_utils.chapters.ch03_intrinsic_dimension.COHERENCE_LABEL`):
+    * ``"kind + capitalised"`` (:data:`COHERENCE_LABEL`):
       the kind joined with the capitalisation flag; the groups are the lowest-
       and highest-ID deciles of the evaluated tokens (:attr:`LocalIDs.order`,
       ties broken at random).
@@ -821,13 +877,12 @@ def coherence_table(
       labelled tokens, and a model with fewer than ``min_labelled`` of them is skipped.
 
     Coherence is :func:`neighbor_label_agreement` (chance-adjusted) and the
-    groups are compared with :func:`coherence_test`.
+    groups are compared with :func:`coherence_test` (``p.n_permutations``
+    permutations seeded with ``p.seed``).
 
     Args:
-        ids: model name → :class:`~embgeo_utils.chapters.ch03_intrinsic_dimension.LocalIDs` (``per_token_ids``).
-        coherence_k: nearest neighbours compared with the token (at most the ``k`` of the IDs).
-        n_permutations: permutations of each null.
-        seed: seed of the permutations.
+        ids: model name → :class:`LocalIDs` (:func:`per_token_ids`).
+        p: the chapter's parameters (``coherence_k`` at most the ``k`` of the IDs, ``n_permutations``, ``seed``).
         min_labelled: fewest tokens with an analogy category for that label to be tested.
 
     Returns:
@@ -839,33 +894,18 @@ def coherence_table(
     """
     import pandas as pd
 
-    _check_ids(ids, coherence_k)
+    _check_ids(ids, p.coherence_k)
     out = []
     for name, m in ids.items():
-        rows, nbrs = m.rows, m.neighbors[:, :coherence_k]
-        needed = np.union1d(rows, nbrs.ravel())
-        lab = labels.token_labels([m.strings.get(int(r), "") for r in needed])
-        kind_cap = np.array([f"{kd}|{cp}" for kd, cp in zip(lab.kind, lab.capitalised, strict=True)], dtype=object)
-        n_dec = max(1, len(rows) // 10)
-        low, high = m.order[:n_dec], m.order[-n_dec:]
-        for label_name, values in ((COHERENCE_LABEL, kind_cap), ("analogy category", lab.analogy)):
-            full = np.full(m.n_table_rows, "", dtype=object)
-            full[needed] = values
+        for label_name, full in _surface_labels(m, p.coherence_k).items():
             if label_name == "analogy category":
-                has = full[rows] != ""
-                if has.sum() < min_labelled:
-                    continue
-                agree = neighbor_label_agreement(full, nbrs[has], rows=rows[has])
-                rank = np.empty(len(rows), dtype=np.int64)
-                rank[m.order] = np.arange(len(rows))
-                cut = max(1, int(has.sum()) // 4)
-                srt = np.argsort(rank[has])
-                res = coherence_test(agree, srt[:cut], srt[-cut:], n=n_permutations, seed=seed)
+                res = _quartile_coherence(m, full, p, min_labelled)
                 groups = "lowest vs highest ID quartile of labelled tokens"
             else:
-                agree = neighbor_label_agreement(full, nbrs, rows=rows)
-                res = coherence_test(agree, low, high, n=n_permutations, seed=seed)
+                res = _decile_coherence(m, full, p)
                 groups = "lowest vs highest ID decile"
+            if res is None:
+                continue
             out.append(
                 {
                     "model": name,
@@ -881,6 +921,47 @@ def coherence_table(
             )
     columns = ["model", "label", "groups", "tokens per group", "coherence low ID", "coherence high ID", "difference"]
     return pd.DataFrame(out, columns=[*columns, "z", "p"])
+
+
+def _surface_labels(m: LocalIDs, coherence_k: int) -> dict[str, np.ndarray]:
+    """Chapter 3: the two labels of :func:`coherence_table` over the table's rows (``""`` where not needed).
+
+    Every evaluated token and each of its ``coherence_k`` nearest neighbours gets its label; keys are
+    :data:`COHERENCE_LABEL` and ``"analogy category"``, in that order.
+    """
+    needed = np.union1d(m.rows, m.neighbors[:, :coherence_k].ravel())
+    lab = labels.token_labels([m.strings.get(int(r), "") for r in needed])
+    kind_cap = np.array([f"{kd}|{cp}" for kd, cp in zip(lab.kind, lab.capitalised, strict=True)], dtype=object)
+    out = {}
+    for label_name, values in ((COHERENCE_LABEL, kind_cap), ("analogy category", lab.analogy)):
+        full = np.full(m.n_table_rows, "", dtype=object)
+        full[needed] = values
+        out[label_name] = full
+    return out
+
+
+def _decile_coherence(m: LocalIDs, full: np.ndarray, p: Parameters) -> CoherenceResult:
+    """Chapter 3: label agreement of the lowest- against the highest-ID decile of all evaluated tokens."""
+    n_dec = max(1, len(m.rows) // 10)
+    agree = neighbor_label_agreement(full, m.neighbors[:, : p.coherence_k], rows=m.rows)
+    return coherence_test(agree, m.order[:n_dec], m.order[-n_dec:], n=p.n_permutations, seed=p.seed)
+
+
+def _quartile_coherence(m: LocalIDs, full: np.ndarray, p: Parameters, min_labelled: int) -> CoherenceResult | None:
+    """Chapter 3: label agreement of the lowest- against the highest-ID quartile of the labelled tokens.
+
+    None when fewer than ``min_labelled`` evaluated tokens carry a label.
+    """
+    rows = m.rows
+    has = full[rows] != ""
+    if has.sum() < min_labelled:
+        return None
+    agree = neighbor_label_agreement(full, m.neighbors[:, : p.coherence_k][has], rows=rows[has])
+    rank = np.empty(len(rows), dtype=np.int64)
+    rank[m.order] = np.arange(len(rows))
+    cut = max(1, int(has.sum()) // 4)
+    srt = np.argsort(rank[has])
+    return coherence_test(agree, srt[:cut], srt[-cut:], n=p.n_permutations, seed=p.seed)
 
 
 def low_id_examples(
@@ -976,132 +1057,161 @@ def stratified_difference_test(
     )  # fmt: skip
 
 
-def string_encoder(
-    name: str = "minilm-l6", batch_size: int = 256, use_cache: bool = True, folder: Path | None = None
-) -> Callable[..., np.ndarray]:
-    """A function mapping strings to unit-norm sentence embeddings of the encoder ``name`` (chapter 3).
+@cached("string_embeddings", version=1)
+def string_embeddings(encoder: models.LoadedModel, strings: list[str], batch_size: int) -> np.ndarray:
+    """Chapter 3, cached: unit-norm sentence embeddings of ``strings`` by ``encoder``, row for row.
 
-    Embeddings are mean-pooled last hidden states (``steering.sentence_embeddings``), computed
-    with strings sorted by length (less padding) and cached per string in ``<folder>/<name>.npz``
-    (default folder ``~/.cache/embgeo/string_embeddings``) so that a rerun encodes nothing new.
+    Embeddings are mean-pooled last hidden states (``steering.sentence_embeddings``), computed with the strings
+    sorted by length (less padding). The cache key holds the encoder (name, weights' sha256, dtype), the strings
+    and ``batch_size``.
+
+    Returns:
+        float32 ``(len(strings), e)``.
     """
+    by_length = sorted(range(len(strings)), key=lambda i: len(strings[i]))
+    vectors = steering.sentence_embeddings(encoder, [strings[i] for i in by_length], batch_size=batch_size)
+    out = np.empty_like(vectors)
+    out[by_length] = vectors
+    return out
 
-    path = (folder or cache_dir("string_embeddings")) / f"{name.replace('/', '_')}.npz"
-    store: dict[str, np.ndarray] = {}
-    if use_cache and path.exists():
-        with np.load(path, allow_pickle=False) as data:
-            store = dict(zip(data["strings"].tolist(), data["vectors"], strict=True))
-    loaded: list[Any] = []
+
+def string_encoder(
+    name: str = "minilm-l6", batch_size: int = 256, use_cache: bool = True
+) -> Callable[[Sequence[str]], np.ndarray]:
+    """Chapter 3: a function mapping strings to unit-norm sentence embeddings of the encoder ``name``.
+
+    The encoder is loaded on the CPU now; each call embeds its distinct strings (sorted) with
+    :func:`string_embeddings`, so a rerun with the same strings reads them from the cache (kind
+    ``string_embeddings``; ``use_cache=False`` neither reads nor writes it).
+    """
+    encoder = models.load(name, device="cpu")
+    embed = string_embeddings if use_cache else string_embeddings.compute
 
     def encode(strings: Sequence[str]) -> np.ndarray:
-        todo = sorted({s for s in strings if s not in store}, key=len)
-        if todo:
-            if not loaded:
-                loaded.append(models.load(name, device="cpu"))
-            vectors = steering.sentence_embeddings(loaded[0], todo, batch_size=batch_size)
-            store.update(zip(todo, vectors, strict=True))
-            if use_cache:
-                keys = list(store)
-                with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                    np.savez(fh, strings=np.array(keys), vectors=np.stack([store[k] for k in keys]))
-        return np.stack([store[s] for s in strings]) if strings else np.empty((0, 0))
+        if not strings:
+            return np.empty((0, 0))
+        distinct = sorted(set(strings))
+        vectors = embed(encoder, distinct, batch_size)
+        position = {s: i for i, s in enumerate(distinct)}
+        return vectors[[position[s] for s in strings]]
 
     return encode
+
+
+#: Columns of :func:`semantic_coherence`'s table.
+SEMANTIC_COLUMNS = (
+    "model", "encoder", "independent", "tokens per group", "strata", "similarity low ID", "similarity high ID",
+    "difference", "unstratified difference", "null std", "z", "p",
+)  # fmt: skip
 
 
 def semantic_coherence(
     ids: Mapping[str, LocalIDs],
     encode: Callable[[Sequence[str]], np.ndarray],
-    encoder_name: str = "minilm-l6",
-    coherence_k: int = 10,
-    n_tokens: int = 200,
+    p: Parameters,
     n_reference: int = 500,
-    n_permutations: int = 1000,
-    seed: int = 0,
 ) -> pd.DataFrame:
-    """Semantic coherence of low- against high-ID neighbourhoods, measured by a separate encoder (chapter 3).
+    """Chapter 3: semantic coherence of low- against high-ID neighbourhoods, measured by a separate encoder.
 
-    For each model, ``n_tokens`` tokens are drawn (seeded) from the lowest-ID
+    For each model, ``p.semantic_tokens`` tokens are drawn (seeded with ``p.seed``) from the lowest-ID
     decile and as many from the highest-ID decile of its evaluated tokens
     (:attr:`LocalIDs.order`). A token's value is the mean cosine, under
-    ``encode``, between its string and the strings of its ``coherence_k``
+    ``encode``, between its string and the strings of its ``p.coherence_k``
     nearest neighbours in the model's table (neighbours without a string are
     skipped), minus its mean cosine to the strings of ``n_reference`` random
     evaluated tokens of the same model (its chance level). The deciles are
     compared within strata of word frequency x token kind
     (:func:`embgeo_utils.lm.labels.frequency_strata`, :func:`embgeo_utils.lm.labels.token_labels`)
-    by :func:`stratified_difference_test`.
+    by :func:`stratified_difference_test` (``p.n_permutations`` permutations, ``p.seed``).
 
     The encoder should not be the model under study: the ``independent`` column is False
-    for the model named ``encoder_name``, whose row is descriptive only.
+    for the model named ``p.semantic_encoder``, whose row is descriptive only.
 
     Args:
-        ids: model name → :class:`~embgeo_utils.chapters.ch03_intrinsic_dimension.LocalIDs` (usually without under-trained tokens).
-        encode: strings → ``(n, e)`` unit-norm embeddings (:func:`string_encoder`).
-        encoder_name: the encoder's name (for the table and the independence flag).
-        coherence_k: nearest neighbours compared with the token.
-        n_tokens: tokens drawn from each decile.
+        ids: model name → :class:`LocalIDs` (usually without under-trained tokens).
+        encode: strings → ``(n, e)`` unit-norm embeddings (:func:`string_encoder` of ``p.semantic_encoder``).
+        p: the chapter's parameters.
         n_reference: random tokens of the chance level.
-        n_permutations: permutations of the stratified null.
-        seed: seed of the draws and the permutations.
 
     Returns:
-        One row per model: ``model``, ``encoder``, ``independent``, ``tokens per group``, ``strata``,
-        ``similarity low ID``, ``similarity high ID``, ``difference`` (stratified), ``unstratified difference``,
-        ``z``, ``p``.
+        One row per model, the columns of :data:`SEMANTIC_COLUMNS`: ``model``, ``encoder``, ``independent``,
+        ``tokens per group``, ``strata``, ``similarity low ID``, ``similarity high ID``, ``difference``
+        (stratified), ``unstratified difference``, ``null std``, ``z``, ``p``.
 
     Raises:
-        EmbgeoInputError: no model, or ``coherence_k`` outside ``[1, k]``.
+        EmbgeoInputError: no model, or ``p.coherence_k`` outside ``[1, k]``.
     """
     import pandas as pd
 
-    _check_ids(ids, coherence_k)
-    out = []
-    for name, m in ids.items():
-        rng = np.random.default_rng(seed)
-        n_dec = max(1, len(m.rows) // 10)
-        low = rng.choice(m.order[:n_dec], size=min(n_tokens, n_dec), replace=False)
-        high = rng.choice(m.order[-n_dec:], size=min(n_tokens, n_dec), replace=False)
-        picked = np.concatenate([low, high])
-        pool = rng.choice(len(m.rows), size=min(n_reference, len(m.rows)), replace=False)
-        text = [m.strings.get(int(m.rows[p]), "") for p in picked]
-        hood = [[m.strings.get(int(j), "") for j in m.neighbors[p, :coherence_k]] for p in picked]
-        pool_text = [m.strings.get(int(m.rows[p]), "") for p in pool]
-        vocab = sorted({*text, *pool_text, *(s for row in hood for s in row)} - {""})
-        position = {s: i for i, s in enumerate(vocab)}
-        emb = encode(vocab)
-        tok = emb[[position.get(s, 0) for s in text]]
-        chance = tok @ emb[[position[s] for s in pool_text if s]].T
-        values = np.empty(len(picked))
-        for i, row in enumerate(hood):
-            nb = [position[s] for s in row if s]
-            values[i] = (emb[nb] @ tok[i]).mean() - chance[i].mean() if nb and text[i] else np.nan
-        lab = labels.token_labels(text)
-        strata = np.array([f"{z}|{kd}" for z, kd in zip(labels.frequency_strata(text), lab.kind, strict=True)])
-        is_low = np.arange(len(picked)) < len(low)
-        ok = ~np.isnan(values)
-        res = stratified_difference_test(values[ok], is_low[ok], strata[ok], n=n_permutations, seed=seed)
-        plain = float(values[ok & is_low].mean() - values[ok & ~is_low].mean())
-        out.append(
-            {
-                "model": name,
-                "encoder": encoder_name,
-                "independent": name != encoder_name,
-                "tokens per group": min(res.n_low, res.n_high),
-                "strata": int(len(np.unique(strata[ok]))),
-                "similarity low ID": res.low_mean,
-                "similarity high ID": res.high_mean,
-                "difference": res.difference,
-                "unstratified difference": plain,
-                "null std": res.null_std,
-                "z": res.z,
-                "p": res.p_value,
-            }
-        )
-    columns = ["model", "encoder", "independent", "tokens per group", "strata", "similarity low ID"]
-    return pd.DataFrame(
-        out, columns=[*columns, "similarity high ID", "difference", "unstratified difference", "null std", "z", "p"]
-    )
+    _check_ids(ids, p.coherence_k)
+    out = [_semantic_row(name, m, encode, p, n_reference) for name, m in ids.items()]
+    return pd.DataFrame(out, columns=list(SEMANTIC_COLUMNS))
+
+
+def _decile_draw(m: LocalIDs, n_tokens: int, n_reference: int, seed: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Chapter 3: positions of the tokens drawn from the lowest- and highest-ID deciles, how many are low, and the
+    positions of the chance-level tokens (one generator seeded with ``seed``, in that order)."""
+    rng = np.random.default_rng(seed)
+    n_dec = max(1, len(m.rows) // 10)
+    low = rng.choice(m.order[:n_dec], size=min(n_tokens, n_dec), replace=False)
+    high = rng.choice(m.order[-n_dec:], size=min(n_tokens, n_dec), replace=False)
+    pool = rng.choice(len(m.rows), size=min(n_reference, len(m.rows)), replace=False)
+    return np.concatenate([low, high]), len(low), pool
+
+
+def _neighbour_similarity(
+    m: LocalIDs,
+    picked: np.ndarray,
+    pool: np.ndarray,
+    encode: Callable[[Sequence[str]], np.ndarray],
+    coherence_k: int,
+) -> tuple[np.ndarray, list[str]]:
+    """Chapter 3: each picked token's mean encoder cosine to its neighbours minus its mean cosine to the pool.
+
+    Returns:
+        The values (NaN for a token without a string or without a neighbour that has one) and the tokens' strings.
+    """
+    text = [m.strings.get(int(m.rows[i]), "") for i in picked]
+    hood = [[m.strings.get(int(j), "") for j in m.neighbors[i, :coherence_k]] for i in picked]
+    pool_text = [m.strings.get(int(m.rows[i]), "") for i in pool]
+    distinct = sorted({*text, *pool_text, *(s for row in hood for s in row)} - {""})
+    position = {s: i for i, s in enumerate(distinct)}
+    emb = encode(distinct)
+    tok = emb[[position.get(s, 0) for s in text]]
+    chance = tok @ emb[[position[s] for s in pool_text if s]].T
+    values = np.empty(len(picked))
+    for i, row in enumerate(hood):
+        nb = [position[s] for s in row if s]
+        values[i] = (emb[nb] @ tok[i]).mean() - chance[i].mean() if nb and text[i] else np.nan
+    return values, text
+
+
+def _semantic_row(
+    name: str, m: LocalIDs, encode: Callable[[Sequence[str]], np.ndarray], p: Parameters, n_reference: int
+) -> dict[str, Any]:
+    """Chapter 3: one model's row of :func:`semantic_coherence`."""
+    picked, n_low, pool = _decile_draw(m, p.semantic_tokens, n_reference, p.seed)
+    values, text = _neighbour_similarity(m, picked, pool, encode, p.coherence_k)
+    lab = labels.token_labels(text)
+    strata = np.array([f"{z}|{kd}" for z, kd in zip(labels.frequency_strata(text), lab.kind, strict=True)])
+    is_low = np.arange(len(picked)) < n_low
+    ok = ~np.isnan(values)
+    res = stratified_difference_test(values[ok], is_low[ok], strata[ok], n=p.n_permutations, seed=p.seed)
+    plain = float(values[ok & is_low].mean() - values[ok & ~is_low].mean())
+    return {
+        "model": name,
+        "encoder": p.semantic_encoder,
+        "independent": name != p.semantic_encoder,
+        "tokens per group": min(res.n_low, res.n_high),
+        "strata": int(len(np.unique(strata[ok]))),
+        "similarity low ID": res.low_mean,
+        "similarity high ID": res.high_mean,
+        "difference": res.difference,
+        "unstratified difference": plain,
+        "null std": res.null_std,
+        "z": res.z,
+        "p": res.p_value,
+    }
 
 
 def extreme_id_examples(
@@ -1152,7 +1262,7 @@ def plot_token_id_distributions(tokens: pd.DataFrame, k: int, variance: float) -
     their half would shrink to a line.
 
     Args:
-        tokens: ``token_dimension.token_frame`` (``model``, ``width``, ``local ID``, ``random ID``).
+        tokens: :func:`token_frame` (``model``, ``width``, ``local ID``, ``random ID``).
         k: neighbours per token (the ceiling of the ID, drawn as a line).
         variance: the variance threshold of the local PCA (for the axis label).
 
@@ -1163,7 +1273,7 @@ def plot_token_id_distributions(tokens: pd.DataFrame, k: int, variance: float) -
     import pandas as pd
     import seaborn as sns
 
-    need_columns(tokens, ("model", "width", "local ID", "random ID"), "token_dimension.token_frame")
+    need_columns(tokens, ("model", "width", "local ID", "random ID"), "token_frame")
     label = tokens["model"] + "\n(d = " + tokens["width"].astype(str) + ")"
     dist = pd.concat(
         [
@@ -1192,7 +1302,7 @@ def plot_undertrained_id_histograms(tokens: pd.DataFrame, k: int) -> Figure:
     """Chapter 3: per model, the local-ID histogram of trained and under-trained tokens, stacked.
 
     Args:
-        tokens: ``token_dimension.token_frame`` of *all* evaluated tokens with a bool column ``under-trained``.
+        tokens: :func:`token_frame` of *all* evaluated tokens with a bool column ``under-trained``.
         k: neighbours per token (the largest possible ID).
     """
     import matplotlib.pyplot as plt
@@ -1223,7 +1333,7 @@ def plot_semantic_coherence_bars(semantic: pd.DataFrame, coherence_k: int) -> Fi
     """Chapter 3: encoder similarity of the lowest- and highest-ID deciles' neighbourhoods, per model.
 
     Args:
-        semantic: ``coherence.semantic_coherence``.
+        semantic: :func:`semantic_coherence`.
         coherence_k: neighbours compared (for the title).
 
     Returns:
@@ -1234,7 +1344,7 @@ def plot_semantic_coherence_bars(semantic: pd.DataFrame, coherence_k: int) -> Fi
 
     need_columns(
         semantic, ("model", "encoder", "independent", "similarity low ID", "similarity high ID"),
-        "coherence.semantic_coherence",
+        "semantic_coherence",
     )  # fmt: skip
     if len(semantic) == 0:
         return None
@@ -1267,12 +1377,12 @@ def plot_token_id_by_frequency(tokens: pd.DataFrame) -> Figure:
     """Chapter 3: mean local ID (95 % CI) by word-frequency stratum, one line per model.
 
     Args:
-        tokens: ``token_dimension.token_frame`` with its ``Zipf stratum`` column.
+        tokens: :func:`token_frame` with its ``Zipf stratum`` column.
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    need_columns(tokens, ("model", "Zipf stratum", "local ID"), "token_dimension.token_frame(ids, strata=True)")
+    need_columns(tokens, ("model", "Zipf stratum", "local ID"), "token_frame(ids, strata=True)")
     names = list(dict.fromkeys(tokens["model"]))
     fig, ax = plt.subplots(figsize=(9, 3.8))
     sns.pointplot(
@@ -1295,7 +1405,7 @@ def plot_token_id_correlation_heatmap(correlations: pd.DataFrame) -> Figure | No
     """Chapter 3: Spearman of per-token ID for every pair of models, as a symmetric heatmap.
 
     Args:
-        correlations: ``token_dimension.id_correlations``.
+        correlations: :func:`id_correlations`.
 
     Returns:
         The Figure, or None when there is no pair (a single model).
@@ -1305,7 +1415,7 @@ def plot_token_id_correlation_heatmap(correlations: pd.DataFrame) -> Figure | No
     import pandas as pd
     import seaborn as sns
 
-    need_columns(correlations, ("model A", "model B", "tokens", "Spearman"), "token_dimension.id_correlations")
+    need_columns(correlations, ("model A", "model B", "tokens", "Spearman"), "id_correlations")
     if len(correlations) == 0:
         return None
     names = list(dict.fromkeys([*correlations["model A"], *correlations["model B"]]))
@@ -1337,7 +1447,7 @@ def plot_neighbourhood_coherence_bars(
     """Chapter 3: coherence of the lowest- and highest-ID groups per model, for one label.
 
     Args:
-        coherence: ``coherence.coherence_table``.
+        coherence: :func:`coherence_table`.
         coherence_k: neighbours compared (for the title).
         label: which label's rows to draw.
 
@@ -1347,7 +1457,7 @@ def plot_neighbourhood_coherence_bars(
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    need_columns(coherence, ("model", "label", "coherence low ID", "coherence high ID"), "coherence.coherence_table")
+    need_columns(coherence, ("model", "label", "coherence low ID", "coherence high ID"), "coherence_table")
     rows = coherence[coherence["label"] == label]
     if len(rows) == 0:
         return None
@@ -1371,12 +1481,12 @@ def plot_embedding_gride_curves(curves: pd.DataFrame, n_points: int) -> Figure:
     """Chapter 3: GRIDE ID against the neighbour rank n2 (error bars: Fisher standard error), one line per model.
 
     Args:
-        curves: the curves of ``token_dimension.global_ids``.
+        curves: the scale curves of :func:`global_ids` (``.curves``).
         n_points: rows sampled per table (for the title).
     """
     import matplotlib.pyplot as plt
 
-    need_columns(curves, ("model", "n2", "ID", "error"), "token_dimension.global_ids")
+    need_columns(curves, ("model", "n2", "ID", "error"), "global_ids(...).curves")
     names = list(dict.fromkeys(curves["model"]))
     colors = model_colors(names)
     fig, ax = plt.subplots(figsize=(7, 4))

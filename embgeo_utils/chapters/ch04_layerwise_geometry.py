@@ -1,32 +1,26 @@
-"""Layer-by-layer geometry of a prompt's token cloud (chapter 4).
+"""Chapter 4, layerwise token geometry: does a prompt's token cloud rise and fall in dimension over the layers?
 
-For every prompt, the hidden states of its ``T`` tokens at one layer form a point
-cloud. ``layer_observables`` measures, for every prompt and layer at once:
+At every layer of a language model, the hidden states of a prompt's ``T`` tokens form a cloud of ``T`` points.
+Viswanathan et al. (2025) follow that cloud through the layers with three observables (its intrinsic dimension,
+the overlap of nearest-neighbour sets between consecutive layers, the cosine similarity of its tokens), then
+destroy the order of the text by block-shuffling its tokens and watch the geometry move with the model's
+next-token loss. This chapter asks whether their claims 1-5 hold on the book's small models and real passages.
 
-* GRIDE intrinsic dimension at ranks ``n2 = 2, 4, 8, ...`` (headline: ``n2 = 2``)
-  and TwoNN, after removing duplicate points (see :mod:`embgeo_utils.geometry.intrinsic_dim`);
-* the neighbourhood overlap ``chi_k`` between consecutive layers ``l`` and
-  ``l + 1``: the mean over tokens of the fraction of shared ``k`` nearest
-  Euclidean neighbours (the token itself excluded by index, duplicates kept);
-* the mean and standard deviation of the off-diagonal token x token cosine
-  similarities (Viswanathan et al. average the full matrix, diagonal included;
-  we leave the diagonal of ones out).
+The stages:
 
-One Gram matrix per cloud serves the distances, the neighbour lists and the
-cosines. With ``dtype=torch.float32`` (what the chapter uses) the clouds of all
-prompts and layers are processed in batches: the float32 Gram matrices only
-*rank* the candidates, and every distance that decides an estimate (the ranks
-GRIDE and TwoNN read, the nearest sets of the overlap) is recomputed exactly in
-float64 (:func:`~embgeo_utils.geometry.neighbors.exact_order_statistics`), so the results
-equal those of the float64 route.
-
-The chapter itself runs on top of that: ``run_layerwise`` measures every model at
-every shuffle level and returns tidy tables (``LayerwiseRun``); ``id_peaks``,
-``loss_table``, ``max_mean_cosine``, ``scale_curve_table``, ``id_loss_correlation``,
-``strongest_correlation`` and ``paper_comparison`` summarise them; and
-``check_claim1`` ... ``check_claim5`` (all five: ``check_claims``) test the
-ledger's claims 1-5 with pre-declared checks judged by
-:func:`embgeo_utils.core.stats.verdict`.
+1. :func:`load_prompts`: the passages of the book's corpus each model reads (cut to ``T`` tokens), and
+   :func:`shuffled_prompts`: their token ids at one shuffle level ``S``.
+2. :func:`measure_level` (cached): the hidden states of layers ``1..L`` and the loss of every prompt at one
+   level, measured by :func:`embgeo_utils.geometry.token_clouds.layer_observables` (GRIDE ID, TwoNN, overlap
+   ``chi_k``, cosine mean and spread), plus the GRIDE scale curve at the peak layer, as tables.
+3. :func:`run_model` gathers one model's levels and :func:`run_layerwise` every model, into a
+   :class:`LayerwiseRun` of tidy tables.
+4. Summaries of those tables: :func:`id_peaks`, :func:`loss_table`, :func:`max_mean_cosine`,
+   :func:`scale_curve_table`, :func:`id_loss_correlation`, :func:`strongest_correlation`, :func:`paper_comparison`.
+5. The checks of claims 1-5, :func:`check_claim1` ... :func:`check_claim5` (all five: :func:`check_claims`),
+   each with pre-declared checks judged by :func:`embgeo_utils.core.stats.verdict`, and :func:`claims_summary`.
+6. The figures: :func:`plot_layer_profiles`, :func:`plot_gride_scale_curves`, :func:`plot_loss_by_shuffle_level`,
+   :func:`plot_id_loss_correlation_by_layer`.
 
 References:
     K. Viswanathan, Y. Gardinazzi, G. Panerai, A. Cazzaniga, M. Biagetti (2025),
@@ -35,12 +29,6 @@ References:
 
     F. Denti, D. Doimo, A. Laio, A. Mira (2022), The generalized ratios intrinsic
     dimension estimator, Sci. Rep. 12, 20005.
-
-
-One look for every figure of the book (all chapters).
-
-``use_book_style()`` sets a seaborn theme with a colour-blind-safe palette;
-``model_colors`` gives each packaged model the same colour in every chapter.
 """
 
 from __future__ import annotations
@@ -56,24 +44,25 @@ import torch
 from scipy import stats as sps
 
 from ..core import stats
-from ..core.cache import array_digest, cache_dir, content_key, load_frame, save_frame
+from ..core.cache import cached
 from ..core.device import get_device
 from ..core.errors import EmbgeoInputError
-from ..geometry.intrinsic_dim import (
-    check_scales,
-    default_scales,
-    gride_batched,
-)
+from ..core.progress import LOG
+from ..geometry.intrinsic_dim import check_scales, default_scales, gride_batched
 from ..geometry.token_clouds import LayerObservables, layer_observables
 from ..lm import activations, corpus, models
+from ..lm.corpus import Passage
 from ..lm.models import LoadedModel
 from .claims import CLAIMS
 from .style import finish_axes, model_colors, need_columns
 
 __all__ = [
+    "CHAPTER",
     "ClaimCheck",
     "LayerwiseRun",
     "PAPER_REFERENCE",
+    "Parameters",
+    "TITLE",
     "check_claim1",
     "check_claim2",
     "check_claim3",
@@ -84,36 +73,66 @@ __all__ = [
     "distinct_levels",
     "id_loss_correlation",
     "id_peaks",
+    "load_prompts",
     "loss_table",
     "max_mean_cosine",
+    "measure_level",
     "paper_comparison",
     "plot_gride_scale_curves",
     "plot_id_loss_correlation_by_layer",
     "plot_layer_profiles",
     "plot_loss_by_shuffle_level",
     "run_layerwise",
+    "run_model",
     "scale_curve_table",
+    "shuffled_prompts",
     "strongest_correlation",
 ]
 
 
+CHAPTER = "ch04_layerwise_geometry"
+TITLE = "Layerwise token geometry"
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Chapter 4's parameters: the fields of its cell tagged ``parameters`` (defaults and allowed values are there)."""
+
+    model_names: list[str]
+    n_prompts: int
+    n_tokens: int
+    shuffle_levels: list[int]
+    scales: list[int]
+    scale_curve_max: int
+    overlap_k: list[int]
+    alpha: float
+    seed: int
+    device: str
+    batch_size: int
+
+    def models(self) -> list[str]:
+        """The models the chapter measures, in order."""
+        return list(self.model_names)
+
+
 @dataclass
 class LayerwiseRun:
-    """Everything chapter 4 measures, as tidy pandas tables (returned by :func:`run_layerwise`).
+    """Everything chapter 4 measures, as tidy pandas tables (returned by :func:`run_layerwise` and :func:`run_model`).
 
     Attributes:
-        geometry: one row per model, shuffle level ``S``, prompt and layer
-            ``1..L`` with ``depth = layer / L``, the headline GRIDE ``ID``
-            (``n2 = 2``, or the first scale), ``TwoNN``, ``cos_mean``,
-            ``cos_std``, the prompt's ``loss``, ``ID n2=<n2>`` for the other
-            scales and ``chi_<k>`` (overlap of the layer with the next; NaN at
-            the last layer).
-        losses: one row per model, ``S`` and prompt: the mean next-token ``loss`` (nats).
-        curves: the GRIDE scale curve at the peak layer of the mean profile, for
-            the lowest and highest shuffle level: ``model, S, peak layer, prompt, n2, ID``.
-        sources: the passage behind each prompt: ``model, prompt, source, title``.
+        geometry: one row per model, shuffle level and prompt and layer, prompt-major within a model and level.
+            Columns: ``model`` (name as given), ``S`` (shuffle level), ``prompt`` (0-based), ``layer`` (``1..L``,
+            the embedding layer skipped), ``depth`` (``layer / L``), ``ID`` (headline GRIDE ID at the first rank
+            of ``scales``, ``n2 = 2`` by default), ``TwoNN``, ``cos_mean`` and ``cos_std`` (off-diagonal token x
+            token cosines), ``loss`` (the prompt's mean next-token loss, nats), then ``ID n2=<n2>`` for each further
+            rank of ``scales`` and ``chi_<k>`` for each ``k`` of ``overlap_k`` (the overlap of the layer's ``k``
+            nearest neighbours with those of the next layer; NaN at the last layer).
+        losses: one row per model, level and prompt. Columns: ``model, S, prompt, loss`` (mean next-token loss, nats).
+        curves: the GRIDE scale curve at the peak layer of the mean ID profile, for the lowest and the highest level.
+            Columns: ``model, S, peak layer`` (1-based), ``prompt``, ``n2`` (GRIDE rank), ``ID``.
+        sources: the passage behind each prompt. Columns: ``model, prompt, source, title``.
         n_tokens: tokens per prompt ``T``.
-        seconds: wall time per model.
+        seconds: wall time per model (loading included).
     """
 
     geometry: pd.DataFrame
@@ -143,147 +162,89 @@ def _shuffle_levels(shuffle_levels: Sequence[int]) -> list[int]:
     return sorted({int(s) for s in values})
 
 
-def run_layerwise(
-    model_names: Sequence[str],
-    n_prompts: int = 16,
-    n_tokens: int = 256,
-    shuffle_levels: Sequence[int] = (0, 1, 2, 3, 4, 5),
-    scales: Sequence[int] = (2, 4, 8),
-    scale_curve_max: int = 128,
-    overlap_k: Sequence[int] = (1, 2, 4),
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    batch_size: int = 4,
-    loader: Callable[[str], LoadedModel] | None = None,
-    verbose: bool = True,
-    cache: bool = True,
-) -> LayerwiseRun:
-    """Measure the layerwise geometry of real prompts, every model at every shuffle level (chapter 4).
+def load_prompts(loaded: LoadedModel, p: Parameters) -> list[Passage]:
+    """Chapter 4, stage 1: the ``p.n_prompts`` passages one model reads, each cut to ``p.n_tokens`` of its tokens.
 
-    For each model: ``n_prompts`` passages of the book's corpus with at least
-    ``n_tokens`` tokens in the model's tokenizer (:func:`~embgeo_utils.lm.corpus.load_passages`,
-    seed ``seed``), cut to ``n_tokens``; at each shuffle level ``S`` every
-    passage is block-shuffled with its own order
-    (:func:`~embgeo_utils.lm.corpus.shuffle_tokens` with seed ``seed * 100003 + prompt``);
-    the hidden states of layers ``1..L`` (the embedding layer skipped) and the
-    loss come from :func:`~embgeo_utils.lm.activations.hidden_states`, and
-    :func:`layer_observables` measures them (float32 Gram matrices). At the
-    lowest and the highest level, the GRIDE scale curve up to
-    ``scale_curve_max`` is computed at the peak layer of the mean ID profile.
+    Passages of the book's corpus with at least ``n_tokens`` tokens in the model's tokenizer
+    (:func:`embgeo_utils.lm.corpus.load_passages`, seed ``p.seed``); their ``token_ids`` hold ``n_tokens`` ids.
+    """
+    return corpus.load_passages(
+        p.n_prompts, loaded.tokenizer, min_tokens=p.n_tokens, max_tokens=p.n_tokens, seed=p.seed
+    )
 
-    Args:
-        model_names: registry names, Hugging Face ids or paths.
-        n_prompts: passages per model.
-        n_tokens: tokens per prompt ``T``.
-        shuffle_levels: levels ``S``; level ``S`` cuts a prompt into ``min(4^S, T)`` blocks.
-        scales: GRIDE ranks ``n2`` computed at every layer; the headline ID is the first.
-        scale_curve_max: largest ``n2`` of the scale curve at the peak layer.
-        overlap_k: neighbourhood sizes of the overlap ``chi_k``.
-        seed: seed of the passages and of the shuffles.
-        device: where to run the models and the geometry.
-        batch_size: prompts per forward pass.
-        loader: ``name -> LoadedModel`` (default :func:`~embgeo_utils.lm.models.load` on ``device``).
-        verbose: print the time taken per model.
-        cache: keep each model's tables per shuffle level on disk, keyed by the
-            model, the token ids and the parameters of the geometry, so a rerun
-            reads them instead of the hidden states. The hidden states themselves
-            are not written to disk (about 10 GB at the chapter's defaults).
+
+def shuffled_prompts(passages: Sequence[Passage], S: int, seed: int) -> list[np.ndarray]:
+    """Chapter 4, stage 1: every passage's token ids at shuffle level ``S``, each with its own block order.
+
+    Passage ``i`` is block-shuffled by :func:`embgeo_utils.lm.corpus.shuffle_tokens` with seed
+    ``seed * 100003 + i``; level ``S`` cuts it into ``min(4^S, T)`` blocks (``S = 0``: the text as written).
+    """
+    return [corpus.shuffle_tokens(p.token_ids, S, seed=seed * 100_003 + i) for i, p in enumerate(passages)]
+
+
+@cached("layerwise", version=1, ignore=("batch_size",))
+def measure_level(
+    loaded: LoadedModel,
+    name: str,
+    S: int,
+    ids: list[np.ndarray],
+    n_tokens: int,
+    scales: np.ndarray,
+    overlap_k: list[int],
+    curve_scales: np.ndarray | None,
+    device: torch.device,
+    batch_size: int,
+) -> dict[str, pd.DataFrame]:
+    """Chapter 4, stage 2: the geometry of every prompt's token cloud at one shuffle level, as tables (cached).
+
+    The hidden states of layers ``1..L`` (the embedding layer skipped) and the loss come from
+    :func:`embgeo_utils.lm.activations.hidden_states` (``batch_size`` prompts per forward pass, not written to
+    disk: about 10 GB at the chapter's defaults); :func:`layer_observables` measures them with float32 Gram
+    matrices (GRIDE at ``scales``, TwoNN, overlap ``chi_k`` for ``overlap_k``, cosines). With ``curve_scales``
+    (the lowest and the highest level), the GRIDE scale curve at those ranks is computed at the peak layer of the
+    mean ID profile. The cache key holds the model (name, weights' sha256, dtype), ``S``, the token ids' digests,
+    ``n_tokens``, the ranks, ``overlap_k`` and the device type.
 
     Returns:
-        A :class:`LayerwiseRun`.
-
-    Raises:
-        EmbgeoInputError: on no models, bad counts, levels or scales.
+        ``{"geometry": ..., "losses": ..., "curve": ...}``: this level's rows of :attr:`LayerwiseRun.geometry`,
+        :attr:`LayerwiseRun.losses` and :attr:`LayerwiseRun.curves` (same columns); ``curve`` only with
+        ``curve_scales``.
     """
+    acts = activations.hidden_states(loaded, ids, n_tokens, batch_size=batch_size, cache=False, progress=False)
+    hidden = acts.hidden[:, 1:]  # skip the embedding layer: layers 1..L
+    obs = layer_observables(
+        hidden, scales=scales, overlap_k=overlap_k, device=device, dtype=torch.float32, progress=False
+    )
+    assert acts.loss is not None  # with_loss=True
+    n_prompts = len(ids)
+    losses = pd.DataFrame({"model": name, "S": S, "prompt": np.arange(n_prompts), "loss": acts.loss.astype(np.float64)})
+    tables = {"geometry": _geometry_frame(name, S, obs, acts.loss), "losses": losses}
+    if curve_scales is not None:
+        tables["curve"] = _curve_frame(name, S, hidden, obs, curve_scales, device)
+    return tables
 
-    if isinstance(model_names, str) or not list(model_names):
-        raise EmbgeoInputError("model_names must be a non-empty list of model names.")
-    if n_prompts < 1 or n_tokens < 4:
-        raise EmbgeoInputError(f"Need n_prompts >= 1 and n_tokens >= 4, got {n_prompts} and {n_tokens}.")
-    levels = _shuffle_levels(shuffle_levels)
-    scales_arr = check_scales(scales)
-    curve_scales = default_scales(n_tokens, scale_curve_max)
-    dev = get_device(device)
-    load = loader or (lambda name: models.load(name, device=dev))
-    s_lo, s_hi = levels[0], levels[-1]
-    frames, loss_frames, curve_frames, source_rows, seconds = [], [], [], [], {}
-    for name in model_names:
-        start = time.perf_counter()
-        loaded = load(name)
-        passages = corpus.load_passages(
-            n_prompts, loaded.tokenizer, min_tokens=n_tokens, max_tokens=n_tokens, seed=seed
-        )
-        source_rows += [
-            {"model": name, "prompt": i, "source": p.source, "title": p.title} for i, p in enumerate(passages)
-        ]
-        n_layers = 0
-        for S in levels:
-            ids = [corpus.shuffle_tokens(p.token_ids, S, seed=seed * 100_003 + i) for i, p in enumerate(passages)]
-            key = content_key(
-                "layerwise-v1", name, loaded.info.sha256, str(loaded.model.dtype), [array_digest(np.asarray(x)) for x in ids],
-                int(n_tokens), scales_arr.tolist(), list(map(int, overlap_k)),
-                curve_scales.tolist() if S in (s_lo, s_hi) else None, dev.type,
-            )  # fmt: skip
-            paths = [cache_dir("layerwise") / f"{key}-{part}.npz" for part in ("geometry", "loss", "curve")]
-            geo, lss, crv = [load_frame(path) for path in paths] if cache else [None, None, None]
-            if geo is not None and lss is not None and (crv is not None or S not in (s_lo, s_hi)):
-                frames.append(geo)
-                loss_frames.append(lss)
-                if crv is not None and S in (s_lo, s_hi):
-                    curve_frames.append(crv)
-                n_layers = int(geo["layer"].nunique())
-                continue
-            acts = activations.hidden_states(loaded, ids, n_tokens, batch_size=batch_size, cache=False, progress=False)
-            hidden = acts.hidden[:, 1:]  # skip the embedding layer: layers 1..L
-            obs = layer_observables(
-                hidden, scales=scales_arr, overlap_k=overlap_k, device=dev, dtype=torch.float32, progress=False
-            )
-            assert acts.loss is not None  # with_loss=True
-            frames.append(_geometry_frame(name, S, obs, acts.loss))
-            loss_frames.append(
-                pd.DataFrame(
-                    {"model": name, "S": S, "prompt": np.arange(len(passages)), "loss": acts.loss.astype(np.float64)}
-                )
-            )
-            if cache:
-                save_frame(frames[-1], paths[0])
-                save_frame(loss_frames[-1], paths[1])
-            n_layers = hidden.shape[1]
-            if S in (s_lo, s_hi):
-                peak = int(np.argmax(obs.gride[:, :, 0].mean(0)))
-                curve = np.asarray(gride_batched(hidden[:, peak], scales=curve_scales, device=dev))
-                p_idx, s_idx = np.meshgrid(np.arange(len(passages)), np.arange(len(curve_scales)), indexing="ij")
-                curve_frames.append(
-                    pd.DataFrame(
-                        {
-                            "model": name,
-                            "S": S,
-                            "peak layer": peak + 1,
-                            "prompt": p_idx.ravel(),
-                            "n2": curve_scales[s_idx.ravel()].astype(int),
-                            "ID": curve.ravel(),
-                        }
-                    )
-                )
-                if cache:
-                    save_frame(curve_frames[-1], paths[2])
-            del acts, hidden
-        seconds[name] = time.perf_counter() - start
-        if verbose:
-            print(f"{name}: {n_layers} layers, {len(levels)} shuffle levels in {seconds[name]:.0f} s")
-        del loaded
-    return LayerwiseRun(
-        geometry=pd.concat(frames, ignore_index=True),
-        losses=pd.concat(loss_frames, ignore_index=True),
-        curves=pd.concat(curve_frames, ignore_index=True),
-        sources=pd.DataFrame(source_rows),
-        n_tokens=int(n_tokens),
-        seconds=seconds,
+
+def _curve_frame(
+    name: str, S: int, hidden: np.ndarray, obs: LayerObservables, curve_scales: np.ndarray, device: torch.device
+) -> pd.DataFrame:
+    """Chapter 4: the rows of :attr:`LayerwiseRun.curves` for one model and level (GRIDE at the peak layer)."""
+    peak = int(np.argmax(obs.gride[:, :, 0].mean(0)))
+    curve = np.asarray(gride_batched(hidden[:, peak], scales=curve_scales, device=device))
+    p_idx, s_idx = np.meshgrid(np.arange(hidden.shape[0]), np.arange(len(curve_scales)), indexing="ij")
+    return pd.DataFrame(
+        {
+            "model": name,
+            "S": S,
+            "peak layer": peak + 1,
+            "prompt": p_idx.ravel(),
+            "n2": curve_scales[s_idx.ravel()].astype(int),
+            "ID": curve.ravel(),
+        }
     )
 
 
 def _geometry_frame(name: str, S: int, obs: LayerObservables, loss: np.ndarray) -> pd.DataFrame:
-    """The rows of :attr:`LayerwiseRun.geometry` for one model and shuffle level (prompt-major)."""
+    """Chapter 4: the rows of :attr:`LayerwiseRun.geometry` for one model and shuffle level (prompt-major)."""
     n_prompts, n_layers = obs.twonn.shape
     grid_p, grid_l = np.meshgrid(np.arange(n_prompts), np.arange(n_layers), indexing="ij")
     prompt, layer = grid_p.ravel(), grid_l.ravel()
@@ -305,6 +266,105 @@ def _geometry_frame(name: str, S: int, obs: LayerObservables, loss: np.ndarray) 
         padded = np.concatenate([chi, np.full((n_prompts, 1), np.nan)], axis=1)  # no next layer after the last
         columns[f"chi_{k}"] = padded.ravel()
     return pd.DataFrame(columns)
+
+
+def _checked_grid(p: Parameters) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Chapter 4: the sorted shuffle levels, the GRIDE ranks of every layer and those of the scale curve."""
+    if p.n_prompts < 1 or p.n_tokens < 4:
+        raise EmbgeoInputError(f"Need n_prompts >= 1 and n_tokens >= 4, got {p.n_prompts} and {p.n_tokens}.")
+    return _shuffle_levels(p.shuffle_levels), check_scales(p.scales), default_scales(p.n_tokens, p.scale_curve_max)
+
+
+def run_model(loaded: LoadedModel, name: str, p: Parameters, cache: bool = True) -> LayerwiseRun:
+    """Chapter 4, stage 3: one model at every shuffle level of ``p`` (:func:`load_prompts`, :func:`measure_level`).
+
+    The same passages serve every level (:func:`shuffled_prompts`); the scale curve is computed at the lowest and
+    the highest level only.
+
+    Args:
+        loaded: the model.
+        name: its name in the tables.
+        p: the chapter's parameters (``n_prompts``, ``n_tokens``, ``shuffle_levels``, ``scales``,
+            ``scale_curve_max``, ``overlap_k``, ``seed``, ``device``, ``batch_size``).
+        cache: read and write :func:`measure_level`'s entries (``False``: compute every level).
+
+    Returns:
+        A :class:`LayerwiseRun` of this model (``seconds`` empty).
+    """
+    levels, scales, curve_scales = _checked_grid(p)
+    dev = get_device(p.device)
+    measure = measure_level if cache else measure_level.compute
+    passages = load_prompts(loaded, p)
+    tables = [
+        measure(
+            loaded,
+            name,
+            S,
+            shuffled_prompts(passages, S, p.seed),
+            int(p.n_tokens),
+            scales,
+            [int(k) for k in p.overlap_k],
+            curve_scales if S in (levels[0], levels[-1]) else None,
+            dev,
+            p.batch_size,
+        )  # fmt: skip
+        for S in levels
+    ]
+    sources = [{"model": name, "prompt": i, "source": q.source, "title": q.title} for i, q in enumerate(passages)]
+    return LayerwiseRun(
+        geometry=pd.concat([t["geometry"] for t in tables], ignore_index=True),
+        losses=pd.concat([t["losses"] for t in tables], ignore_index=True),
+        curves=pd.concat([t["curve"] for t in tables if "curve" in t], ignore_index=True),
+        sources=pd.DataFrame(sources),
+        n_tokens=int(p.n_tokens),
+    )
+
+
+def run_layerwise(
+    model_names: Sequence[str],
+    p: Parameters,
+    loader: Callable[[str], LoadedModel] | None = None,
+    cache: bool = True,
+) -> LayerwiseRun:
+    """Chapter 4: measure the layerwise geometry of real prompts, every model at every shuffle level.
+
+    Each model is loaded in turn and measured by :func:`run_model`; its time is logged.
+
+    Args:
+        model_names: registry names, Hugging Face ids or paths (the installed ones of ``p.models()``).
+        p: the chapter's parameters.
+        loader: ``name -> LoadedModel`` (default :func:`embgeo_utils.lm.models.load` on ``p.device``).
+        cache: keep each model's tables per shuffle level on disk (:func:`measure_level`), so a rerun reads them
+            instead of the hidden states.
+
+    Returns:
+        A :class:`LayerwiseRun` of every model, in the order given.
+
+    Raises:
+        EmbgeoInputError: on no models, bad counts, levels or scales.
+    """
+    if isinstance(model_names, str) or not list(model_names):
+        raise EmbgeoInputError("model_names must be a non-empty list of model names.")
+    levels, _, _ = _checked_grid(p)
+    dev = get_device(p.device)
+    load = loader or (lambda name: models.load(name, device=dev))
+    runs, seconds = [], {}
+    for name in model_names:
+        start = time.perf_counter()
+        loaded = load(name)
+        runs.append(run_model(loaded, name, p, cache=cache))
+        del loaded
+        seconds[name] = time.perf_counter() - start
+        n_layers = int(runs[-1].geometry["layer"].nunique())
+        LOG.info(f"{name}: {n_layers} layers, {len(levels)} shuffle levels in {seconds[name]:.0f} s")
+    return LayerwiseRun(
+        geometry=pd.concat([r.geometry for r in runs], ignore_index=True),
+        losses=pd.concat([r.losses for r in runs], ignore_index=True),
+        curves=pd.concat([r.curves for r in runs], ignore_index=True),
+        sources=pd.concat([r.sources for r in runs], ignore_index=True),
+        n_tokens=int(p.n_tokens),
+        seconds=seconds,
+    )
 
 
 def _require(frame: pd.DataFrame, columns: Sequence[str], name: str) -> None:
@@ -525,6 +585,11 @@ class ClaimCheck:
     value: float
     null: str
 
+    @property
+    def statement(self) -> str:
+        """The claim as the ledger states it (:data:`embgeo_utils.chapters.claims.CLAIMS`)."""
+        return CLAIMS[self.number][0]
+
 
 def _levels(geometry: pd.DataFrame, need_two: bool) -> tuple[int, int]:
     levels = sorted(int(s) for s in geometry["S"].unique())
@@ -598,50 +663,9 @@ def check_claim1(geometry: pd.DataFrame, alpha: float = 0.01, min_rise: float = 
     lo, _ = _levels(geometry, need_two=False)
     checks, rows = [], []
     for name in dict.fromkeys(geometry["model"]):
-        layers = geometry.loc[geometry["model"] == name, "layer"]
-        first_layer, last_layer = int(layers.min()), int(layers.max())
-        l_star = _peak_layer(geometry, name, lo)
-        peak, first, last = (
-            _per_prompt(geometry, name, lo, "ID", [layer]) for layer in (l_star, first_layer, last_layer)
-        )
-        t_first, t_last = stats.wilcoxon(peak, first), stats.wilcoxon(peak, last)
-        ratio_first, ratio_last = peak.mean() / first.mean(), peak.mean() / last.mean()
-        checks += [
-            stats.Check(
-                f"{name}: peak layer {l_star} is interior",
-                float(min(l_star - first_layer, last_layer - l_star)),
-                None,
-                1.0,
-                last_layer - first_layer + 1,
-            ),
-            stats.Check(
-                f"{name}: ID at peak > first layer",
-                float(ratio_first - 1),
-                t_first.p_value,
-                min_rise,
-                t_first.n,
-                _ratio_se(t_first, first),
-            ),
-            stats.Check(
-                f"{name}: ID at peak > last layer",
-                float(ratio_last - 1),
-                t_last.p_value,
-                min_rise,
-                t_last.n,
-                _ratio_se(t_last, last),
-            ),
-        ]
-        rows.append(
-            {
-                "model": name,
-                "peak layer": l_star,
-                "layers": last_layer,
-                "peak/first": ratio_first,
-                "peak/last": ratio_last,
-                "p (peak > first)": t_first.p_value,
-                "p (peak > last)": t_last.p_value,
-            }
-        )
+        mine, row = _claim1_model(geometry, name, lo, min_rise)
+        checks += mine
+        rows.append(row)
     return _claim(
         1,
         checks,
@@ -651,6 +675,53 @@ def check_claim1(geometry: pd.DataFrame, alpha: float = 0.01, min_rise: float = 
         min(r["peak/last"] for r in rows),
         "peak ID no higher than first/last-layer ID (one-sided Wilcoxon over prompts, Holm)",
     )
+
+
+def _claim1_model(
+    geometry: pd.DataFrame, name: str, lo: int, min_rise: float
+) -> tuple[list[stats.Check], dict[str, Any]]:
+    """Chapter 4: claim 1's three checks for one model (see :func:`check_claim1`) and its row of the claim's table."""
+    layers = geometry.loc[geometry["model"] == name, "layer"]
+    first_layer, last_layer = int(layers.min()), int(layers.max())
+    l_star = _peak_layer(geometry, name, lo)
+    peak, first, last = (_per_prompt(geometry, name, lo, "ID", [layer]) for layer in (l_star, first_layer, last_layer))
+    t_first, t_last = stats.wilcoxon(peak, first), stats.wilcoxon(peak, last)
+    ratio_first, ratio_last = peak.mean() / first.mean(), peak.mean() / last.mean()
+    checks = [
+        stats.Check(
+            f"{name}: peak layer {l_star} is interior",
+            float(min(l_star - first_layer, last_layer - l_star)),
+            None,
+            1.0,
+            last_layer - first_layer + 1,
+        ),
+        stats.Check(
+            f"{name}: ID at peak > first layer",
+            float(ratio_first - 1),
+            t_first.p_value,
+            min_rise,
+            t_first.n,
+            _ratio_se(t_first, first),
+        ),
+        stats.Check(
+            f"{name}: ID at peak > last layer",
+            float(ratio_last - 1),
+            t_last.p_value,
+            min_rise,
+            t_last.n,
+            _ratio_se(t_last, last),
+        ),
+    ]
+    row = {
+        "model": name,
+        "peak layer": l_star,
+        "layers": last_layer,
+        "peak/first": ratio_first,
+        "peak/last": ratio_last,
+        "p (peak > first)": t_first.p_value,
+        "p (peak > last)": t_last.p_value,
+    }
+    return checks, row
 
 
 def distinct_levels(shuffle_levels: Sequence[int], n_tokens: int) -> list[int]:
@@ -702,58 +773,9 @@ def check_claim2(geometry: pd.DataFrame, losses: pd.DataFrame, n_tokens: int, al
     mean_loss = loss_table(losses)
     checks, rows = [], []
     for name in dict.fromkeys(geometry["model"]):
-        lsub = losses[losses["model"] == name]
-        rho_loss = stats.spearman(lsub["S"], lsub["loss"])
-        pk = pd.concat(
-            [
-                pd.DataFrame({"S": S, "ID": _per_prompt(geometry, name, S, "ID", [_peak_layer(geometry, name, S)])})
-                for S in levels
-            ]
-        )
-        rho_id = stats.spearman(pk["S"], pk["ID"])
-        steps_loss = np.diff(mean_loss.loc[name, distinct].to_numpy(dtype=np.float64))
-        steps_id = np.diff(pk.groupby("S")["ID"].mean().loc[distinct].to_numpy(dtype=np.float64))
-        checks += [
-            stats.Check(
-                f"{name}: loss rises with S (Spearman)",
-                rho_loss.effect,
-                rho_loss.p_value,
-                0.0,
-                rho_loss.n,
-                rho_loss.se,
-            ),
-            stats.Check(
-                f"{name}: peak ID rises with S (Spearman)", rho_id.effect, rho_id.p_value, 0.0, rho_id.n, rho_id.se
-            ),
-        ]
-        if len(distinct) > 1:
-            checks += [
-                stats.Check(
-                    f"{name}: mean loss never falls from one level to the next",
-                    float(steps_loss.min()),
-                    None,
-                    0.0,
-                    len(distinct),
-                ),
-                stats.Check(
-                    f"{name}: mean peak ID never falls from one level to the next",
-                    float(steps_id.min()),
-                    None,
-                    0.0,
-                    len(distinct),
-                ),
-            ]
-        rows.append(
-            {
-                "model": name,
-                "rho(S, loss)": rho_loss.statistic,
-                "p loss": rho_loss.p_value,
-                "decreases in mean loss": int((steps_loss < 0).sum()),
-                "rho(S, peak ID)": rho_id.statistic,
-                "p peak ID": rho_id.p_value,
-                "decreases in mean peak ID": int((steps_id < 0).sum()),
-            }
-        )
+        mine, row = _claim2_model(geometry, losses, mean_loss, name, levels, distinct)
+        checks += mine
+        rows.append(row)
     return _claim(
         2,
         checks,
@@ -763,6 +785,57 @@ def check_claim2(geometry: pd.DataFrame, losses: pd.DataFrame, n_tokens: int, al
         min(r["rho(S, peak ID)"] for r in rows),
         "no association of S with loss / peak ID (one-sided Spearman, Holm); mean never falls",
     )
+
+
+def _claim2_model(
+    geometry: pd.DataFrame,
+    losses: pd.DataFrame,
+    mean_loss: pd.DataFrame,
+    name: str,
+    levels: list[int],
+    distinct: list[int],
+) -> tuple[list[stats.Check], dict[str, Any]]:
+    """Chapter 4: claim 2's checks for one model (see :func:`check_claim2`) and its row of the claim's table."""
+    lsub = losses[losses["model"] == name]
+    rho_loss = stats.spearman(lsub["S"], lsub["loss"])
+    pk = pd.concat(
+        [
+            pd.DataFrame({"S": S, "ID": _per_prompt(geometry, name, S, "ID", [_peak_layer(geometry, name, S)])})
+            for S in levels
+        ]
+    )
+    rho_id = stats.spearman(pk["S"], pk["ID"])
+    steps_loss = np.diff(mean_loss.loc[name, distinct].to_numpy(dtype=np.float64))
+    steps_id = np.diff(pk.groupby("S")["ID"].mean().loc[distinct].to_numpy(dtype=np.float64))
+    checks = [
+        stats.Check(
+            f"{name}: loss rises with S (Spearman)", rho_loss.effect, rho_loss.p_value, 0.0, rho_loss.n, rho_loss.se
+        ),
+        stats.Check(
+            f"{name}: peak ID rises with S (Spearman)", rho_id.effect, rho_id.p_value, 0.0, rho_id.n, rho_id.se
+        ),
+    ]
+    if len(distinct) > 1:
+        checks += [
+            stats.Check(
+                f"{name}: mean loss never falls from one level to the next", float(steps_loss.min()), None, 0.0,
+                len(distinct),
+            ),
+            stats.Check(
+                f"{name}: mean peak ID never falls from one level to the next", float(steps_id.min()), None, 0.0,
+                len(distinct),
+            ),
+        ]  # fmt: skip
+    row = {
+        "model": name,
+        "rho(S, loss)": rho_loss.statistic,
+        "p loss": rho_loss.p_value,
+        "decreases in mean loss": int((steps_loss < 0).sum()),
+        "rho(S, peak ID)": rho_id.statistic,
+        "p peak ID": rho_id.p_value,
+        "decreases in mean peak ID": int((steps_id < 0).sum()),
+    }
+    return checks, row
 
 
 def check_claim3(geometry: pd.DataFrame, alpha: float = 0.01) -> ClaimCheck:
@@ -1003,7 +1076,7 @@ def plot_layer_profiles(geometry: Any, y: str, ylabel: str, title: str, show: bo
     """One panel per model: ``y`` against relative depth, one line per shuffle level, ± one standard error (chapter 4).
 
     Args:
-        geometry: ``token_geometry.LayerwiseRun.geometry`` (columns ``model, S, depth`` and ``y``).
+        geometry: ``LayerwiseRun.geometry`` (columns ``model, S, depth`` and ``y``).
         y: the column to plot, e.g. ``"ID"``, ``"chi_1"``, ``"cos_mean"``.
         ylabel: its axis label, with units.
         title: the figure's title.
@@ -1014,7 +1087,7 @@ def plot_layer_profiles(geometry: Any, y: str, ylabel: str, title: str, show: bo
     """
     import seaborn as sns
 
-    need_columns(geometry, ["model", "S", "depth", y], "token_geometry.run_layerwise")
+    need_columns(geometry, ["model", "S", "depth", y], "ch04_layerwise_geometry.run_layerwise")
     grid = sns.relplot(
         data=geometry,
         x="depth",
@@ -1037,7 +1110,7 @@ def plot_gride_scale_curves(curves: Any, show: bool = True) -> Any:
     """GRIDE ID against the rank ``n2`` (log scale) at the peak layer, per model and shuffle level (chapter 4).
 
     Args:
-        curves: ``token_geometry.LayerwiseRun.curves`` (columns ``model, S, n2, ID``).
+        curves: ``LayerwiseRun.curves`` (columns ``model, S, n2, ID``).
         show: show the figure now.
 
     Returns:
@@ -1046,7 +1119,7 @@ def plot_gride_scale_curves(curves: Any, show: bool = True) -> Any:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    need_columns(curves, ["model", "S", "n2", "ID"], "token_geometry.run_layerwise")
+    need_columns(curves, ["model", "S", "n2", "ID"], "ch04_layerwise_geometry.run_layerwise")
     levels = sorted(curves["S"].unique())
     palette = {s: plt.cm.viridis(i / max(1, len(levels) - 1)) for i, s in enumerate(levels)}
     grid = sns.relplot(
@@ -1075,7 +1148,7 @@ def plot_loss_by_shuffle_level(losses: Any, show: bool = True) -> Any:
     """Mean next-token loss (± one standard error) against the shuffle level, one colour per model (chapter 4).
 
     Args:
-        losses: ``token_geometry.LayerwiseRun.losses`` (columns ``model, S, loss``).
+        losses: ``LayerwiseRun.losses`` (columns ``model, S, loss``).
         show: show the figure now.
 
     Returns:
@@ -1084,7 +1157,7 @@ def plot_loss_by_shuffle_level(losses: Any, show: bool = True) -> Any:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    need_columns(losses, ["model", "S", "loss"], "token_geometry.run_layerwise")
+    need_columns(losses, ["model", "S", "loss"], "ch04_layerwise_geometry.run_layerwise")
     names = list(dict.fromkeys(losses["model"]))
     fig, ax = plt.subplots(figsize=(7, 3.6))
     sns.pointplot(
@@ -1109,7 +1182,7 @@ def plot_id_loss_correlation_by_layer(corr: Any, show: bool = True) -> Any:
     """Pearson r(ID, loss) across prompts against relative depth, one panel per model (chapter 4).
 
     Args:
-        corr: ``token_geometry.id_loss_correlation(...)`` (columns ``model, prompts, depth, r``).
+        corr: :func:`id_loss_correlation` (columns ``model, prompts, depth, r``).
         show: show the figure now.
 
     Returns:
@@ -1117,7 +1190,7 @@ def plot_id_loss_correlation_by_layer(corr: Any, show: bool = True) -> Any:
     """
     import seaborn as sns
 
-    need_columns(corr, ["model", "prompts", "depth", "r"], "token_geometry.id_loss_correlation")
+    need_columns(corr, ["model", "prompts", "depth", "r"], "ch04_layerwise_geometry.id_loss_correlation")
     grid = sns.relplot(
         data=corr, x="depth", y="r", hue="prompts", col="model", kind="line", marker="o", height=3.2, aspect=1.1
     )

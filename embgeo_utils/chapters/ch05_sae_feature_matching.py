@@ -1,13 +1,27 @@
-"""Matching SAE features across models and comparing their decoder geometry (chapter 5).
+"""Chapter 5, SAE feature matching across scale: do the features of a small and a larger model match?
 
-Two SAEs, one per model, encode the same tokens. :func:`activation_correlation`
-gives the Pearson correlation of every latent of A with every latent of B over
-those tokens; :func:`match_features` pairs them (many-to-one: each B latent with
-its most correlated A latent, as Lan et al.; or one-to-one by optimal
-assignment); :func:`filter_pairs` applies Lan et al.'s filters and counts the
-pairs left after each. The paired decoder rows are then compared with
-:func:`svcca` and :func:`rsa`, each against a null of random re-pairings
-(:func:`svcca_test`, :func:`rsa_test`, built on :func:`embgeo_utils.core.stats.permutation_test`).
+Son et al. (2025), after Lan et al. (2024), train a sparse autoencoder (SAE) on each of two models, pair each
+latent of one with the latent of the other whose activations correlate most over the same tokens, and ask whether
+the paired decoder directions are arranged alike in the two spaces (claim 10): above a permutation null, and most
+in the middle layers. The chapter runs that pipeline on one pair of models in named stages:
+
+1. :func:`extract`: both models' block outputs at the token positions both tokenizers cut alike
+   (:func:`~embgeo_utils.lm.alignment.aligned_activations`), at the same relative depths (:func:`pair_layers`),
+   split by passage into training and held-out tokens (:class:`PairTokens`);
+2. :func:`train`: a cached TopK SAE per studied block and its quality on held-out tokens (:class:`TrainedSAEs`);
+3. match, :func:`match_layer`: the Pearson correlation of every latent of A with every latent of B
+   (:func:`~embgeo_utils.geometry.matching.activation_correlation`), each B latent paired with its most correlated
+   A latent, and Lan et al.'s filters counted one by one (:func:`filter_pairs`);
+4. compare, :func:`compare_decoders`: RSA and SVCCA of the kept pairs' decoder rows, each against a null of random
+   re-pairings. :func:`compare_layer` chains stages 3 and 4 for one layer pair; :func:`match_and_compare` runs
+   them, cached (:func:`layer_comparison`), for every layer of A against every layer of B (:class:`LayerComparisons`);
+5. :func:`check`: claim 10's verdict (:func:`check_claim10`, with :func:`best_depth_subsamples` for the location of
+   the maximum; :class:`Claim10`).
+
+:func:`run_pair` chains stages 1-4 (:class:`PairResult`); :func:`seed_ceiling` compares two SAEs of one model that
+differ only in their seed (:class:`SeedCeiling`), the ceiling cross-model numbers are read against;
+:func:`feature_examples` shows the best-matched features in context, and two figures show the grid and the SVCCA
+curves.
 
 References:
     M. Lan, P. Torr, A. Meek, A. Khakzar, D. Krueger, F. Barez (2024), Quantifying
@@ -19,12 +33,6 @@ References:
 
     M. Raghu, J. Gilmer, J. Yosinski, J. Sohl-Dickstein (2017), SVCCA: singular
     vector canonical correlation analysis, NeurIPS.
-
-
-One look for every figure of the book (all chapters).
-
-``use_book_style()`` sets a seaborn theme with a colour-blind-safe palette;
-``model_colors`` gives each packaged model the same colour in every chapter.
 """
 
 from __future__ import annotations
@@ -37,21 +45,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..core.cache import (
-    array_digest,
-    cache_dir,
-    content_key,
-    frame_row,
-    load_arrays,
-    load_frame,
-    save_arrays,
-    save_frame,
-)
+from ..core.cache import array_digest, cached, content_key
 from ..core.device import get_device
 from ..core.errors import EmbgeoInputError
-from ..core.stats import Check, verdict
+from ..core.stats import Check, Verdict, verdict
 from ..geometry.matching import FeaturePairs, activation_correlation, match_features, rsa, rsa_test, svcca_curve_test
 from ..lm.alignment import AlignedTokens, aligned_activations
+from ..lm.models import LoadedModel
 from ..lm.sae import cached_loss_recovered, cached_sae, encode_all, sae_metrics
 from .style import need_columns
 
@@ -60,22 +60,79 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "CHAPTER",
+    "Claim10",
+    "EncodedLayer",
+    "LOSS_TEXTS",
+    "LayerComparisons",
     "LayerSAE",
     "PairResult",
+    "PairTokens",
+    "Parameters",
+    "SeedCeiling",
+    "TITLE",
+    "TrainedSAEs",
     "best_depth_subsamples",
+    "check",
     "check_claim10",
+    "compare_decoders",
     "compare_layer",
+    "encode_layers",
+    "extract",
     "feature_examples",
     "filter_pairs",
+    "layer_comparison",
+    "match_and_compare",
+    "match_layer",
     "non_concept_tokens",
     "pair_layers",
     "plot_sae_layer_heatmaps",
     "plot_svcca_curves",
     "run_pair",
+    "sae_quality",
     "seed_ceiling",
     "top_tokens",
+    "train",
     "train_layer_saes",
 ]
+
+
+CHAPTER = "ch05_sae_feature_matching"
+TITLE = "SAE feature matching across scale"
+
+#: Held-out texts the loss recovered of every SAE is measured on (chapter 5).
+LOSS_TEXTS = 4
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Chapter 5's parameters: the fields of its cell tagged ``parameters`` (defaults and allowed values are there)."""
+
+    model_a: str
+    model_b: str
+    depths: list[float]
+    n_passages: int
+    passage_tokens: int
+    heldout_fraction: float
+    expansion: int
+    k: int
+    epochs: int
+    batch_size: int
+    lr: float | None
+    n_permutations: int
+    n_components: list[int]
+    rsa_rows: int
+    min_corr: float
+    n_subsamples: int
+    cross_pair: list[str]
+    cross_depths: list[float]
+    alpha: float
+    seed: int
+    device: str
+
+    def models(self) -> list[str]:
+        """The pair of one family, then the cross-tokenizer pair."""
+        return [self.model_a, self.model_b] + list(self.cross_pair)
 
 
 def non_concept_tokens(tokenizer: Any) -> np.ndarray:
@@ -166,6 +223,43 @@ def pair_layers(n_layers_a: int, n_layers_b: int, depths: Sequence[float]) -> li
     return out
 
 
+@dataclass(frozen=True)
+class PairTokens:
+    """What :func:`extract` gathered for one pair of models (chapter 5, stage 1).
+
+    Attributes:
+        matched: the layer pairs ``(layer of A, layer of B)`` at the requested relative depths (:func:`pair_layers`).
+        layers_a, layers_b: the blocks studied in each model, sorted, each once.
+        aligned: the aligned token positions with both models' activations at those blocks.
+        train, heldout: boolean row masks over ``aligned``: the SAEs' training tokens and the held-out passages'.
+    """
+
+    matched: list[tuple[int, int]]
+    layers_a: list[int]
+    layers_b: list[int]
+    aligned: AlignedTokens
+    train: np.ndarray
+    heldout: np.ndarray
+
+
+def extract(
+    a: LoadedModel, b: LoadedModel, texts: Sequence[str], depths: Sequence[float], p: Parameters, progress: bool = False
+) -> PairTokens:
+    """Chapter 5, stage 1: both models' activations on the same tokens, split into training and held-out tokens.
+
+    Layers are taken at the same relative ``depths`` in both models (:func:`pair_layers`). Each text is cut to
+    ``p.passage_tokens`` tokens and only positions whose character spans coincide in both tokenizations are kept
+    (:func:`~embgeo_utils.lm.alignment.aligned_activations`); the last ``p.heldout_fraction`` of the passages are
+    held out whole (:meth:`~embgeo_utils.lm.alignment.AlignedTokens.split`).
+    """
+    matched = pair_layers(a.info.n_layers, b.info.n_layers, depths)
+    layers_a = sorted({la for la, _ in matched})
+    layers_b = sorted({lb for _, lb in matched})
+    aligned = aligned_activations(a, b, texts, layers_a, layers_b, max_tokens=p.passage_tokens, progress=progress)
+    train, heldout = aligned.split(p.heldout_fraction)
+    return PairTokens(matched, layers_a, layers_b, aligned, train, heldout)
+
+
 @dataclass
 class LayerSAE:
     """One trained SAE with its held-out quality (chapter 5)."""
@@ -177,35 +271,197 @@ class LayerSAE:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class TrainedSAEs:
+    """What :func:`train` produced for one pair of models (chapter 5, stage 2).
+
+    Attributes:
+        saes: ``{"A": {layer: LayerSAE}, "B": {layer: LayerSAE}}``, one SAE per studied block of each model.
+        table: one row per SAE (A's, then B's): ``model``, ``layer``, ``depth`` (layer / blocks), ``latents``, ``k``,
+            ``train tokens``, ``held-out tokens``, ``fvu``, ``l0``, ``dead_fraction`` (on the held-out tokens),
+            ``loss clean``, ``loss spliced``, ``loss mean-ablated``, ``loss recovered`` (on :data:`LOSS_TEXTS`
+            held-out texts, :func:`~embgeo_utils.lm.sae.loss_recovered`), ``train seconds``, ``from cache``.
+    """
+
+    saes: dict[str, dict[int, LayerSAE]]
+    table: pd.DataFrame
+
+
 def train_layer_saes(
     acts: dict[int, np.ndarray],
     train: np.ndarray,
     heldout: np.ndarray,
-    model_key: str,
-    model_name: str,
-    *,
-    expansion: int = 4,
-    k: int = 32,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    progress: bool = True,
-    **train_kwargs: Any,
+    model: LoadedModel,
+    p: Parameters,
+    progress: bool = False,
 ) -> dict[int, LayerSAE]:
-    """A cached TopK SAE per layer on the training rows, evaluated on the held-out rows (chapter 5).
+    """Chapter 5: a cached TopK SAE per block of one model on the training rows, evaluated on the held-out rows.
 
-    The cache key holds ``model_key`` (the model's digest), the layer, a digest of
-    the training activations and every hyperparameter.
+    Each SAE has ``p.expansion`` x width latents, ``p.k`` of them active, and is trained with ``p.seed``,
+    ``p.epochs``, ``p.batch_size`` and ``p.lr`` (:func:`~embgeo_utils.lm.sae.cached_sae`). The cache key holds the
+    model's digest (its name when it has none), the layer, a digest of the training activations and every
+    hyperparameter.
     """
-
+    dev = get_device(p.device)
     out = {}
     for layer, x in acts.items():
         x_train = np.ascontiguousarray(x[train])
-        key = {"model": model_key, "layer": layer, "tokens": content_key(x_train.tobytes())}
+        key = {"model": model.info.sha256 or model.info.name, "layer": layer, "tokens": content_key(x_train.tobytes())}
         sae, history = cached_sae(
-            x_train, expansion * x.shape[1], k, key, seed=seed, device=device, progress=progress, **train_kwargs
+            x_train,
+            p.expansion * x.shape[1],
+            p.k,
+            key,
+            seed=p.seed,
+            device=dev,
+            progress=progress,
+            epochs=p.epochs,
+            batch_size=p.batch_size,
+            lr=p.lr,
         )
-        out[layer] = LayerSAE(model_name, layer, sae, history, sae_metrics(sae, x[heldout]))
+        out[layer] = LayerSAE(model.info.name, layer, sae, history, sae_metrics(sae, x[heldout]))
     return out
+
+
+def _loss_ids(loaded: LoadedModel, texts: Sequence[str], n_tokens: int) -> tuple[np.ndarray, int]:
+    bos = [loaded.tokenizer.bos_token_id] if loaded.info.needs_bos else []
+    rows = [bos + loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = min(len(r) for r in rows + [list(range(n_tokens + len(bos)))])
+    return np.array([r[:width] for r in rows], dtype=np.int64), 1 + len(bos)
+
+
+def sae_quality(
+    a: LoadedModel, b: LoadedModel, tokens: PairTokens, saes: dict[str, dict[int, LayerSAE]], p: Parameters
+) -> pd.DataFrame:
+    """Chapter 5: the quality table of :class:`TrainedSAEs` (its columns are listed there).
+
+    The loss recovered is measured on the first :data:`LOSS_TEXTS` held-out passages, cut to the shortest of them
+    and at most ``p.passage_tokens`` tokens, with the mean training activation as the ablation
+    (:func:`~embgeo_utils.lm.sae.cached_loss_recovered`); the clean loss is computed once per model.
+    """
+    import pandas as pd
+
+    al = tokens.aligned
+    held_texts = sorted(set(al.passage[tokens.heldout].tolist()))[:LOSS_TEXTS]
+    rows = []
+    for side, loaded, acts in (("A", a, al.acts_a), ("B", b, al.acts_b)):
+        ids, skip = _loss_ids(loaded, [al.texts[i] for i in held_texts], p.passage_tokens)
+        clean = None
+        for layer, item in saes[side].items():
+            mean = acts[layer][tokens.train].mean(axis=0)
+            rec = cached_loss_recovered(loaded, ids, layer, item.sae, mean, skip_first=skip, clean=clean)
+            clean = rec["clean"]
+            rows.append(
+                {
+                    "model": loaded.info.name,
+                    "layer": layer,
+                    "depth": layer / loaded.info.n_layers,
+                    "latents": item.sae.n_latents,
+                    "k": item.sae.k,
+                    "train tokens": int(tokens.train.sum()),
+                    "held-out tokens": int(tokens.heldout.sum()),
+                    **{m: item.metrics[m] for m in ("fvu", "l0", "dead_fraction")},
+                    "loss clean": rec["clean"],
+                    "loss spliced": rec["spliced"],
+                    "loss mean-ablated": rec["ablated"],
+                    "loss recovered": rec["recovered"],
+                    "train seconds": item.history.seconds,
+                    "from cache": item.history.from_cache,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def train(a: LoadedModel, b: LoadedModel, tokens: PairTokens, p: Parameters, progress: bool = False) -> TrainedSAEs:
+    """Chapter 5, stage 2: an SAE per studied block of each model (:func:`train_layer_saes`) and their quality table."""
+    saes = {
+        "A": train_layer_saes(tokens.aligned.acts_a, tokens.train, tokens.heldout, a, p, progress),
+        "B": train_layer_saes(tokens.aligned.acts_b, tokens.train, tokens.heldout, b, p, progress),
+    }
+    return TrainedSAEs(saes, sae_quality(a, b, tokens, saes, p))
+
+
+def match_layer(
+    za: Any, zb: Any, ids: np.ndarray, non_concept: np.ndarray, min_corr: float, device: str | torch.device
+) -> tuple[FeaturePairs, dict[str, Any]]:
+    """Chapter 5, stage 3 for one layer pair: correlate two SAEs' latents on the same tokens, pair and filter them.
+
+    Each latent of B is paired with its most correlated latent of A (many-to-one, Lan et al.), then Lan et al.'s
+    filters are applied (:func:`filter_pairs`, correlation above ``min_corr``).
+
+    Returns:
+        The kept pairs, and their counts: ``after: <filter>`` for each filter step (the first is ``after: matched``),
+        ``pairs`` (kept) and ``mean corr (kept)`` (NaN when none is kept).
+    """
+    corr = activation_correlation(za, zb, device=device)
+    pairs = match_features(corr, "max")
+    kept, counts = filter_pairs(pairs, za, zb, ids, non_concept, min_corr=min_corr)
+    row: dict[str, Any] = {f"after: {c['filter']}": c["pairs left"] for c in counts}
+    row.update({"pairs": len(kept), "mean corr (kept)": float(kept.corr.mean()) if len(kept) else float("nan")})
+    return kept, row
+
+
+def compare_decoders(
+    dec_a: np.ndarray,
+    dec_b: np.ndarray,
+    kept: FeaturePairs,
+    n_components: Sequence[int],
+    n_permutations: int,
+    rsa_rows: int,
+    seed: int,
+    device: str | torch.device,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Chapter 5, stage 4 for one layer pair: RSA and SVCCA of the kept pairs' decoder rows, against their nulls.
+
+    Nothing is computed below 10 kept pairs. RSA uses at most ``rsa_rows`` pairs; SVCCA is computed at every
+    ``n_components`` below the number of pairs minus one; each has a null of ``n_permutations`` re-pairings.
+
+    Returns:
+        The statistics: ``RSA``, ``RSA null mean``, ``RSA null std``, ``RSA null max``, ``RSA p``, and at the third
+        usable ``n`` (the last when fewer: n = 20 by default, the google/svcca tutorial's choice) ``SVCCA``,
+        ``SVCCA n``, ``SVCCA null mean``, ``SVCCA null std``, ``SVCCA p`` (absent when not computed); and the SVCCA
+        curve, one row per usable ``n``: ``n_components``, ``SVCCA``, ``null mean``, ``null std``, ``null max``, ``p``.
+    """
+    row: dict[str, Any] = {}
+    curve: list[dict[str, Any]] = []
+    if len(kept) < 10:
+        return row, curve
+    x, y = dec_a[kept.a], dec_b[kept.b]
+    r = rsa_test(x, y, max_rows=rsa_rows, n_permutations=n_permutations, seed=seed, device=device)
+    row.update(
+        {
+            "RSA": r.statistic,
+            "RSA null mean": r.null_mean,
+            "RSA null std": r.null_std,
+            "RSA null max": r.null_max,
+            "RSA p": r.p_value,
+        }
+    )
+    usable = [n for n in n_components if n < len(kept) - 1]
+    tests = svcca_curve_test(x, y, usable, n_permutations, seed, device) if usable else []
+    for n, s in zip(usable, tests):
+        curve.append(
+            {
+                "n_components": n,
+                "SVCCA": s.statistic,
+                "null mean": s.null_mean,
+                "null std": s.null_std,
+                "null max": s.null_max,
+                "p": s.p_value,
+            }
+        )
+    if curve:
+        head = curve[min(2, len(curve) - 1)]
+        row.update(
+            {
+                "SVCCA": head["SVCCA"],
+                "SVCCA n": head["n_components"],
+                "SVCCA null mean": head["null mean"],
+                "SVCCA null std": head["null std"],
+                "SVCCA p": head["p"],
+            }
+        )
+    return row, curve
 
 
 def compare_layer(
@@ -223,76 +479,244 @@ def compare_layer(
     seed: int = 0,
     device: str | torch.device = "auto",
 ) -> tuple[dict[str, Any], list[dict[str, Any]], FeaturePairs]:
-    """Match two SAEs' latents on the same tokens and compare the paired decoder rows (chapter 5).
+    """Chapter 5, stages 3 and 4 for one layer pair: match two SAEs' latents, then compare the paired decoder rows.
 
     Returns:
-        A row of statistics (pairs kept, mean matched correlation, RSA and its
-        null, SVCCA at the first usable ``n_components`` and its null), the
-        SVCCA curve rows (one per ``n_components`` with its null), and the kept pairs.
+        One row: the counts of :func:`match_layer` followed by the statistics of :func:`compare_decoders`; the SVCCA
+        curve rows of :func:`compare_decoders`; and the kept pairs.
     """
-    corr = activation_correlation(za, zb, device=device)
-    pairs = match_features(corr, "max")
-    kept, counts = filter_pairs(pairs, za, zb, ids, non_concept, min_corr=min_corr)
-    row: dict[str, Any] = {f"after: {c['filter']}": c["pairs left"] for c in counts}
-    row.update({"pairs": len(kept), "mean corr (kept)": float(kept.corr.mean()) if len(kept) else float("nan")})
-    curve = []
-    if len(kept) >= 10:
-        x, y = dec_a[kept.a], dec_b[kept.b]
-        r = rsa_test(x, y, max_rows=rsa_rows, n_permutations=n_permutations, seed=seed, device=device)
-        row.update(
-            {
-                "RSA": r.statistic,
-                "RSA null mean": r.null_mean,
-                "RSA null std": r.null_std,
-                "RSA null max": r.null_max,
-                "RSA p": r.p_value,
-            }
-        )
-        usable = [n for n in n_components if n < len(kept) - 1]
-        tests = svcca_curve_test(x, y, usable, n_permutations, seed, device) if usable else []
-        for n, s in zip(usable, tests):
-            curve.append(
-                {
-                    "n_components": n,
-                    "SVCCA": s.statistic,
-                    "null mean": s.null_mean,
-                    "null std": s.null_std,
-                    "null max": s.null_max,
-                    "p": s.p_value,
-                }
-            )
-        if curve:
-            head = curve[min(2, len(curve) - 1)]  # n = 20 when the pairs allow it (the google/svcca tutorial's choice)
-            row.update(
-                {
-                    "SVCCA": head["SVCCA"],
-                    "SVCCA n": head["n_components"],
-                    "SVCCA null mean": head["null mean"],
-                    "SVCCA null std": head["null std"],
-                    "SVCCA p": head["p"],
-                }
-            )
-    return row, curve, kept
+    kept, row = match_layer(za, zb, ids, non_concept, min_corr, device)
+    stats, curve = compare_decoders(dec_a, dec_b, kept, n_components, n_permutations, rsa_rows, seed, device)
+    return {**row, **stats}, curve, kept
 
 
-def _cached_compare_layer(key: str | None, compute: Any) -> tuple[dict[str, Any], list[dict[str, Any]], FeaturePairs]:
-    """:func:`compare_layer`'s result, read from the cache under ``key`` or computed and stored there."""
+@dataclass(frozen=True)
+class EncodedLayer:
+    """One studied block of one model seen through its SAE (chapter 5): what :func:`layer_comparison` compares.
+
+    Attributes:
+        layer: the block.
+        latents: ``(tokens, latents)`` dense SAE latents of every aligned token (:func:`~embgeo_utils.lm.sae.encode_all`).
+        decoder: the SAE's decoder rows, ``(latents, width)``.
+        key: a digest of the block's activations and of every tensor of the SAE's state, which determine the
+            latents and the decoder; it stands for the layer in cache keys (:meth:`cache_key`).
+    """
+
+    layer: int
+    latents: torch.Tensor
+    decoder: np.ndarray
+    key: str
+
+    def cache_key(self) -> str:
+        """What identifies this layer in a cache key (:func:`embgeo_utils.core.cache.key_part`)."""
+        return self.key
+
+
+def encode_layers(saes: dict[int, LayerSAE], acts: dict[int, np.ndarray]) -> dict[int, EncodedLayer]:
+    """Chapter 5: every studied block's aligned tokens encoded by its SAE, with the digest of what they come from."""
+    out = {}
+    for layer, item in saes.items():
+        state = item.sae.state_dict().values()
+        key = content_key(array_digest(acts[layer]), *(array_digest(t) for t in state))
+        decoder = item.sae.W_dec.detach().cpu().numpy()
+        out[layer] = EncodedLayer(layer, encode_all(item.sae, acts[layer]), decoder, key)
+    return out
+
+
+@cached("sae_compare", version=1)
+def layer_comparison(
+    a: EncodedLayer,
+    b: EncodedLayer,
+    ids: np.ndarray,
+    non_concept: np.ndarray,
+    n_components: list[int],
+    n_permutations: int,
+    rsa_rows: int,
+    min_corr: float,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Chapter 5: :func:`compare_layer` of a block of A and a block of B, cached.
+
+    The key holds both layers' keys (activations and SAE weights), the token ids, the non-concept mask, the
+    comparison's parameters and the device type.
+
+    Returns:
+        ``{"row": ..., "curve": ..., "kept": {"a", "b", "corr", "method"}}``: :func:`compare_layer`'s row, curve rows
+        and kept pairs (:class:`~embgeo_utils.geometry.matching.FeaturePairs`' fields).
+    """
+    row, curve, kept = compare_layer(
+        a.latents,
+        b.latents,
+        a.decoder,
+        b.decoder,
+        ids,
+        non_concept,
+        n_components=n_components,
+        n_permutations=n_permutations,
+        rsa_rows=rsa_rows,
+        min_corr=min_corr,
+        seed=seed,
+        device=device,
+    )
+    return {"row": row, "curve": curve, "kept": {"a": kept.a, "b": kept.b, "corr": kept.corr, "method": kept.method}}
+
+
+@dataclass(frozen=True)
+class LayerComparisons:
+    """What :func:`match_and_compare` measured for every layer of A against every layer of B (chapter 5).
+
+    Attributes:
+        grid: one row per layer pair: ``layer A``, ``layer B``, ``depth A``, ``depth B`` (layer / blocks), ``depth``
+            (their mean), ``matched depth`` (a pair of :attr:`PairTokens.matched`), then :func:`compare_layer`'s row
+            (filter counts, ``pairs``, ``mean corr (kept)``, RSA and SVCCA with their nulls and p-values).
+        curves: the SVCCA curve rows of every layer pair, with ``layer A`` and ``layer B`` first.
+        decoders: ``{(layer A, layer B): (A's decoder rows, B's decoder rows)}`` of the kept pairs, row by row.
+        kept: ``{(layer A, layer B): FeaturePairs}``, the kept pairs.
+    """
+
+    grid: pd.DataFrame
+    curves: pd.DataFrame
+    decoders: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
+    kept: dict[tuple[int, int], FeaturePairs]
+
+
+def match_and_compare(
+    a: LoadedModel, b: LoadedModel, tokens: PairTokens, trained: TrainedSAEs, p: Parameters, cache: bool = True
+) -> LayerComparisons:
+    """Chapter 5, stages 3 and 4 for every layer of A against every layer of B.
+
+    The non-concept tokens are those of A's tokenizer (:func:`non_concept_tokens`). SVCCA is computed at every
+    ``p.n_components`` for the pairs at matching depth and at the headline value (the third) for the others. With
+    ``cache`` each layer pair's comparison is read from, or written to, the cache (:func:`layer_comparison`).
+    """
     import pandas as pd
 
-    if key is None:
-        return compute()
-    folder = cache_dir("sae", "compare")
-    paths = [folder / f"{key}-{part}.npz" for part in ("row", "curve", "kept")]
-    row_f, curve_f, kept_f = load_frame(paths[0]), load_frame(paths[1]), load_arrays(paths[2])
-    if row_f is not None and curve_f is not None and kept_f is not None and len(row_f) == 1:
-        kept = FeaturePairs(kept_f["a"], kept_f["b"], kept_f["corr"], str(kept_f["method"]))
-        row = frame_row(row_f)
-        return row, curve_f.to_dict(orient="records"), kept
-    row, curve, kept = compute()
-    save_arrays(paths[2], {"a": kept.a, "b": kept.b, "corr": kept.corr, "method": np.array(kept.method)})
-    save_frame(pd.DataFrame(curve), paths[1])
-    save_frame(pd.DataFrame([row]), paths[0])
-    return row, curve, kept
+    non_concept = non_concept_tokens(a.tokenizer)
+    enc_a = encode_layers(trained.saes["A"], tokens.aligned.acts_a)
+    enc_b = encode_layers(trained.saes["B"], tokens.aligned.acts_b)
+    compare = layer_comparison if cache else layer_comparison.compute
+    dev = get_device(p.device)
+    headline = [p.n_components[min(2, len(p.n_components) - 1)]] if len(p.n_components) else []
+    rows, curves, decoders, kept_all = [], [], {}, {}
+    for la in tokens.layers_a:
+        for lb in tokens.layers_b:
+            comps = list(p.n_components if (la, lb) in tokens.matched else headline)
+            out = compare(
+                enc_a[la],
+                enc_b[lb],
+                tokens.aligned.ids_a,
+                non_concept,
+                comps,
+                p.n_permutations,
+                p.rsa_rows,
+                p.min_corr,
+                p.seed,
+                dev,
+            )
+            k = out["kept"]
+            kept = FeaturePairs(k["a"], k["b"], k["corr"], str(k["method"]))
+            depth_a, depth_b = la / a.info.n_layers, lb / b.info.n_layers
+            rows.append(
+                {
+                    "layer A": la,
+                    "layer B": lb,
+                    "depth A": depth_a,
+                    "depth B": depth_b,
+                    "depth": (depth_a + depth_b) / 2,
+                    "matched depth": (la, lb) in tokens.matched,
+                    **out["row"],
+                }
+            )
+            curves += [{"layer A": la, "layer B": lb, **c} for c in out["curve"]]
+            decoders[(la, lb)] = (enc_a[la].decoder[kept.a], enc_b[lb].decoder[kept.b])
+            kept_all[(la, lb)] = kept
+    return LayerComparisons(pd.DataFrame(rows), pd.DataFrame(curves), decoders, kept_all)
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """Everything chapter 5 measures for one pair of models: the outputs of stages 1, 2 and 3-4.
+
+    Attributes:
+        names: ``(A, B)``; n_layers: their numbers of blocks.
+        tokens: stage 1 (:class:`PairTokens`); sae: stage 2 (:class:`TrainedSAEs`); layers: stages 3 and 4
+            (:class:`LayerComparisons`). The properties below name their parts.
+    """
+
+    names: tuple[str, str]
+    n_layers: tuple[int, int]
+    tokens: PairTokens
+    sae: TrainedSAEs
+    layers: LayerComparisons
+
+    @property
+    def matched(self) -> list[tuple[int, int]]:
+        """The layer pairs at matching relative depth."""
+        return self.tokens.matched
+
+    @property
+    def layers_a(self) -> list[int]:
+        return self.tokens.layers_a
+
+    @property
+    def layers_b(self) -> list[int]:
+        return self.tokens.layers_b
+
+    @property
+    def aligned(self) -> AlignedTokens:
+        return self.tokens.aligned
+
+    @property
+    def trained(self) -> dict[str, dict[int, LayerSAE]]:
+        """``{"A": {layer: LayerSAE}, "B": {...}}``."""
+        return self.sae.saes
+
+    @property
+    def saes(self) -> pd.DataFrame:
+        """The SAEs' quality table (:class:`TrainedSAEs`)."""
+        return self.sae.table
+
+    @property
+    def grid(self) -> pd.DataFrame:
+        """One row per layer pair (:class:`LayerComparisons`)."""
+        return self.layers.grid
+
+    @property
+    def curves(self) -> pd.DataFrame:
+        return self.layers.curves
+
+    @property
+    def decoders(self) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+        return self.layers.decoders
+
+    @property
+    def kept(self) -> dict[tuple[int, int], FeaturePairs]:
+        return self.layers.kept
+
+    def depth(self, la: int, lb: int) -> float:
+        """The mean relative depth of layer ``la`` of A and ``lb`` of B."""
+        return float(self.grid.set_index(["layer A", "layer B"]).loc[(la, lb), "depth"])
+
+
+def run_pair(
+    a: LoadedModel,
+    b: LoadedModel,
+    texts: Sequence[str],
+    depths: Sequence[float],
+    p: Parameters,
+    progress: bool = False,
+    cache: bool = True,
+) -> PairResult:
+    """Chapter 5 for one pair of loaded models at relative ``depths``: extract, train, match and compare.
+
+    ``depths`` is ``p.depths`` for the pair of one family and ``p.cross_depths`` for the cross-tokenizer pair;
+    every other setting comes from ``p``. Without ``cache`` the layer comparisons are recomputed and not stored.
+    """
+    tokens = extract(a, b, texts, depths, p, progress)
+    trained = train(a, b, tokens, p, progress)
+    layers = match_and_compare(a, b, tokens, trained, p, cache)
+    return PairResult((a.info.name, b.info.name), (a.info.n_layers, b.info.n_layers), tokens, trained, layers)
 
 
 def best_depth_subsamples(
@@ -337,7 +761,7 @@ def check_claim10(
     depth_b: dict[int, float],
     boot_argmax: np.ndarray,
     alpha: float = 0.01,
-) -> Any:
+) -> Verdict:
     """Claim 10 (chapter 5): paired decoder geometry beats the null, and is highest in the middle layers.
 
     Checks, declared in advance:
@@ -396,225 +820,72 @@ def check_claim10(
     return verdict(checks, alpha=alpha)
 
 
-@dataclass
-class PairResult:
-    """Everything chapter 5 measures for one pair of models (chapter 5).
+@dataclass(frozen=True)
+class SeedCeiling:
+    """Two SAEs of one model and block that differ only in their seed, compared like a layer pair (chapter 5).
 
     Attributes:
-        names: ``(A, B)``; layers_a, layers_b: the blocks studied.
-        aligned: the aligned tokens and activations.
-        saes: one table row per SAE (model, layer, relative depth, FVU, L0, dead fraction, loss recovered...).
-        grid: one row per layer pair (filters, matched correlation, RSA, SVCCA with nulls and p-values).
-        curves: SVCCA over ``n_components`` with the null, per layer pair.
-        decoders: ``{(layer A, layer B): (rows of A's decoder, rows of B's decoder)}`` of the kept pairs.
-        kept: ``{(layer A, layer B): FeaturePairs}``; latents: the encoded tokens per side and layer.
+        model, layer: the model and block.
+        pairs: matched pairs kept by the filters.
+        rsa: RSA of the kept pairs' decoder rows; NaN when fewer than 10 pairs are kept (not computed).
+        svcca, svcca_n: SVCCA at the headline number of directions, and that number; NaN and None when not computed.
+        statistics: :func:`compare_layer`'s whole row (filter counts, ``pairs``, ``mean corr (kept)``, and RSA and
+            SVCCA with their nulls and p-values where computed), as the record keeps it (:meth:`record`).
     """
 
-    names: tuple[str, str]
-    layers_a: list[int]
-    layers_b: list[int]
-    aligned: AlignedTokens
-    saes: Any
-    grid: Any
-    curves: Any
-    decoders: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
-    kept: dict[tuple[int, int], FeaturePairs]
-    trained: dict[str, dict[int, LayerSAE]]
+    model: str
+    layer: int
+    pairs: int
+    rsa: float
+    svcca: float
+    svcca_n: int | None
+    statistics: dict[str, Any]
 
-    def depth(self, la: int, lb: int) -> float:
-        return float(self.grid.set_index(["layer A", "layer B"]).loc[(la, lb), "depth"])
+    def record(self) -> dict[str, Any]:
+        """The chapter record's ``seed_ceiling`` entry: ``model``, ``layer`` and every statistic."""
+        return {"model": self.model, "layer": self.layer, **self.statistics}
 
-
-def _loss_ids(loaded: Any, texts: Sequence[str], n_tokens: int) -> tuple[np.ndarray, int]:
-    bos = [loaded.tokenizer.bos_token_id] if loaded.info.needs_bos else []
-    rows = [bos + loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = min(len(r) for r in rows + [list(range(n_tokens + len(bos)))])
-    return np.array([r[:width] for r in rows], dtype=np.int64), 1 + len(bos)
-
-
-def run_pair(
-    a: Any,
-    b: Any,
-    texts: Sequence[str],
-    depths: Sequence[float],
-    *,
-    max_tokens: int = 256,
-    heldout_fraction: float = 0.2,
-    expansion: int = 4,
-    k: int = 32,
-    epochs: int = 4,
-    batch_size: int = 256,
-    lr: float | None = None,
-    n_permutations: int = 1000,
-    n_components: Sequence[int] = (5, 10, 20, 50, 100),
-    rsa_rows: int = 1000,
-    min_corr: float = 0.1,
-    loss_texts: int = 4,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    progress: bool = True,
-    cache: bool = True,
-) -> PairResult:
-    """Chapter 5 for one pair of loaded models: align, train SAEs, match every layer pair, compare (chapter 5).
-
-    Layers are taken at the same relative ``depths`` in both models
-    (:func:`pair_layers`). SAEs are trained on the aligned tokens of the first
-    ``1 - heldout_fraction`` of the texts and evaluated on the rest (FVU, L0, dead
-    fraction; loss recovered on ``loss_texts`` held-out texts). Latents of all
-    aligned tokens are matched for every layer of A against every layer of B;
-    SVCCA is computed at every ``n_components`` for the pairs at matching depth
-    and at the headline value (the third) for the others. With ``cache`` each
-    layer pair's comparison is kept on disk under a key of both layers'
-    activations and SAE weights and of the comparison's parameters, so a rerun
-    reads it.
-    """
-    import pandas as pd
-
-    pairs = pair_layers(a.info.n_layers, b.info.n_layers, depths)
-    layers_a = sorted({la for la, _ in pairs})
-    layers_b = sorted({lb for _, lb in pairs})
-    aligned = aligned_activations(a, b, texts, layers_a, layers_b, max_tokens=max_tokens, progress=progress)
-    train, held = aligned.split(heldout_fraction)
-    opts: dict[str, Any] = dict(
-        expansion=expansion,
-        k=k,
-        seed=seed,
-        device=device,
-        progress=progress,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-    )
-    trained = {
-        "A": train_layer_saes(aligned.acts_a, train, held, a.info.sha256 or a.info.name, a.info.name, **opts),
-        "B": train_layer_saes(aligned.acts_b, train, held, b.info.sha256 or b.info.name, b.info.name, **opts),
-    }
-    held_texts = sorted(set(aligned.passage[held].tolist()))[:loss_texts]
-    sae_rows = []
-    for side, loaded, acts in (("A", a, aligned.acts_a), ("B", b, aligned.acts_b)):
-        ids, skip = _loss_ids(loaded, [aligned.texts[i] for i in held_texts], max_tokens)
-        clean = None
-        for layer, item in trained[side].items():
-            mean = acts[layer][train].mean(axis=0)
-            rec = cached_loss_recovered(loaded, ids, layer, item.sae, mean, skip_first=skip, clean=clean)
-            clean = rec["clean"]
-            sae_rows.append(
-                {
-                    "model": loaded.info.name,
-                    "layer": layer,
-                    "depth": layer / loaded.info.n_layers,
-                    "latents": item.sae.n_latents,
-                    "k": item.sae.k,
-                    "train tokens": int(train.sum()),
-                    "held-out tokens": int(held.sum()),
-                    **{m: item.metrics[m] for m in ("fvu", "l0", "dead_fraction")},
-                    "loss clean": rec["clean"],
-                    "loss spliced": rec["spliced"],
-                    "loss mean-ablated": rec["ablated"],
-                    "loss recovered": rec["recovered"],
-                    "train seconds": item.history.seconds,
-                    "from cache": item.history.from_cache,
-                }
-            )
-    non_concept = non_concept_tokens(a.tokenizer)
-    latents_a = {la: encode_all(trained["A"][la].sae, aligned.acts_a[la]) for la in layers_a}
-    latents_b = {lb: encode_all(trained["B"][lb].sae, aligned.acts_b[lb]) for lb in layers_b}
-    grid_rows, curve_rows, decoders, kept_all = [], [], {}, {}
-    dev_type = get_device(device).type
-    layer_keys = {
-        (side, layer): content_key(
-            array_digest(acts[layer]), *(array_digest(t) for t in item.sae.state_dict().values())
+    def summary(self) -> str:
+        """One line for the chapter: the layer, the pairs kept, RSA and SVCCA."""
+        return (
+            f"Seed ceiling at layer {self.layer} of {self.model}: {self.pairs} pairs kept, RSA {self.rsa:.3f}, "
+            f"SVCCA(n={self.svcca_n}) {self.svcca:.3f}."
         )
-        for side, acts in (("A", aligned.acts_a), ("B", aligned.acts_b))
-        for layer, item in trained[side].items()
-    }
-    tokens_key = content_key(array_digest(aligned.ids_a), array_digest(non_concept))
-    # The SVCCA curve over n_components is drawn for the pairs at matching depth; the
-    # other cells of the grid need only the headline n (the third value, 20 by default).
-    headline = [list(n_components)[min(2, len(n_components) - 1)]] if len(n_components) else []
-    for la in layers_a:
-        for lb in layers_b:
-            dec_a = trained["A"][la].sae.W_dec.detach().cpu().numpy()
-            dec_b = trained["B"][lb].sae.W_dec.detach().cpu().numpy()
-            comps = list(n_components if (la, lb) in pairs else headline)
-            key = content_key(
-                "compare-layer-v1", layer_keys[("A", la)], layer_keys[("B", lb)], tokens_key, comps, n_permutations,
-                rsa_rows, min_corr, seed, dev_type,
-            )  # fmt: skip
-            row, curve, kept = _cached_compare_layer(
-                key if cache else None,
-                lambda la=la, lb=lb, dec_a=dec_a, dec_b=dec_b, comps=comps: compare_layer(
-                    latents_a[la],
-                    latents_b[lb],
-                    dec_a,
-                    dec_b,
-                    aligned.ids_a,
-                    non_concept,
-                    n_components=comps,
-                    n_permutations=n_permutations,
-                    rsa_rows=rsa_rows,
-                    min_corr=min_corr,
-                    seed=seed,
-                    device=device,
-                ),
-            )
-            depth = (la / a.info.n_layers + lb / b.info.n_layers) / 2
-            grid_rows.append(
-                {
-                    "layer A": la,
-                    "layer B": lb,
-                    "depth A": la / a.info.n_layers,
-                    "depth B": lb / b.info.n_layers,
-                    "depth": depth,
-                    "matched depth": (la, lb) in pairs,
-                    **row,
-                }
-            )
-            curve_rows += [{"layer A": la, "layer B": lb, **c} for c in curve]
-            decoders[(la, lb)] = (dec_a[kept.a], dec_b[kept.b])
-            kept_all[(la, lb)] = kept
-    return PairResult(
-        (a.info.name, b.info.name),
-        layers_a,
-        layers_b,
-        aligned,
-        pd.DataFrame(sae_rows),
-        pd.DataFrame(grid_rows),
-        pd.DataFrame(curve_rows),
-        decoders,
-        kept_all,
-        trained,
-    )
 
 
 def seed_ceiling(
-    result: PairResult,
-    side: str = "A",
-    layer: int | None = None,
-    seed: int = 1,
-    n_permutations: int = 1000,
-    rsa_rows: int = 1000,
-    device: str | torch.device = "auto",
-    progress: bool = True,
-    **train_kwargs: Any,
-) -> dict[str, Any]:
-    """The same comparison between two SAEs of one model and layer that differ only in their seed (chapter 5).
+    result: PairResult, p: Parameters, side: str = "A", layer: int | None = None, progress: bool = False
+) -> SeedCeiling:
+    """Chapter 5: the comparison between two SAEs of one model and block that differ only in their seed.
 
-    It shows how similar "the same model" looks through this pipeline: the
-    ceiling that cross-model numbers are read against.
+    It shows how similar "the same model" looks through this pipeline: the ceiling that cross-model numbers are read
+    against. The block is the middle studied one of ``side`` unless ``layer`` is given. The second SAE has the
+    first's size and ``p.seed + 1``, and is trained on the tokens of ``split(0.2)`` (a fixed held-out fraction, not
+    ``p.heldout_fraction``). The two are compared by :func:`compare_layer` with no non-concept filter, at
+    ``p.n_permutations`` and ``p.rsa_rows`` but fixed ``n_components`` (5, 10, 20, 50, 100), ``min_corr`` 0.1 and
+    comparison seed 0.
     """
-
     trained = result.trained[side]
     layers = sorted(trained)
     layer = layers[len(layers) // 2] if layer is None else layer
     acts = (result.aligned.acts_a if side == "A" else result.aligned.acts_b)[layer]
-    train, _ = result.aligned.split(0.2)
+    train_rows, _ = result.aligned.split(0.2)
     first = trained[layer].sae
-
-    x_train = np.ascontiguousarray(acts[train])
-    key = {"model": result.names[0 if side == "A" else 1], "layer": layer, "tokens": content_key(x_train.tobytes())}
+    name = result.names[0 if side == "A" else 1]
+    dev = get_device(p.device)
+    x_train = np.ascontiguousarray(acts[train_rows])
+    key = {"model": name, "layer": layer, "tokens": content_key(x_train.tobytes())}
     second, _ = cached_sae(
-        x_train, first.n_latents, first.k, key, seed=seed, device=device, progress=progress, **train_kwargs
+        x_train,
+        first.n_latents,
+        first.k,
+        key,
+        seed=p.seed + 1,
+        device=dev,
+        progress=progress,
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        lr=p.lr,
     )
     ids = result.aligned.ids_a if side == "A" else result.aligned.ids_b
     row, _, _ = compare_layer(
@@ -624,11 +895,69 @@ def seed_ceiling(
         second.W_dec.detach().cpu().numpy(),
         ids,
         np.zeros(int(ids.max()) + 1, dtype=bool),
-        n_permutations=n_permutations,
-        rsa_rows=rsa_rows,
-        device=device,
+        n_components=(5, 10, 20, 50, 100),
+        n_permutations=p.n_permutations,
+        rsa_rows=p.rsa_rows,
+        min_corr=0.1,
+        seed=0,
+        device=dev,
     )
-    return {"model": result.names[0 if side == "A" else 1], "layer": layer, **row}
+    nan = float("nan")
+    return SeedCeiling(
+        name,
+        layer,
+        int(row["pairs"]),
+        float(row["RSA"]) if "RSA" in row else nan,
+        float(row["SVCCA"]) if "SVCCA" in row else nan,
+        int(row["SVCCA n"]) if "SVCCA n" in row else None,
+        row,
+    )
+
+
+@dataclass(frozen=True)
+class Claim10:
+    """Claim 10's verdict for one pair of models, with what the chapter reports beside it (chapter 5, stage 5).
+
+    Attributes:
+        verdict: the checks and verdict of :func:`check_claim10`.
+        best_depths: per subsample of the matched features, the relative depth of the layer pair with the highest RSA
+            (:func:`best_depth_subsamples`).
+        interior_share: the share of ``best_depths`` strictly inside the depths of the layer pairs of matching depth.
+        smallest_rsa: the smallest RSA over the layer pairs of matching depth (NaN when none has one; None when no
+            layer pair kept 10 pairs).
+        best_pair, best_depth: the layer pair with the highest RSA over all layer pairs and its relative depth (None
+            when no layer pair kept 10 pairs).
+    """
+
+    verdict: Verdict
+    best_depths: np.ndarray
+    interior_share: float
+    smallest_rsa: float | None
+    best_pair: tuple[int, int] | None
+    best_depth: float | None
+
+
+def check(pair: PairResult, p: Parameters) -> Claim10:
+    """Chapter 5, stage 5: claim 10's verdict (:func:`check_claim10`) for one pair of models, at level ``p.alpha``.
+
+    The location of the maximum comes from ``p.n_subsamples`` subsamples of the kept pairs of every layer pair
+    (:func:`best_depth_subsamples` with its default fraction 0.5 and 500 RSA rows, seed ``p.seed``).
+    """
+    depth_of = {key: pair.depth(*key) for key in pair.decoders}
+    best = best_depth_subsamples(
+        pair.decoders, depth_of, n_subsamples=p.n_subsamples, seed=p.seed, device=get_device(p.device)
+    )
+    na, nb = pair.n_layers
+    depth_a = {la: la / na for la in pair.layers_a}
+    depth_b = {lb: lb / nb for lb in pair.layers_b}
+    result = check_claim10(pair.grid, pair.matched, depth_a, depth_b, best, alpha=p.alpha)
+    m = pair.grid[pair.grid["matched depth"]]
+    interior = float(((best > m["depth"].min() + 1e-9) & (best < m["depth"].max() - 1e-9)).mean())
+    if "RSA" not in pair.grid:
+        return Claim10(result, best, interior, None, None, None)
+    top = pair.grid.loc[pair.grid["RSA"].idxmax()]
+    best_pair = (int(top["layer A"]), int(top["layer B"]))
+    return Claim10(result, best, interior, float(m["RSA"].min()), best_pair, float(top["depth"]))
 
 
 def feature_examples(result: PairResult, la: int, lb: int, n: int = 4, top: int = 3, width: int = 40) -> Any:
@@ -671,14 +1000,14 @@ def plot_sae_layer_heatmaps(grid: pd.DataFrame, names: tuple[str, str]) -> Figur
     """Chapter 5: layer x layer heatmaps of RSA, SVCCA above its null, -log10 p of RSA, and pairs kept.
 
     Args:
-        grid: ``feature_matching.run_pair(...).grid``.
+        grid: ``run_pair(...).grid``.
         names: the two models (rows: A's layers, columns: B's layers).
     """
     import matplotlib.pyplot as plt
     import numpy as np
     import seaborn as sns
 
-    need_columns(grid, ("layer A", "layer B", "pairs"), "feature_matching.run_pair")
+    need_columns(grid, ("layer A", "layer B", "pairs"), "ch05.run_pair")
     g = grid.copy()
     if "SVCCA" in g:
         g["SVCCA − null"] = g["SVCCA"] - g["SVCCA null mean"]
@@ -709,9 +1038,7 @@ def plot_svcca_curves(curves: pd.DataFrame, matched: Sequence[tuple[int, int]]) 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    need_columns(
-        curves, ("layer A", "layer B", "n_components", "SVCCA", "null mean", "null max"), "feature_matching.run_pair"
-    )
+    need_columns(curves, ("layer A", "layer B", "n_components", "SVCCA", "null mean", "null max"), "ch05.run_pair")
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(matched))))
     for color, (la, lb) in zip(colors, matched):

@@ -1,18 +1,7 @@
-"""Opening a chapter, and the claims and run records it writes (every chapter; Claims ledger page).
+"""The claims the book tests, numbered as in the methods brief, with the chapter that tests each (every chapter).
 
-A chapter opens with :func:`start_chapter` (parameter and model-name checks,
-device, seeds, results folder, plot style, models that are installed) and ends
-with ``chapter.finish()``. In between, each claim is recorded from a
-:class:`~embgeo_utils.core.stats.Verdict`, the book's one verdict rule. ``finish()``
-calls ``record.save()``, which writes ``<results dir>/<chapter>-<parameters
-hash>.json`` holding its claims (statistic, null, p-value, verdict and numbers)
-and its run info (device, models, parameters, whether they are the book's
-defaults, wall time, package versions); a run that left models out writes a
-``.partial.json`` file, a failed run writes nothing. The results folder is
-``EMBGEO_RESULTS`` when set (the book build sets it), else ``results/`` in the
-cache. The ledger page reads, per chapter, the latest complete run with the
-book's default parameters (:func:`chosen_records`) and names it; nothing in it
-is typed by hand.
+The chapters record a verdict for each claim (:meth:`embgeo_utils.book.results.ChapterRecord.claim`), and the
+Claims ledger lists them all, including the claims no chapter has run yet.
 """
 
 from __future__ import annotations

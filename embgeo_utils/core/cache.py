@@ -211,12 +211,18 @@ def package_dir(module: str) -> Path | None:
 
 
 def array_digest(x: Any) -> str:
-    """sha256 of an array's values, dtype and shape (numpy or torch), for content keys of cached results."""
+    """sha256 of an array's values, dtype and shape (numpy or torch), for content keys of cached results.
+
+    Raises:
+        EmbgeoInputError: for an array of Python objects, whose bytes are addresses, not values (pass ``x.astype(str)``).
+    """
     import numpy as np
 
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     arr = np.ascontiguousarray(x)
+    if arr.dtype == object:
+        raise EmbgeoInputError("array_digest cannot hash an array of Python objects; convert it (e.g. astype(str)).")
     digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
     digest.update(arr.data.cast("B"))
     return digest.hexdigest()
@@ -320,6 +326,8 @@ def key_part(value: Any) -> Any:
         return value.item()
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return {"text array": array_digest(value.astype(str))}  # object arrays: by their values, never by addresses
     if isinstance(value, np.ndarray) or type(value).__module__.startswith("torch") and hasattr(value, "detach"):
         return {"array": array_digest(value)}
     if hasattr(value, "cache_key"):
@@ -328,17 +336,7 @@ def key_part(value: Any) -> Any:
     if kind == "device" and hasattr(value, "type"):
         return {"device": value.type}
     if kind == "DataFrame":
-        return {
-            "frame": [
-                [
-                    str(c),
-                    array_digest(np.asarray(value[c].to_numpy(), dtype=object).astype(str))
-                    if value[c].dtype == object
-                    else array_digest(value[c].to_numpy()),
-                ]
-                for c in value.columns
-            ]
-        }
+        return {"frame": [[str(c), key_part(value[c].to_numpy())] for c in value.columns]}
     if hasattr(value, "state_dict") and hasattr(value, "parameters"):
         return {"module": kind, "state": {k: array_digest(v) for k, v in value.state_dict().items()}}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

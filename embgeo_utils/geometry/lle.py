@@ -1,11 +1,11 @@
-"""Locally linear reconstruction weights and their transfer across models (chapter 2).
+"""Locally linear reconstruction weights, their reconstruction error and its baselines (chapter 2).
 
-Chapter 2 (LLE) asks whether the *local* geometry of one model's embeddings
-carries over to another model: each token is written as an affine combination
-of its k nearest neighbours in model A (weights summing to 1, as in the first
-step of LLE), and the same neighbours and weights are then applied to model B's
-vectors of the same tokens. Baselines: B's own weights (the floor), uniform
-weights, and A's weights on random neighbours (the null).
+Each point is written as an affine combination of its k nearest neighbours
+(weights summing to 1, the first step of LLE: :func:`lle_weights`);
+:func:`reconstruction_error` applies given neighbours and weights to any cloud of
+the same items, which is how chapter 2 carries one model's local geometry into
+another (:mod:`embgeo_utils.chapters.ch02_lle`). Baseline weightings:
+:func:`uniform_weights` and :func:`random_neighbors`.
 
 All local systems of a chunk are solved at once (one batched Gram product and
 one ``torch.linalg.solve`` in float64 per chunk).
@@ -13,8 +13,6 @@ one ``torch.linalg.solve`` in float64 per chunk).
 References:
     Roweis, S. T. and Saul, L. K. (2000). Nonlinear Dimensionality Reduction by
     Locally Linear Embedding. Science 290(5500), 2323-2326.
-    Lee, Weber, Viegas, Wattenberg (2025). Shared Global and Local Geometry of
-    Language Model Embeddings. arXiv:2503.21073.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""Matching SAE features across models and comparing their decoder geometry (chapter 5).
+"""Matching two dictionaries' features and comparing their decoder geometry (chapter 5).
 
 Two SAEs, one per model, encode the same tokens. :func:`activation_correlation`
 gives the Pearson correlation of every latent of A with every latent of B over
 those tokens; :func:`match_features` pairs them (many-to-one: each B latent with
 its most correlated A latent, as Lan et al.; or one-to-one by optimal
-assignment); :func:`filter_pairs` applies Lan et al.'s filters and counts the
-pairs left after each. The paired decoder rows are then compared with
-:func:`svcca` and :func:`rsa`, each against a null of random re-pairings
-(:func:`svcca_test`, :func:`rsa_test`, built on :func:`embgeo_utils.core.stats.permutation_test`).
+assignment). The paired decoder rows are then compared with :func:`svcca` and
+:func:`rsa`, each against a null of random re-pairings (:func:`svcca_test`,
+:func:`rsa_test`, built on :func:`embgeo_utils.core.stats.permutation_test`).
+Chapter 5's filters and pipeline live in :mod:`embgeo_utils.chapters.ch05_sae_feature_matching`.
 
 References:
     M. Lan, P. Torr, A. Meek, A. Khakzar, D. Krueger, F. Barez (2024), Quantifying

@@ -1,13 +1,13 @@
 """Global similarity of two point clouds over the same items (chapter 1).
 
-Chapter 1 (global orientation) compares two models through the same tokens:
-the cosine-similarity matrix of the tokens in model A against that in model B
+The cosine-similarity matrix of the items in cloud A against that in cloud B
 (Pearson of the upper triangles), with Spearman, linear CKA and mutual k-NN as
-complements, and a permutation null that breaks the token correspondence.
+complements, a permutation null that breaks the item correspondence, and the
+layer x layer map of the same statistic. Chapter 1 applies them to the tokens two
+models share (:mod:`embgeo_utils.chapters.ch01_global_orientation`).
 
 All measures take ``X`` ``(n, d1)`` and ``Y`` ``(n, d2)`` whose rows are the same
-items; the widths may differ. ``measure(name, X, Y)`` is the single entry point
-used by the notebooks.
+items; the widths may differ. ``measure(name, X, Y)`` is the single entry point.
 
 References:
     Lee, Weber, Viegas, Wattenberg (2025). Shared Global and Local Geometry of

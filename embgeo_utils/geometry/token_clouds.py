@@ -20,13 +20,8 @@ GRIDE and TwoNN read, the nearest sets of the overlap) is recomputed exactly in
 float64 (:func:`~embgeo_utils.geometry.neighbors.exact_order_statistics`), so the results
 equal those of the float64 route.
 
-The chapter itself runs on top of that: ``run_layerwise`` measures every model at
-every shuffle level and returns tidy tables (``LayerwiseRun``); ``id_peaks``,
-``loss_table``, ``max_mean_cosine``, ``scale_curve_table``, ``id_loss_correlation``,
-``strongest_correlation`` and ``paper_comparison`` summarise them; and
-``check_claim1`` ... ``check_claim5`` (all five: ``check_claims``) test the
-ledger's claims 1-5 with pre-declared checks judged by
-:func:`embgeo_utils.core.stats.verdict`.
+Chapter 4 runs these kernels over every model and shuffle level
+(:mod:`embgeo_utils.chapters.ch04_layerwise_geometry`).
 
 References:
     K. Viswanathan, Y. Gardinazzi, G. Panerai, A. Cazzaniga, M. Biagetti (2025),

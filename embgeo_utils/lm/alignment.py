@@ -1,24 +1,9 @@
-"""Matching SAE features across models and comparing their decoder geometry (chapter 5).
+"""Pairing the token positions of two tokenizations of the same texts (chapters 5 and 6).
 
-Two SAEs, one per model, encode the same tokens. :func:`activation_correlation`
-gives the Pearson correlation of every latent of A with every latent of B over
-those tokens; :func:`match_features` pairs them (many-to-one: each B latent with
-its most correlated A latent, as Lan et al.; or one-to-one by optimal
-assignment); :func:`filter_pairs` applies Lan et al.'s filters and counts the
-pairs left after each. The paired decoder rows are then compared with
-:func:`svcca` and :func:`rsa`, each against a null of random re-pairings
-(:func:`svcca_test`, :func:`rsa_test`, built on :func:`embgeo_utils.core.stats.permutation_test`).
-
-References:
-    M. Lan, P. Torr, A. Meek, A. Khakzar, D. Krueger, F. Barez (2024), Quantifying
-    feature space universality across large language models via sparse
-    autoencoders, arXiv:2410.06981.
-
-    J. Son et al. (2025), Semantic convergence: investigating shared
-    representations across scaled LLMs, arXiv:2507.22918.
-
-    M. Raghu, J. Gilmer, J. Yosinski, J. Sohl-Dickstein (2017), SVCCA: singular
-    vector canonical correlation analysis, NeurIPS.
+Models of one family share a tokenizer, so their positions pair one to one. Models with different tokenizers
+(SmolLM2 and Gemma-3) do not: :func:`align_positions` pairs only the positions whose character spans coincide in
+both tokenizations, and :func:`aligned_activations` runs both models over the same texts and returns the hidden
+states of those paired positions at the requested layers (:class:`AlignedTokens`).
 """
 
 from __future__ import annotations

@@ -1,26 +1,11 @@
-"""Data-parallel extraction and SAE training under ``torchrun`` (chapters 4 and 5).
+"""The collectives of data-parallel work under ``torchrun`` (chapters 4 and 5).
 
-The process group is PyTorch's own: start the processes with
-``torchrun --nproc_per_node N -m embgeo_utils.lm.torchrun ...`` (or
-``python -m torch.distributed.run``), which sets ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK`` and the rendezvous address; :func:`init_from_env` then joins the
-group with NCCL on GPUs and gloo on the CPU. Nothing here schedules processes.
-
-- :func:`sharded_hidden_states`: every rank runs the model on prompts
-  ``rank::world`` (writing the shared on-disk cache as usual) and the results
-  are gathered, so every rank returns the same :class:`Activations` as a
-  single-process :func:`embgeo_utils.lm.activations.hidden_states`.
-- :func:`embgeo_utils.lm.sae.train_sae` trains data-parallel by itself when a
-  group is initialised: rank ``r`` takes rows ``r::world`` of every global
-  batch, gradients are summed over ranks before each Adam step, and the weights
-  equal a single-process run's up to the order of float sums.
-
-Command line (the README shows the multi-GPU form)::
-
-    torchrun --nproc_per_node 2 -m embgeo_utils.lm.torchrun train-sae \
-        --acts acts.npy --n-latents 4096 --k 32 --out sae_folder
-    torchrun --nproc_per_node 2 -m embgeo_utils.lm.torchrun extract-train \
-        --model smollm2-135m --layer 6 --n-passages 64 --out sae_folder
+The process group is PyTorch's own (:func:`init_from_env` joins it: NCCL on GPUs, gloo on the CPU); nothing here
+schedules processes. :func:`rank_and_world`, :func:`barrier`, :func:`all_reduce_sum` and :func:`broadcast_module`
+are what :func:`embgeo_utils.lm.sae.train_sae` uses to train data-parallel, and :func:`sharded_hidden_states`
+runs a model on prompts ``rank::world`` and gathers the results, so every rank returns the same
+:class:`~embgeo_utils.lm.activations.Activations` as one process would. The command line is
+:mod:`embgeo_utils.lm.torchrun`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -750,6 +750,21 @@ def block_output_hook(block: torch.nn.Module, fn: Any) -> Iterator[None]:
         handle.remove()
 
 
+def _hook_every_block(body: torch.nn.Module) -> None:
+    """Install transformers' hidden-state hooks on every block before some are hidden (chapters 4 and 5).
+
+    ``transformers`` records hidden states through hooks that it installs on the first forward pass that asks for
+    them, on the blocks present at that moment. A first pass under :func:`first_blocks` would hook only the first
+    ``n`` blocks, and every later full pass would return too few hidden states; installing them now hooks all.
+    """
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # an older transformers records hidden states without hooks
+        return
+    if getattr(body, "_can_record_outputs", None):  # the module whose forward runs the blocks and records them
+        maybe_install_capturing_hooks(cast(Any, body))
+
+
 @contextmanager
 def first_blocks(model: torch.nn.Module, n: int) -> Iterator[None]:
     """Run only the first ``n`` transformer blocks while active (chapter 5: activations of early layers).
@@ -765,6 +780,7 @@ def first_blocks(model: torch.nn.Module, n: int) -> Iterator[None]:
     parent, attr = next(
         (module, name) for module in model.modules() for name, child in module.named_children() if child is blocks
     )
+    _hook_every_block(parent)
     setattr(parent, attr, torch.nn.ModuleList(list(blocks)[:n]))
     try:
         yield

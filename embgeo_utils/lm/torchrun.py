@@ -1,4 +1,4 @@
-"""Data-parallel extraction and SAE training under ``torchrun`` (chapters 4 and 5).
+"""The command line for data-parallel extraction and SAE training under ``torchrun`` (chapters 4 and 5).
 
 The process group is PyTorch's own: start the processes with
 ``torchrun --nproc_per_node N -m embgeo_utils.lm.torchrun ...`` (or

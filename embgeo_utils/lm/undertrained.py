@@ -303,14 +303,16 @@ def summary_table(found: Mapping[str, UndertrainedTokens], strings: Mapping[str,
 
 
 def mark_tokens(tokens: pd.DataFrame, found: Mapping[str, UndertrainedTokens]) -> pd.DataFrame:
-    """``tokens`` (``token_dimension.token_frame``) with a bool column ``under-trained`` (chapter 3).
+    """``tokens`` (:func:`embgeo_utils.chapters.ch03_intrinsic_dimension.token_frame`) with a bool column ``under-trained`` (chapter 3).
 
     Raises:
         EmbgeoInputError: when ``tokens`` lacks ``model`` or ``token``.
     """
     missing = [c for c in ("model", "token") if c not in tokens.columns]
     if missing:
-        raise EmbgeoInputError(f"tokens lacks the columns {missing}; pass token_dimension.token_frame(...).")
+        raise EmbgeoInputError(
+            f"tokens lacks the columns {missing}; pass the per-token table of chapter 3 (token_frame)."
+        )
     flag = np.zeros(len(tokens), dtype=bool)
     for name, f in found.items():
         where = (tokens["model"] == name).to_numpy()

@@ -11,13 +11,15 @@ from embgeo_utils.chapters import ch00_models_and_text as ch00
 from embgeo_utils.core.errors import EmbgeoInputError
 
 
-def test_embedding_tables_norms_anisotropy_duplicates() -> None:
+def test_embedding_tables_norms_anisotropy_duplicates(chapter_params) -> None:
     rng = np.random.default_rng(0)
     sphere = rng.normal(size=(500, 16))
     sphere /= np.linalg.norm(sphere, axis=1, keepdims=True)  # every row norm 1, no common offset
     offset = rng.normal(size=(500, 16)) + 3.0  # a common offset: positive raw cosines
     offset[10] = offset[20]  # one duplicate row
-    summary, norms = ch00.embedding_tables({"sphere": sphere, "offset": torch.as_tensor(offset)}, pair_sample=3000)
+    p = chapter_params(ch00, pair_sample=3000)
+    tables = ch00.embedding_tables({"sphere": sphere, "offset": torch.as_tensor(offset)}, p)
+    summary, norms = tables.summary, tables.norms
     assert list(summary.index) == ["sphere", "offset"]
     assert summary.loc["sphere", "norm CV"] == pytest.approx(0.0, abs=1e-6)
     assert summary.loc["sphere", "median norm"] == pytest.approx(1.0, abs=1e-6)
@@ -27,12 +29,12 @@ def test_embedding_tables_norms_anisotropy_duplicates() -> None:
     assert summary.loc["offset", "duplicate rows"] == 1 and summary.loc["sphere", "duplicate rows"] == 0
     assert len(norms) == 1000 and set(norms.columns) == {"model", "norm / median norm"}
     assert norms.groupby("model")["norm / median norm"].median().to_numpy() == pytest.approx([1.0, 1.0])
-    again, _ = ch00.embedding_tables({"sphere": sphere, "offset": offset}, pair_sample=3000)
+    again = ch00.embedding_tables({"sphere": sphere, "offset": offset}, p).summary
     pd.testing.assert_frame_equal(summary, again, check_dtype=False)
     with pytest.raises(EmbgeoInputError, match="pair_sample"):
-        ch00.embedding_tables({"x": sphere}, pair_sample=0)
+        ch00.embedding_tables({"x": sphere}, chapter_params(ch00, pair_sample=0))
     with pytest.raises(EmbgeoInputError, match="2-D"):
-        ch00.embedding_tables({"x": np.ones(5)})
+        ch00.embedding_tables({"x": np.ones(5)}, p)
 
 
 def test_loss_summary_and_checks() -> None:
@@ -62,14 +64,15 @@ def test_topic_counts() -> None:
     assert topics.is_monotonic_decreasing
 
 
-def test_chapter0_figures() -> None:
+def test_chapter0_figures(chapter_params) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rng = np.random.default_rng(1)
-    _, norms = ch00.embedding_tables({"smollm2-135m": rng.normal(size=(50, 4)), "other": rng.normal(size=(40, 4))})
+    tables = {"smollm2-135m": rng.normal(size=(50, 4)), "other": rng.normal(size=(40, 4))}
+    norms = ch00.embedding_tables(tables, chapter_params(ch00)).norms
     ch00.plot_embedding_norms(norms)
     ch00.plot_passage_lengths(pd.DataFrame({"source": ["a", "a", "b"], "tokens": [10, 20, 30]}), "tok")
     ch00.plot_topic_counts(pd.Series({"x": 3, "y": 1}))

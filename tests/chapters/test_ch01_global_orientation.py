@@ -1,10 +1,13 @@
-"""Tests for embgeo_utils.geometry.similarity (chapter 1)."""
+"""Tests for embgeo_utils.chapters.ch01_global_orientation (chapter 1: global orientation)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from embgeo_utils.chapters import ch01_global_orientation as ch01
 from embgeo_utils.core.errors import EmbgeoInputError
@@ -38,29 +41,26 @@ def _zoo(n: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
     return {"a": a, "b": a @ rng.normal(size=(24, 16)) + 0.5 * rng.normal(size=(n, 16)), "c": rng.normal(size=(n, 20))}
 
 
-def _pairs_table(pairs, n_permutations: int, device, n: int = 200):
-    tables = _zoo(n)
-    shared = {p: _identity_shared(n) for p in pairs}
-    return ch01.compare_models(
-        tables,
-        shared,
-        n_tokens=n,
-        n_permutations=n_permutations,
-        n_permutations_complements=5,
-        knn_k=5,
-        seed=0,
-        device=device,
+def _params(chapter_params, n_permutations: int, device, n: int = 200) -> ch01.Parameters:
+    return chapter_params(
+        ch01, n_tokens=n, n_permutations=n_permutations, n_permutations_complements=5, knn_k=5, seed=0, device=device
     )
 
 
-@pytest.fixture(scope="module")
-def zoo_pairs(device):
-    """The pair table of the synthetic zoo at 500 permutations (floor 1/501), computed once."""
-    return _pairs_table([("a", "b"), ("a", "c"), ("b", "c")], 500, device, n=120)
+def _pairs_table(chapter_params, pairs, n_permutations: int, device, n: int = 200):
+    tables = _zoo(n)
+    shared = {p: _identity_shared(n) for p in pairs}
+    return ch01.compare_models(tables, shared, _params(chapter_params, n_permutations, device, n))
 
 
-def test_compare_models_matches_the_measures(device, tmp_cache) -> None:
-    table = _pairs_table([("a", "b")], 30, device)
+@pytest.fixture()
+def zoo_pairs(chapter_params, device):
+    """The pair table of the synthetic zoo at 500 permutations (floor 1/501)."""
+    return _pairs_table(chapter_params, [("a", "b"), ("a", "c"), ("b", "c")], 500, device, n=120)
+
+
+def test_compare_models_matches_the_measures(chapter_params, device, tmp_cache) -> None:
+    table = _pairs_table(chapter_params, [("a", "b")], 30, device)
     X, Y = _zoo()["a"], _zoo()["b"]
     row = table.iloc[0]
     assert (row["model A"], row["model B"], row["tokens"], row["permutations"]) == ("a", "b", 200, 30)
@@ -72,9 +72,9 @@ def test_compare_models_matches_the_measures(device, tmp_cache) -> None:
     assert row["mutual kNN chance"] == pytest.approx(5 / 199)
     assert row["p raw"] == pytest.approx(1 / 31)
     with pytest.raises(EmbgeoInputError, match="pairs"):
-        ch01.compare_models(_zoo(), {}, device=device)
+        ch01.compare_models(_zoo(), {}, _params(chapter_params, 30, device))
     with pytest.raises(EmbgeoInputError, match="No embedding table"):
-        ch01.compare_models({"a": X}, {("a", "b"): _identity_shared(200)}, device=device)
+        ch01.compare_models({"a": X}, {("a", "b"): _identity_shared(200)}, _params(chapter_params, 30, device))
 
 
 def test_claim6_planted_absent_and_partly(zoo_pairs) -> None:
@@ -89,12 +89,12 @@ def test_claim6_planted_absent_and_partly(zoo_pairs) -> None:
     assert mixed.verdict == "partly reproduced" and mixed.holds == (True, False)
 
 
-def test_claim6_minimum_effect_and_resolution(zoo_pairs, device) -> None:
+def test_claim6_minimum_effect_and_resolution(zoo_pairs, chapter_params, device) -> None:
     table = zoo_pairs.iloc[[0]]
     weak = table.assign(**{"r raw": table["null mean raw"] + 0.05})
     assert ch01.check_claim6(weak).holds == (False,)
     with pytest.warns(UserWarning, match="n_permutations >= 100"):
-        few = ch01.check_claim6(_pairs_table([("a", "b")], 20, device, n=60))
+        few = ch01.check_claim6(_pairs_table(chapter_params, [("a", "b")], 20, device, n=60))
     assert few.verdict == "not reproduced"  # p >= 1/21: no evidence at alpha = 0.01
     with pytest.raises(EmbgeoInputError, match="compare_models"):
         ch01.check_claim6(table.drop(columns=["p raw"]))
@@ -115,7 +115,7 @@ def test_token_pair_cosines(device) -> None:
         ch01.token_pair_cosines(X, Y, strings[:10])
 
 
-def test_chapter1_tables_and_figures(device) -> None:
+def test_chapter1_tables_and_figures(chapter_params, device) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,7 +125,7 @@ def test_chapter1_tables_and_figures(device) -> None:
     shared = {("a", "b"): _identity_shared(50)}
     overlap = ch01.shared_vocabulary_table(shared, tables)
     assert overlap.loc[0, "shared tokens"] == 50 and overlap.loc[0, "vocabulary B"] == 50
-    table = _pairs_table([("a", "b"), ("a", "c")], 5, device, n=50)
+    table = _pairs_table(chapter_params, [("a", "b"), ("a", "c")], 5, device, n=50)
     ch01.plot_pair_heatmaps(table, ["a", "b", "c"])
     ch01.plot_cosine_scatter(ch01.token_pair_cosines(tables["a"], tables["b"], [str(i) for i in range(50)], 100))
     rng = np.random.default_rng(0)
@@ -135,15 +135,72 @@ def test_chapter1_tables_and_figures(device) -> None:
     plt.close("all")
 
 
-def test_compare_models_rows_are_cached_by_content(tmp_cache, monkeypatch) -> None:
-    first = _pairs_table([("a", "b"), ("a", "c")], 20, "cpu")
-    assert len(list(tmp_cache.rglob("*.npz"))) == 2
+def test_compare_models_rows_are_cached_by_content(chapter_params, tmp_cache, monkeypatch) -> None:
+    first = _pairs_table(chapter_params, [("a", "b"), ("a", "c")], 20, "cpu")
+    entries = sorted((tmp_cache / "similarity").glob("*/entry.json"))
+    assert len(entries) == 2  # one entry per pair
+    assert all(json.loads(e.read_text())["meta"]["function"] == "pair_statistics" for e in entries)
+    assert all(list(e.parent.glob("a*.npy")) == [] for e in entries)  # a row of JSON scalars, no arrays
 
     def no_test(*args, **kwargs):
         raise AssertionError("the cached rows should have been read")
 
     monkeypatch.setattr(ch01, "permutation_test", no_test)
-    again = _pairs_table([("a", "b"), ("a", "c")], 20, "cpu")
+    again = _pairs_table(chapter_params, [("a", "b"), ("a", "c")], 20, "cpu")
     pd.testing.assert_frame_equal(first, again)
     with pytest.raises(AssertionError, match="cached rows"):  # other permutation count: another key
-        _pairs_table([("a", "b")], 21, "cpu")
+        _pairs_table(chapter_params, [("a", "b")], 21, "cpu")
+    assert len(list((tmp_cache / "similarity").glob("*/entry.json"))) == 2  # the miss wrote nothing
+    # without the cache, the rows are computed again (and equal the cached ones)
+    monkeypatch.setattr(ch01, "permutation_test", similarity.permutation_test)
+    fresh = ch01.compare_models(
+        _zoo(), {("a", "b"): _identity_shared(200)}, _params(chapter_params, 20, "cpu"), cache=False
+    )
+    pd.testing.assert_frame_equal(fresh, first.iloc[[0]])
+
+
+def test_pair_statistics_key_holds_every_input() -> None:
+    tables = _zoo(20)
+    X, Y = tables["a"], tables["b"]
+    args = {
+        "model_a": "a",
+        "model_b": "b",
+        "X": X,
+        "Y": Y,
+        "n_permutations": 20,
+        "n_permutations_centred": 10,
+        "n_permutations_complements": 5,
+        "knn_k": 5,
+        "seed": 0,
+        "device": torch.device("cpu"),
+    }
+    base = ch01.pair_statistics.key(**args)
+    changed = {
+        "model_a": "x",
+        "model_b": "x",
+        "X": X + 1e-9,
+        "Y": Y[::-1].copy(),
+        "n_permutations": 21,
+        "n_permutations_centred": 11,
+        "n_permutations_complements": 6,
+        "knn_k": 6,
+        "seed": 1,
+        "device": torch.device("cuda"),
+    }
+    for name, value in changed.items():
+        assert ch01.pair_statistics.key(**{**args, name: value}) != base, name
+    assert ch01.pair_statistics.key(**{**args, "X": torch.as_tensor(X)}) == base  # arrays by their values
+    assert ch01.pair_statistics.key(**{**args, "device": torch.device("cuda", 1)}) == ch01.pair_statistics.key(
+        **{**args, "device": torch.device("cuda")}
+    )  # the device by its type
+
+
+def test_layer_alignment_result_and_missing_pair(chapter_params, device) -> None:
+    rng = np.random.default_rng(0)
+    table = similarity.layer_map(rng.normal(size=(30, 2, 4)), rng.normal(size=(30, 3, 5)), device=device)
+    layer = ch01.LayerAlignment("a", "b", 30, table)
+    assert layer.grid.shape == (2, 3) and layer.grid.loc[1, 2] == table["r"].iloc[-1]
+    assert layer.best["r"] == table["r"].max()
+    p = chapter_params(ch01, layer_pair=["a", "b"], device=device)
+    with pytest.raises(EmbgeoInputError, match="layer pair"):
+        ch01.layer_alignment({("a", "c"): _identity_shared(30)}, p)

@@ -1,4 +1,4 @@
-"""Tests for embgeo_utils.geometry.lle (chapter 2)."""
+"""Tests for embgeo_utils.chapters.ch02_lle (chapter 2: local geometry by LLE)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def _shared(n: int = 300):
 
 def test_compare_pairs_tables(device, chapter_params) -> None:
     tables = _swiss_pair(0.5)
-    lle = compare_pairs(tables, _shared(), chapter_params(ch02, n_tokens=250, k=6, seed=2, device=str(device)))
+    p = chapter_params(ch02, n_tokens=250, k=6, seed=2, device=str(device))
+    lle = compare_pairs(tables, _shared(), p)
     summary, errors = lle.summary, lle.errors
     assert list(errors.columns) == ["pair", "token", "weights", "relative error"]
     assert len(errors) == 5 * 250 and set(errors["weights"]) == set(CONDITIONS)
@@ -52,6 +53,14 @@ def test_compare_pairs_tables(device, chapter_params) -> None:
     expected = reconstruction_error(Y, idx, w, device=device)
     got = errors[errors["weights"] == "A's weights transferred"]["relative error"].to_numpy()
     np.testing.assert_allclose(got, expected)
+    # the stages: the same clouds, and every weighting's errors as in the table
+    clouds = ch02.pair_clouds(tables, ("a", "b"), _shared()[("a", "b")], p)
+    np.testing.assert_array_equal(clouds[0], X)
+    np.testing.assert_array_equal(clouds[1], Y)
+    measured = ch02.pair_errors(*clouds, p)
+    assert list(measured.errors) == list(CONDITIONS) and measured.neighbours_a.shape == (250, 6)
+    for name, e in measured.errors.items():
+        np.testing.assert_array_equal(errors[errors["weights"] == name]["relative error"].to_numpy(), e)
     with pytest.raises(EmbgeoInputError, match="install"):
         compare_pairs(tables, {}, chapter_params(ch02, device=str(device)))
 

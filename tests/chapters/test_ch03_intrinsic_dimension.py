@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +13,7 @@ from embgeo_utils.chapters.ch03_intrinsic_dimension import COHERENCE_LABEL, Loca
 from embgeo_utils.core import stats
 from embgeo_utils.core.errors import EmbgeoInputError
 from embgeo_utils.geometry import intrinsic_dim, lle, neighbors, similarity
-from embgeo_utils.lm import labels
+from embgeo_utils.lm import labels, steering
 
 SYMBOLS = "!#$%&*+-"
 
@@ -74,23 +76,24 @@ def _model(table: np.ndarray, strings: list[str], seed: int) -> tuple[np.ndarray
     return shuffled, {s: int(perm[t]) for t, s in enumerate(strings)}
 
 
-def _chapter(tables, vocabularies, device, n_common=200):
-    ids = ch03.per_token_ids(
-        tables, vocabularies, k=K, variance=0.9, id_tokens="all", n_common=n_common, seed=0, device=device,
-        verbose=False,
+def _chapter(tables, vocabularies, chapter_params, device):
+    p = chapter_params(
+        ch03, device=device, k=K, variance=0.9, id_tokens="all", n_common=200, seed=0, coherence_k=K,
+        n_permutations=1000, semantic_encoder="kinds", semantic_tokens=200,
     )  # fmt: skip
+    ids = ch03.per_token_ids(tables, vocabularies, p, verbose=False)
     tokens = ch03.token_frame(ids, strata=False)
-    coh = ch03.semantic_coherence(ids, kind_encoder, "kinds", coherence_k=K, n_permutations=1000, seed=0)
-    corr = ch03.id_correlations(tokens, n_permutations=1000, seed=0)
+    coh = ch03.semantic_coherence(ids, kind_encoder, p)
+    corr = ch03.id_correlations(tokens, p)
     return ids, tokens, coh, corr
 
 
 @pytest.fixture(scope="module")
-def planted(device):
+def planted(device, chapter_params):
     strings = _strings(True, 0)
     a, va = _model(_clustered(1), strings, 11)
     b, vb = _model(_clustered(2), strings, 12)
-    return _chapter({"A": a, "B": b}, {"A": va, "B": vb}, device)
+    return _chapter({"A": a, "B": b}, {"A": va, "B": vb}, chapter_params, device)
 
 
 def test_per_token_ids_on_planted_clusters(planted):
@@ -143,22 +146,22 @@ def test_claim8_planted_is_reproduced(planted):
     assert len(verdict.checks) == 5  # 2 models x (ID << d, coherence) + 1 pair
 
 
-def test_claim8_absent_is_not_reproduced(device):
+def test_claim8_absent_is_not_reproduced(device, chapter_params):
     rng = np.random.default_rng(5)
     strings = _strings(False, 1)
     a, va = _model(rng.normal(size=(600, 16)).astype(np.float32), strings, 11)
     b, vb = _model(rng.normal(size=(600, 16)).astype(np.float32), strings, 12)
-    _, tokens, coh, corr = _chapter({"A": a, "B": b}, {"A": va, "B": vb}, device)
+    _, tokens, coh, corr = _chapter({"A": a, "B": b}, {"A": va, "B": vb}, chapter_params, device)
     verdict = ch03.check_claim8(tokens, coh, corr, alpha=0.01)
     assert verdict.verdict == "not reproduced", verdict.table()
     assert not any(verdict.holds)
 
 
-def test_claim8_partly_when_coherence_is_absent(device):
+def test_claim8_partly_when_coherence_is_absent(device, chapter_params):
     strings = _strings(False, 2)  # flat neighbourhoods and shared IDs, but labels at random
     a, va = _model(_clustered(1), strings, 11)
     b, vb = _model(_clustered(2), strings, 12)
-    _, tokens, coh, corr = _chapter({"A": a, "B": b}, {"A": va, "B": vb}, device)
+    _, tokens, coh, corr = _chapter({"A": a, "B": b}, {"A": va, "B": vb}, chapter_params, device)
     verdict = ch03.check_claim8(tokens, coh, corr, alpha=0.01)
     assert verdict.verdict == "partly reproduced", verdict.table()
     table = verdict.table()
@@ -192,11 +195,13 @@ def test_claim8_rule_is_faithful_to_the_chapter():
 def test_correlation_summary():
     corr = pd.DataFrame({"Spearman": [0.4, -0.02, 0.3, 0.05], "p": [0.001, 0.9, 0.001, 0.2]})
     summary = ch03.correlation_summary(corr)
-    assert summary == {"median": pytest.approx(0.175), "min": -0.02, "max": 0.4, "pairs": 4, "pairs significant": 2}
-    assert ch03.correlation_summary(corr.iloc[:0])["median"] is None
+    assert summary == ch03.CorrelationSummary(
+        median=pytest.approx(0.175), min=-0.02, max=0.4, pairs=4, pairs_significant=2
+    )
+    assert ch03.correlation_summary(corr.iloc[:0]) == ch03.CorrelationSummary(None, None, None, 0, 0)
 
 
-def test_drop_tokens(planted):
+def test_drop_tokens(planted, chapter_params):
     ids = planted[0]
     a, b = ids["A"], ids["B"]
     gone_a = a.rows[::3]  # a third of A's tokens, including some of the common sample
@@ -214,7 +219,7 @@ def test_drop_tokens(planted):
     assert sorted(ka.order) == list(range(len(ka.rows))) and np.all(np.diff(ka.local_id[ka.order]) >= 0)
     frame = ch03.token_frame(kept, strata=False)
     assert (frame["common index"] >= 0).sum() == 2 * len(common_a)
-    ch03.id_correlations(frame, n_permutations=10)  # the samples line up
+    ch03.id_correlations(frame, chapter_params(ch03, n_permutations=10))  # the samples line up
     mask = np.zeros(a.n_table_rows, dtype=bool)
     mask[gone_a] = True
     assert np.array_equal(ch03.drop_tokens(ids, {"A": mask})["A"].rows, ka.rows)
@@ -244,11 +249,11 @@ def _pair_frame(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
     )  # fmt: skip
 
 
-def test_id_correlations_match_the_chapter_1_permutation_test():
+def test_id_correlations_match_the_chapter_1_permutation_test(chapter_params):
     rng = np.random.default_rng(3)
     x = rng.integers(1, 30, size=150).astype(float)
     y = x + rng.normal(scale=8, size=150)
-    corr = ch03.id_correlations(_pair_frame(x, y), n_permutations=300, seed=4)
+    corr = ch03.id_correlations(_pair_frame(x, y), chapter_params(ch03, n_permutations=300, seed=4))
 
     def spearman(X, Y):
         from scipy.stats import spearmanr
@@ -262,46 +267,49 @@ def test_id_correlations_match_the_chapter_1_permutation_test():
     assert row["z"] == pytest.approx(ref.z, rel=1e-9) and row["tokens"] == 150
 
 
-def test_id_correlations_planted_and_absent():
+def test_id_correlations_planted_and_absent(chapter_params):
     rng = np.random.default_rng(0)
     x = rng.normal(size=200)
-    planted = ch03.id_correlations(_pair_frame(x, x + 0.3 * rng.normal(size=200)), n_permutations=200)
+    p200, p50, p10 = (chapter_params(ch03, n_permutations=n, seed=0) for n in (200, 50, 10))
+    planted = ch03.id_correlations(_pair_frame(x, x + 0.3 * rng.normal(size=200)), p200)
     assert planted.loc[0, "Spearman"] > 0.9 and planted.loc[0, "p"] == pytest.approx(1 / 201)
-    absent = ch03.id_correlations(_pair_frame(x, rng.normal(size=200)), n_permutations=200)
+    absent = ch03.id_correlations(_pair_frame(x, rng.normal(size=200)), p200)
     assert abs(absent.loc[0, "Spearman"]) < 0.2 and absent.loc[0, "p"] > 0.01
     # Rows in any order: pairing is by the common index.
     frame = _pair_frame(x, x).sample(frac=1.0, random_state=1)
-    assert ch03.id_correlations(frame, n_permutations=50).loc[0, "Spearman"] == pytest.approx(1.0)
-    single = ch03.id_correlations(_pair_frame(x, x).query("model == 'A'"), n_permutations=10)
+    assert ch03.id_correlations(frame, p50).loc[0, "Spearman"] == pytest.approx(1.0)
+    single = ch03.id_correlations(_pair_frame(x, x).query("model == 'A'"), p10)
     assert single.empty and "Spearman" in single.columns
 
 
-def test_id_correlations_errors():
+def test_id_correlations_errors(chapter_params):
     x = np.arange(10.0)
+    p10 = chapter_params(ch03, n_permutations=10)
     with pytest.raises(EmbgeoInputError, match="same ID"):
-        ch03.id_correlations(_pair_frame(np.ones(10), x), n_permutations=10)
+        ch03.id_correlations(_pair_frame(np.ones(10), x), p10)
     with pytest.raises(EmbgeoInputError, match="different sizes"):
-        ch03.id_correlations(_pair_frame(x, x).iloc[:-1], n_permutations=10)
+        ch03.id_correlations(_pair_frame(x, x).iloc[:-1], p10)
     with pytest.raises(EmbgeoInputError, match="positive integer"):
-        ch03.id_correlations(_pair_frame(x, x), n_permutations=0)
+        ch03.id_correlations(_pair_frame(x, x), chapter_params(ch03, n_permutations=0))
     with pytest.raises(EmbgeoInputError, match="common index"):
-        ch03.id_correlations(_pair_frame(x, x).drop(columns="common index"))
+        ch03.id_correlations(_pair_frame(x, x).drop(columns="common index"), chapter_params(ch03))
 
 
-def test_global_ids_on_a_known_dimension(device):
+def test_global_ids_on_a_known_dimension(device, chapter_params):
     rng = np.random.default_rng(0)
     flat = rng.normal(size=(1500, 3)) @ rng.normal(size=(3, 20))
-    summary, curves = ch03.global_ids({"flat": flat}, n_points=1000, seed=0, device=device)
+    found = ch03.global_ids({"flat": flat}, chapter_params(ch03, global_points=1000, seed=0, device=device))
+    summary, curves = found.summary, found.curves
     assert summary.loc["flat", "points"] == 1000 and summary.loc["flat", "width d"] == 20
     assert summary.loc["flat", "TwoNN"] == pytest.approx(3, abs=0.4)
     assert summary.loc["flat", "GRIDE n2=2"] == pytest.approx(3, abs=0.4)
     assert list(curves.columns) == ["model", "n2", "ID", "error"] and curves["n2"].max() <= 1000 // 4
     pick = np.sort(np.random.default_rng(0).choice(1500, size=1000, replace=False))
     assert summary.loc["flat", "TwoNN"] == pytest.approx(intrinsic_dim.twonn(flat[pick], device=device))
-    with pytest.raises(EmbgeoInputError, match="n_points"):
-        ch03.global_ids({"flat": flat}, n_points=4)
+    with pytest.raises(EmbgeoInputError, match="global_points"):
+        ch03.global_ids({"flat": flat}, chapter_params(ch03, global_points=4))
     with pytest.raises(EmbgeoInputError, match="No embedding table"):
-        ch03.global_ids({})
+        ch03.global_ids({}, chapter_params(ch03))
 
 
 def test_tokens_to_evaluate():
@@ -314,25 +322,24 @@ def test_tokens_to_evaluate():
             ch03.tokens_to_evaluate(10, bad, "cpu")
 
 
-def test_per_token_ids_sample_and_errors(device):
+def test_per_token_ids_sample_and_errors(device, chapter_params):
     table = _clustered(1)
     vocabulary = {s: t for t, s in enumerate(_strings(True, 0))}
-    ids = ch03.per_token_ids(
-        {"A": table}, {"A": vocabulary}, k=K, id_tokens=50, n_common=20, seed=0, device=device, verbose=False
-    )
+    p = chapter_params(ch03, k=K, id_tokens=50, n_common=20, seed=0, device=device)
+    ids = ch03.per_token_ids({"A": table}, {"A": vocabulary}, p, verbose=False)
     a = ids["A"]
     assert 50 <= len(a.rows) <= 70 and set(a.common_rows) <= set(a.rows) and a.n_alignable == 600
     frame = a.frame(strata=True)
     assert "Zipf stratum" in frame and (frame["common index"] >= 0).sum() == 20
     with pytest.raises(EmbgeoInputError, match="No embedding table"):
-        ch03.per_token_ids({}, {})
+        ch03.per_token_ids({}, {}, p)
     with pytest.raises(EmbgeoInputError, match="No vocabulary"):
-        ch03.per_token_ids({"A": table}, {"B": vocabulary})
+        ch03.per_token_ids({"A": table}, {"B": vocabulary}, p)
     with pytest.raises(EmbgeoInputError, match="No model"):
         ch03.token_frame({})
 
 
-def test_chapter3_figures(planted, device):
+def test_chapter3_figures(planted, device, chapter_params):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,8 +347,8 @@ def test_chapter3_figures(planted, device):
 
     ids, tokens, coh, corr = planted
     with_strata = ch03.token_frame(ids, strata=True)
-    _, curves = ch03.global_ids({"A": _clustered(1)}, n_points=200, device=device)
-    surface = ch03.coherence_table(ids, coherence_k=K, n_permutations=50, seed=0)
+    curves = ch03.global_ids({"A": _clustered(1)}, chapter_params(ch03, global_points=200, device=device)).curves
+    surface = ch03.coherence_table(ids, chapter_params(ch03, coherence_k=K, n_permutations=50, seed=0))
     flagged = tokens.assign(**{"under-trained": tokens["local ID"] <= 1})
     figures = [
         ch03.plot_token_id_distributions(tokens, k=K, variance=0.9),
@@ -369,25 +376,33 @@ def test_chapter3_figures(planted, device):
         ch03.plot_token_id_by_frequency(tokens)
 
 
-def test_per_token_ids_are_cached_by_content(tmp_cache, monkeypatch):
+def test_per_token_ids_are_cached_by_content(tmp_cache, monkeypatch, chapter_params):
 
     rng = np.random.default_rng(0)
     table = rng.normal(size=(300, 16)).astype(np.float32)
     vocabulary = {f"w{i}": i for i in range(300)}
-    first = ch03.per_token_ids({"m": table}, {"m": vocabulary}, k=10, id_tokens=100, n_common=20, verbose=False)
-    assert len(list(tmp_cache.rglob("*.npz"))) == 1
+    p = chapter_params(ch03, k=10, id_tokens=100, n_common=20)
+    first = ch03.per_token_ids({"m": table}, {"m": vocabulary}, p, verbose=False)
+    entries = list((tmp_cache / "token_ids").glob("*/entry.json"))
+    assert len(entries) == 1 and len(list(entries[0].parent.glob("a*.npy"))) == 3
+    fresh = ch03.per_token_ids({"m": table}, {"m": vocabulary}, p, verbose=False, cache=False)
+    for field in ("rows", "local_id", "random_id", "neighbors", "order", "common_rows"):  # read back exactly
+        np.testing.assert_array_equal(getattr(first["m"], field), getattr(fresh["m"], field))
 
     def no_search(*args, **kwargs):
         raise AssertionError("the cached neighbours should have been read")
 
     monkeypatch.setattr(neighbors, "knn", no_search)
-    again = ch03.per_token_ids({"m": table}, {"m": vocabulary}, k=10, id_tokens=100, n_common=20, verbose=False)
+    again = ch03.per_token_ids({"m": table}, {"m": vocabulary}, p, verbose=False)
     for field in ("rows", "local_id", "random_id", "neighbors", "order", "common_rows"):
         np.testing.assert_array_equal(getattr(first["m"], field), getattr(again["m"], field))
     changed = table.copy()
     changed[0, 0] += 1.0  # other values, other key: recomputed
     with pytest.raises(AssertionError, match="cached neighbours"):
-        ch03.per_token_ids({"m": changed}, {"m": vocabulary}, k=10, id_tokens=100, n_common=20, verbose=False)
+        ch03.per_token_ids({"m": changed}, {"m": vocabulary}, p, verbose=False)
+    for other in (dict(k=9), dict(variance=0.8), dict(seed=1)):  # every parameter of the old key is in the new one
+        with pytest.raises(AssertionError, match="cached neighbours"):
+            ch03.per_token_ids({"m": table}, {"m": vocabulary}, replace(p, **other), verbose=False)
 
 
 def _local_ids(planted: bool, n: int = 400, k: int = 10, seed: int = 0) -> LocalIDs:
@@ -458,8 +473,9 @@ def test_coherence_test_errors():
         ch03.coherence_test(np.ones(5), np.arange(2), np.arange(2, 5), n=0)
 
 
-def test_coherence_table_planted_and_absent():
-    planted = ch03.coherence_table({"toy": _local_ids(True)}, coherence_k=5, n_permutations=200, seed=0)
+def test_coherence_table_planted_and_absent(chapter_params):
+    p = chapter_params(ch03, coherence_k=5, n_permutations=200, seed=0)
+    planted = ch03.coherence_table({"toy": _local_ids(True)}, p)
     assert list(planted.columns) == [
         "model",
         "label",
@@ -475,16 +491,16 @@ def test_coherence_table_planted_and_absent():
     assert row["tokens per group"] == 40 and row["difference"] > 0.5 and row["p"] == pytest.approx(1 / 201)
     assert row["coherence low ID"] == pytest.approx(0.75, abs=0.05)  # 1 minus the chance of one of 4 kinds
     assert (planted["label"] == "analogy category").sum() == 0  # no whole word: that label is skipped
-    absent = ch03.coherence_table({"toy": _local_ids(False)}, coherence_k=5, n_permutations=200, seed=0)
+    absent = ch03.coherence_table({"toy": _local_ids(False)}, p)
     row = absent.iloc[0]
     assert abs(row["difference"]) < 0.1 and row["p"] > 0.01
 
 
-def test_coherence_table_errors():
+def test_coherence_table_errors(chapter_params):
     with pytest.raises(EmbgeoInputError, match="No model"):
-        ch03.coherence_table({})
+        ch03.coherence_table({}, chapter_params(ch03))
     with pytest.raises(EmbgeoInputError, match="coherence_k"):
-        ch03.coherence_table({"toy": _local_ids(True)}, coherence_k=11)
+        ch03.coherence_table({"toy": _local_ids(True)}, chapter_params(ch03, coherence_k=11))
 
 
 def test_low_id_examples():
@@ -519,35 +535,44 @@ def test_stratified_test_removes_a_confound():
         ch03.stratified_difference_test(values, low[:5], strata, n=10)
 
 
-def test_semantic_coherence_planted_and_absent():
+def test_semantic_coherence_planted_and_absent(chapter_params):
     columns = ["model", "encoder", "independent", "tokens per group", "strata", "similarity low ID",
                "similarity high ID", "difference", "unstratified difference", "null std", "z", "p"]  # fmt: skip
+    p = chapter_params(ch03, semantic_encoder="kinds", coherence_k=5, semantic_tokens=40, n_permutations=200, seed=0)
     planted = ch03.semantic_coherence(
-        {"toy": _local_ids(True), "kinds": _local_ids(True)}, kind_encoder, "kinds", coherence_k=5, n_tokens=40,
-        n_reference=100, n_permutations=200,
-    )  # fmt: skip
+        {"toy": _local_ids(True), "kinds": _local_ids(True)}, kind_encoder, p, n_reference=100
+    )
     assert list(planted.columns) == columns and planted["independent"].tolist() == [True, False]
     row = planted.iloc[0]
     # Low-ID neighbours share the token's kind (similarity 1), high-ID ones do 1 time in 4; minus chance (~1/4).
     assert row["similarity low ID"] == pytest.approx(0.75, abs=0.1) and row["difference"] > 0.5
     assert row["p"] == pytest.approx(1 / 201) and 20 <= row["tokens per group"] <= 40  # in strata with both
-    absent = ch03.semantic_coherence({"toy": _local_ids(False)}, kind_encoder, "kinds", coherence_k=5,
-                                          n_tokens=40, n_permutations=200)  # fmt: skip
+    absent = ch03.semantic_coherence({"toy": _local_ids(False)}, kind_encoder, p)
     assert abs(absent.iloc[0]["difference"]) < 0.15 and absent.iloc[0]["p"] > 0.01
     with pytest.raises(EmbgeoInputError, match="coherence_k"):
-        ch03.semantic_coherence({"toy": _local_ids(True)}, kind_encoder, coherence_k=11)
+        ch03.semantic_coherence({"toy": _local_ids(True)}, kind_encoder, chapter_params(ch03, coherence_k=11))
 
 
 @pytest.mark.models
-def test_string_encoder_caches(tmp_path):
-    encode = ch03.string_encoder("minilm-l6", folder=tmp_path)
+def test_string_encoder_caches(tmp_cache, monkeypatch):
+    encode = ch03.string_encoder("minilm-l6")
     emb = encode([" Paris", " London", "ing", " Paris"])
     assert emb.shape == (4, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     assert emb[0] @ emb[1] > emb[0] @ emb[2]  # two capitals are closer than a capital and a suffix
     np.testing.assert_array_equal(emb[0], emb[3])
-    assert (tmp_path / "minilm-l6.npz").exists()
-    again = ch03.string_encoder("minilm-l6", folder=tmp_path)([" London"])  # read back from the cache
-    np.testing.assert_allclose(again[0], emb[1], atol=1e-6)
+    assert len(list((tmp_cache / "string_embeddings").glob("*/entry.json"))) == 1
+    fresh = ch03.string_encoder("minilm-l6", use_cache=False)([" London"])  # one string alone, nothing cached
+    np.testing.assert_allclose(fresh[0], emb[1], atol=1e-6)
+    assert len(list((tmp_cache / "string_embeddings").glob("*/entry.json"))) == 1
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the cached embeddings should have been read")
+
+    monkeypatch.setattr(steering, "sentence_embeddings", no_encoding)
+    again = ch03.string_encoder("minilm-l6")(["ing", " London", " Paris"])  # the same strings: read back
+    np.testing.assert_array_equal(again, emb[[2, 1, 0]])
+    with pytest.raises(AssertionError, match="cached embeddings"):
+        encode([" Berlin"])
 
 
 def test_extreme_id_examples():

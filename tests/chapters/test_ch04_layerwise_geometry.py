@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from embgeo_utils.chapters import ch04_layerwise_geometry as ch04
+from embgeo_utils.chapters.claims import CLAIMS
 from embgeo_utils.core import stats
 from embgeo_utils.core.errors import EmbgeoInputError
 
@@ -94,6 +95,7 @@ def test_planted_effects_are_reproduced() -> None:
         assert c.verdict.correction == "holm" and c.verdict.alpha == 0.01
     assert claims[0].table.loc["a", "peak layer"] in (6, 7)
     assert len(claims[1].verdict.checks) == 8  # loss, peak ID and two monotonicity checks per model
+    assert claims[0].statement == CLAIMS[1][0] and "rises then falls" in claims[0].statement
 
 
 def test_absent_effects_are_not_reproduced() -> None:
@@ -214,20 +216,19 @@ def test_plots_return_figures() -> None:
         ch04.plot_layer_profiles(run.geometry, "chi_9", "", "", show=False)
 
 
+def test_parameters_list_the_models(chapter_params) -> None:
+    p = chapter_params(ch04, model_names=["smollm2-135m", "gemma3-270m"])
+    assert ch04.CHAPTER == "ch04_layerwise_geometry" and ch04.TITLE == "Layerwise token geometry"
+    assert p.models() == ["smollm2-135m", "gemma3-270m"]
+
+
 @pytest.mark.models
-def test_run_layerwise_on_a_real_model(smollm, device, tmp_cache) -> None:
-    run = ch04.run_layerwise(
-        ["smollm2-135m"],
-        n_prompts=3,
-        n_tokens=24,
-        shuffle_levels=[5, 0],
-        scales=[2, 4],
-        scale_curve_max=8,
-        overlap_k=[1],
-        device=device,
-        loader=lambda name: smollm,
-        verbose=False,
-    )
+def test_run_layerwise_on_a_real_model(smollm, device, tmp_cache, chapter_params) -> None:
+    p = chapter_params(
+        ch04, model_names=["smollm2-135m"], n_prompts=3, n_tokens=24, shuffle_levels=[5, 0], scales=[2, 4],
+        scale_curve_max=8, overlap_k=[1], device=str(device),
+    )  # fmt: skip
+    run = ch04.run_layerwise(["smollm2-135m"], p, loader=lambda name: smollm)
     L = smollm.info.n_layers
     assert run.models == ["smollm2-135m"] and run.shuffle_levels == [0, 5] and run.n_tokens == 24
     assert len(run.geometry) == 2 * 3 * L and len(run.losses) == 2 * 3 and len(run.sources) == 3
@@ -237,15 +238,18 @@ def test_run_layerwise_on_a_real_model(smollm, device, tmp_cache) -> None:
     assert sorted(run.curves["n2"].unique()) == [2, 4, 8] and set(run.curves["S"]) == {0, 5}
     mean_loss = run.losses.groupby("S")["loss"].mean()
     assert mean_loss[5] > mean_loss[0]
+    # one cache entry per shuffle level, under the layerwise kind
+    entries = sorted((tmp_cache / "layerwise").glob("*/entry.json"))
+    assert len(entries) == 2 and all(list(e.parent.glob("a*.npy")) for e in entries)
     # a rerun reads every table from the cache, without the hidden states
     with pytest.MonkeyPatch.context() as m:
         m.setattr("embgeo_utils.lm.activations.hidden_states", lambda *a, **k: pytest.fail("should read the cache"))
-        again = ch04.run_layerwise(
-            ["smollm2-135m"], n_prompts=3, n_tokens=24, shuffle_levels=[5, 0], scales=[2, 4], scale_curve_max=8,
-            overlap_k=[1], device=device, loader=lambda name: smollm, verbose=False,
-        )  # fmt: skip
+        again = ch04.run_layerwise(["smollm2-135m"], p, loader=lambda name: smollm)
     pd.testing.assert_frame_equal(run.geometry, again.geometry)
     pd.testing.assert_frame_equal(run.losses, again.losses)
     pd.testing.assert_frame_equal(run.curves, again.curves)
+    # without the cache every level is computed again, with the same numbers
+    fresh = ch04.run_model(smollm, "smollm2-135m", p, cache=False)
+    pd.testing.assert_frame_equal(run.geometry, fresh.geometry)
     with pytest.raises(EmbgeoInputError, match="non-negative integers"):
-        ch04.run_layerwise(["smollm2-135m"], shuffle_levels=[0.5], loader=lambda name: smollm)
+        ch04.run_layerwise(["smollm2-135m"], chapter_params(ch04, shuffle_levels=[0.5]), loader=lambda name: smollm)

@@ -1,11 +1,14 @@
 """Feature matching and decoder-geometry similarity (chapter 5) against numpy/scipy and planted structure."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from embgeo_utils.chapters import ch05_sae_feature_matching as ch05
+from embgeo_utils.core.cache import load_entry
 from embgeo_utils.core.errors import EmbgeoInputError
 from embgeo_utils.geometry import matching
 from embgeo_utils.lm import corpus
@@ -98,23 +101,35 @@ def test_best_depth_subsamples_finds_the_planted_layer_pair(device):
     assert np.all(best == 0.5)
 
 
-def test_run_pair_reads_its_layer_comparisons_from_the_cache(smollm, gemma, tmp_cache, monkeypatch):
+def test_run_pair_reads_its_layer_comparisons_from_the_cache(smollm, gemma, tmp_cache, monkeypatch, chapter_params):
 
     texts = [p.text for p in corpus.load_passages(6, smollm.tokenizer, min_tokens=48, max_tokens=48, seed=0)]
-    opts = dict(max_tokens=48, expansion=1, k=4, epochs=1, batch_size=64, n_permutations=20, n_components=[5],
-                rsa_rows=100, seed=0, device="cpu", progress=False)  # fmt: skip
-    first = ch05.run_pair(smollm, gemma, texts, [0.5], **opts)
-    assert len(list((tmp_cache / "sae" / "compare").glob("*-row.npz"))) == 1
+    p = chapter_params(ch05, passage_tokens=48, expansion=1, k=4, epochs=1, batch_size=64, lr=None, n_permutations=20,
+                       n_components=[5], rsa_rows=100, seed=0)  # fmt: skip
+    first = ch05.run_pair(smollm, gemma, texts, [0.5], p)
+    entries = [e for e in (tmp_cache / "sae_compare").iterdir() if not e.name.startswith(".")]
+    assert len(entries) == 1 and (entries[0] / "entry.json").exists()  # one layer pair, one entry
+    assert list(entries[0].glob("a*.npy"))  # the kept pairs' arrays
+    stored = load_entry(entries[0])
+    assert stored["row"]["pairs"] == first.grid["pairs"].iloc[0] == len(first.kept[first.matched[0]])
 
     def no_compare(*args, **kwargs):
         raise AssertionError("the cached comparison should have been read")
 
     monkeypatch.setattr(ch05, "compare_layer", no_compare)
-    again = ch05.run_pair(smollm, gemma, texts, [0.5], **opts)
+    again = ch05.run_pair(smollm, gemma, texts, [0.5], p)
     pd.testing.assert_frame_equal(first.grid, again.grid)
     pd.testing.assert_frame_equal(first.curves, again.curves)
     for key, kept in first.kept.items():
         np.testing.assert_array_equal(kept.a, again.kept[key].a)
         np.testing.assert_array_equal(kept.corr, again.kept[key].corr)
     with pytest.raises(AssertionError, match="cached comparison"):  # another permutation count: another key
-        ch05.run_pair(smollm, gemma, texts, [0.5], **{**opts, "n_permutations": 21})
+        ch05.run_pair(smollm, gemma, texts, [0.5], replace(p, n_permutations=21))
+    monkeypatch.undo()
+
+    ceiling = ch05.seed_ceiling(first, p)
+    assert ceiling.layer == first.layers_a[0] and ceiling.model == smollm.info.name
+    assert ceiling.record() == {"model": ceiling.model, "layer": ceiling.layer, **ceiling.statistics}
+    assert ceiling.pairs == ceiling.statistics["pairs"]
+    assert np.isnan(ceiling.rsa) == ("RSA" not in ceiling.statistics)
+    assert (ceiling.svcca_n is None) == np.isnan(ceiling.svcca) == ("SVCCA" not in ceiling.statistics)

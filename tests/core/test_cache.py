@@ -10,7 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from embgeo_utils.core.cache import atomic_path, cached, content_key, key_part, load_frame, save_frame, sha256_file
+from embgeo_utils.core.cache import (
+    array_digest,
+    atomic_path,
+    cached,
+    content_key,
+    key_part,
+    load_frame,
+    save_frame,
+    sha256_file,
+)
 from embgeo_utils.core.device import get_device
 from embgeo_utils.core.errors import EmbgeoInputError
 
@@ -90,6 +99,17 @@ def test_cached_results_round_trip_exactly_and_are_keyed_by_every_argument(tmp_c
     assert _summary.peek(x, 1 / 3, torch.device("cpu")) is not None
     assert _summary.peek(x, 0.5, torch.device("cpu")) is None
     assert len([p for p in (tmp_cache / "test_values").iterdir() if not p.name.startswith(".")]) == 1
+
+
+def test_keys_of_text_are_made_from_the_text_not_from_addresses():
+    """Two equal frames with a text column (pandas' str dtype) and two equal object arrays give one key each."""
+    frames = [pd.DataFrame({"topic": ["science", "sport"], "x": [0.5, 1.5]}) for _ in range(2)]
+    assert key_part(frames[0]) == key_part(frames[1])
+    assert key_part(frames[0]) != key_part(frames[0].assign(topic=["science", "art"]))
+    texts = [np.array(["a", None, "b"], dtype=object) for _ in range(2)]
+    assert key_part(texts[0]) == key_part(texts[1])
+    with pytest.raises(EmbgeoInputError, match="Python objects"):
+        array_digest(texts[0])
 
 
 def test_cache_keys_refuse_objects_they_cannot_describe():

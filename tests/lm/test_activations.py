@@ -81,3 +81,13 @@ def test_lone_token_states_take_the_token_position(smollm, tmp_cache):
     np.testing.assert_allclose(states[:, 0], table[ids], atol=1e-6)  # layer 0: the input embeddings
     with pytest.raises(errors.EmbgeoInputError, match="single token"):
         activations.lone_token_states(smollm, ids, context="not one token at all")
+
+
+def test_a_first_pass_over_the_early_blocks_leaves_every_later_pass_whole(tmp_cache):
+    """transformers hooks hidden states on the first pass that asks for them: a truncated first pass must not stick."""
+    fresh = models.load("gemma3-270m", device="cpu")  # a new model object, never run before
+    ids = [[2, 651, 6074, 603, 2674, 235265, 714, 4403, 603]]
+    early = activations.hidden_states(fresh, ids, with_loss=False, layers=[3], cache=False, progress=False)
+    full = activations.hidden_states(fresh, ids, with_loss=False, cache=False, progress=False)
+    assert full.hidden.shape[1] == fresh.info.n_layers + 1
+    assert np.array_equal(early.hidden[:, 0], full.hidden[:, 3])
