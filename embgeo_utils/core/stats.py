@@ -40,6 +40,7 @@ __all__ = [
     "adjust",
     "bonferroni",
     "bootstrap_ci",
+    "bootstrap_se",
     "detectable_effect",
     "from_null",
     "holm",
@@ -350,6 +351,25 @@ def bootstrap_ci(
     tail = (1 - level) / 2
     low, high = np.quantile(stats_, [tail, 1 - tail])
     return float(low), float(high)
+
+
+def bootstrap_se(data: Any, statistic: Callable[..., Any] = np.median, n_boot: int = 1000, seed: int = 0) -> float:
+    """Bootstrap standard error of a statistic of a 1-D sample (every chapter): the std of its resampled values.
+
+    ``statistic(sample, axis=0)`` must reduce the first axis, as numpy reductions do. Seeded.
+    """
+    values = np.asarray(data, dtype=np.float64).ravel()
+    if values.size < 2 or not np.isfinite(values).all():
+        raise EmbgeoInputError("bootstrap_se needs at least 2 finite values.")
+    rng = np.random.default_rng(seed)
+    n_boot = _check_count(n_boot, "n_boot")
+    draws = np.empty(n_boot)
+    step = chunk_rows(8 * values.size, budget_bytes=NUMPY_CHUNK_BYTES)
+    for start in range(0, n_boot, step):
+        stop = min(n_boot, start + step)
+        idx = rng.integers(0, values.size, size=(stop - start, values.size))
+        draws[start:stop] = np.asarray(statistic(values[idx].T, axis=0), dtype=np.float64)
+    return float(draws.std(ddof=1))
 
 
 def bonferroni(p_values: Any) -> np.ndarray:

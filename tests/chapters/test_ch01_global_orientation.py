@@ -84,18 +84,19 @@ def test_claim6_planted_absent_and_partly(zoo_pairs) -> None:
     # one check per pair (the raw r); its p-value sits at the floor 1/501
     assert planted.adjusted == pytest.approx((1 / 501,))
     absent = ch01.check_claim6(zoo_pairs.loc[[rows[("a", "c")], rows[("b", "c")]]])
-    assert absent.verdict == "not reproduced"
+    assert absent.verdict == "not reproduced" and absent.status == ("absent", "absent")
     mixed = ch01.check_claim6(zoo_pairs.loc[[rows[("a", "b")], rows[("b", "c")]]])
-    assert mixed.verdict == "partly reproduced" and mixed.holds == (True, False)
+    assert mixed.verdict == "partly reproduced" and mixed.status == ("holds", "absent")
+    assert all(c.min_effect_source and c.n_permutations == 500 for c in planted.checks)
 
 
 def test_claim6_minimum_effect_and_resolution(zoo_pairs, chapter_params, device) -> None:
     table = zoo_pairs.iloc[[0]]
     weak = table.assign(**{"r raw": table["null mean raw"] + 0.05})
     assert ch01.check_claim6(weak).holds == (False,)
-    with pytest.warns(UserWarning, match="n_permutations >= 100"):
-        few = ch01.check_claim6(_pairs_table(chapter_params, [("a", "b")], 20, device, n=60))
-    assert few.verdict == "not reproduced"  # p >= 1/21: no evidence at alpha = 0.01
+    # 20 permutations: p >= 1/21, no check could ever reach alpha = 0.01: refused, naming what is needed
+    with pytest.raises(EmbgeoInputError, match="at least 100 permutations"):
+        ch01.check_claim6(_pairs_table(chapter_params, [("a", "b")], 20, device, n=60))
     with pytest.raises(EmbgeoInputError, match="compare_models"):
         ch01.check_claim6(table.drop(columns=["p raw"]))
 

@@ -111,6 +111,14 @@ def test_bootstrap_ci_paired_rows_and_median():
         stats.bootstrap_ci([1.0, np.nan, 2.0])
 
 
+def test_bootstrap_se_of_a_mean_matches_its_formula():
+    x = np.random.default_rng(5).normal(0, 2.0, 400)
+    assert stats.bootstrap_se(x, np.mean, n_boot=4000) == pytest.approx(x.std() / np.sqrt(x.size), rel=0.05)
+    assert stats.bootstrap_se(x, np.median, seed=1) == stats.bootstrap_se(x, np.median, seed=1)
+    with pytest.raises(EmbgeoInputError):
+        stats.bootstrap_se([1.0])
+
+
 def test_holm_and_bonferroni_known_values():
     p = [0.01, 0.04, 0.03, 0.005]
     assert stats.bonferroni(p) == pytest.approx([0.04, 0.16, 0.12, 0.02])
