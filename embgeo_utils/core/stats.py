@@ -3,9 +3,10 @@
 Every claim of the book is tested with the functions of this module: permutation
 tests with ``p = (1 + #{null >= observed}) / (1 + n)``, bootstrap confidence
 intervals, paired tests (Wilcoxon signed-rank, sign-flip permutation), Holm and
-Bonferroni corrections, and :func:`verdict`, the single rule that maps the
-pre-declared checks of a claim to *reproduced*, *partly reproduced* or *not
-reproduced*. The Claims ledger page prints :data:`VERDICT_RULE`.
+Bonferroni corrections, and :func:`verdict`, the single rule that judges each
+check of a claim (holds, absent or inconclusive) and maps them to *reproduced*,
+*partly reproduced*, *not reproduced* or *inconclusive*, with positive controls
+that must hold first. The Claims ledger page prints :data:`VERDICT_RULE`.
 
 References:
     B. Phipson, G. K. Smyth (2010), Permutation p-values should never be zero,
@@ -408,7 +409,7 @@ STATUSES = ("holds", "absent", "inconclusive")
 
 @dataclass(frozen=True)
 class Check:
-    """One pre-declared check of a claim (every chapter).
+    """One check of a claim (every chapter).
 
     Attributes:
         name: what is checked and where, e.g. ``"gemma3-270m: peak > last layer"``.

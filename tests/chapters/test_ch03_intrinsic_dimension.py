@@ -141,20 +141,23 @@ def test_id_summary(planted):
 def test_claim8_planted_is_reproduced(planted):
     _, tokens, coh, corr = planted
     assert corr.loc[0, "Spearman"] > 0.8
-    verdict = ch03.check_claim8(tokens, coh, corr, alpha=0.01)
+    verdict = ch03.check_claim8(tokens, coh, corr, 1000, alpha=0.01)
     assert verdict.verdict == "reproduced", verdict.table()
     assert len(verdict.checks) == 5  # 2 models x (ID << d, coherence) + 1 pair
 
 
-def test_claim8_absent_is_not_reproduced(device, chapter_params):
+def test_claim8_absent_never_holds_and_a_short_sample_stays_inconclusive(device, chapter_params):
     rng = np.random.default_rng(5)
     strings = _strings(False, 1)
     a, va = _model(rng.normal(size=(600, 16)).astype(np.float32), strings, 11)
     b, vb = _model(rng.normal(size=(600, 16)).astype(np.float32), strings, 12)
     _, tokens, coh, corr = _chapter({"A": a, "B": b}, {"A": va, "B": vb}, chapter_params, device)
-    verdict = ch03.check_claim8(tokens, coh, corr, alpha=0.01)
-    assert verdict.verdict == "not reproduced", verdict.table()
-    assert not any(verdict.holds)
+    verdict = ch03.check_claim8(tokens, coh, corr, 1000, alpha=0.01)
+    # random clouds: no model's ID is far below its width (the data rule it out), but about 60 tokens per decile
+    # and 200 common tokens cannot rule out a coherence gap of 0.02 or a rank correlation of 0.1: those parts,
+    # and the claim, stay open rather than "not reproduced"
+    assert verdict.status == ("absent", "absent", "inconclusive", "inconclusive", "inconclusive"), verdict.table()
+    assert verdict.verdict == "inconclusive" and not any(verdict.holds)
 
 
 def test_claim8_partly_when_coherence_is_absent(device, chapter_params):
@@ -162,10 +165,10 @@ def test_claim8_partly_when_coherence_is_absent(device, chapter_params):
     a, va = _model(_clustered(1), strings, 11)
     b, vb = _model(_clustered(2), strings, 12)
     _, tokens, coh, corr = _chapter({"A": a, "B": b}, {"A": va, "B": vb}, chapter_params, device)
-    verdict = ch03.check_claim8(tokens, coh, corr, alpha=0.01)
+    verdict = ch03.check_claim8(tokens, coh, corr, 1000, alpha=0.01)
     assert verdict.verdict == "partly reproduced", verdict.table()
-    table = verdict.table()
-    assert table["holds"].tolist() == [True, True, False, False, True]
+    assert verdict.status[:2] == ("holds", "holds") and verdict.status[4] == "holds"
+    assert verdict.status[2] != "holds" and verdict.status[3] != "holds"
 
 
 def test_claim8_rule_is_faithful_to_the_chapter():
@@ -179,15 +182,20 @@ def test_claim8_rule_is_faithful_to_the_chapter():
          "difference": [0.2, -0.1, 0.3], "p": [0.0001, 0.0001, 0.0001], "tokens per group": [4, 4, 2]}
     )  # fmt: skip
     corr = pd.DataFrame({"model A": ["A"], "model B": ["B"], "tokens": [40], "Spearman": [0.3], "p": [0.5]})
-    verdict = ch03.check_claim8(tokens, coh, corr, alpha=0.01, correction="none")
-    # B's median 5 is above d/10 = 4; B's coherence gap is negative; the correlation is not significant;
-    # the encoder's own row is descriptive and not a check.
-    assert verdict.holds == (True, False, True, False, False)
+    verdict = ch03.check_claim8(tokens, coh, corr, 10_000, alpha=0.01, correction="none")
+    # B's median 5 is above d/10 = 4 (and every B token has ID 5: absent); B's coherence gap is negative; the
+    # correlation is not significant; the encoder judging its own neighbourhoods is the positive control.
+    assert verdict.status == ("holds", "absent", "holds", "inconclusive", "holds", "inconclusive")
+    assert [c.control for c in verdict.checks] == [False] * 4 + [True, False]
     assert verdict.checks[0].effect == pytest.approx(6.4 - 3) and verdict.checks[1].effect == pytest.approx(-1)
-    assert verdict.checks[2].n == 4 and verdict.checks[4].n == 40
-    assert ch03.failing_checks(verdict) == [verdict.checks[i].name for i in (1, 3, 4)]
+    assert verdict.checks[2].n == 4 and verdict.checks[5].n == 40 and verdict.verdict == "partly reproduced"
+    assert ch03.failing_checks(verdict) == [verdict.checks[i].name for i in (1, 3, 5)]
+    assert all(c.min_effect > 0 and c.min_effect_source for c in verdict.checks)
+    # a control that fails makes the claim inconclusive, whatever the other checks say
+    blind = ch03.check_claim8(tokens, coh.assign(difference=[0.2, -0.1, 0.0]), corr, 10_000, correction="none")
+    assert blind.verdict == "inconclusive (positive control failed)"
     # A single model: no pair, and the verdict still comes from the rule.
-    single = ch03.check_claim8(tokens[tokens.model == "A"], coh[coh.model == "A"], corr.iloc[:0])
+    single = ch03.check_claim8(tokens[tokens.model == "A"], coh[coh.model == "A"], corr.iloc[:0], 10_000)
     assert single.verdict == "reproduced" and len(single.checks) == 2
     assert isinstance(single, stats.Verdict)
 
@@ -232,13 +240,13 @@ def test_check_claim8_errors():
     coh = pd.DataFrame(columns=["model", "independent", "difference", "p", "tokens per group"])
     corr = pd.DataFrame(columns=["model A", "model B", "tokens", "Spearman", "p"])
     with pytest.raises(EmbgeoInputError, match="random ID"):
-        ch03.check_claim8(tokens.drop(columns="random ID"), coh, corr)
+        ch03.check_claim8(tokens.drop(columns="random ID"), coh, corr, 1000)
     with pytest.raises(EmbgeoInputError, match="independent"):
-        ch03.check_claim8(tokens, coh.drop(columns="independent"), corr)
+        ch03.check_claim8(tokens, coh.drop(columns="independent"), corr, 1000)
     with pytest.raises(EmbgeoInputError, match="empty"):
-        ch03.check_claim8(tokens.iloc[:0], coh, corr)
+        ch03.check_claim8(tokens.iloc[:0], coh, corr, 1000)
     with pytest.raises(EmbgeoInputError, match="alpha"):
-        ch03.check_claim8(tokens, coh, corr, alpha=2.0)
+        ch03.check_claim8(tokens, coh, corr, 1000, alpha=2.0)
 
 
 def _pair_frame(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
