@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from embgeo_utils.book import parameters, results
@@ -14,11 +15,17 @@ from embgeo_utils.core import stats
 from embgeo_utils.core.errors import EmbgeoError
 
 
+def _check(name, effect, p, **kw):
+    return stats.Check(name, effect, p, min_effect=0.1, min_effect_source="test threshold", **kw)
+
+
 def test_record_round_trip_and_ledger(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBGEO_RESULTS", str(tmp_path))
     rec = results.ChapterRecord("ch01_test", "Test chapter", parameters={"n": np.int64(3)}, models=["a", "b"])
-    good = stats.verdict([stats.Check("a vs b", 0.25, 0.001, n=300, se=0.05)])
-    bad = stats.verdict([stats.Check("a vs b", -0.1, 0.8), stats.Check("a vs c", 0.2, 0.001)])
+    good = stats.verdict([_check("a vs b", 0.25, 0.001, n=300, se=0.05)])
+    bad = stats.verdict(
+        [_check("a vs b", -0.1, 0.8, se=0.01), _check("a vs c", 0.2, 0.001), _check("a vs d", 0.05, 0.3, se=0.2)]
+    )
     rec.claim(6, "Pearson r", np.float32(0.25), "permuted tokens", good, z=12.5)
     rec.claim(7, "error ratio", math.nan, "random neighbours", bad)
     path = rec.save()
@@ -32,13 +39,16 @@ def test_record_round_trip_and_ledger(tmp_path, monkeypatch):
     assert list(ledger.index) == sorted(claims.CLAIMS)
     assert ledger.loc[6, "verdict"] == "reproduced"
     assert ledger.loc[7, "verdict"] == "partly reproduced"
-    assert ledger.loc[7, "failing checks"] == "a vs b"
+    assert ledger.loc[7, "absent checks"] == "a vs b" and ledger.loc[7, "inconclusive checks"] == "a vs d"
+    assert ledger.loc[7, "checks"].startswith("1 of 3 checks hold, 1 absent, 1 inconclusive")
     assert ledger.loc[1, "verdict"] == "not yet run"
     assert ledger.loc[6, "n"] == "300" and ledger.loc[1, "n"] == ""
     checks = results.load_checks(tmp_path)
-    assert list(checks["claim"]) == [6, 7, 7]
+    assert list(checks["claim"]) == [6, 7, 7, 7] and list(checks.columns) == results.CHECK_COLUMNS
     assert checks.loc[0, "detectable"] == pytest.approx(stats.detectable_effect(0.05, 0.01))
-    assert checks["detectable"].iloc[1:].isna().all()  # no standard error given
+    assert pd.isna(checks.loc[2, "detectable"])  # no standard error given
+    assert list(checks["status"]) == ["holds", "absent", "holds", "inconclusive"]
+    assert (checks["source of the minimum"] == "test threshold").all() and (checks["min effect"] == 0.1).all()
     runs = results.load_runs(tmp_path)
     assert list(runs["chapter"]) == ["Test chapter"] and runs.loc[0, "models"] == "a, b"
 
@@ -90,7 +100,7 @@ def test_start_chapter_resolves_device_seeds_and_models(tmp_path, monkeypatch, d
     first = np.random.rand()
     _start(params)
     assert np.random.rand() == first
-    ch.record.claim(6, "r", 0.3, "null", stats.verdict([stats.Check("c", 0.3, 0.001)]))
+    ch.record.claim(6, "r", 0.3, "null", stats.verdict([_check("c", 0.3, 0.001)]))
     line = ch.finish()
     written = list(tmp_path.glob("ch_test-*.partial.json"))  # one requested model is not installed: a partial run
     assert len(written) == 1 and written[0].name in line and "partial" in line
@@ -99,7 +109,7 @@ def test_start_chapter_resolves_device_seeds_and_models(tmp_path, monkeypatch, d
 def _run(folder, params, verdict_effect, defaults, missing=(), finished="2026-01-01 00:00:00"):
     rec = results.ChapterRecord("ch02_lle", "LLE", parameters=params, models=["a"])
     rec.defaults, rec.missing = defaults, list(missing)
-    rec.claim(7, "ratio", verdict_effect, "null", stats.verdict([stats.Check("c", verdict_effect, 0.001)]))
+    rec.claim(7, "ratio", verdict_effect, "null", stats.verdict([_check("c", verdict_effect, 0.001, se=0.01)]))
     path = rec.save()
     data = json.loads(path.read_text())
     data["run"]["finished"] = finished
@@ -133,6 +143,6 @@ def test_a_failed_run_leaves_the_record_alone(tmp_path, monkeypatch):
     before = good.read_bytes()
     ch = _start({"n_tokens": 4000, "device": "cpu"})
     with pytest.raises(RuntimeError):
-        ch.record.claim(7, "ratio", 0.1, "null", stats.verdict([stats.Check("c", 0.1, 0.5)]))
+        ch.record.claim(7, "ratio", 0.1, "null", stats.verdict([_check("c", 0.1, 0.5)]))
         raise RuntimeError("the chapter fails before ch.finish()")
     assert good.read_bytes() == before and len(list(tmp_path.glob("*.json"))) == 1
