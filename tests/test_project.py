@@ -41,8 +41,8 @@ def test_design_packages_are_dependencies():
     assert {"jupyter-book", "jupyterlab", "papermill", "torch", "transformers", "seaborn", "numpy"} <= names
 
 
-def _code_lines(path: Path) -> tuple[int, int]:
-    """Code lines of a notebook's code cells (blank and comment lines excluded) and its def/class lines."""
+def _code_lines(path: Path) -> tuple[int, int, int]:
+    """Code lines of a notebook's code cells (blank and comment lines excluded), its def/class lines and its ``.get(``."""
     nb = json.loads(path.read_text())
     lines = [
         line
@@ -52,14 +52,15 @@ def _code_lines(path: Path) -> tuple[int, int]:
         if line.strip() and not line.strip().startswith("#")
     ]
     defs = sum(1 for line in lines if line.lstrip().startswith(("def ", "class ", "async def ")))
-    return len(lines), defs
+    return len(lines), defs, sum(".get(" in line for line in lines)
 
 
 def test_chapters_are_the_argument_not_the_machinery():
     for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")) + [ROOT / "book" / "ledger.ipynb"]:
-        n, defs = _code_lines(path)
+        n, defs, gets = _code_lines(path)
         assert n <= 120, f"{path.name}: {n} code lines; move machinery into embgeo_utils (limit 120)"
         assert defs == 0, f"{path.name}: defines {defs} functions/classes; they belong in embgeo_utils"
+        assert gets == 0, f"{path.name}: reads {gets} keys with .get(...): results are typed, read their attributes"
 
 
 def test_no_module_imports_a_private_name_from_another():

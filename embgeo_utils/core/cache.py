@@ -25,7 +25,6 @@ import os
 import re
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -50,11 +49,6 @@ __all__ = [
     "save_entry",
     "load_entry",
     "ENTRY_FORMAT",
-    "save_arrays",
-    "load_arrays",
-    "save_frame",
-    "load_frame",
-    "frame_row",
 ]
 
 
@@ -226,77 +220,6 @@ def array_digest(x: Any) -> str:
     digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
     digest.update(arr.data.cast("B"))
     return digest.hexdigest()
-
-
-def save_arrays(path: str | Path, arrays: dict[str, Any]) -> None:
-    """Write named numpy arrays to ``path`` (``.npz``) atomically; read back with :func:`load_arrays`."""
-    import numpy as np
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-
-def load_arrays(path: str | Path) -> dict[str, Any] | None:
-    """The arrays :func:`save_arrays` wrote, or ``None`` when the file is missing or unreadable.
-
-    An unreadable file (cut short, overwritten) is removed with a notice, so the
-    caller recomputes it. Nothing is unpickled.
-    """
-    import numpy as np
-
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        notice(f"cached file {path.name} is unreadable ({type(err).__name__}); recomputing it.")
-        path.unlink(missing_ok=True)
-        return None
-
-
-def save_frame(frame: Any, path: str | Path) -> None:
-    """Write a pandas DataFrame to ``path`` (``.npz``) atomically, exactly (every chapter's cached tables).
-
-    One array per column: numbers keep their dtype bit for bit, text is stored as
-    fixed-width unicode, so reading needs no pickle (:func:`load_frame`).
-    """
-    import numpy as np
-
-    arrays: dict[str, Any] = {"__columns__": np.array([str(c) for c in frame.columns])}
-    for i, column in enumerate(frame.columns):
-        values = frame[column].to_numpy()
-        arrays[f"c{i}"] = values.astype(str) if values.dtype == object else values
-    save_arrays(path, arrays)
-
-
-def load_frame(path: str | Path) -> Any | None:
-    """The DataFrame :func:`save_frame` wrote, or ``None`` when the file is missing or unreadable (then removed)."""
-    import pandas as pd
-
-    data = load_arrays(path)
-    if data is None:
-        return None
-    try:
-        columns = [str(c) for c in data["__columns__"]]
-        return pd.DataFrame({c: data[f"c{i}"] for i, c in enumerate(columns)})
-    except KeyError:
-        notice(f"cached table {Path(path).name} is incomplete; recomputing it.")
-        Path(path).unlink(missing_ok=True)
-        return None
-
-
-def frame_row(frame: Any, i: int = 0) -> dict[str, Any]:
-    """Row ``i`` of a DataFrame as a dict of Python scalars, column by column (so integers stay integers)."""
-    import numpy as np
-
-    out = {}
-    for column in frame.columns:
-        value = frame[column].to_numpy()[i]
-        out[str(column)] = value.item() if isinstance(value, np.generic) else value
-    return out
 
 
 #: Version of the layout of a cache entry (the manifest and its files); part of every key.

@@ -16,8 +16,6 @@ from embgeo_utils.core.cache import (
     cached,
     content_key,
     key_part,
-    load_frame,
-    save_frame,
     sha256_file,
 )
 from embgeo_utils.core.device import get_device
@@ -181,27 +179,3 @@ def test_two_processes_asking_for_one_key_compute_it_once(tmp_cache, tmp_path):
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and outs == ["10", "10"]
     assert log.read_text().splitlines() == ["computed"]  # the second process waited and read the entry
-
-
-def test_frames_round_trip_exactly_and_damage_is_recomputed(tmp_path, caplog):
-    import numpy as np
-    import pandas as pd
-
-    frame = pd.DataFrame(
-        {
-            "pair": ["a → b", "a → b", "c"],
-            "text": ["", 'quote " and\nnewline', "ünïcode"],
-            "alpha": [0.1, 1 / 3, np.nan],
-            "ratio": [np.inf, 1e-300, -0.0],
-            "prompt": np.array([0, 1, 2], dtype=np.int64),
-            "ok": [True, False, True],
-        }
-    )
-    path = tmp_path / "t.npz"
-    assert load_frame(path) is None
-    save_frame(frame, path)
-    pd.testing.assert_frame_equal(load_frame(path), frame)
-    assert load_frame(path)["alpha"].iloc[1] == 1 / 3  # bit for bit
-    path.write_bytes(b"PK\x03\x04 cut short")
-    assert load_frame(path) is None and not path.exists()
-    assert "unreadable" in caplog.text
