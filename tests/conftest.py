@@ -83,6 +83,7 @@ def small_book(tmp_path_factory, pytestconfig) -> Path:
         [sys.executable, "-m", "embgeo_utils.book.runner", "--root", str(work), "--small"],
         capture_output=True,
         text=True,
+        env={**os.environ, "EMBGEO_CELL_TIMEOUT": "1800"},  # a hung cell fails the tests instead of stalling them
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return work

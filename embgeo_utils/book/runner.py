@@ -90,14 +90,28 @@ def small_parameters(root: str | Path = ".") -> dict[str, dict[str, Any]]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def cell_timeout() -> int | None:
+    """Seconds one notebook cell may run: ``EMBGEO_CELL_TIMEOUT`` when set (``0``: no limit), else no limit.
+
+    A chapter that is making progress is never stopped by a fixed limit (a loaded machine can take several times
+    an idle one's minutes); a test or a scheduler that must bound a run sets one.
+    """
+    value = os.environ.get("EMBGEO_CELL_TIMEOUT", "").strip()
+    try:
+        seconds = int(float(value)) if value else 0
+    except ValueError as exc:
+        raise ParameterError(f"EMBGEO_CELL_TIMEOUT must be a number of seconds, got {value!r}.") from exc
+    return seconds if seconds > 0 else None
+
+
 def execute(
-    source: Path, out_dir: Path, parameters: dict[str, Any] | None = None, timeout: int = 3600
+    source: Path, out_dir: Path, parameters: dict[str, Any] | None = None, timeout: int | None = None
 ) -> tuple[Path, float]:
     """Run one notebook with papermill into ``out_dir``; returns (executed path, seconds).
 
     The parameters are checked against the notebook's declarations first, so an unknown name, a wrong type or a
     value out of range fails before a kernel starts. The executed copy shows its parameters once, as a table
-    (:func:`publish.show_parameters`).
+    (:func:`publish.show_parameters`). ``timeout`` bounds each cell in seconds (default :func:`cell_timeout`).
 
     Raises:
         ParameterError: a parameter that the notebook does not declare or whose value it does not allow.
@@ -115,7 +129,7 @@ def execute(
         parameters=parameters,
         cwd=str(source.parent),
         kernel_name="python3",
-        execution_timeout=timeout,
+        execution_timeout=timeout if timeout is not None else cell_timeout(),
         progress_bar=False,
         log_output=False,
     )

@@ -9,6 +9,7 @@ import nbformat
 import pytest
 
 from embgeo_utils.book import runner, timings
+from embgeo_utils.core.errors import ParameterError
 
 
 def _notebook(path: Path, body: str) -> None:
@@ -75,3 +76,15 @@ def test_jobs_are_bounded_by_chapters_and_free_memory(monkeypatch):
 def test_cache_state_is_warm_without_new_files():
     assert timings.cache_written({"a": 5}, {"a": 5}) == "warm"
     assert timings.cache_written({"a": 5}, {"a": 5, "b": 3_000_000}) == "cold (3 MB written)"
+
+
+def test_cells_have_no_fixed_time_limit_unless_one_is_set(monkeypatch):
+    monkeypatch.delenv("EMBGEO_CELL_TIMEOUT", raising=False)
+    assert runner.cell_timeout() is None
+    monkeypatch.setenv("EMBGEO_CELL_TIMEOUT", "900")
+    assert runner.cell_timeout() == 900
+    monkeypatch.setenv("EMBGEO_CELL_TIMEOUT", "0")
+    assert runner.cell_timeout() is None
+    monkeypatch.setenv("EMBGEO_CELL_TIMEOUT", "soon")
+    with pytest.raises(ParameterError, match="EMBGEO_CELL_TIMEOUT"):
+        runner.cell_timeout()
