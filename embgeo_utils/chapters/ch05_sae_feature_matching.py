@@ -38,7 +38,7 @@ References:
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +102,26 @@ TITLE = "SAE feature matching across scale"
 
 #: Held-out texts the loss recovered of every SAE is measured on (chapter 5).
 LOSS_TEXTS = 4
+
+#: Claim 10's minimum effects (chapter 5, :func:`check_claim10`): (value, where it comes from).
+CEILING_SHARE = (
+    0.25,
+    "a quarter of the seed ceiling's excess over its null (two SAEs of one model that differ only in their seed, "
+    "through the same pipeline): 'far more similar than chance' read as a clear share of what one model shows",
+)
+MIN_CONTROL_RSA = (
+    0.05,
+    "practical: two SAEs of one model on the same activations must beat the null by a Spearman correlation of 0.05, "
+    "or the pipeline could not show 'far more similar' between models",
+)
+MIN_CONTROL_SVCCA = (
+    0.02,
+    "practical: two SAEs of one model must raise SVCCA above its null by 0.02 (mean canonical correlation)",
+)
+MIN_INTERIOR = (
+    0.45,
+    "part (b)'s 'most in the middle layers' read as a maximum strictly inside the studied depths in 95 % of subsamples",
+)
 
 
 @dataclass(frozen=True)
@@ -754,6 +774,57 @@ def _finite_or_none(x: Any) -> float | None:
     return float(x) if x is not None and np.isfinite(x) else None
 
 
+def _excess(row: Mapping[str, Any], stat: str) -> float:
+    """``stat`` minus its null mean in a comparison row; NaN when not computed (chapter 5)."""
+    value, null = row.get(stat, np.nan), row.get(f"{stat} null mean", np.nan)
+    return float(value - null) if np.isfinite(value) and np.isfinite(null) else float("nan")
+
+
+def _layer_checks(
+    r: Mapping[str, Any], name: str, minimums: dict[str, tuple[float, str]], n_permutations: int | None
+) -> list[Check]:
+    """Part (a)'s checks of one layer pair (chapter 5, :func:`check_claim10`): RSA and SVCCA above their nulls."""
+    n = int(r["pairs"])
+    if n < 10 or not np.isfinite(r.get("RSA", np.nan)):
+        minimum, source = minimums["RSA"]
+        return [Check(f"RSA > null, {name} (fewer than 10 pairs)", -1.0, None, minimum, n, min_effect_source=source)]
+    checks = []
+    n_svcca = r.get("SVCCA n")
+    for stat, label in (("RSA", "RSA"), ("SVCCA", "SVCCA" if n_svcca is None else f"SVCCA(n={int(n_svcca)})")):
+        if not np.isfinite(r.get(stat, np.nan)):
+            continue
+        minimum, source = minimums[stat]
+        se = r.get(f"{stat} null std")
+        checks.append(
+            Check(
+                f"{label} > null, {name}",
+                _excess(r, stat),
+                float(r[f"{stat} p"]),
+                minimum,
+                n,
+                float(se) if se is not None and np.isfinite(se) else None,
+                min_effect_source=source,
+                n_permutations=n_permutations,
+                control=name.startswith("seed ceiling"),
+            )
+        )
+    return checks
+
+
+def _part_a_minimums(ceiling: Mapping[str, Any] | None) -> dict[str, tuple[float, str]]:
+    """Part (a)'s minimum effects: :data:`CEILING_SHARE` of the seed ceiling's excess, floored (chapter 5)."""
+    share, why = CEILING_SHARE
+    out = {}
+    for stat, floor in (("RSA", MIN_CONTROL_RSA), ("SVCCA", MIN_CONTROL_SVCCA)):
+        top = _excess(ceiling, stat) if ceiling is not None else float("nan")
+        if not np.isfinite(top):
+            out[stat] = (share * floor[0], f"{why} (no seed ceiling: {share:g} x the control's minimum {floor[0]:g})")
+            continue
+        top = max(top, floor[0])
+        out[stat] = (share * top, f"{why} ({share:g} x {top:.3g})")
+    return out
+
+
 def check_claim10(
     grid: Any,
     matched: Sequence[tuple[int, int]],
@@ -761,62 +832,53 @@ def check_claim10(
     depth_b: dict[int, float],
     boot_argmax: np.ndarray,
     alpha: float = 0.01,
+    ceiling: Mapping[str, Any] | None = None,
+    n_permutations: int | None = None,
 ) -> Verdict:
     """Claim 10 (chapter 5): paired decoder geometry beats the null, and is highest in the middle layers.
 
-    Checks, declared in advance:
+    Checks:
 
     * (a) for every matched-depth layer pair: RSA above its permutation null
-      (effect RSA minus the null mean, one-sided permutation p), and SVCCA above
-      its null at the reported ``n`` (effect SVCCA minus the null mean);
+      (effect RSA minus the null mean, one-sided permutation p, se the null's
+      standard deviation), and SVCCA above its null at the reported ``n``; each
+      minimum is :data:`CEILING_SHARE` of the seed ceiling's excess over its null
+      (at least of the control's own minimum);
     * (b) the layer pair with the highest RSA lies at an interior depth: effect
       = fraction of bootstrap replicates (``boot_argmax``: mean relative depth of
       the best pair per replicate) whose maximum is neither at the shallowest nor
-      at the deepest studied depth, minus 0.5; smallest effect 0.45 (95 % of
-      replicates). Descriptive (no p-value).
+      at the deepest studied depth, minus 0.5; minimum :data:`MIN_INTERIOR` (95 %
+      of replicates), binomial standard error. Descriptive (no p-value).
+    * positive control, with ``ceiling`` (:class:`SeedCeiling`'s ``statistics``): the
+      seed ceiling's RSA and SVCCA beat their own nulls by :data:`MIN_CONTROL_RSA`
+      and :data:`MIN_CONTROL_SVCCA`; when they do not, the claim is inconclusive.
 
-    The p-values are Holm-adjusted together (:func:`embgeo_utils.core.stats.verdict`).
+    ``n_permutations`` is recorded with every permutation p-value. The p-values are Holm-adjusted together
+    (:func:`embgeo_utils.core.stats.verdict`; the control separately).
     """
-
     g = grid.set_index(["layer A", "layer B"])
+    minimums = _part_a_minimums(ceiling)
     checks = []
     for la, lb in matched:
-        r = g.loc[(la, lb)]
-        n = int(r["pairs"])
-        if n < 10 or "RSA" not in r or not np.isfinite(r.get("RSA", np.nan)):
-            checks.append(Check(f"RSA > null, layers {la}/{lb}", -1.0, 1.0, n=n))
-            continue
-        checks.append(
-            Check(
-                f"RSA > null, layers {la}/{lb}",
-                float(r["RSA"] - r["RSA null mean"]),
-                float(r["RSA p"]),
-                n=n,
-                se=_finite_or_none(r.get("RSA null std")),
-            )
-        )
-        if np.isfinite(r.get("SVCCA", np.nan)):
-            checks.append(
-                Check(
-                    f"SVCCA(n={int(r['SVCCA n'])}) > null, layers {la}/{lb}",
-                    float(r["SVCCA"] - r["SVCCA null mean"]),
-                    float(r["SVCCA p"]),
-                    n=n,
-                    se=_finite_or_none(r.get("SVCCA null std")),
-                )
-            )
+        checks += _layer_checks(g.loc[(la, lb)], f"layers {la}/{lb}", minimums, n_permutations)
     depths = sorted({round((depth_a[la] + depth_b[lb]) / 2, 6) for la, lb in matched})
     boot = np.asarray(boot_argmax, dtype=float)
     interior = np.mean([(d > depths[0] + 1e-9) and (d < depths[-1] - 1e-9) for d in boot]) if boot.size else 0.0
+    se = float(np.sqrt(max(interior * (1 - interior), 1 / max(boot.size, 1)) / max(boot.size, 1)))
     checks.append(
         Check(
             "best layer pair at an interior depth (bootstrap share - 0.5)",
             float(interior - 0.5),
             None,
-            min_effect=0.45,
-            n=int(boot.size),
+            MIN_INTERIOR[0],
+            int(boot.size),
+            se,
+            min_effect_source=MIN_INTERIOR[1],
         )
     )
+    if ceiling is not None:
+        own = {"RSA": MIN_CONTROL_RSA, "SVCCA": MIN_CONTROL_SVCCA}
+        checks += _layer_checks(ceiling, f"seed ceiling, layer {ceiling.get('layer', '?')}", own, n_permutations)
     return verdict(checks, alpha=alpha)
 
 
@@ -937,8 +999,10 @@ class Claim10:
     best_depth: float | None
 
 
-def check(pair: PairResult, p: Parameters) -> Claim10:
+def check(pair: PairResult, p: Parameters, ceiling: SeedCeiling | None = None) -> Claim10:
     """Chapter 5, stage 5: claim 10's verdict (:func:`check_claim10`) for one pair of models, at level ``p.alpha``.
+
+    ``ceiling`` (:func:`seed_ceiling`) sets part (a)'s minimum effects and is the positive control.
 
     The location of the maximum comes from ``p.n_subsamples`` subsamples of the kept pairs of every layer pair
     (:func:`best_depth_subsamples` with its default fraction 0.5 and 500 RSA rows, seed ``p.seed``).
@@ -950,7 +1014,8 @@ def check(pair: PairResult, p: Parameters) -> Claim10:
     na, nb = pair.n_layers
     depth_a = {la: la / na for la in pair.layers_a}
     depth_b = {lb: lb / nb for lb in pair.layers_b}
-    result = check_claim10(pair.grid, pair.matched, depth_a, depth_b, best, alpha=p.alpha)
+    stats = None if ceiling is None else ceiling.record()
+    result = check_claim10(pair.grid, pair.matched, depth_a, depth_b, best, p.alpha, stats, p.n_permutations)
     m = pair.grid[pair.grid["matched depth"]]
     interior = float(((best > m["depth"].min() + 1e-9) & (best < m["depth"].max() - 1e-9)).mean())
     if "RSA" not in pair.grid:

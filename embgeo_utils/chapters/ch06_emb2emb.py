@@ -94,6 +94,20 @@ CHAPTER = "ch06_emb2emb"
 TITLE = "EMB2EMB: steering vectors carried across models"
 
 #: Steering conditions in B, in the order figures and tables show them.
+#: Claim 9's minimum effects (chapter 6, :func:`check_claim9`): (value, where it comes from).
+MIN_SHARE_OF_NATIVE = (
+    0.1,
+    "a tenth of B's native vector's effect on the same units (the ceiling): 'transfers a steering vector' needs "
+    "a visible share of what B's own vector does",
+)
+MIN_SWEEP_RISE = (0.05, "practical, when the native vector does not raise the score: 0.05 nats of concept score")
+MIN_GEN_GAIN = (0.02, "practical, when the native vector does not raise it: 2 points of classifier probability")
+MIN_NATIVE_GAIN = (
+    0.05,
+    "practical: a vector that steers B moves the topic classifier's probability by at least 5 points "
+    "(chance is 1/3 for three topics)",
+)
+
 CONDITIONS = ("none", "native", "emb2emb", "emb2emb (unembedding)", "residual map", "random", "null map")
 
 
@@ -829,6 +843,8 @@ class GenerationEvidence:
         score_native: mean score of the native-vector continuations; ``None`` when they were not generated.
         fraction_of_native: ``(score - score_none) / (score_native - score_none)``; ``None`` without native
             continuations, NaN when the native vector does not raise the score.
+        p_native_vs_none, se_native_vs_none: the same test for the native continuations against the unsteered
+            ones (the positive control); ``None`` without native continuations.
     """
 
     alpha: float
@@ -843,6 +859,8 @@ class GenerationEvidence:
     ppl_ratio: float
     score_native: float | None
     fraction_of_native: float | None
+    p_native_vs_none: float | None = None
+    se_native_vs_none: float | None = None
 
     def record(self) -> dict[str, Any]:
         """The numbers under the record's keys (``"gen alpha"``, ...); the native ones only when present."""
@@ -861,6 +879,8 @@ class GenerationEvidence:
         if self.score_native is not None:
             out["gen score native"] = self.score_native
             out["gen fraction of native"] = self.fraction_of_native
+            out["gen p native vs none"] = self.p_native_vs_none
+            out["gen se native vs none"] = self.se_native_vs_none
         return out
 
 
@@ -960,11 +980,13 @@ def _generation_evidence(gens: pd.DataFrame, transfer: str, n_permutations: int,
     gv = _units(gens, "native", "score").reindex(gt.index) if "native" in set(gens["condition"]) else None
     g_none = paired_permutation(gt.to_numpy(), gn.to_numpy(), n_permutations=n_permutations, seed=seed)
     g_rand = paired_permutation(gt.to_numpy(), gr.to_numpy(), n_permutations=n_permutations, seed=seed)
-    native, fraction = None, None
+    native, fraction, p_native, se_native = None, None, None, None
     if gv is not None:
         native = float(gv.mean())
         d_nat = float(gv.mean() - gn.mean())
         fraction = float((gt.mean() - gn.mean()) / d_nat) if d_nat > 0 else float("nan")
+        control = paired_permutation(gv.to_numpy(), gn.to_numpy(), n_permutations=n_permutations, seed=seed)
+        p_native, se_native = control.p_value, control.se
     return GenerationEvidence(
         alpha=float(gens["alpha"].iloc[0]),
         units=len(gt),
@@ -978,6 +1000,8 @@ def _generation_evidence(gens: pd.DataFrame, transfer: str, n_permutations: int,
         ppl_ratio=float(np.exp(np.log(_units(gens, transfer, "ppl ratio")).median())),
         score_native=native,
         fraction_of_native=fraction,
+        p_native_vs_none=p_native,
+        se_native_vs_none=se_native,
     )
 
 
@@ -1010,49 +1034,89 @@ def pair_analysis(
     return PairAnalysis(transfer, admissible, at_best, generated)
 
 
-def _pair_checks(pair: str, r: PairAnalysis, max_ppl_ratio: float) -> list[Check]:
-    """The checks of one pair (chapter 6, :func:`check_claim9`)."""
-    if r.sweep is None:
-        return [Check(f"{pair}: no strength keeps perplexity within {max_ppl_ratio}x", -1.0, 1.0)]
+def _minimum(native_effect: float | None, floor: tuple[float, str], unit: str) -> tuple[float, str]:
+    """A transfer check's minimum effect: a share of the native vector's effect, else the practical floor."""
+    share, why = MIN_SHARE_OF_NATIVE
+    if native_effect is not None and np.isfinite(native_effect) and native_effect > 0:
+        return share * native_effect, f"{why} ({share:g} x {native_effect:.3g} {unit})"
+    return floor
+
+
+def _sweep_checks(pair: str, r: PairAnalysis, n_permutations: int) -> list[Check]:
+    """The forward-pass checks of one pair at ``alpha*`` (chapter 6, :func:`check_claim9`)."""
     s, k, transfer = r.sweep, len(r.admissible_alphas), r.transfer
+    assert s is not None
+    minimum, source = _minimum(s.rise_native, MIN_SWEEP_RISE, "nats")
+    tests = [("no steering", s.rise, s.p_vs_none, s.se_vs_none),
+             ("random vector", s.effect_vs_random, s.p_vs_random, s.se_vs_random)]  # fmt: skip
+    return [
+        Check(
+            f"{pair}: {transfer} > {what} (sweep, alpha {s.alpha:g})",
+            effect,
+            p,
+            minimum,
+            s.units,
+            se,
+            k,
+            min_effect_source=source,
+            n_permutations=n_permutations,
+        )  # fmt: skip
+        for what, effect, p, se in tests
+    ]
+
+
+def _generation_checks(pair: str, g: GenerationEvidence, transfer: str, n_permutations: int) -> list[Check]:
+    """The continuation checks of one pair and their positive control (chapter 6, :func:`check_claim9`)."""
+    native_gain = None if g.score_native is None else g.score_native - g.score_none
+    minimum, source = _minimum(native_gain, MIN_GEN_GAIN, "in probability")
+    tests = [("no steering", g.score - g.score_none, g.p_vs_none, g.se_vs_none),
+             ("random vector", g.score - g.score_random, g.p_vs_random, g.se_vs_random)]  # fmt: skip
     checks = [
         Check(
-            f"{pair}: {transfer} > no steering (sweep, alpha {s.alpha:g})",
-            s.rise,
-            s.p_vs_none,
-            n=s.units,
-            se=s.se_vs_none,
-            corrected_for=k,
-        ),
-        Check(
-            f"{pair}: {transfer} > random vector (sweep, alpha {s.alpha:g})",
-            s.effect_vs_random,
-            s.p_vs_random,
-            n=s.units,
-            se=s.se_vs_random,
-            corrected_for=k,
-        ),
+            f"{pair}: continuations, {transfer} > {what} (classifier)",
+            effect,
+            p,
+            minimum,
+            g.units,
+            se,
+            min_effect_source=source,
+            n_permutations=n_permutations,
+        )  # fmt: skip
+        for what, effect, p, se in tests
     ]
+    if native_gain is not None and g.p_native_vs_none is not None:
+        checks.append(
+            Check(
+                f"{pair}: continuations, native vector > no steering (positive control)",
+                native_gain,
+                g.p_native_vs_none,
+                MIN_NATIVE_GAIN[0],
+                g.units,
+                g.se_native_vs_none,
+                min_effect_source=MIN_NATIVE_GAIN[1],
+                n_permutations=n_permutations,
+                control=True,
+            )  # fmt: skip
+        )
+    return checks
+
+
+def _pair_checks(pair: str, r: PairAnalysis, max_ppl_ratio: float, n_permutations: int) -> list[Check]:
+    """The checks of one pair (chapter 6, :func:`check_claim9`)."""
+    if r.sweep is None:
+        return [
+            Check(
+                f"{pair}: no strength keeps perplexity within {max_ppl_ratio}x",
+                -1.0,
+                None,
+                1.0,
+                se=0.0,
+                min_effect_source="a strength that keeps fluency is what the claim needs",
+            )
+        ]
+    checks = _sweep_checks(pair, r, n_permutations)
     if r.generations is not None:
-        g = r.generations
-        checks.append(
-            Check(
-                f"{pair}: continuations, {transfer} > no steering (classifier)",
-                g.score - g.score_none,
-                g.p_vs_none,
-                n=g.units,
-                se=g.se_vs_none,
-            )
-        )
-        checks.append(
-            Check(
-                f"{pair}: continuations, {transfer} > random vector (classifier)",
-                g.score - g.score_random,
-                g.p_vs_random,
-                n=g.units,
-                se=g.se_vs_random,
-            )
-        )
+        checks += _generation_checks(pair, r.generations, r.transfer, n_permutations)
     return checks
 
 
@@ -1067,7 +1131,9 @@ def check_claim9(
 ) -> Verdict:
     """Chapter 6, claim 9: the transferred vector steers B better than the random and no-steering controls.
 
-    Checks, declared in advance, for every pair in ``sweep`` (and ``gens``):
+    Checks for every pair in ``sweep`` (and ``gens``), each with its minimum effect (:data:`MIN_SHARE_OF_NATIVE`
+    of the native vector's effect on the same units; the practical floors :data:`MIN_SWEEP_RISE` and
+    :data:`MIN_GEN_GAIN` where the native vector does not raise the score):
 
     * the forward-pass concept score at ``alpha*`` (:func:`pair_analysis`: the best
       strength at which perplexity on real text stays within ``max_ppl_ratio`` of
@@ -1078,7 +1144,9 @@ def check_claim9(
       classifier's probability for continuations steered by the transferred
       vector exceeds the unsteered and the random-vector continuations' (one-sided
       permutation p). Their perplexity under unsteered B is reported
-      (:func:`pair_analysis`), not tested: fluency enters through ``alpha*``.
+      (:func:`pair_analysis`), not tested: fluency enters through ``alpha*``. The native vector's continuations
+      against the unsteered ones, by the same test, are the positive control (minimum :data:`MIN_NATIVE_GAIN`):
+      when the generation test cannot see B's own vector, the claim is inconclusive.
 
     A pair with no admissible strength fails its sweep checks. The p-values of
     all pairs are Holm-adjusted together (:func:`embgeo_utils.core.stats.verdict`).
@@ -1087,7 +1155,7 @@ def check_claim9(
     for pair in sweep["pair"].unique():
         g = gens[gens["pair"] == pair] if gens is not None else None
         r = pair_analysis(sweep[sweep["pair"] == pair], g, transfer, max_ppl_ratio, n_permutations, seed)
-        checks += _pair_checks(str(pair), r, max_ppl_ratio)
+        checks += _pair_checks(str(pair), r, max_ppl_ratio, n_permutations)
     return verdict(checks, alpha=alpha)
 
 

@@ -51,9 +51,13 @@ def revisions(claim: int | None = None, chapter: str | None = None) -> pd.DataFr
     of one chapter (its record id, e.g. ``"ch06_emb2emb"``, or its number prefix ``"ch06"``).
 
     Raises:
-        EmbgeoInputError: an entry without one of the fields, with an unknown claim number, or an unknown ``claim``.
+        EmbgeoInputError: the file is not valid YAML, an entry lacks one of the fields or names an unknown claim
+            number, or ``claim`` is unknown.
     """
-    entries = yaml.safe_load(resources.files(__package__).joinpath("revisions.yaml").read_text(encoding="utf-8"))
+    try:
+        entries = yaml.safe_load(resources.files(__package__).joinpath("revisions.yaml").read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise EmbgeoInputError(f"revisions.yaml is not valid YAML: fix the entry at {error}") from None
     for number, entry in enumerate(entries or [], 1):
         missing = [name for name in REVISION_FIELDS if name not in entry]
         unknown = [c for c in entry.get("claims", []) if c not in CLAIMS]

@@ -31,6 +31,8 @@ def _grid(rsa_values, p_values, pairs=500):
                 "SVCCA null mean": 0.3,
                 "SVCCA p": p,
                 "SVCCA n": 20,
+                "RSA null std": 0.002,
+                "SVCCA null std": 0.002,
             }
         )
     return pd.DataFrame(rows)
@@ -83,11 +85,34 @@ def test_check_claim10_planted_absent_and_partly():
     planted = ch05.check_claim10(_grid([0.05, 0.08, 0.04], [1e-3] * 3), matched, depth, depth, middle)
     assert planted.verdict == "reproduced" and planted.n_hold == 7
     edge = np.full(50, 0.75)
-    absent = ch05.check_claim10(_grid([0.0, -0.01, 0.0], [0.6, 0.9, 0.5]), matched, depth, depth, edge)
+    absent = ch05.check_claim10(_grid([-0.02, -0.03, -0.02], [0.9, 0.95, 0.9]), matched, depth, depth, edge)
     assert absent.verdict == "not reproduced"
     # geometry beats the null everywhere, but the maximum sits at the deepest layer: partly
     partly = ch05.check_claim10(_grid([0.02, 0.03, 0.09], [1e-3] * 3), matched, depth, depth, edge)
     assert partly.verdict == "partly reproduced" and partly.holds[-1] is False
+
+
+def _ceiling(rsa_excess, p=1e-3):
+    return {"layer": 2, "pairs": 400, "RSA": rsa_excess, "RSA null mean": 0.0, "RSA null std": 0.002, "RSA p": p,
+            "SVCCA": 0.3 + rsa_excess, "SVCCA null mean": 0.3, "SVCCA null std": 0.002, "SVCCA p": p, "SVCCA n": 20}  # fmt: skip
+
+
+def test_check_claim10_minimums_come_from_the_seed_ceiling_which_is_the_positive_control():
+    matched = [(1, 1), (2, 2), (3, 3)]
+    depth = {1: 0.25, 2: 0.5, 3: 0.75}
+    middle = np.full(50, 0.5)
+    grid = _grid([0.05, 0.08, 0.04], [1e-3] * 3)
+    # a ceiling of 0.1: minimum 0.025, every cross-model check clears it and the control holds
+    ok = ch05.check_claim10(grid, matched, depth, depth, middle, ceiling=_ceiling(0.1), n_permutations=5000)
+    assert ok.verdict == "reproduced" and ok.n_claim_checks == 7
+    assert all(c.min_effect == pytest.approx(0.025) for c in ok.checks[:6])
+    assert all(c.n_permutations == 5000 for c in ok.checks[:6])
+    # a ceiling of 0.4: the same cross-model RSA (0.04-0.08) is no longer a quarter of it; with se 0.002 it is absent
+    high = ch05.check_claim10(grid, matched, depth, depth, middle, ceiling=_ceiling(0.4))
+    assert high.verdict == "partly reproduced" and high.status[:6].count("absent") == 6
+    # the pipeline cannot tell two seeds of one model from chance: the claim is inconclusive whatever else holds
+    failed = ch05.check_claim10(grid, matched, depth, depth, middle, ceiling=_ceiling(0.01, p=0.4))
+    assert failed.verdict == "inconclusive (positive control failed)"
 
 
 def test_best_depth_subsamples_finds_the_planted_layer_pair(device):

@@ -42,8 +42,18 @@ def test_claim9_planted_effect_is_found_and_absent_is_not():
     rng = np.random.default_rng(0)
     planted = ch06.check_claim9(_sweep("A → B", 0.8, rng), _gens("A → B", 0.3, rng), n_permutations=2000)
     assert planted.verdict == "reproduced", planted.table()
-    absent = ch06.check_claim9(_sweep("A → B", 0.0, rng), _gens("A → B", 0.0, rng), n_permutations=2000)
+    # with enough units, an absent transfer is ruled out (every upper bound below a tenth of the native effect) ...
+    zero_sweep, zero_gens = _sweep("A → B", 0.0, rng, n_prompts=200, native=3.0), _gens("A → B", 0.0, rng, n_prompts=24)
+    absent = ch06.check_claim9(zero_sweep, zero_gens, n_permutations=2000)
     assert absent.verdict == "not reproduced", absent.table()
+    # ... with few units it is not: inconclusive, never "not reproduced"
+    few = ch06.check_claim9(_sweep("A → B", 0.0, rng, n_prompts=3), _gens("A → B", 0.0, rng, n_prompts=3))
+    assert few.verdict == "inconclusive", few.table()
+    # the generation test cannot see B's own vector: the positive control fails and the claim is inconclusive
+    blind = _gens("A → B", 0.3, rng)
+    blind.loc[blind["condition"] == "native", "score"] = blind.loc[blind["condition"] == "none", "score"].to_numpy()
+    failed = ch06.check_claim9(_sweep("A → B", 0.8, rng), blind, n_permutations=2000)
+    assert failed.verdict == "inconclusive (positive control failed)", failed.table()
     both = pd.concat([_sweep("A → B", 0.8, rng), _sweep("C → D", 0.0, rng)])
     gens = pd.concat([_gens("A → B", 0.3, rng), _gens("C → D", 0.0, rng)])
     mixed = ch06.check_claim9(both, gens, n_permutations=2000)
@@ -68,7 +78,7 @@ def test_pair_analysis_records_the_keys_of_the_chapter_record():
     gen_keys = ["gen alpha", "gen units", "gen score", "gen score none", "gen score random", "gen p vs none"]
     gen_keys += ["gen p vs random", "gen se vs none", "gen se vs random", "gen ppl ratio"]
     full = ch06.pair_analysis(_sweep("A → B", 0.8, rng), _gens("A → B", 0.3, rng), n_permutations=200)
-    native = ["gen score native", "gen fraction of native"]
+    native = ["gen score native", "gen fraction of native", "gen p native vs none", "gen se native vs none"]
     assert list(full.record()) == ["transfer", "admissible alphas", *sweep_keys, *gen_keys, *native]
     assert full.record()["effect vs random"] == full.sweep.effect_vs_random
     no_native = _gens("A → B", 0.3, rng).query("condition != 'native'")
