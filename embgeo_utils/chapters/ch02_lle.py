@@ -222,8 +222,13 @@ MIN_FAR_BELOW = (
 )
 
 
-def _far_below_check(pair: str, transfer: np.ndarray, null: np.ndarray, seed: int) -> stats.Check:
-    """Chapter 2: the median per-token ratio transfer / null lies below one half (a tested check)."""
+def _far_below_check(
+    pair: str, transfer: np.ndarray, null: np.ndarray, seed: int, what: str = "transfer", control: bool = False
+) -> stats.Check:
+    """Chapter 2: the median per-token ratio transfer / null lies below one half (a tested check).
+
+    With ``control``, ``transfer`` holds B's own weights' errors: the positive control of :func:`check_claim7`.
+    """
     if (null <= 0).any() or (transfer < 0).any():
         raise EmbgeoInputError(f"Pair {pair!r}: errors must be non-negative and the null's positive.")
     ratio = transfer / null
@@ -231,13 +236,14 @@ def _far_below_check(pair: str, transfer: np.ndarray, null: np.ndarray, seed: in
     # one-sided Wilcoxon signed-rank test that the per-token log ratio lies below log(1 - minimum)
     test = stats.wilcoxon(np.log(1 - minimum) - np.log(np.maximum(ratio, 1e-300)))
     return stats.Check(
-        f"{pair}: median transfer / null <= {1 - minimum:g}",
+        f"{pair}: median {what} / null <= {1 - minimum:g}" + (" (positive control)" if control else ""),
         1.0 - float(np.median(ratio)),
         test.p_value,
         minimum,
         test.n,
         stats.bootstrap_se(ratio, np.median, seed=seed),
         min_effect_source=source,
+        control=control,
     )
 
 
@@ -252,6 +258,10 @@ def check_claim7(errors: pd.DataFrame, alpha: float = 0.01, correction: str = "h
     * ``far below``: effect = ``1 - median(transfer / null)`` over tokens, minimum :data:`MIN_FAR_BELOW` (a
       median ratio of at most one half); one-sided Wilcoxon signed-rank test that the per-token log ratio lies
       below ``log(1/2)``; standard error by bootstrap over tokens (seeded), so the check can be shown absent.
+
+    Positive control, where ``errors`` has B's own weights (``"B's own weights (floor)"``): the same far-below check
+    for them. If the best local fit in B is not "far below" the null by this measure, the measure cannot show the
+    claim for a transfer either, and the verdict is *inconclusive (positive control failed)*.
 
     The p-values of all pairs are adjusted together (Holm by default) and the verdict comes from
     :func:`embgeo_utils.core.stats.verdict`.
@@ -276,6 +286,8 @@ def check_claim7(errors: pd.DataFrame, alpha: float = 0.01, correction: str = "h
         name = f"{pair}: transfer beats the null (Wilcoxon)"
         checks.append(stats.Check(name, test.effect, test.p_value, minimum, test.n, test.se, min_effect_source=source))
         checks.append(_far_below_check(str(pair), transfer, null, seed))
+        if _FLOOR in wide:
+            checks.append(_far_below_check(str(pair), wide[_FLOOR].to_numpy(), null, seed, "B's own weights", True))
     return stats.verdict(checks, alpha=alpha, correction=correction)
 
 

@@ -76,9 +76,22 @@ def test_claim7_planted_partly_absent(device, chapter_params, noise: float, n: i
     verdict = check_claim7(errors)
     assert verdict.verdict == expected
     if expected == "partly reproduced":  # beats the null significantly, but not by half
-        assert verdict.status == ("holds", "absent")
+        assert verdict.status == ("holds", "absent", "holds")
     if expected == "inconclusive":  # B is noise: no transfer, but 300 noisy tokens cannot rule out a small one
-        assert verdict.status == ("inconclusive", "absent")
+        assert verdict.status == ("inconclusive", "absent", "holds")
+    assert verdict.checks[-1].control  # B's own weights are far below the null: the control holds
+
+
+def test_claim7_is_inconclusive_when_b_own_weights_are_not_far_below_the_null() -> None:
+    rng = np.random.default_rng(4)
+    null = rng.uniform(1.0, 1.2, 2000)
+    rows = [("p", i, "A's weights transferred", 0.7 * v) for i, v in enumerate(null)]
+    rows += [("p", i, "B's own weights (floor)", 0.6 * v) for i, v in enumerate(null)]
+    rows += [("p", i, "A's weights, random neighbours (null)", v) for i, v in enumerate(null)]
+    verdict = check_claim7(pd.DataFrame(rows, columns=["pair", "token", "weights", "relative error"]))
+    # the best local fit in B reaches only 0.6 of the null: "far below" (one half) cannot be shown by this measure
+    assert verdict.status == ("holds", "absent", "absent")
+    assert verdict.verdict == "inconclusive (positive control failed)"
 
 
 def test_claim7_absent_when_the_transfer_is_no_better_than_the_null() -> None:
