@@ -684,7 +684,8 @@ INTERIOR = (1.0, "the claim's words: the ID peaks at least one layer inside the 
 BOOTSTRAP = 200
 MIN_COSINE_GAP = (
     0.05,
-    "a tenth of P2's late-layer gap in mean cosine between shuffled and real text (Llama-3-8B: 0.32 -> 0.83)",
+    "a tenth of P2's gap between shuffled and real text in the largest mean cosine over layers (Llama-3-8B: 0.32 -> "
+    "0.83); the book reads the gap at the last layers",
 )
 MIN_OVERLAP_DROP = (
     0.05,
