@@ -1048,48 +1048,40 @@ def _minimum(native_effect: float | None, floor: tuple[float, str], unit: str) -
     return floor
 
 
+def _versus_checks(
+    label: str,
+    tests: list[tuple[str, float, float, float | None]],
+    minimum: tuple[float, str],
+    units: int,
+    corrected_for: int,
+    n_permutations: int,
+) -> list[Check]:
+    """Chapter 6: one check per control the transfer is compared with (``label`` holds ``{what}``)."""
+    return [
+        Check(label.format(what=what), effect, p, minimum[0], units, se, corrected_for,
+              min_effect_source=minimum[1], n_permutations=n_permutations)
+        for what, effect, p, se in tests
+    ]  # fmt: skip
+
+
 def _sweep_checks(pair: str, r: PairAnalysis, n_permutations: int) -> list[Check]:
     """The forward-pass checks of one pair at ``alpha*`` (chapter 6, :func:`check_claim9`)."""
     s, k, transfer = r.sweep, len(r.admissible_alphas), r.transfer
     assert s is not None
-    minimum, source = _minimum(s.rise_native, MIN_SWEEP_RISE, "nats")
     tests = [("no steering", s.rise, s.p_vs_none, s.se_vs_none),
              ("random vector", s.effect_vs_random, s.p_vs_random, s.se_vs_random)]  # fmt: skip
-    return [
-        Check(
-            f"{pair}: {transfer} > {what} (sweep, alpha {s.alpha:g})",
-            effect,
-            p,
-            minimum,
-            s.units,
-            se,
-            k,
-            min_effect_source=source,
-            n_permutations=n_permutations,
-        )  # fmt: skip
-        for what, effect, p, se in tests
-    ]
+    label = f"{pair}: {transfer} > {{what}} (sweep, alpha {s.alpha:g})"
+    return _versus_checks(label, tests, _minimum(s.rise_native, MIN_SWEEP_RISE, "nats"), s.units, k, n_permutations)
 
 
 def _generation_checks(pair: str, g: GenerationEvidence, transfer: str, n_permutations: int) -> list[Check]:
     """The continuation checks of one pair and their positive control (chapter 6, :func:`check_claim9`)."""
     native_gain = None if g.score_native is None else g.score_native - g.score_none
-    minimum, source = _minimum(native_gain, MIN_GEN_GAIN, "in probability")
+    minimum = _minimum(native_gain, MIN_GEN_GAIN, "in probability")
     tests = [("no steering", g.score - g.score_none, g.p_vs_none, g.se_vs_none),
              ("random vector", g.score - g.score_random, g.p_vs_random, g.se_vs_random)]  # fmt: skip
-    checks = [
-        Check(
-            f"{pair}: continuations, {transfer} > {what} (classifier)",
-            effect,
-            p,
-            minimum,
-            g.units,
-            se,
-            min_effect_source=source,
-            n_permutations=n_permutations,
-        )  # fmt: skip
-        for what, effect, p, se in tests
-    ]
+    label = f"{pair}: continuations, {transfer} > {{what}} (classifier)"
+    checks = _versus_checks(label, tests, minimum, g.units, 1, n_permutations)
     if native_gain is not None and g.p_native_vs_none is not None:
         checks.append(
             Check(
