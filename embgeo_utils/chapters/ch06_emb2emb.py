@@ -1386,10 +1386,24 @@ class Claim9:
         for p, a in self.analyses.items():
             g = a.generation
             n, e, r = g["native − none"], g["emb2emb − none"], g["emb2emb − random (residual)"]
+            v = self.per_pair[p]
+            detect = dict(zip([c.name for c in v.checks], v.detectable or (None,) * len(v.checks)))
+            d = detect.get(f"{p}: EMB2EMB > no steering (continuations)")
             lines.append(
-                f"- **{p}** ({self.per_pair[p].verdict}): in continuations, B's own vector raises P(topic) by "
+                f"- **{p}** ({v.verdict}): in continuations, B's own vector raises P(topic) by "
                 f"{n.effect:.3f} [{n.low:.3f}, {n.high:.3f}], EMB2EMB by {e.effect:.3f} [{e.low:.3f}, {e.high:.3f}] "
-                f"and beats random residual directions by {r.effect:.3f} [{r.low:.3f}, {r.high:.3f}] (n = {e.n} prompts)."
+                f"and beats random residual directions by {r.effect:.3f} [{r.low:.3f}, {r.high:.3f}] (n = {e.n} prompts"
+                + (f"; detectable effect {d:.3f}, half the native effect {n.effect / 2:.3f}" if d is not None else "")
+                + ")."
+            )
+            lines.append(
+                "  Checks: "
+                + "; ".join(
+                    f"{c.name.split(': ', 1)[1]}{' (control)' if c.control else ''}: {c.effect:.3g} "
+                    f"(minimum {c.min_effect:.3g}), {s}"
+                    for c, s in zip(v.checks, v.status)
+                )
+                + "."
             )
         lines.append(f"- Claim 9 on these topics: **{self.verdict.summary()}**.")
         return "\n".join(lines)
