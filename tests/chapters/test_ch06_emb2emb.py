@@ -276,3 +276,29 @@ class _Uniform:
 
     def proba(self, texts):
         return np.full((len(texts), 2), 0.5)
+
+
+def test_a_topic_sets_claim_reports_power_checks_and_dose_response(chapter_params):
+    """evaluate_claim9 on a planted transfer: the summary names every check with its status, the detectable effect
+    and the power target; the dose-response table has one row per condition and strength of each measure."""
+    rng = np.random.default_rng(5)
+    d = 8
+    scales = {"median norm": 10.0, "massive dims": 1.0, "median norm without massive dims": 5.0}
+    vectors = {"native": {t: torch.ones(d) for t in TOPICS}}
+    tr = ch06.Transfer(("A", "B"), (4, 4), 2, 2, TOPICS, 2.0, scales, {}, vectors, {})
+    run = ch06.PairRun(tr, {}, _sweep(rng), _gens(rng))
+    scorer = type("S", (), {"accuracy": 0.9})()
+    claim = ch06.evaluate_claim9({"A → B": run}, scorer, _params(chapter_params), "development")
+    assert claim.verdict.verdict == "reproduced" and claim.value == pytest.approx(
+        claim.analyses["A → B"].generation["emb2emb − none"].effect
+    )
+    power = claim.power_table()
+    assert len(power) == 3 and (power["n"] == 40).all() and power["target met"].all()
+    text = claim.summary()
+    assert "detectable effect" in text and text.count(", holds") == 9 and "(control)" in text
+    dose = ch06.dose_response({"A → B": run}, n_boot=200)
+    cont = dose[dose["measure"] == "continuations"]
+    assert set(cont["condition"]) == set(ch06.GENERATED[1:]) and (cont["n"] == 40).all()
+    units = ch06.strength_units([tr], STRENGTHS)
+    assert units["x median residual norm"].tolist() == pytest.approx([0.2, 0.4])
+    assert units["x median norm without massive dims"].tolist() == pytest.approx([0.4, 0.8])
