@@ -1396,6 +1396,15 @@ class Claim9:
                 + (f"; detectable effect {d:.3f}, half the native effect {n.effect / 2:.3f}" if d is not None else "")
                 + ")."
             )
+            flu = a.fluency.set_index(["condition", "strength"])["median ppl ratio"]
+            lines.append(
+                "  Median perplexity under unsteered B, relative to the unsteered continuation's (not a check): "
+                + "; ".join(
+                    f"{c} " + ", ".join(f"{flu[c, s]:.3g} at {s:g}" for s in flu[c].index)
+                    for c in dict.fromkeys(flu.index.get_level_values(0))
+                )
+                + "."
+            )
             lines.append(
                 "  Checks: "
                 + "; ".join(

@@ -296,6 +296,7 @@ def test_a_topic_sets_claim_reports_power_checks_and_dose_response(chapter_param
     assert len(power) == 3 and (power["n"] == 40).all() and power["target met"].all()
     text = claim.summary()
     assert "detectable effect" in text and text.count(", holds") == 9 and "(control)" in text
+    assert "emb2emb 1.2 at 1, 1.2 at 2" in text  # the median perplexity ratios, per condition and strength
     dose = ch06.dose_response({"A → B": run}, n_boot=200)
     cont = dose[dose["measure"] == "continuations"]
     assert set(cont["condition"]) == set(ch06.GENERATED[1:]) and (cont["n"] == 40).all()
