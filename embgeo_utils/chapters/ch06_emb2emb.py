@@ -1504,9 +1504,9 @@ def plot_dose_response(table: pd.DataFrame, fluency: pd.DataFrame) -> Figure:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("strength (x mean norm of B's topic vectors)")
         row[0].set_ylabel("rise in log P(topic tokens) (nats)")
-        row[0].set_title(f"{pair}: next token (random: median, 1-99 %)")
+        row[0].set_title(f"{pair}\nnext token (random: median, 1-99 %)", fontsize=10)
         row[1].set_ylabel("rise in P(topic) over no steering")
-        row[1].set_title("continuations (95 % interval over prompts)")
+        row[1].set_title("continuations\n(95 % interval over prompts)", fontsize=10)
         fl = fluency[fluency["pair"] == pair]
         for c, g in fl.groupby("condition", sort=False):
             row[2].plot(g["strength"], g["median ppl ratio"], marker="o", color=colors.get(c, "grey"), label=c)
@@ -1515,6 +1515,7 @@ def plot_dose_response(table: pd.DataFrame, fluency: pd.DataFrame) -> Figure:
         row[2].set_yscale("log")
         row[2].set_xlabel("strength (x mean norm of B's topic vectors)")
         row[2].set_ylabel("perplexity ratio under unsteered B (median)")
-        row[2].set_title("fluency of the continuations")
+        row[2].set_title("fluency of the continuations", fontsize=10)
         row[0].legend(fontsize=7)
+    fig.tight_layout()
     return fig
