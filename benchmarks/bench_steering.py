@@ -8,9 +8,10 @@
    declares transformers < 5 but its training code runs unchanged on
    transformers 5: install it with ``pip install --no-deps -r
    benchmarks/requirements-steering.txt``.
-2. Greedy generation with a ``steering.steer`` hook active against plain
-   ``generate``: the hook's overhead (target at most 5 %), on one thread and in
-   CPU time, plain and hooked runs alternating.
+2. Greedy generation with the KV cache and a ``steering.steer`` hook active against
+   plain ``generate``: the hook's overhead (target at most 5 %), with one vector for
+   the batch and with one vector per sequence (as chapter 6 generates), on one
+   thread and in CPU time, plain and hooked runs alternating.
 
 Run: ``python benchmarks/bench_steering.py [--repeats N] [--new-tokens T]``.
 """
@@ -130,35 +131,40 @@ def main() -> None:
     torch.set_num_threads(1)
     prompts = ["The history of the city begins", "In the laboratory, the scientists"] * 4
     v = steering.steering_vector(loaded, POS, NEG, layer)
+    per_row = v[None, :] * torch.linspace(2.0, 6.0, len(prompts))[:, None]  # one vector per sequence
+    seqs = steering.encode_texts(loaded, prompts)
     steering.generate(loaded, prompts, 4, batch_size=8)  # warm up
-    runs: dict[str, list[tuple[float, float]]] = {"plain": [], "hook": []}
+    runs: dict[str, list[tuple[float, float]]] = {"plain": [], "hook": [], "per-row hook": []}
     for _ in range(args.repeats):
-        for kind in ("plain", "hook"):
+        for kind in runs:
             w, c = time.perf_counter(), time.process_time()
             if kind == "hook":
                 with steering.steer(loaded, layer, v, 4.0):
-                    steering.generate(loaded, prompts, args.new_tokens, batch_size=8)
+                    steering.generate_ids(loaded, seqs, args.new_tokens, batch_size=8)
+            elif kind == "per-row hook":
+                steering.generate_ids(loaded, seqs, args.new_tokens, vectors=per_row, layer=layer, batch_size=8)
             else:
-                steering.generate(loaded, prompts, args.new_tokens, batch_size=8)
+                steering.generate_ids(loaded, seqs, args.new_tokens, batch_size=8)
             runs[kind].append((time.perf_counter() - w, time.process_time() - c))
     for i, name in ((1, "CPU time"), (0, "wall time")):
         p = float(np.median([r[i] for r in runs["plain"]]))
-        s = float(np.median([r[i] for r in runs["hook"]]))
-        print(
-            f"generation, 8 prompts x {args.new_tokens} tokens, 1 thread, median of {args.repeats}, {name}: "
-            f"plain {p:.2f} s, with hook {s:.2f} s, overhead {100 * (s / p - 1):+.1f} %"
-        )
-        if i == 1:
-            rec.add(
-                f"generation with the steer hook ({name})",
-                f"8 prompts x {args.new_tokens} new tokens, 1 thread",
-                s,
-                None,
-                None,
-                "plain generate (the floor: no hook)",
-                p,
-                f"hook overhead {100 * (s / p - 1):+.1f} %",
+        for kind in ("hook", "per-row hook"):
+            s = float(np.median([r[i] for r in runs[kind]]))
+            print(
+                f"generation with the KV cache, 8 prompts x {args.new_tokens} tokens, 1 thread, median of "
+                f"{args.repeats}, {name}: plain {p:.2f} s, {kind} {s:.2f} s, overhead {100 * (s / p - 1):+.1f} %"
             )
+            if i == 1:
+                rec.add(
+                    f"generation with the steer {kind} ({name})",
+                    f"8 prompts x {args.new_tokens} new tokens, 1 thread",
+                    s,
+                    None,
+                    None,
+                    "plain generate (the floor: no hook)",
+                    p,
+                    f"hook overhead {100 * (s / p - 1):+.1f} %",
+                )
     rec.write()
 
 

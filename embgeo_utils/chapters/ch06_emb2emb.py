@@ -2,23 +2,28 @@
 
 A topic's steering vector is the mean residual activation on texts about the topic minus that on other topics.
 Lee et al. carry A's vector into B through a linear map fitted on the two models' token embeddings (EMB2EMB); claim
-9 says the carried vector steers B better than a random vector of the same norm and better than no steering. The
-chapter also maps the residual streams themselves, so it can say how much is lost by going through embeddings.
+9 says the carried vector steers B better than a random vector and better than no steering. B's own vector for the
+topic (the *native* vector) is the positive control: a test that cannot see B's own vector steer cannot show that a
+carried one does not.
 
-The stages, in the order the chapter runs them:
+The stages, in the order the chapter runs them, once for the development topics and once, unchanged, for the
+confirmation topics:
 
-1. :func:`topic_texts` splits the topic-labelled Wikipedia summaries into texts that build the vectors, texts that
-   fit the topic classifier and held-out texts (:class:`TopicTexts`); :func:`neutral_prompts` takes the opening
-   words of real passages from other sources as prompts; :func:`fit_classifier` fits the MiniLM topic classifier.
-2. :func:`run_pair` runs one pair (:class:`PairRun`): :func:`build_transfer` finds each topic's vector in A and in
-   B and carries A's into B through every map (:class:`Transfer`; the maps are those of
-   :mod:`embgeo_utils.lm.emb2emb`); :func:`concept_sweep` adds each direction to B's residual stream at several
-   strengths and scores forward passes only (the log-probability of the topic's characteristic tokens,
-   :func:`topic_tokens`, and B's loss on the prompt's own text); :func:`steered_generations` generates
-   continuations at the strength :func:`best_strength` picks and scores them with the classifier.
-3. :func:`evaluate_claim9` turns every pair into the numbers (:func:`pair_analysis`, :class:`PairAnalysis`) and
-   checks (:func:`check_claim9`) of claim 9 (:class:`Claim9`); :func:`sweep_summary`, :func:`generation_table`,
-   :func:`example_generations` and :func:`plot_steering_sweep` are the tables and the figure.
+1. Texts and the scorer. :func:`topic_texts` splits the topic-labelled Wikipedia summaries of one topic set into
+   disjoint texts that build the vectors, fit the scorer, choose the score tokens and validate the scorer
+   (:class:`TopicTexts`); :func:`neutral_texts` takes held-out prompts and "other" text from speeches and news
+   (:class:`NeutralTexts`); :func:`fit_scorer` fits the topic scorer on windows of continuation length and
+   validates it on held-out windows (:class:`Scorer`); :func:`topic_tokens` picks the score tokens.
+2. One pair (:func:`run_pair`, :class:`PairRun`): :func:`build_transfer` finds each topic's vector in A and in B,
+   fits the maps on clean rows and carries A's vectors into B (:class:`Transfer`, with the lexical, shuffled-map and
+   random controls); :func:`next_token_scores` measures every condition in forward passes (the log-probability of
+   the topic's score tokens as the next token); :func:`steered_continuations` generates greedy and seeded sampled
+   continuations of the held-out prompts at every strength, and :func:`score_continuations` scores them.
+3. The claim: :func:`pair_analysis` turns a pair into paired comparisons over prompts and distribution
+   comparisons over random directions (:class:`PairAnalysis`); :func:`check_claim9` makes the checks, with the
+   native vector as the positive control, and :func:`evaluate_claim9` gives one topic set's verdict
+   (:class:`Claim9`). :func:`dose_response`, :func:`strength_units`, :func:`example_generations` and
+   :func:`plot_dose_response` are the tables and the figure.
 
 References:
     A. Lee, M. Weber, F. Viégas, M. Wattenberg (2025), Shared global and local
@@ -30,6 +35,7 @@ References:
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,19 +47,29 @@ import torch
 
 from ..core.cache import cached
 from ..core.errors import EmbgeoInputError
-from ..core.stats import Check, Verdict, bootstrap_ci, paired_permutation, verdict
+from ..core.stats import Check, Verdict, bootstrap_ci, paired_permutation, permutation_p, verdict
 from ..lm.corpus import documents, wiki_summaries
-from ..lm.emb2emb import LinearMap, cached_states, embedding_pairs, fit_linear_map, matching_layer, residual_pairs
+from ..lm.emb2emb import (
+    LinearMap,
+    cached_states,
+    clean_rows,
+    embedding_pairs,
+    fit_linear_map,
+    matching_layer,
+    residual_pairs,
+)
 from ..lm.models import LoadedModel, block_output_hook, transformer_blocks
 from ..lm.steering import (
     TopicClassifier,
-    continuation_nll,
     encode_texts,
     fit_topic_classifier,
-    generate,
+    generate_ids,
+    last_token_logits,
     resume_after,
+    sequence_nll,
     steer,
 )
+from ..lm.undertrained import find_undertrained
 from .style import need_columns
 
 if TYPE_CHECKING:
@@ -62,29 +78,40 @@ if TYPE_CHECKING:
 __all__ = [
     "CHAPTER",
     "CONDITIONS",
+    "CONTROL_MIN_FORWARD",
+    "CONTROL_MIN_GENERATION",
     "Claim9",
-    "GenerationEvidence",
+    "Comparison",
+    "DistributionComparison",
+    "FRACTION_OF_NATIVE",
+    "GENERATED",
+    "NeutralTexts",
+    "OTHER",
     "PairAnalysis",
     "PairRun",
     "Parameters",
-    "SweepEvidence",
+    "RANDOM_KINDS",
+    "Scorer",
     "TITLE",
     "TopicTexts",
     "Transfer",
-    "best_strength",
+    "beyond_random",
     "build_transfer",
     "check_claim9",
-    "concept_sweep",
+    "compare_prompts",
+    "dose_response",
     "evaluate_claim9",
     "example_generations",
-    "fit_classifier",
-    "generation_table",
+    "fit_scorer",
     "neutral_prompts",
+    "neutral_texts",
+    "next_token_scores",
     "pair_analysis",
-    "plot_steering_sweep",
+    "plot_dose_response",
     "run_pair",
-    "steered_generations",
-    "sweep_summary",
+    "score_continuations",
+    "steered_continuations",
+    "strength_units",
     "topic_texts",
     "topic_tokens",
 ]
@@ -93,28 +120,30 @@ __all__ = [
 CHAPTER = "ch06_emb2emb"
 TITLE = "EMB2EMB: steering vectors carried across models"
 
-#: Steering conditions in B, in the order figures and tables show them.
-#: Claim 9's minimum effects (chapter 6, :func:`check_claim9`): (value, where it comes from).
-MIN_SHARE_OF_NATIVE = (
-    0.1,
-    "a tenth of B's native vector's effect on the same units (the ceiling): 'transfers a steering vector' needs "
-    "a visible share of what B's own vector does",
+#: Steering conditions in B, in the order figures and tables show them (the random kinds are many directions each).
+CONDITIONS = (
+    "none",
+    "native",
+    "emb2emb",
+    "emb2emb (unembedding)",
+    "residual map",
+    "null map",
+    "lexical",
+    "random (isotropic)",
+    "random (residual)",
 )
-MIN_SWEEP_RISE = (
-    0.05,
-    "practical floor, also when the native vector hardly raises the score: 0.05 nats of concept score",
-)
-MIN_GEN_GAIN = (
-    0.02,
-    "practical floor, also when the native vector hardly raises it: 2 points of classifier probability",
-)
-MIN_NATIVE_GAIN = (
-    0.05,
-    "practical: a vector that steers B moves the topic classifier's probability by at least 5 points "
-    "(chance is 1/3 for three topics)",
-)
-
-CONDITIONS = ("none", "native", "emb2emb", "emb2emb (unembedding)", "residual map", "random", "null map")
+#: The two kinds of random direction: Gaussian, and differences of means of random splits of texts about other topics.
+RANDOM_KINDS = ("random (isotropic)", "random (residual)")
+#: The conditions continued by generation (the others are measured in forward passes only).
+GENERATED = ("none", "native", "emb2emb", "random (residual)")
+#: The scorer's class for text about none of the topics.
+OTHER = "other"
+#: Smallest rise of the native vector's topic probability in continuations that counts as steering (positive control).
+CONTROL_MIN_GENERATION = 0.05
+#: Smallest rise of the native vector's next-token score (nats) that counts as steering (positive control).
+CONTROL_MIN_FORWARD = 0.1
+#: The fraction of the native vector's effect a carried vector must reach to count as steering.
+FRACTION_OF_NATIVE = 0.25
 
 
 @dataclass(frozen=True)
@@ -124,10 +153,13 @@ class Parameters:
     pairs: list[list[str]]
     encoder: str
     topics: list[str]
+    confirm_topics: list[str]
     depth: float
     n_build: int
     n_classifier: int
+    n_score_texts: int
     n_heldout: int
+    n_other: int
     n_map_texts: int
     max_tokens: int
     map_rows: int
@@ -135,80 +167,129 @@ class Parameters:
     min_map_rows: int | None
     n_prompts: int
     prompt_words: int
-    alphas: list[float]
+    window_words: int
+    strengths: list[float]
+    sweep_strengths: list[float]
+    n_sweep_prompts: int
     n_topic_tokens: int
-    n_gen_prompts: int
+    n_random: int
+    n_random_prompts: int
+    n_samples: int
+    top_k: int
+    temperature: float
     max_new_tokens: int
-    gen_conditions: list[str]
-    max_ppl_ratio: float
+    n_ppl_prompts: int
     n_permutations: int
     batch_size: int
+    gen_batch_size: int
     alpha: float
     seed: int
     device: str
 
     def models(self) -> list[str]:
-        """The classifier's encoder, then every model the pairs name, in order."""
+        """The scorer's encoder, then every model the pairs name, in order."""
         return [self.encoder] + [name for pair in self.pairs for name in pair]
 
+    def topic_sets(self) -> dict[str, list[str]]:
+        """``{"development": topics, "confirmation": confirm_topics}``, the second only when given."""
+        sets = {"development": list(self.topics)}
+        if self.confirm_topics:
+            sets["confirmation"] = list(self.confirm_topics)
+        return sets
 
-# --- Stage 1: texts, prompts and the topic classifier ---------------------------------------------------------
+
+# --- Stage 1: texts, prompts, the scorer and the score tokens ----------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TopicTexts:
-    """Topic-labelled texts of chapter 6, split by use (:func:`topic_texts`).
+    """Topic-labelled summaries of one topic set, split by use (chapter 6, :func:`topic_texts`); no text has two uses.
 
     Attributes:
         topics: the topics steered towards.
         build: per topic, the summaries the steering vectors are found on.
-        classifier: per topic, the summaries the topic classifier is fitted on (``build`` among them).
-        heldout: per topic, summaries used for nothing but the classifier's held-out accuracy.
-        map_texts: summaries of the other topics, for the residual map (never a vector).
+        classifier: per topic, the summaries whose windows fit the scorer.
+        score: per topic, the summaries the score tokens are chosen from (:func:`topic_tokens`).
+        heldout: per topic, summaries whose windows validate the scorer.
+        other: summaries of topics outside every topic set, for the scorer's "other" class (fit).
+        other_heldout: more such summaries, for its validation.
+        map_texts: summaries of topics outside every topic set, for the residual map (never a vector or the scorer).
     """
 
     topics: list[str]
     build: dict[str, list[str]]
     classifier: dict[str, list[str]]
+    score: dict[str, list[str]]
     heldout: dict[str, list[str]]
+    other: list[str]
+    other_heldout: list[str]
     map_texts: list[str]
 
 
-def topic_texts(p: Parameters) -> TopicTexts:
-    """Chapter 6: split the Wikipedia summaries of ``p.topics`` into build, classifier and held-out texts.
+def _stable_seed(seed: int, name: str) -> list[int]:
+    return [int(seed), zlib.crc32(name.encode())]
 
-    Per topic, summaries are drawn in an order seeded by ``p.seed``: the first ``p.n_heldout`` are held out, the next
-    ``p.n_classifier`` fit the classifier, and the first ``p.n_build`` of those also build the steering vectors.
-    ``p.n_map_texts`` summaries of the remaining topics feed the residual map.
+
+def _check_topics(topics: list[str], every: list[str], known: list[str]) -> None:
+    if len(topics) < 2 or len(set(topics)) != len(topics):
+        raise EmbgeoInputError(f"Give at least two distinct topics, got {topics}.")
+    unknown = [t for t in every if t not in known]
+    if unknown:
+        raise EmbgeoInputError(f"Unknown topic(s) {unknown}; the summaries have {known}.")
+
+
+def topic_texts(p: Parameters, topics: Sequence[str]) -> TopicTexts:
+    """Chapter 6: split the Wikipedia summaries of ``topics`` into build, scorer, score-token and held-out texts.
+
+    Per topic, in an order seeded by ``p.seed`` and the topic's name (so a topic's split does not depend on the
+    other topics): ``p.n_heldout`` held out, ``p.n_classifier`` for the scorer, ``p.n_score_texts`` for the score
+    tokens, ``p.n_build`` for the vectors. Topics outside ``p.topics`` and ``p.confirm_topics`` (and not
+    "Uncategorized") give the "other" texts (``p.n_other`` to fit, ``p.n_other`` held out) and ``p.n_map_texts``
+    residual-map texts, the same for every topic set.
 
     Raises:
         EmbgeoInputError: fewer than two distinct topics, an unknown topic, or too few summaries for a topic.
     """
-
-    topics, n_build, n_classifier, n_heldout = list(p.topics), p.n_build, p.n_classifier, p.n_heldout
-    if len(topics) < 2 or len(set(topics)) != len(topics):
-        raise EmbgeoInputError(f"Give at least two distinct topics, got {topics}.")
-    if not 1 <= n_build <= n_classifier:
-        raise EmbgeoInputError(f"Need 1 <= n_build <= n_classifier, got {n_build} and {n_classifier}.")
+    topics = list(topics)
     rows = wiki_summaries()
     known = sorted({r["topic"] for r in rows})
-    unknown = [t for t in topics if t not in known]
-    if unknown:
-        raise EmbgeoInputError(f"Unknown topic(s) {unknown}; the summaries have {known}.")
-    rng = np.random.default_rng(p.seed)
-    build, clf, held = {}, {}, {}
+    every = list(dict.fromkeys([*p.topics, *p.confirm_topics, *topics]))
+    _check_topics(topics, every, known)
+    sizes = (p.n_heldout, p.n_classifier, p.n_score_texts, p.n_build)
+    if min(sizes) < 1:
+        raise EmbgeoInputError(f"Every split needs at least one summary per topic, got {sizes}.")
+    parts: dict[str, dict[str, list[str]]] = {k: {} for k in ("heldout", "classifier", "score", "build")}
     for t in topics:
         texts = [r["extract"] for r in rows if r["topic"] == t]
-        need = n_heldout + n_classifier
-        if len(texts) < need:
-            raise EmbgeoInputError(f"Topic {t!r} has {len(texts)} summaries; {need} are needed. Ask for fewer.")
-        order = rng.permutation(len(texts))
-        held[t] = [texts[i] for i in order[:n_heldout]]
-        clf[t] = [texts[i] for i in order[n_heldout:need]]
-        build[t] = clf[t][:n_build]
-    rest = [r["extract"] for r in rows if r["topic"] not in topics and r["topic"] != "Uncategorized"]
-    map_texts = [rest[i] for i in rng.permutation(len(rest))[: p.n_map_texts]]
-    return TopicTexts(topics, build, clf, held, map_texts)
+        if len(texts) < sum(sizes):
+            raise EmbgeoInputError(f"Topic {t!r} has {len(texts)} summaries; {sum(sizes)} are needed. Ask for fewer.")
+        order = np.random.default_rng(_stable_seed(p.seed, t)).permutation(len(texts))
+        edges = np.cumsum((0, *sizes))
+        for part, lo, hi in zip(parts.values(), edges[:-1], edges[1:]):
+            part[t] = [texts[i] for i in order[lo:hi]]
+    rest = [r["extract"] for r in rows if r["topic"] not in every and r["topic"] != "Uncategorized"]
+    order = np.random.default_rng(_stable_seed(p.seed, "other topics")).permutation(len(rest))
+    need = 2 * p.n_other + p.n_map_texts
+    if len(rest) < need:
+        raise EmbgeoInputError(f"Only {len(rest)} summaries outside the topic sets; {need} are needed. Ask for fewer.")
+    pool = [rest[i] for i in order[:need]]
+    return TopicTexts(
+        topics, parts["build"], parts["classifier"], parts["score"], parts["heldout"],
+        pool[: p.n_other], pool[p.n_other : 2 * p.n_other], pool[2 * p.n_other :],
+    )  # fmt: skip
+
+
+def _neutral_paragraphs(n_words: int, sources: Sequence[str], seed: int) -> list[str]:
+    """Paragraphs of at least ``2 * n_words`` words without markup, drawn from ``sources`` in turn (seeded)."""
+    pools = []
+    for k, source in enumerate(sources):
+        paras = [p for _title, _domain, ps in documents(source) for p in ps if len(p.split()) >= 2 * n_words]
+        order = np.random.default_rng([seed, k]).permutation(len(paras))
+        pools.append([paras[i] for i in order if not set(" ".join(paras[i].split()[:n_words])) & set("|=[]{}<>()_\\")])
+    out: list[str] = []
+    for i in range(max(len(p) for p in pools)):
+        out += [pool[i] for pool in pools if i < len(pool)]
+    return out
 
 
 def neutral_prompts(
@@ -216,55 +297,123 @@ def neutral_prompts(
 ) -> list[str]:
     """Chapter 6: the first ``n_words`` words of ``n`` real paragraphs, drawn in turn from ``sources``.
 
-    Neutral prompts for steering: real openings of other texts than the topic
-    summaries; by default State of the Union addresses and news stories (the
-    full-article dumps keep table and markup residue). Paragraphs shorter than
-    ``2 * n_words`` words, and openings with markup or brackets, are skipped; the
-    draw is seeded.
+    Neutral prompts for steering: real openings of other texts than the topic summaries; by default State of the
+    Union addresses and news stories (the full-article dumps keep table and markup residue). Paragraphs shorter than
+    ``2 * n_words`` words, and openings with markup or brackets, are skipped; the draw is seeded.
     """
-
     if n < 1 or n_words < 2:
         raise EmbgeoInputError(f"Need n >= 1 and n_words >= 2, got {n} and {n_words}.")
-    pools = []
-    for k, source in enumerate(sources):
-        paras = [p for _title, _domain, ps in documents(source) for p in ps if len(p.split()) >= 2 * n_words]
-        order = np.random.default_rng([seed, k]).permutation(len(paras))
-        heads = [" ".join(paras[i].split()[:n_words]) for i in order]
-        pools.append([h for h in heads if not set(h) & set("|=[]{}<>()_\\")])
     out: list[str] = []
-    for i in range(max(len(p) for p in pools)):
-        for pool in pools:
-            if i < len(pool) and len(out) < n and pool[i] not in out:
-                out.append(pool[i])
-    if len(out) < n:
-        raise EmbgeoInputError(f"Only {len(out)} prompts available from {list(sources)}; ask for fewer.")
+    for para in _neutral_paragraphs(n_words, sources, seed):
+        head = " ".join(para.split()[:n_words])
+        if head not in out:
+            out.append(head)
+        if len(out) == n:
+            return out
+    raise EmbgeoInputError(f"Only {len(out)} prompts available from {list(sources)}; ask for fewer.")
+
+
+@dataclass(frozen=True)
+class NeutralTexts:
+    """Speech and news text of chapter 6 (:func:`neutral_texts`): the prompts and the scorer's neutral "other" text.
+
+    Attributes:
+        prompts: openings of ``prompt_words`` words, the held-out prompts every condition continues.
+        fit: windows of other paragraphs (never a prompt's), for the scorer's "other" class.
+        heldout: windows of further paragraphs, for its validation.
+    """
+
+    prompts: list[str]
+    fit: list[str]
+    heldout: list[str]
+
+
+def neutral_texts(p: Parameters) -> NeutralTexts:
+    """Chapter 6: ``p.n_prompts`` prompts (:func:`neutral_prompts`), then windows of ``p.window_words`` words from
+    ``p.n_other`` further paragraphs to fit the scorer and ``p.n_other`` more to validate it."""
+    prompts = neutral_prompts(p.n_prompts, p.prompt_words, seed=p.seed)
+    paragraphs = _neutral_paragraphs(p.prompt_words, ("sotu", "lee-news"), p.seed)
+    used = set(prompts)
+    rest = [x for x in paragraphs if " ".join(x.split()[: p.prompt_words]) not in used]
+    if len(rest) < 2 * p.n_other:
+        raise EmbgeoInputError(f"Only {len(rest)} neutral paragraphs left for the scorer; ask for fewer (n_other).")
+    windows = _windows(rest[: 2 * p.n_other], p.window_words, 1, p.seed)
+    return NeutralTexts(prompts, windows[: p.n_other], windows[p.n_other :])
+
+
+def _windows(texts: Sequence[str], n_words: int, per_text: int, seed: int) -> list[str]:
+    """``per_text`` windows of ``n_words`` consecutive words from each text, at seeded positions (whole text if short)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for text in texts:
+        words = text.split()
+        for _ in range(per_text):
+            start = int(rng.integers(0, max(1, len(words) - n_words + 1)))
+            out.append(" ".join(words[start : start + n_words]))
     return out
 
 
-def fit_classifier(encoder: LoadedModel, texts: TopicTexts, seed: int) -> TopicClassifier:
-    """Chapter 6: the topic classifier (:func:`~embgeo_utils.lm.steering.fit_topic_classifier`) on the texts' split.
+@dataclass
+class Scorer:
+    """The topic scorer of one topic set and its validation on continuation-length text (chapter 6, :func:`fit_scorer`).
 
-    Fitted on the ``classifier`` summaries of every topic; its ``heldout_accuracy`` is measured on the ``heldout``
-    summaries (topic by topic, in the order of ``texts.topics``).
+    Attributes:
+        classifier: logistic regression on MiniLM sentence embeddings; classes are the topics and ``"other"``.
+        window_words: the length of the windows it was fitted and validated on (about a continuation's length).
+        validation: one row per class: ``class``, ``windows`` (held-out windows), ``recall`` (fraction classified
+            as that class); the accuracy over all held-out windows is :attr:`accuracy`.
     """
-    labelled = [(x, t) for t in texts.topics for x in texts.classifier[t]]
-    held = [(x, t) for t in texts.topics for x in texts.heldout[t]]
-    return fit_topic_classifier(
-        encoder,
-        [x for x, _ in labelled],
-        [t for _, t in labelled],
-        [x for x, _ in held],
-        [t for _, t in held],
-        seed=seed,
+
+    classifier: TopicClassifier
+    window_words: int
+    validation: pd.DataFrame = field(repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        """Accuracy on every held-out window (topic windows and "other" windows)."""
+        return float(self.classifier.heldout_accuracy)
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, in the order of the probability columns."""
+        return list(self.classifier.topics)
+
+    def proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Class probabilities ``(texts, classes)``; an empty text scores as ``"."``."""
+        return np.asarray(self.classifier.proba([x if x.strip() else "." for x in texts]))
+
+
+def fit_scorer(encoder: LoadedModel, texts: TopicTexts, neutral: NeutralTexts, p: Parameters) -> Scorer:
+    """Chapter 6: the topic scorer of one topic set, fitted and validated on windows of ``p.window_words`` words.
+
+    Continuations are short and most are about none of the topics, so the scorer sees text of that kind: two windows
+    from each ``classifier`` summary per topic, and an ``"other"`` class of windows of summaries of other topics and
+    of speech and news paragraphs (never a prompt's). It is validated on one window of each ``heldout`` summary and
+    of the held-out "other" texts; the score of a continuation is the probability of its topic.
+    """
+    w = p.window_words
+    fit = [(x, t) for t in texts.topics for x in _windows(texts.classifier[t], w, 2, p.seed)]
+    fit += [(x, OTHER) for x in _windows(texts.other, w, 1, p.seed) + neutral.fit]
+    held = [(x, t) for t in texts.topics for x in _windows(texts.heldout[t], w, 1, p.seed + 1)]
+    held += [(x, OTHER) for x in _windows(texts.other_heldout, w, 1, p.seed + 1) + neutral.heldout]
+    clf = fit_topic_classifier(
+        encoder, [x for x, _ in fit], [t for _, t in fit], [x for x, _ in held], [t for _, t in held], seed=p.seed
     )
+    pred = np.asarray(clf.topics)[np.asarray(clf.proba([x for x, _ in held])).argmax(axis=1)]
+    truth = np.asarray([t for _, t in held])
+    rows = [
+        {"class": c, "windows": int((truth == c).sum()), "recall": float((pred[truth == c] == c).mean())}
+        for c in clf.topics
+    ]
+    return Scorer(clf, w, pd.DataFrame(rows))
 
 
 def topic_tokens(tokenizer: Any, texts: dict[str, list[str]], k: int = 50, min_count: int = 3) -> dict[str, list[int]]:
     """Chapter 6: the ``k`` tokens most characteristic of each topic, in one tokenizer.
 
-    Word-initial alphabetic tokens of at least 3 letters, ranked by the smoothed
-    log ratio of their frequency in the topic's texts to their frequency in the
-    other topics' texts; a token must occur at least ``min_count`` times in its topic.
+    Word-initial alphabetic tokens of at least 3 letters, ranked by the smoothed log ratio of their frequency in the
+    topic's texts to their frequency in the other topics' texts; a token must occur at least ``min_count`` times in
+    its topic. The chapter passes the ``score`` summaries, which build nothing else.
     """
     counts: dict[str, Counter[int]] = {}
     for topic, items in texts.items():
@@ -295,36 +444,53 @@ def _is_word(piece: str) -> bool:
     return piece.startswith(" ") and piece[1:].isalpha() and len(piece) >= 4
 
 
-# --- Stage 2a: vectors in A and B, the maps, and A's vectors carried into B ------------------------------------
+# --- Stage 2a: vectors in A and B, the maps, the controls, and A's vectors carried into B ------------------------
+
+#: A dimension of the residual stream is "massive" when its RMS over tokens exceeds this multiple of the median one's.
+MASSIVE_FACTOR = 10.0
 
 
 @dataclass
 class Transfer:
-    """Steering directions of one model pair, all in B's space (chapter 6, :func:`build_transfer`).
+    """Steering directions of one model pair and topic set, all in B's space (chapter 6, :func:`build_transfer`).
 
     Attributes:
         names: ``(A, B)``.
+        n_layers: blocks of A and of B.
         layer_a, layer_b: the blocks steered (same relative depth).
-        norm_b: median per-token norm of B's residual at ``layer_b`` (first position left out).
         topics: the topics.
+        unit: the strength unit: the mean norm of B's native topic vectors at ``layer_b``. A strength of 1 adds a
+            vector as long as B's own difference of topic means.
+        scales: B's residual scales at ``layer_b`` over the build texts' tokens (first position and BOS left out):
+            ``median norm``, ``massive dims`` (how many dimensions have an RMS over ten times the median
+            dimension's) and ``median norm without massive dims``.
         vectors_a: A's topic vectors.
-        vectors: ``{condition: {topic: vector in B}}``, conditions in :data:`CONDITIONS` order.
-        maps: the fitted maps by name (held-out R² in ``r2_heldout``).
+        vectors: ``{condition: {topic: vector in B}}`` for the named conditions (``native``, ``emb2emb``,
+            ``emb2emb (unembedding)`` where both models have their own output table, ``residual map``,
+            ``null map``, ``lexical``), in :data:`CONDITIONS` order.
+        random: ``{kind: (n, d) unit directions}`` for :data:`RANDOM_KINDS`.
+        maps: the fitted maps by name, ``emb2emb (all rows)`` among them (fitted without the row filter, for its R²).
+        map_rows: what :func:`~embgeo_utils.lm.emb2emb.clean_rows` kept of the shared vocabulary.
         tied: whether both models use one table for input embeddings and unembeddings.
-        cosines: one row per condition and topic: ``condition``, ``topic``, ``cosine with native`` (with B's native
-            vector), ``random |cosine| q99`` (the 99th percentile of |cosine| of random directions with it) and
-            ``norm / residual norm``; ``None`` for a transfer built by hand.
+        cosines: one row per named condition and topic: ``condition``, ``topic``, ``cosine with native``,
+            ``isotropic q99`` (99th percentile of |cosine| of a random direction at B's width),
+            ``residual q99`` (of |cosine| between the native vector and the residual random directions) and
+            ``norm / unit``; ``None`` for a transfer built by hand.
     """
 
     names: tuple[str, str]
+    n_layers: tuple[int, int]
     layer_a: int
     layer_b: int
-    norm_b: float
     topics: list[str]
+    unit: float
+    scales: dict[str, float]
     vectors_a: dict[str, torch.Tensor]
     vectors: dict[str, dict[str, torch.Tensor]]
-    maps: dict[str, LinearMap]
-    tied: bool
+    random: dict[str, torch.Tensor]
+    maps: dict[str, LinearMap] = field(default_factory=dict)
+    map_rows: dict[str, int] = field(default_factory=dict)
+    tied: bool = True
     cosines: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
@@ -334,30 +500,28 @@ class Transfer:
 
     @property
     def conditions(self) -> list[str]:
-        """The steered conditions, in :data:`CONDITIONS` order."""
+        """The named conditions, in :data:`CONDITIONS` order."""
         return [c for c in CONDITIONS if c in self.vectors]
 
     def direction(self, condition: str, topic: str) -> torch.Tensor:
-        """Unit vector of ``condition`` for ``topic`` (zeros for ``"none"``)."""
+        """Unit vector of a named ``condition`` for ``topic`` (zeros for ``"none"``)."""
         if condition == "none":
             return torch.zeros(next(iter(self.vectors["native"].values())).numel())
         v = self.vectors[condition][topic].float()
         return v / v.norm().clamp_min(1e-12)
 
     def cache_key(self) -> dict[str, Any]:
-        """What a cached table of this transfer depends on (:func:`embgeo_utils.core.cache.key_part` reads it).
-
-        The pair, B's block and median norm, the topics and conditions, and every unit direction (float32) that
-        steers B; not the maps or A's vectors, which reach B only through those directions.
-        """
-        directions = [self.direction(c, t) for c in self.conditions for t in self.topics]
+        """What a cached table of this transfer depends on (:func:`embgeo_utils.core.cache.key_part` reads it): the
+        pair, B's block, the strength unit, the topics and conditions, and every unit direction that steers B."""
+        named = [self.direction(c, t) for c in self.conditions for t in self.topics]
         return {
             "names": list(self.names),
             "layer_b": self.layer_b,
-            "norm_b": self.norm_b,
+            "unit": self.unit,
             "topics": list(self.topics),
             "conditions": self.conditions,
-            "directions": torch.stack(directions) if directions else torch.zeros(0),
+            "directions": torch.stack(named) if named else torch.zeros(0),
+            "random": {k: v.float() for k, v in self.random.items()},
         }
 
     def maps_table(self) -> pd.DataFrame:
@@ -375,14 +539,24 @@ class Transfer:
             return float("nan")
         return float(self.cosines.groupby("condition")["cosine with native"].mean()[condition])
 
+    def heading(self) -> str:
+        """One markdown line: the pair, the steered blocks, the strength unit and whether the tables are tied."""
+        s = self.scales
+        return (
+            f"**{self.pair}**: block {self.layer_a} of {self.n_layers[0]} in A, block {self.layer_b} of "
+            f"{self.n_layers[1]} in B; strength unit (mean norm of B's topic vectors) {self.unit:.2f} = "
+            f"{self.unit / s['median norm']:.3f} of B's median residual norm and "
+            f"{self.unit / s['median norm without massive dims']:.3f} of that norm without its "
+            f"{int(s['massive dims'])} massive dimensions; {'tied' if self.tied else 'separate'} input and output tables."
+        )
+
 
 def _tied(m: LoadedModel) -> bool:
     out = m.model.get_output_embeddings()
     return out is None or out.weight is m.model.get_input_embeddings().weight
 
 
-def _topic_vectors(states: list[torch.Tensor], labels: list[str], topics: list[str]) -> dict[str, torch.Tensor]:
-    means = torch.stack([h.mean(dim=0) for h in states])
+def _topic_vectors(means: torch.Tensor, labels: list[str], topics: list[str]) -> dict[str, torch.Tensor]:
     lab = np.array(labels)
     out = {}
     for t in topics:
@@ -391,133 +565,149 @@ def _topic_vectors(states: list[torch.Tensor], labels: list[str], topics: list[s
     return out
 
 
+def _residual_scales(states: list[torch.Tensor]) -> dict[str, float]:
+    """Chapter 6: B's median token norm, its massive dimensions (RMS > :data:`MASSIVE_FACTOR` x the median
+    dimension's) and the median token norm without them."""
+    h = torch.cat(states).float()
+    rms = h.pow(2).mean(dim=0).sqrt()
+    massive = rms > MASSIVE_FACTOR * rms.median()
+    return {
+        "median norm": float(h.norm(dim=1).median()),
+        "massive dims": float(int(massive.sum())),
+        "median norm without massive dims": float(h[:, ~massive].norm(dim=1).median()),
+    }
+
+
 def _native_vectors(
     a: LoadedModel, b: LoadedModel, texts: TopicTexts, layer_a: int, layer_b: int, max_tokens: int
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
-    """A's and B's own topic vectors from the ``build`` summaries, and B's median token norm (chapter 6)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+    """A's and B's topic vectors from the ``build`` summaries, and B's residual scales on them (chapter 6)."""
     labels = [t for t in texts.topics for _ in texts.build[t]]
     flat = [x for t in texts.topics for x in texts.build[t]]
     states_a = cached_states(a, flat, layer_a, max_tokens=max_tokens)
     states_b = cached_states(b, flat, layer_b, max_tokens=max_tokens)
-    vec_a = _topic_vectors(states_a, labels, texts.topics)
-    native = _topic_vectors(states_b, labels, texts.topics)
-    norm_b = float(torch.cat([h.norm(dim=1) for h in states_b]).median())
-    return vec_a, native, norm_b
+    vec_a = _topic_vectors(torch.stack([h.mean(dim=0) for h in states_a]), labels, texts.topics)
+    vec_b = _topic_vectors(torch.stack([h.mean(dim=0) for h in states_b]), labels, texts.topics)
+    return vec_a, vec_b, _residual_scales(states_b)
+
+
+@cached("undertrained_rows", version=1)
+def _flags(m: LoadedModel) -> np.ndarray:
+    """Chapter 6: the rows of a model's input table that the under-trained-token detector flags (cached per model)."""
+    table = m.model.get_input_embeddings().weight.detach().float().cpu()
+    return find_undertrained(m.info.name, table, m.tokenizer).flagged
 
 
 def _fit_maps(
     a: LoadedModel, b: LoadedModel, texts: TopicTexts, layer_a: int, layer_b: int, p: Parameters
-) -> tuple[dict[str, LinearMap], bool]:
-    """Chapter 6: the maps from A to B, in the order :func:`build_transfer` lists, and whether both tables are tied."""
+) -> tuple[dict[str, LinearMap], dict[str, int], bool]:
+    """Chapter 6: the maps from A to B (:func:`build_transfer` lists them), the row counts, and whether tied."""
+    xa, xb, shared = embedding_pairs(a, b, "input")
+    keep, counts = clean_rows(xa, xb, shared.ids_a, shared.ids_b, _flags(a), _flags(b))
     rng = np.random.default_rng(p.seed)
-    maps: dict[str, LinearMap] = {}
-    xa, xb, _shared = embedding_pairs(a, b, "input")
-    pick = torch.as_tensor(np.sort(rng.permutation(xa.shape[0])[: min(p.map_rows, xa.shape[0])]))
-    maps["emb2emb"] = fit_linear_map(xa[pick], xb[pick], ridge=p.ridge, seed=p.seed)
+    every = np.sort(rng.permutation(xa.shape[0])[: min(p.map_rows, xa.shape[0])])
+    clean = np.flatnonzero(keep)
+    pick = torch.as_tensor(np.sort(rng.permutation(clean)[: min(p.map_rows, clean.size)]))
+    maps = {"emb2emb": fit_linear_map(xa[pick], xb[pick], ridge=p.ridge, seed=p.seed)}
+    maps["emb2emb (all rows)"] = fit_linear_map(
+        xa[torch.as_tensor(every)], xb[torch.as_tensor(every)], ridge=p.ridge, seed=p.seed
+    )
     shuffled = torch.as_tensor(rng.permutation(len(pick)))
     maps["null map"] = fit_linear_map(xa[pick], xb[pick][shuffled], ridge=p.ridge, seed=p.seed)
     tied = _tied(a) and _tied(b)
-    if not tied:
+    if not _tied(a) and not _tied(b):
         oa, ob, _ = embedding_pairs(a, b, "output")
         maps["emb2emb (unembedding)"] = fit_linear_map(oa[pick], ob[pick], ridge=p.ridge, seed=p.seed)
     ra, rb = residual_pairs(a, b, texts.map_texts, layer_a, layer_b, max_tokens=p.max_tokens)
     maps["residual map"] = fit_linear_map(ra, rb, ridge=p.ridge, seed=p.seed, min_rows=p.min_map_rows)
-    return maps, tied
+    return maps, counts, tied
 
 
-def _carried_vectors(
-    maps: dict[str, LinearMap],
-    vec_a: dict[str, torch.Tensor],
-    native: dict[str, torch.Tensor],
-    topics: list[str],
-    d_model: int,
-    gen: torch.Generator,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Chapter 6: B's native vectors, A's vectors through every map, and a Gaussian direction per topic (``gen``)."""
-    vectors: dict[str, dict[str, torch.Tensor]] = {"native": native}
-    for name, m in maps.items():
-        vectors[name] = {t: m.apply(vec_a[t]) for t in topics}
-    vectors["random"] = {t: torch.randn(d_model, generator=gen) for t in topics}
-    return vectors
+def _random_directions(means_b: torch.Tensor, n_pos: int, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Chapter 6: ``n`` Gaussian unit directions, and ``n`` differences of means of random splits of texts about none
+    of the topics (per-text means ``means_b``; ``n_pos`` texts against the rest, as a topic against the others),
+    normalised."""
+    if not 1 <= n_pos < means_b.shape[0]:
+        raise EmbgeoInputError(
+            f"Random splits of {means_b.shape[0]} texts need 1 <= {n_pos} < that; give more map texts."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    iso = torch.randn(n, means_b.shape[1], generator=gen)
+    rng = np.random.default_rng(_stable_seed(seed, "residual splits"))
+    diffs = []
+    for _ in range(n):
+        pos = np.zeros(means_b.shape[0], dtype=bool)
+        pos[rng.choice(means_b.shape[0], size=n_pos, replace=False)] = True
+        diffs.append(means_b[torch.as_tensor(pos)].mean(dim=0) - means_b[torch.as_tensor(~pos)].mean(dim=0))
+    unit = torch.nn.functional.normalize
+    return {RANDOM_KINDS[0]: unit(iso, dim=1), RANDOM_KINDS[1]: unit(torch.stack(diffs).float(), dim=1)}
 
 
-def _cosine_table(
-    vectors: dict[str, dict[str, torch.Tensor]],
-    native: dict[str, torch.Tensor],
-    norm_b: float,
-    d_model: int,
-    gen: torch.Generator,
-) -> pd.DataFrame:
-    """Chapter 6: :attr:`Transfer.cosines`, against 1000 random unit probes drawn from ``gen``."""
-    probes = torch.nn.functional.normalize(torch.randn(1000, d_model, generator=gen), dim=1)
+def _cosine_table(transfer: Transfer) -> pd.DataFrame:
+    """Chapter 6: :attr:`Transfer.cosines`; the isotropic chance level is exact (a Beta law at B's width)."""
+    from scipy.stats import beta
+
+    d = next(iter(transfer.vectors["native"].values())).numel()
+    iso = float(2 * beta.ppf(0.995, (d - 1) / 2, (d - 1) / 2) - 1)
     rows = []
-    for cond, vs in vectors.items():
-        for t, v in vs.items():
-            nat = torch.nn.functional.normalize(native[t].float(), dim=0)
+    for cond in transfer.conditions:
+        for t in transfer.topics:
+            nat = transfer.direction("native", t)
             rows.append(
                 {
                     "condition": cond,
                     "topic": t,
-                    "cosine with native": float(torch.nn.functional.normalize(v.float(), dim=0) @ nat),
-                    "random |cosine| q99": float(torch.quantile((probes @ nat).abs(), 0.99)),
-                    "norm / residual norm": float(v.norm()) / norm_b,
+                    "cosine with native": float(transfer.direction(cond, t) @ nat),
+                    "isotropic q99": iso,
+                    "residual q99": float(torch.quantile((transfer.random[RANDOM_KINDS[1]] @ nat).abs(), 0.99)),
+                    "norm / unit": float(transfer.vectors[cond][t].norm()) / transfer.unit,
                 }
             )
-    order = {c: i for i, c in enumerate(CONDITIONS)}
-    cos = pd.DataFrame(rows).sort_values(
-        ["condition", "topic"], key=lambda s: s.map(order) if s.name == "condition" else s
-    )
-    return cos.reset_index(drop=True)
+    return pd.DataFrame(rows)
 
 
-def build_transfer(a: LoadedModel, b: LoadedModel, texts: TopicTexts, p: Parameters) -> Transfer:
-    """Chapter 6: find the topic vectors in A and B and carry A's into B through every map.
+def build_transfer(
+    a: LoadedModel, b: LoadedModel, texts: TopicTexts, tokens: dict[str, list[int]], p: Parameters
+) -> Transfer:
+    """Chapter 6: find the topic vectors in A and B, fit the maps, carry A's vectors into B, build the controls.
 
-    A's block is ``round(p.depth * layers of A)``, B's the block at the same relative depth
-    (:func:`~embgeo_utils.lm.emb2emb.matching_layer`). A topic's vector is the mean residual of its ``build``
-    summaries minus that of the other topics' (each text its own mean over positions, the first position and BOS left
-    out, at most ``p.max_tokens`` tokens). Maps: ``emb2emb`` on the shared vocabulary's input embeddings (at most
-    ``p.map_rows`` rows, drawn with ``p.seed``); ``emb2emb (unembedding)`` on the unembeddings, only when a model has
-    its own output table; ``null map`` on the input embeddings with B's rows shuffled; ``residual map`` on paired
-    residual activations of ``map_texts`` (at least ``p.min_map_rows`` paired tokens; default the wider model's
-    width, see :func:`~embgeo_utils.lm.emb2emb.fit_linear_map`). Every map has ridge ``p.ridge``. ``random`` is a
-    Gaussian direction per topic.
+    A's block is ``round(p.depth * layers of A)``, B's the block at the same relative depth. A topic's vector is the
+    mean residual of its ``build`` summaries minus that of the other topics' (each text its own mean over positions,
+    the first position and BOS left out, at most ``p.max_tokens`` tokens). Maps (ridge ``p.ridge``): ``emb2emb`` on
+    the input embeddings of at most ``p.map_rows`` shared tokens that are trained in both models and not repeated
+    (:func:`~embgeo_utils.lm.emb2emb.clean_rows`); ``emb2emb (all rows)`` on as many shared tokens without that
+    filter (its R² only); ``emb2emb (unembedding)`` on the output tables when both models have their own;
+    ``null map`` on the clean rows with B's rows shuffled; ``residual map`` on paired residual activations of
+    ``map_texts``. Controls: ``lexical``, the mean of B's input embeddings of the topic's score ``tokens`` (centred
+    on the clean rows' mean); ``p.n_random`` isotropic directions and ``p.n_random`` residual ones, each the
+    difference of means between a random third of the ``map_texts`` (about none of the topics) and the rest, as a
+    topic's vector is a third of the build texts against the rest (:data:`RANDOM_KINDS`).
     """
-    n_a = a.info.n_layers
+    n_a, n_b = a.info.n_layers, b.info.n_layers
     layer_a = max(1, min(n_a - 1, round(p.depth * n_a)))
-    layer_b = matching_layer(layer_a, n_a, b.info.n_layers)
-    vec_a, native, norm_b = _native_vectors(a, b, texts, layer_a, layer_b, p.max_tokens)
-    maps, tied = _fit_maps(a, b, texts, layer_a, layer_b, p)
-    gen = torch.Generator().manual_seed(p.seed)
-    vectors = _carried_vectors(maps, vec_a, native, texts.topics, b.info.d_model, gen)
-    cosines = _cosine_table(vectors, native, norm_b, b.info.d_model, gen)
-    return Transfer(
-        (a.info.name, b.info.name),
-        layer_a,
-        layer_b,
-        norm_b,
-        list(texts.topics),
-        vec_a,
-        {c: vectors[c] for c in CONDITIONS if c in vectors},
-        maps,
-        tied,
-        cosines,
-    )
+    layer_b = matching_layer(layer_a, n_a, n_b)
+    vec_a, native, scales = _native_vectors(a, b, texts, layer_a, layer_b, p.max_tokens)
+    means_b = torch.stack([h.mean(dim=0) for h in cached_states(b, texts.map_texts, layer_b, max_tokens=p.max_tokens)])
+    n_pos = round(means_b.shape[0] / len(texts.topics))
+    maps, counts, tied = _fit_maps(a, b, texts, layer_a, layer_b, p)
+    vectors: dict[str, dict[str, torch.Tensor]] = {"native": native}
+    for name in ("emb2emb", "emb2emb (unembedding)", "residual map", "null map"):
+        if name in maps:
+            vectors[name] = {t: maps[name].apply(vec_a[t]) for t in texts.topics}
+    table = b.model.get_input_embeddings().weight.detach().float().cpu()
+    centre = maps["emb2emb"].mean_b.float()
+    vectors["lexical"] = {t: table[torch.as_tensor(tokens[t])].mean(dim=0) - centre for t in texts.topics}
+    unit = float(np.mean([float(v.norm()) for v in native.values()]))
+    tr = Transfer(
+        (a.info.name, b.info.name), (n_a, n_b), layer_a, layer_b, list(texts.topics), unit, scales, vec_a,
+        {c: vectors[c] for c in CONDITIONS if c in vectors}, _random_directions(means_b, n_pos, p.n_random, p.seed),
+        maps, counts, tied,
+    )  # fmt: skip
+    tr.cosines = _cosine_table(tr)
+    return tr
 
 
-# --- Stage 2b: the strength sweep (forward passes) -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Prompts:
-    """The sweep's prompts in B's tokenizer, right-padded on B's device, and what each row is scored on."""
-
-    seqs: list[list[int]]
-    ids: torch.Tensor
-    mask: torch.Tensor
-    topic_ids: dict[str, torch.Tensor]
-    lead: int
-    score_from: int
+# --- Stage 2b: the next-token score of every condition (forward passes) ------------------------------------------
 
 
 def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -530,895 +720,802 @@ def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
-def _encode_prompts(b: LoadedModel, prompts: list[str], tokens: dict[str, list[int]], score_from: int) -> _Prompts:
-    seqs = encode_texts(b, prompts, max_tokens=10_000)
-    if min(len(s) for s in seqs) <= score_from + 1:
-        raise EmbgeoInputError(f"Every prompt needs more than {score_from + 1} tokens; use longer prompts.")
+def _topic_logp(logits: torch.Tensor, token_ids: list[torch.Tensor]) -> torch.Tensor:
+    """``(rows, topics)``: log of the probability the next token is one of each topic's score tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return torch.stack([torch.logsumexp(logp[:, ids], dim=-1) for ids in token_ids], dim=1)
+
+
+@cached("next_token_scores", version=1, ignore=("progress",))
+@torch.no_grad()
+def _job_scores(
+    b: LoadedModel,
+    device: torch.device,
+    layer: int,
+    prompts: list[str],
+    rows: np.ndarray,
+    vectors: torch.Tensor,
+    tokens: list[list[int]],
+    batch_size: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """Chapter 6: ``(len(prompts) + len(rows), topics)`` next-token log-probabilities of each topic's ``tokens``:
+    first every prompt unsteered, then prompt ``rows[j]`` with ``vectors[j]`` added to block ``layer``'s output.
+
+    Blocks up to ``layer`` run once, unsteered (:func:`~embgeo_utils.lm.steering.resume_after`); the head runs at
+    each prompt's last token only (:func:`~embgeo_utils.lm.steering.last_token_logits`). Cached under B (weights,
+    dtype), the device type, the block, the prompts, rows, vectors, tokens and batch size.
+    """
+    from ..core.progress import tqdm
+
     pad = b.tokenizer.pad_token_id if b.tokenizer.pad_token_id is not None else (b.tokenizer.eos_token_id or 0)
-    ids, mask = _right_pad(seqs, int(pad))
-    topic_ids = {t: torch.as_tensor(ids_t, device=b.device) for t, ids_t in tokens.items()}
-    lead = 1 if b.info.needs_bos else 0
-    return _Prompts(seqs, ids.to(b.device), mask.to(b.device), topic_ids, lead, score_from)
-
-
-def _measure(logits: torch.Tensor, rows: list[int], topics: list[str], batch: _Prompts) -> list[tuple[float, float]]:
-    """Concept score and loss on the prompt's own text of each row of ``logits`` (chapter 6, :func:`concept_sweep`)."""
-    lse = torch.logsumexp(logits.float(), dim=-1)  # (batch, tokens): no second vocabulary-sized tensor
-    out = []
-    for j, (r, t) in enumerate(zip(rows, topics)):
-        n, lead = len(batch.seqs[r]), batch.lead
-        at = slice(lead + batch.score_from - 1, n - 1)
-        mass = (torch.logsumexp(logits[j, at][:, batch.topic_ids[t]].float(), dim=-1) - lse[j, at]).mean()
-        target = logits[j, lead : n - 1].gather(-1, batch.ids[r, lead + 1 : n, None])[:, 0].float()
-        nll = (lse[j, lead : n - 1] - target).mean()
-        out.append((float(mass), float(nll)))
-    return out
-
-
-def _unsteered(
-    b: LoadedModel, transfer: Transfer, batch: _Prompts
-) -> tuple[torch.Tensor, list[tuple[str, str, float, int, float, float]]]:
-    """B's residual entering the steered block's output, and the ``none`` rows, from one unsteered pass."""
-    base_states: list[torch.Tensor] = []
+    ids, mask = _right_pad(encode_texts(b, prompts, max_tokens=10_000), int(pad))
+    ids, mask = ids.to(b.device), mask.to(b.device)
+    token_ids = [torch.as_tensor(t, device=b.device) for t in tokens]
+    kept: list[torch.Tensor] = []
 
     def keep(h: torch.Tensor) -> torch.Tensor:
-        base_states.append(h)
+        kept.append(h)
         return h
 
-    with block_output_hook(transformer_blocks(b.model)[transfer.layer_b - 1], keep):
-        base_logits = b.model(input_ids=batch.ids, attention_mask=batch.mask).logits
-    every = list(range(len(batch.seqs)))
-    records = []
-    for t in transfer.topics:
-        for r, (score, nll) in enumerate(_measure(base_logits, every, [t] * len(every), batch)):
-            records.append(("none", t, 0.0, r, score, nll))
-    return base_states[0], records
-
-
-def _steered(
-    b: LoadedModel,
-    transfer: Transfer,
-    batch: _Prompts,
-    hidden: torch.Tensor,
-    alphas: list[float],
-    batch_size: int,
-    progress: bool,
-) -> list[tuple[str, str, float, int, float, float]]:
-    """Every (condition, topic, alpha, prompt), resumed from the unsteered pass at the steered block."""
-    from tqdm.auto import tqdm
-
-    jobs = [
-        (c, t, al, r)
-        for c in transfer.conditions
-        for t in transfer.topics
-        for al in alphas
-        for r in range(len(batch.seqs))
-    ]
-    records = []
-    bar = tqdm(total=len(jobs), desc=f"{b.info.name} sweep", disable=not progress, mininterval=2.0)
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        rows = [r for *_, r in chunk]
-        vecs = torch.stack([transfer.direction(c, t) * (al * transfer.norm_b) for c, t, al, _ in chunk])
-        with resume_after(b, transfer.layer_b, hidden[rows]), steer(b, transfer.layer_b, vecs, 1.0):
-            logits = b.model(input_ids=batch.ids[rows], attention_mask=batch.mask[rows]).logits
-        for (c, t, al, r), (score, nll) in zip(chunk, _measure(logits, rows, [t for _, t, _, _ in chunk], batch)):
-            records.append((c, t, float(al), r, score, nll))
-        bar.update(len(chunk))
+    with block_output_hook(transformer_blocks(b.model)[layer - 1], keep):
+        out = [_topic_logp(last_token_logits(b, ids, mask), token_ids)]
+    hidden = kept[0]
+    bar = tqdm(total=len(rows), desc=f"{b.info.name} next-token scores", disable=not progress, mininterval=2.0)
+    for start in range(0, len(rows), batch_size):
+        r = torch.as_tensor(rows[start : start + batch_size], device=b.device)
+        with resume_after(b, layer, hidden[r]), steer(b, layer, vectors[start : start + batch_size], 1.0):
+            out.append(_topic_logp(last_token_logits(b, ids[r], mask[r]), token_ids))
+        bar.update(len(r))
     bar.close()
-    return records
+    return torch.cat(out).cpu().numpy()
 
 
-def _sweep_frame(records: list[tuple[str, str, float, int, float, float]], pair: str) -> pd.DataFrame:
-    df = pd.DataFrame(records, columns=["condition", "topic", "alpha", "prompt", "score", "nll"])
-    base = df[df["condition"] == "none"].set_index(["topic", "prompt"])
-    key = pd.MultiIndex.from_frame(df[["topic", "prompt"]])
-    df["rise"] = df["score"].to_numpy() - base["score"].reindex(key).to_numpy()
-    df["ppl ratio"] = np.exp(df["nll"].to_numpy() - base["nll"].reindex(key).to_numpy())
-    df.insert(0, "pair", pair)
-    return df
-
-
-@cached("concept_sweep", version=1, ignore=("progress",))
-@torch.no_grad()
-def _sweep_table(
-    b: LoadedModel,
-    device: torch.device,
-    transfer: Transfer,
-    prompts: list[str],
-    alphas: list[float],
-    tokens: dict[str, list[int]],
-    score_from: int,
-    batch_size: int,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """The table of :func:`concept_sweep`, cached under B (weights, dtype), its device type, the transfer's
-    :meth:`Transfer.cache_key` (directions, norm, block, topics), the prompts, strengths, topic tokens, ``score_from``
-    and batch size."""
-    batch = _encode_prompts(b, prompts, tokens, score_from)
-    hidden, records = _unsteered(b, transfer, batch)
-    records += _steered(b, transfer, batch, hidden, alphas, batch_size, progress)
-    return _sweep_frame(records, transfer.pair)
-
-
-@torch.no_grad()
-def concept_sweep(
+def next_token_scores(
     b: LoadedModel,
     transfer: Transfer,
     prompts: Sequence[str],
-    alphas: Sequence[float],
     tokens: dict[str, list[int]],
+    p: Parameters,
     *,
-    score_from: int = 2,
-    batch_size: int = 32,
     progress: bool = False,
-    cache: bool = True,
 ) -> pd.DataFrame:
-    """Chapter 6: concept score and fluency of every condition, topic, strength and prompt, from forward passes.
+    """Chapter 6: the next-token score of every condition, topic, strength and prompt, from forward passes.
 
-    The direction of each condition (unit length) is added at ``alpha * transfer.norm_b`` to B's block
-    ``transfer.layer_b`` at every position. For each prompt, **score** is the mean over positions ``score_from..`` of
-    the log of the probability B puts on the topic's characteristic ``tokens`` as the next token; **nll** is B's mean
-    loss on the prompt's own next tokens (real text, so a steer that breaks the model raises it). Blocks before the
-    steered one are computed once (:func:`~embgeo_utils.lm.steering.resume_after`). With ``cache`` the table is kept
-    on disk (cache kind ``concept_sweep``) under a key of everything it depends on (model and device type,
-    directions, prompts, strengths, tokens, batch size), so a rerun reads it.
+    A condition's unit direction is added at ``strength * transfer.unit`` to B's block ``transfer.layer_b`` at every
+    position; the **score** on a topic is the log of the probability B gives, as the token after the prompt, to the
+    topic's score ``tokens``, and its **rise** is the score minus the unsteered score of the same prompt and topic.
+    The named conditions run on the first ``p.n_sweep_prompts`` prompts at every ``p.sweep_strengths``; each of the
+    ``p.n_random`` directions of both random kinds on the first ``p.n_random_prompts`` prompts at every
+    ``p.strengths``. Every pass is scored on every topic, so a topic's vector is also scored on the other topics
+    (the topic-swap control). Cached (kind ``next_token_scores``).
 
     Returns:
-        One row per (condition, topic, alpha, prompt), the unsteered rows (condition ``none``, alpha 0) first:
-        ``pair``, ``condition``, ``topic``, ``alpha``, ``prompt`` (index into ``prompts``), ``score``, ``nll``,
-        ``rise`` (score minus the unsteered score of that prompt and topic) and ``ppl ratio`` (``exp`` of nll minus
-        the unsteered nll).
+        One row per (condition, steered topic, direction, strength, prompt, scored topic): ``condition``, ``topic``
+        (the steered topic; empty for random directions), ``direction`` (index of a random direction, -1 otherwise),
+        ``strength``, ``prompt`` (index), ``scored`` (the topic scored), ``score``, ``rise``.
     """
-    if not alphas or any(not np.isfinite(x) or x < 0 for x in alphas):
-        raise EmbgeoInputError(f"alphas must be non-negative finite numbers, got {list(alphas)}.")
-    missing = [t for t in transfer.topics if t not in tokens]
-    if missing:
-        raise EmbgeoInputError(f"No characteristic tokens for {missing}; build them with topic_tokens.")
-    topic_tokens_b = {t: [int(i) for i in tokens[t]] for t in transfer.topics}
-    args = (b, b.device, transfer, list(prompts), [float(x) for x in alphas], topic_tokens_b, score_from, batch_size)
-    if not cache:
-        return _sweep_table.compute(*args, progress=progress)
-    return _sweep_table(*args, progress=progress)
-
-
-# --- Stage 2c: steered continuations ---------------------------------------------------------------------------
-
-
-def _generation_jobs(transfer: Transfer, n_prompts: int, conditions: list[str]) -> list[tuple[str, str, int]]:
-    """(condition, topic, prompt) in generation order: the unsteered continuation of each prompt once, then the rest."""
-    jobs = [("none", transfer.topics[0], r) for r in range(n_prompts)]
-    jobs += [(c, t, r) for c in conditions if c != "none" for t in transfer.topics for r in range(n_prompts)]
-    return jobs
-
-
-@cached("steered_continuations", version=1, ignore=("progress",))
-@torch.no_grad()
-def _continuations(
-    b: LoadedModel,
-    device: torch.device,
-    transfer: Transfer,
-    prompts: list[str],
-    alpha: float,
-    conditions: list[str],
-    max_new_tokens: int,
-    batch_size: int,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Chapter 6: greedy continuations of every job and their loss under unsteered B (cached).
-
-    Returns one row per job of :func:`_generation_jobs`: ``condition``, ``topic``, ``prompt``, ``continuation`` and
-    ``nll`` (mean loss of the continuation under unsteered B). The key holds B (weights, dtype), its device type, the
-    transfer's :meth:`Transfer.cache_key`, the prompts, the strength, the conditions, the length and the batch size.
-    """
-    jobs = _generation_jobs(transfer, len(prompts), conditions)
-    texts: list[str] = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        vecs = torch.stack([transfer.direction(c, t) * (alpha * transfer.norm_b) for c, t, _ in chunk])
-        with steer(b, transfer.layer_b, vecs, 1.0):
-            texts += generate(
-                b, [prompts[r] for *_, r in chunk], max_new_tokens, batch_size=len(chunk), progress=progress
-            )
-    nll = continuation_nll(b, [prompts[r] for *_, r in jobs], texts, batch_size=batch_size)
-    return pd.DataFrame(
-        {
-            "condition": [c for c, _, _ in jobs],
-            "topic": [t for _, t, _ in jobs],
-            "prompt": [r for *_, r in jobs],
-            "continuation": texts,
-            "nll": nll,
-        }
+    topics = transfer.topics
+    jobs = [
+        (c, t, -1, float(s), i)
+        for c in transfer.conditions for t in topics for s in p.sweep_strengths for i in range(min(p.n_sweep_prompts, len(prompts)))
+    ]  # fmt: skip
+    jobs += [
+        (kind, "", k, float(s), i)
+        for kind in RANDOM_KINDS for k in range(p.n_random) for s in p.strengths for i in range(min(p.n_random_prompts, len(prompts)))
+    ]  # fmt: skip
+    vecs = torch.stack(
+        [(transfer.direction(c, t) if k < 0 else transfer.random[c][k]) * (s * transfer.unit) for c, t, k, s, _ in jobs]
     )
+    rows = np.asarray([i for *_, i in jobs], dtype=np.int64)
+    scores = _job_scores(
+        b, b.device, transfer.layer_b, list(prompts), rows, vecs, [list(map(int, tokens[t])) for t in topics],
+        p.batch_size, progress=progress,
+    )  # fmt: skip
+    base, steered = scores[: len(prompts)], scores[len(prompts) :]
+    meta = pd.DataFrame(jobs, columns=["condition", "topic", "direction", "strength", "prompt"])
+    frames = [
+        meta.assign(scored=t, score=steered[:, j], rise=steered[:, j] - base[rows, j]) for j, t in enumerate(topics)
+    ]
+    none = pd.DataFrame(
+        {"condition": "none", "topic": "", "direction": -1, "strength": 0.0, "prompt": range(len(prompts))}
+    )
+    frames += [none.assign(scored=t, score=base[:, j], rise=0.0) for j, t in enumerate(topics)]
+    return pd.concat(frames, ignore_index=True)
 
 
-def _scored(
-    runs: pd.DataFrame, transfer: Transfer, prompts: list[str], alpha: float, classifier: TopicClassifier
-) -> pd.DataFrame:
-    """Chapter 6: the classifier's score and the perplexity ratio of each continuation (:func:`steered_generations`)."""
-    texts = [str(x) for x in runs["continuation"]]
-    proba = classifier.proba([x if x.strip() else "." for x in texts])
+# --- Stage 2c: steered continuations -------------------------------------------------------------------------------
+
+
+@cached("steered_continuations", version=2, ignore=("progress",))
+@torch.no_grad()
+def _generated(
+    b: LoadedModel,
+    device: torch.device,
+    layer: int,
+    prompts: list[str],
+    rows: np.ndarray,
+    seeds: list[int | None],
+    vectors: torch.Tensor | None,
+    gen: dict[str, Any],
+    n_ppl_prompts: int,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Chapter 6: continuations of prompt ``rows[j]`` with seed ``seeds[j]`` (``None``: greedy), steered by
+    ``vectors[j]`` at block ``layer`` (unsteered when ``vectors`` is None), generated with
+    :func:`~embgeo_utils.lm.steering.generate_ids` (``gen``: ``max_new_tokens``, ``top_k``, ``temperature``,
+    ``batch_size``), and the mean loss of each under unsteered B for rows whose prompt is among the first
+    ``n_ppl_prompts`` (NaN elsewhere). Returns ``ids`` (every continuation's tokens, end to end), ``lengths`` and
+    ``nll``. Cached under B, the device type and every argument."""
+    heads = encode_texts(b, prompts, max_tokens=10_000)
+    seqs = [heads[int(r)] for r in rows]
+    new = generate_ids(
+        b, seqs, gen["max_new_tokens"], seeds=seeds, vectors=vectors, layer=layer if vectors is not None else None,
+        top_k=gen["top_k"], temperature=gen["temperature"], batch_size=gen["batch_size"], progress=progress,
+    )  # fmt: skip
+    nll = np.full(len(rows), np.nan)
+    scored = np.flatnonzero(np.asarray(rows) < n_ppl_prompts)
+    if scored.size:
+        nll[scored] = sequence_nll(b, [seqs[i] for i in scored], [new[i] for i in scored], batch_size=16)
+    flat = np.asarray([t for row in new for t in row], dtype=np.int64)
+    return {"ids": flat, "lengths": np.asarray([len(x) for x in new], dtype=np.int64), "nll": nll}
+
+
+def _row_seed(seed: int, prompt: int, sample: int) -> int | None:
+    """The sampling seed of one (prompt, sample): greedy for sample 0; the same in every condition and topic set."""
+    return None if sample == 0 else int(np.random.SeedSequence([seed, prompt, sample]).generate_state(1)[0])
+
+
+def _generation_jobs(transfer: Transfer, p: Parameters, n_prompts: int) -> pd.DataFrame:
+    """Chapter 6: the steered jobs. Sample ``s`` of prompt ``i`` is steered towards topic ``(i + s) mod topics`` in
+    every condition and strength, so each prompt is continued towards every topic once per three samples."""
+    n_t, per = len(transfer.topics), p.n_samples + 1
     rows = []
-    jobs = zip(runs["condition"].tolist(), runs["topic"].tolist(), runs["prompt"].tolist(), texts, runs["nll"].tolist())
-    for (c, t, r, text, n), p in zip(jobs, proba):
-        for topic in transfer.topics if c == "none" else [t]:
-            rows.append((c, topic, r, prompts[r], text, float(p[classifier.topics.index(topic)]), float(np.exp(n))))
-    df = pd.DataFrame(rows, columns=["condition", "topic", "prompt", "prompt text", "continuation", "score", "ppl"])
-    base = df[df["condition"] == "none"].set_index(["topic", "prompt"])["ppl"]
-    df["ppl ratio"] = df["ppl"].to_numpy() / base.reindex(pd.MultiIndex.from_frame(df[["topic", "prompt"]])).to_numpy()
+    for c in GENERATED[1:]:
+        for s in p.strengths:
+            for i in range(n_prompts):
+                for k in range(per):
+                    direction = (i * per + k) % p.n_random if c in RANDOM_KINDS else -1
+                    rows.append((c, float(s), i, k, transfer.topics[(i + k) % n_t], direction))
+    return pd.DataFrame(rows, columns=["condition", "strength", "prompt", "sample", "topic", "direction"])
+
+
+def _texts_of(b: LoadedModel, out: Mapping[str, np.ndarray]) -> list[str]:
+    ends = np.cumsum(out["lengths"])
+    pieces = np.split(out["ids"], ends[:-1]) if len(ends) else []
+    return b.tokenizer.batch_decode([x.tolist() for x in pieces], skip_special_tokens=True)
+
+
+def steered_continuations(
+    b: LoadedModel, transfer: Transfer, prompts: Sequence[str], p: Parameters, *, progress: bool = False
+) -> pd.DataFrame:
+    """Chapter 6: greedy and seeded sampled continuations of every prompt under :data:`GENERATED` at ``p.strengths``.
+
+    Every prompt is continued once greedily and ``p.n_samples`` times by a seeded top-``p.top_k`` draw at
+    ``p.temperature`` (the same seeds in every condition: common random numbers), ``p.max_new_tokens`` tokens, with
+    the KV cache. Sample ``s`` of prompt ``i`` is steered towards topic ``(i + s) mod topics``; ``random (residual)``
+    takes the random residual directions in turn, one per continuation; the unsteered continuations do not depend on
+    the topics and are shared by every topic set (both cached, kind ``steered_continuations``). Perplexity under
+    unsteered B is measured on the first ``p.n_ppl_prompts`` prompts.
+
+    Returns:
+        One row per continuation: ``condition``, ``strength`` (0 unsteered), ``prompt``, ``sample`` (0 greedy),
+        ``topic`` (the topic it is steered towards; for ``none``, the topic the same prompt and sample are steered
+        towards elsewhere), ``direction``, ``text``, ``tokens`` (generated), ``nll`` and ``ppl ratio`` (perplexity
+        over the unsteered continuation's of the same prompt and sample; NaN outside the perplexity prompts).
+    """
+    n, per = len(prompts), p.n_samples + 1
+    gen = {
+        "max_new_tokens": p.max_new_tokens,
+        "top_k": p.top_k,
+        "temperature": p.temperature,
+        "batch_size": p.gen_batch_size,
+    }
+    base_rows = np.repeat(np.arange(n), per)
+    base_seeds = [_row_seed(p.seed, int(i), k) for i in range(n) for k in range(per)]
+    none = _generated(
+        b,
+        b.device,
+        transfer.layer_b,
+        list(prompts),
+        base_rows,
+        base_seeds,
+        None,
+        gen,
+        p.n_ppl_prompts,
+        progress=progress,
+    )
+    jobs = _generation_jobs(transfer, p, n)
+    vecs = torch.stack(
+        [
+            (transfer.random[c][k] if c in RANDOM_KINDS else transfer.direction(c, t)) * (s * transfer.unit)
+            for c, s, t, k in zip(jobs["condition"], jobs["strength"], jobs["topic"], jobs["direction"])
+        ]
+    )
+    seeds = [_row_seed(p.seed, int(i), int(k)) for i, k in zip(jobs["prompt"], jobs["sample"])]
+    out = _generated(
+        b,
+        b.device,
+        transfer.layer_b,
+        list(prompts),
+        jobs["prompt"].to_numpy(),
+        seeds,
+        vecs,
+        gen,
+        p.n_ppl_prompts,
+        progress=progress,
+    )
+    base = pd.DataFrame(
+        {"condition": "none", "strength": 0.0, "prompt": base_rows, "sample": np.tile(np.arange(per), n)}
+    )
+    base["topic"] = [transfer.topics[(i + k) % len(transfer.topics)] for i, k in zip(base["prompt"], base["sample"])]
+    base["direction"] = -1
+    frames = [base.assign(text=_texts_of(b, none), tokens=none["lengths"], nll=none["nll"]),
+              jobs.assign(text=_texts_of(b, out), tokens=out["lengths"], nll=out["nll"])]  # fmt: skip
+    df = pd.concat(frames, ignore_index=True)
+    ref = df[df["condition"] == "none"].set_index(["prompt", "sample"])["nll"]
+    df["ppl ratio"] = np.exp(
+        df["nll"].to_numpy() - ref.reindex(pd.MultiIndex.from_frame(df[["prompt", "sample"]])).to_numpy()
+    )
     df.insert(0, "pair", transfer.pair)
-    df.insert(3, "alpha", float(alpha))
     return df
 
 
-def steered_generations(
-    b: LoadedModel,
-    transfer: Transfer,
-    prompts: Sequence[str],
-    alpha: float,
-    classifier: TopicClassifier,
-    conditions: Sequence[str] = ("none", "native", "emb2emb", "random"),
-    *,
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-    progress: bool = False,
-    cache: bool = True,
-) -> pd.DataFrame:
-    """Chapter 6: greedy continuations under each condition and topic, scored for topic and fluency.
-
-    All conditions run in the same batches (left-padded, one steering vector per sequence). With ``cache`` the
-    continuations and their losses are kept on disk (cache kind ``steered_continuations``) under a key of everything
-    they depend on (model and device type, directions, prompts, strength, conditions, lengths); the scores are then
-    computed from them, so another classifier reuses the continuations.
-
-    Returns:
-        One row per condition, topic and prompt: ``pair``, ``condition``, ``topic``, ``alpha``, ``prompt`` (index),
-        ``prompt text``, ``continuation``, ``score`` (the topic classifier's probability of the row's topic),
-        ``ppl`` (perplexity under unsteered B) and ``ppl ratio`` (divided by the unsteered continuation's perplexity
-        of the same prompt). The unsteered continuation appears once per topic.
-    """
-    unknown = [c for c in conditions if c != "none" and c not in transfer.vectors]
-    if unknown:
-        raise EmbgeoInputError(f"Unknown condition(s) {unknown}; choose from {['none', *transfer.conditions]}.")
-    args = (b, b.device, transfer, list(prompts), float(alpha), list(conditions), max_new_tokens, batch_size)
-    runs = _continuations(*args, progress=progress) if cache else _continuations.compute(*args, progress=progress)
-    return _scored(runs, transfer, list(prompts), float(alpha), classifier)
+def score_continuations(gens: pd.DataFrame, scorer: Scorer) -> pd.DataFrame:
+    """Chapter 6: ``gens`` with one column ``P(<class>)`` per scorer class and ``score``, the probability of the
+    row's own topic (:func:`fit_scorer`)."""
+    need_columns(gens, ("text", "topic"), "ch06_emb2emb.steered_continuations")
+    proba = scorer.proba([str(x) for x in gens["text"]])
+    out = gens.copy()
+    for j, c in enumerate(scorer.classes):
+        out[f"P({c})"] = proba[:, j]
+    out["score"] = [out.at[i, f"P({t})"] for i, t in zip(out.index, out["topic"])]
+    return out
 
 
 # --- Stage 3: the numbers and checks of claim 9 ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class SweepEvidence:
-    """The sweep at the chosen strength ``alpha*`` (chapter 6, :func:`pair_analysis`); rises in nats.
+class Comparison:
+    """A paired comparison over prompts (chapter 6, :func:`pair_analysis`): each prompt is one unit.
+
+    Prompts are shared across topics, samples and strengths, so each prompt's differences are averaged into one
+    value first and the test resamples prompts: a one-sided sign-flip permutation test of the mean, a 95 %
+    bootstrap interval over prompts.
 
     Attributes:
-        alpha: ``alpha*``, the chosen strength.
-        units: (topic, prompt) units behind each mean and test.
-        rise, rise_random, rise_native: mean rise in concept score of the transferred, random and native vectors.
-        ppl_ratio: the transferred vector's geometric-mean perplexity ratio on real text.
-        p_vs_none, p_vs_random: one-sided sign-flip permutation p-values (transferred rise > 0; > the random
-            vector's rise), multiplied by the number of admissible strengths (at most 1).
-        se_vs_none, se_vs_random: the standard errors of those tests.
-        effect_vs_random: mean over units of the transferred rise minus the random rise.
-        fraction_of_native: ``rise / rise_native``; NaN when the native vector does not raise the score.
+        effect: mean over prompts of the per-prompt difference (probability of the topic in continuations; nats
+            in the next-token score).
+        low, high: its 95 % bootstrap interval over prompts.
+        se: its standard error (sd over prompts / sqrt(n)).
+        p_value: one-sided sign-flip permutation p (effect > 0).
+        n: prompts.
+        n_permutations: sign flips behind ``p_value``.
     """
 
-    alpha: float
-    units: int
-    rise: float
-    rise_random: float
-    rise_native: float
-    ppl_ratio: float
-    p_vs_none: float
-    p_vs_random: float
-    se_vs_none: float | None
-    se_vs_random: float | None
-    effect_vs_random: float
-    fraction_of_native: float
+    effect: float
+    low: float
+    high: float
+    se: float
+    p_value: float
+    n: int
+    n_permutations: int
 
-    def record(self) -> dict[str, Any]:
-        """The numbers under the record's keys (``"alpha*"``, ``"rise"``, ...)."""
+    def record(self) -> dict[str, float | int]:
+        """The numbers under the record's keys."""
         return {
-            "alpha*": self.alpha,
-            "units": self.units,
-            "rise": self.rise,
-            "rise random": self.rise_random,
-            "rise native": self.rise_native,
-            "ppl ratio": self.ppl_ratio,
-            "p vs none": self.p_vs_none,
-            "p vs random": self.p_vs_random,
-            "se vs none": self.se_vs_none,
-            "se vs random": self.se_vs_random,
-            "effect vs random": self.effect_vs_random,
-            "fraction of native": self.fraction_of_native,
+            "effect": self.effect,
+            "low": self.low,
+            "high": self.high,
+            "se": self.se,
+            "p": self.p_value,
+            "n": self.n,
         }
+
+
+def compare_prompts(per_prompt: pd.Series, n_permutations: int = 10_000, seed: int = 0) -> Comparison:
+    """Chapter 6: a :class:`Comparison` from one value per prompt (the prompt's differences already averaged)."""
+    x = per_prompt.to_numpy(dtype=np.float64)
+    if x.size < 2:
+        raise EmbgeoInputError("A comparison over prompts needs at least 2 prompts.")
+    test = paired_permutation(x, n_permutations=n_permutations, seed=seed)
+    low, high = bootstrap_ci(x, seed=seed)
+    return Comparison(float(x.mean()), low, high, float(test.se or 0.0), test.p_value, int(x.size), n_permutations)
 
 
 @dataclass(frozen=True)
-class GenerationEvidence:
-    """The steered continuations of one pair (chapter 6, :func:`pair_analysis`); scores are classifier probabilities.
+class DistributionComparison:
+    """A steering vector against a distribution of random directions (chapter 6, :func:`pair_analysis`).
+
+    Every random direction is scored exactly like the vector (same prompts, topics and strengths); each gives one
+    value, the mean rise of the next-token score. The test asks whether the vector's value could be one more draw
+    of that distribution: ``t = (value - mean) / (sd * sqrt(1 + 1/n))`` against Student's t with ``n - 1`` degrees
+    of freedom (a prediction interval), so its p-value can go below ``1 / (n + 1)``; the empirical p-value
+    ``(1 + #{random >= value}) / (n + 1)`` is reported beside it.
 
     Attributes:
-        alpha: the strength they were generated at.
-        units: (topic, prompt) units.
-        score, score_none, score_random: mean score of the transferred, unsteered and random-vector continuations.
-        p_vs_none, p_vs_random: one-sided sign-flip permutation p-values (transferred > unsteered; > random).
-        se_vs_none, se_vs_random: the standard errors of those tests.
-        ppl_ratio: median perplexity ratio of the transferred continuations under unsteered B.
-        score_native: mean score of the native-vector continuations; ``None`` when they were not generated.
-        fraction_of_native: ``(score - score_none) / (score_native - score_none)``; ``None`` without native
-            continuations, NaN when the native vector does not raise the score.
-        p_native_vs_none, se_native_vs_none: the same test for the native continuations against the unsteered
-            ones (the positive control); ``None`` without native continuations.
+        value: the vector's mean rise (nats).
+        null_mean, null_q99: mean and 99th percentile of the random directions' values.
+        effect: ``value - null_mean``.
+        se: ``sd * sqrt(1 + 1/n)`` of the random values.
+        p_value: the t-based one-sided p-value.
+        empirical_p: the rank-based one.
+        n: random directions.
     """
 
-    alpha: float
-    units: int
-    score: float
-    score_none: float
-    score_random: float
-    p_vs_none: float
-    p_vs_random: float
-    se_vs_none: float | None
-    se_vs_random: float | None
-    ppl_ratio: float
-    score_native: float | None
-    fraction_of_native: float | None
-    p_native_vs_none: float | None = None
-    se_native_vs_none: float | None = None
+    value: float
+    null_mean: float
+    null_q99: float
+    effect: float
+    se: float
+    p_value: float
+    empirical_p: float
+    n: int
 
-    def record(self) -> dict[str, Any]:
-        """The numbers under the record's keys (``"gen alpha"``, ...); the native ones only when present."""
-        out = {
-            "gen alpha": self.alpha,
-            "gen units": self.units,
-            "gen score": self.score,
-            "gen score none": self.score_none,
-            "gen score random": self.score_random,
-            "gen p vs none": self.p_vs_none,
-            "gen p vs random": self.p_vs_random,
-            "gen se vs none": self.se_vs_none,
-            "gen se vs random": self.se_vs_random,
-            "gen ppl ratio": self.ppl_ratio,
-        }
-        if self.score_native is not None:
-            out["gen score native"] = self.score_native
-            out["gen fraction of native"] = self.fraction_of_native
-            out["gen p native vs none"] = self.p_native_vs_none
-            out["gen se native vs none"] = self.se_native_vs_none
-        return out
+    def record(self) -> dict[str, float | int]:
+        """The numbers under the record's keys."""
+        return {
+            "value": self.value, "random mean": self.null_mean, "random q99": self.null_q99, "effect": self.effect,
+            "se": self.se, "p": self.p_value, "empirical p": self.empirical_p, "n": self.n,
+        }  # fmt: skip
+
+
+def beyond_random(value: float, null: np.ndarray) -> DistributionComparison:
+    """Chapter 6: a :class:`DistributionComparison` of ``value`` with the random directions' values ``null``."""
+    from scipy.stats import t as student
+
+    n = int(null.size)
+    if n < 3:
+        raise EmbgeoInputError("A distribution comparison needs at least 3 random directions.")
+    se = float(null.std(ddof=1) * np.sqrt(1 + 1 / n))
+    effect = float(value - null.mean())
+    p = float(student.sf(effect / se, n - 1)) if se > 0 else float(effect <= 0)
+    return DistributionComparison(
+        float(value), float(null.mean()), float(np.quantile(null, 0.99)), effect, se, p, permutation_p(value, null), n
+    )
+
+
+def _gen_units(g: pd.DataFrame, condition: str) -> pd.Series:
+    """Per (strength, prompt, sample): the condition's score."""
+    return g[g["condition"] == condition].set_index(["strength", "prompt", "sample"])["score"].sort_index()
+
+
+def _gen_over_none(g: pd.DataFrame, condition: str) -> pd.Series:
+    """Per prompt: mean over strengths and samples of the condition's score minus the unsteered score."""
+    c = _gen_units(g, condition)
+    none = g[g["condition"] == "none"].set_index(["prompt", "sample"])["score"]
+    base = none.reindex(pd.MultiIndex.from_arrays([c.index.get_level_values(1), c.index.get_level_values(2)]))
+    return (c - base.to_numpy()).groupby(level="prompt").mean()
+
+
+def _gen_swap(g: pd.DataFrame, condition: str, topics: list[str]) -> pd.Series:
+    """Per prompt: the condition's continuations scored on their own topic minus the same prompt's continuations
+    steered towards the other topics, scored on that topic (topic swap), averaged over strengths and samples."""
+    c = g[g["condition"] == condition]
+    rows = []
+    for (_strength, i), grp in c.groupby(["strength", "prompt"]):
+        for _, r in grp.iterrows():
+            others = grp[grp["topic"] != r["topic"]]
+            if len(others):
+                rows.append((i, r[f"P({r['topic']})"] - float(others[f"P({r['topic']})"].mean())))
+    return pd.DataFrame(rows, columns=["prompt", "d"]).groupby("prompt")["d"].mean()
+
+
+def _generation_comparisons(g: pd.DataFrame, topics: list[str], n_perm: int, seed: int) -> dict[str, Comparison]:
+    """Chapter 6: the paired comparisons of the continuations (effects in probability of the topic)."""
+    out = {f"{c} − none": compare_prompts(_gen_over_none(g, c), n_perm, seed) for c in GENERATED[1:]}
+    diff = (_gen_units(g, "emb2emb") - _gen_units(g, "random (residual)")).groupby(level="prompt").mean()
+    out["emb2emb − random (residual)"] = compare_prompts(diff, n_perm, seed)
+    for c in ("native", "emb2emb"):
+        out[f"{c}: own topic − swapped topic"] = compare_prompts(_gen_swap(g, c, topics), n_perm, seed)
+    return out
+
+
+def _forward_rise(f: pd.DataFrame, condition: str, strengths: list[float], own: bool = True) -> pd.DataFrame:
+    """Rows of a named condition at the given strengths, scored on the steered topic (``own``) or the others."""
+    sub = f[(f["condition"] == condition) & f["strength"].isin(strengths)]
+    return sub[(sub["topic"] == sub["scored"]) == own]
+
+
+def _forward_comparisons(
+    f: pd.DataFrame, conditions: list[str], strengths: list[float], n_perm: int, seed: int
+) -> dict[str, Comparison]:
+    """Chapter 6: the paired comparisons of the next-token score at the generation strengths (effects in nats)."""
+    per = {c: _forward_rise(f, c, strengths).groupby("prompt")["rise"].mean() for c in conditions if c != "none"}
+    out = {f"{c} − none": compare_prompts(per[c], n_perm, seed) for c in per}
+    for other in ("null map", "lexical"):
+        if other in per:
+            out[f"emb2emb − {other}"] = compare_prompts(per["emb2emb"] - per[other], n_perm, seed)
+    swapped = _forward_rise(f, "emb2emb", strengths, own=False).groupby("prompt")["rise"].mean()
+    out["emb2emb: own topic − swapped topic"] = compare_prompts(
+        per["emb2emb"] - swapped.reindex(per["emb2emb"].index), n_perm, seed
+    )
+    return out
+
+
+def _distributions(f: pd.DataFrame, strengths: list[float], prompts: int) -> dict[str, DistributionComparison]:
+    """Chapter 6: the native and EMB2EMB vectors against each random kind, on the random directions' prompts."""
+    out = {}
+    for kind in RANDOM_KINDS:
+        rand = f[f["condition"] == kind]
+        null = rand.groupby("direction")["rise"].mean().to_numpy()
+        for c in ("native", "emb2emb"):
+            own = _forward_rise(f, c, strengths)
+            out[f"{c} vs {kind}"] = beyond_random(float(own[own["prompt"] < prompts]["rise"].mean()), null)
+    return out
+
+
+def _random_by_topic(f: pd.DataFrame, strengths: list[float], prompts: int) -> pd.DataFrame:
+    """Per random kind, scored topic and strength: EMB2EMB's and native's mean rise against the random directions'."""
+    rows = []
+    for kind in RANDOM_KINDS:
+        rand = f[f["condition"] == kind]
+        for (t, s), grp in rand.groupby(["scored", "strength"]):
+            null = grp.groupby("direction")["rise"].mean().to_numpy()
+            row = {"random kind": kind, "topic": t, "strength": s, "random q50": float(np.median(null)),
+                   "random q99": float(np.quantile(null, 0.99)), "directions": int(null.size)}  # fmt: skip
+            for c in ("native", "emb2emb"):
+                own = f[(f["condition"] == c) & (f["topic"] == t) & (f["scored"] == t) & (f["strength"] == s)]
+                value = float(own[own["prompt"] < prompts]["rise"].mean())
+                row[c], row[f"{c} empirical p"] = value, permutation_p(value, null)
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 @dataclass(frozen=True)
 class PairAnalysis:
-    """The numbers behind claim 9 for one pair and one transferred condition (chapter 6, :func:`pair_analysis`).
+    """The numbers behind claim 9 for one pair and topic set (chapter 6, :func:`pair_analysis`).
 
     Attributes:
-        transfer: the condition analysed (``"emb2emb"`` unless asked otherwise).
-        admissible_alphas: the swept strengths (> 0) at which it keeps the perplexity ratio within the bound.
-        sweep: the sweep at ``alpha*``; ``None`` when no strength is admissible.
-        generations: the continuations; ``None`` when none were given, they lack the condition, or no strength is
-            admissible.
+        pair: ``"A → B"``.
+        topics: the topic set.
+        generation: paired comparisons of the continuations over prompts (:class:`Comparison`; probability of the
+            topic): ``"<condition> − none"`` for every generated condition, ``"emb2emb − random (residual)"`` and
+            ``"<native or emb2emb>: own topic − swapped topic"`` (the topic-swap control).
+        forward: paired comparisons of the next-token score at the generation strengths (nats):
+            ``"<condition> − none"`` for every named condition, ``"emb2emb − null map"``, ``"emb2emb − lexical"``
+            and ``"emb2emb: own topic − swapped topic"``.
+        random: ``"<native or emb2emb> vs <random kind>"`` (:class:`DistributionComparison`).
+        random_by_topic: the same per random kind, topic and strength, with empirical p-values.
+        fluency: per generated condition and strength, ``median ppl ratio`` of the continuations under unsteered B
+            and ``continuations`` measured.
     """
 
-    transfer: str
-    admissible_alphas: list[float]
-    sweep: SweepEvidence | None
-    generations: GenerationEvidence | None
-
-    @property
-    def alpha_star(self) -> float | None:
-        """The chosen strength, ``None`` when no strength is admissible."""
-        return None if self.sweep is None else self.sweep.alpha
+    pair: str
+    topics: list[str]
+    generation: dict[str, Comparison]
+    forward: dict[str, Comparison]
+    random: dict[str, DistributionComparison]
+    random_by_topic: pd.DataFrame = field(repr=False)
+    fluency: pd.DataFrame = field(repr=False)
 
     def record(self) -> dict[str, Any]:
-        """Every number as the chapter's record holds it: one flat dict; absent groups leave their keys out."""
-        out: dict[str, Any] = {"transfer": self.transfer, "admissible alphas": self.admissible_alphas}
-        if self.sweep is not None:
-            out.update(self.sweep.record())
-        if self.generations is not None:
-            out.update(self.generations.record())
-        return out
+        """Every number as the chapter's record holds it."""
+        return {
+            "generation": {k: v.record() for k, v in self.generation.items()},
+            "next token": {k: v.record() for k, v in self.forward.items()},
+            "random directions": {k: v.record() for k, v in self.random.items()},
+            "fluency": self.fluency.to_dict(orient="records"),
+        }
+
+    def table(self) -> pd.DataFrame:
+        """Every comparison in one table: measure, comparison, effect, interval, n, p."""
+        rows = [{"measure": "continuations", "comparison": k, **v.record()} for k, v in self.generation.items()]
+        rows += [{"measure": "next token", "comparison": k, **v.record()} for k, v in self.forward.items()]
+        rows += [{"measure": "next token", "comparison": k, **v.record()} for k, v in self.random.items()]
+        return pd.DataFrame(rows).assign(pair=self.pair).set_index(["pair", "measure", "comparison"])
 
 
-def _units(frame: pd.DataFrame, condition: str, value: str, alpha: float | None = None) -> pd.Series:
-    g = frame[frame["condition"] == condition]
-    if alpha is not None:
-        g = g[np.isclose(g["alpha"], alpha)]
-    return g.set_index(["topic", "prompt"])[value].sort_index()
+def pair_analysis(sweep: pd.DataFrame, gens: pd.DataFrame, p: Parameters, pair: str | None = None) -> PairAnalysis:
+    """Chapter 6: the numbers behind claim 9 for one pair: continuations, next-token scores, random distributions.
 
-
-def _admissible(sweep: pd.DataFrame, transfer: str, max_ppl_ratio: float) -> tuple[list[float], pd.Series]:
-    """The strengths at which ``transfer`` keeps the perplexity bound, and its ratio per strength (chapter 6)."""
-    sub = sweep[sweep["condition"] == transfer]
-    if sub.empty:
-        raise EmbgeoInputError(f"The sweep has no condition {transfer!r}.")
-    ratio = sub.groupby("alpha")["ppl ratio"].apply(lambda x: float(np.exp(np.log(x).mean())))
-    return [float(a) for a in ratio.index if ratio[a] <= max_ppl_ratio and a > 0], ratio
-
-
-def _best_of(sweep: pd.DataFrame, transfer: str, admissible: list[float]) -> float:
-    gain = {
-        a: float((_units(sweep, transfer, "rise", a) - _units(sweep, "random", "rise", a)).mean()) for a in admissible
-    }
-    return max(admissible, key=lambda a: gain[a])
-
-
-def best_strength(sweep: pd.DataFrame, transfer: str = "emb2emb", max_ppl_ratio: float = 2.0) -> float | None:
-    """Chapter 6: ``alpha*``, the admissible strength where ``transfer`` beats the random vector most (or ``None``).
-
-    Admissible: swept strengths above 0 at which ``transfer`` keeps the geometric-mean perplexity ratio on real text
-    within ``max_ppl_ratio``. The same choice as :func:`pair_analysis` makes, without its tests.
+    Continuations (``gens``, scored by :func:`score_continuations`) are compared over prompts, each prompt's
+    differences averaged over ``p.strengths`` and samples (:class:`Comparison`); the next-token ``sweep`` at
+    ``p.strengths`` likewise over its prompts and topics; the native and EMB2EMB vectors against each kind of random
+    direction on the first ``p.n_random_prompts`` prompts (:class:`DistributionComparison`).
     """
-    admissible, _ = _admissible(sweep, transfer, max_ppl_ratio)
-    return _best_of(sweep, transfer, admissible) if admissible else None
+    pair = pair or str(gens["pair"].iloc[0])
+    topics = sorted({t for t in gens["topic"]}, key=list(dict.fromkeys(gens["topic"])).index)
+    strengths = [float(s) for s in p.strengths]
+    conditions = [c for c in CONDITIONS if c in set(sweep["condition"]) and c not in RANDOM_KINDS]
+    kw = {"n_perm": p.n_permutations, "seed": p.seed}
+    flu = gens[gens["condition"] != "none"].dropna(subset=["ppl ratio"])
+    fluency = flu.groupby(["condition", "strength"], sort=False)["ppl ratio"].agg(["median", "size"])
+    fluency = fluency.rename(columns={"median": "median ppl ratio", "size": "continuations"}).reset_index()
+    return PairAnalysis(
+        pair, topics, _generation_comparisons(gens, topics, **kw), _forward_comparisons(sweep, conditions, strengths, **kw),
+        _distributions(sweep, strengths, p.n_random_prompts), _random_by_topic(sweep, strengths, p.n_random_prompts),
+        fluency,
+    )  # fmt: skip
 
 
-def _sweep_evidence(
-    sweep: pd.DataFrame, transfer: str, best: float, k: int, ratio: pd.Series, n_permutations: int, seed: int
-) -> SweepEvidence:
-    tr = _units(sweep, transfer, "rise", best)
-    rnd = _units(sweep, "random", "rise", best)
-    nat = _units(sweep, "native", "rise", best)
-    p_none = paired_permutation(tr.to_numpy(), n_permutations=n_permutations, seed=seed)
-    p_rand = paired_permutation(tr.to_numpy(), rnd.to_numpy(), n_permutations=n_permutations, seed=seed)
-    return SweepEvidence(
-        alpha=best,
-        units=len(tr),
-        rise=float(tr.mean()),
-        rise_random=float(rnd.mean()),
-        rise_native=float(nat.mean()),
-        ppl_ratio=float(ratio[best]),
-        p_vs_none=min(1.0, k * p_none.p_value),
-        p_vs_random=min(1.0, k * p_rand.p_value),
-        se_vs_none=p_none.se,
-        se_vs_random=p_rand.se,
-        effect_vs_random=float((tr - rnd).mean()),
-        fraction_of_native=float(tr.mean() / nat.mean()) if nat.mean() > 0 else float("nan"),
+def _min_source(ceiling: float, floor: float, unit: str, measure: str) -> tuple[float, str]:
+    value = FRACTION_OF_NATIVE * max(ceiling, floor)
+    return value, (
+        f"{FRACTION_OF_NATIVE:g} x B's own vector's {measure} effect ({max(ceiling, floor):.3g} {unit}; at least "
+        f"the control's minimum {floor:g}): the ceiling a carried vector can approach; less than a quarter of it is "
+        "not steering in any useful sense"
     )
 
 
-def _generation_evidence(gens: pd.DataFrame, transfer: str, n_permutations: int, seed: int) -> GenerationEvidence:
-    gt = _units(gens, transfer, "score")
-    gn = _units(gens, "none", "score").reindex(gt.index)
-    gr = _units(gens, "random", "score").reindex(gt.index)
-    gv = _units(gens, "native", "score").reindex(gt.index) if "native" in set(gens["condition"]) else None
-    g_none = paired_permutation(gt.to_numpy(), gn.to_numpy(), n_permutations=n_permutations, seed=seed)
-    g_rand = paired_permutation(gt.to_numpy(), gr.to_numpy(), n_permutations=n_permutations, seed=seed)
-    native, fraction, p_native, se_native = None, None, None, None
-    if gv is not None:
-        native = float(gv.mean())
-        d_nat = float(gv.mean() - gn.mean())
-        fraction = float((gt.mean() - gn.mean()) / d_nat) if d_nat > 0 else float("nan")
-        control = paired_permutation(gv.to_numpy(), gn.to_numpy(), n_permutations=n_permutations, seed=seed)
-        p_native, se_native = control.p_value, control.se
-    return GenerationEvidence(
-        alpha=float(gens["alpha"].iloc[0]),
-        units=len(gt),
-        score=float(gt.mean()),
-        score_none=float(gn.mean()),
-        score_random=float(gr.mean()),
-        p_vs_none=g_none.p_value,
-        p_vs_random=g_rand.p_value,
-        se_vs_none=g_none.se,
-        se_vs_random=g_rand.se,
-        ppl_ratio=float(np.exp(np.log(_units(gens, transfer, "ppl ratio")).median())),
-        score_native=native,
-        fraction_of_native=fraction,
-        p_native_vs_none=p_native,
-        se_native_vs_none=se_native,
-    )
+def _pair_checks(a: PairAnalysis) -> list[Check]:
+    """The checks of one pair (chapter 6, :func:`check_claim9`): two positive controls, seven claim checks."""
+    gn, fn = a.generation["native − none"], a.forward["native − none"]
+    g_min, g_src = _min_source(gn.effect, CONTROL_MIN_GENERATION, "in probability", "continuation")
+    f_min, f_src = _min_source(fn.effect, CONTROL_MIN_FORWARD, "nats", "next-token")
+    control_g = "practical: one continuation in twenty moved to the topic by B's own vector"
+    control_f = "practical: B's own vector raises the probability of the topic's tokens by a tenth (0.1 nats)"
 
+    def paired(name: str, c: Comparison, minimum: float, source: str, control: bool = False) -> Check:
+        return Check(f"{a.pair}: {name}", c.effect, c.p_value, minimum, c.n, c.se, 1, source, c.n_permutations, control)
 
-def pair_analysis(
-    sweep: pd.DataFrame,
-    gens: pd.DataFrame | None = None,
-    transfer: str = "emb2emb",
-    max_ppl_ratio: float = 2.0,
-    n_permutations: int = 10_000,
-    seed: int = 0,
-) -> PairAnalysis:
-    """Chapter 6: the numbers behind claim 9 for one pair.
+    def beyond(name: str, c: DistributionComparison) -> Check:
+        return Check(f"{a.pair}: {name}", c.effect, c.p_value, f_min, c.n, c.se, 1, f_src)
 
-    The strength ``alpha*`` is chosen among the swept strengths at which the transferred vector keeps the
-    geometric-mean perplexity ratio on real text within ``max_ppl_ratio``: the one where its rise in concept score
-    over the random vector is largest (:func:`best_strength`). Its p-values (one-sided sign-flip permutation over
-    (topic, prompt) units) are multiplied by the number of admissible strengths, which pays for the choice.
-    ``fraction_of_native`` is the transferred vector's rise over no steering divided by the native vector's, at
-    ``alpha*``. With ``gens`` (continuations, :func:`steered_generations`) that include ``transfer``, their scores are
-    compared with the unsteered and random-vector continuations' in the same way (without the multiplication).
-    """
-    admissible, ratio = _admissible(sweep, transfer, max_ppl_ratio)
-    if not admissible:
-        return PairAnalysis(transfer, admissible, None, None)
-    best = _best_of(sweep, transfer, admissible)
-    at_best = _sweep_evidence(sweep, transfer, best, len(admissible), ratio, n_permutations, seed)
-    generated = None
-    if gens is not None and not gens.empty and transfer in set(gens["condition"]):
-        generated = _generation_evidence(gens, transfer, n_permutations, seed)
-    return PairAnalysis(transfer, admissible, at_best, generated)
-
-
-def _minimum(native_effect: float | None, floor: tuple[float, str], unit: str) -> tuple[float, str]:
-    """A transfer check's minimum effect: a share of the native vector's effect, never below the practical floor."""
-    share, why = MIN_SHARE_OF_NATIVE
-    if native_effect is not None and np.isfinite(native_effect) and share * native_effect > floor[0]:
-        return share * native_effect, f"{why} ({share:g} x {native_effect:.3g} {unit})"
-    return floor
-
-
-def _versus_checks(
-    label: str,
-    tests: list[tuple[str, float, float, float | None]],
-    minimum: tuple[float, str],
-    units: int,
-    corrected_for: int,
-    n_permutations: int,
-) -> list[Check]:
-    """Chapter 6: one check per control the transfer is compared with (``label`` holds ``{what}``)."""
+    g, f, r = a.generation, a.forward, a.random
     return [
-        Check(label.format(what=what), effect, p, minimum[0], units, se, corrected_for,
-              min_effect_source=minimum[1], n_permutations=n_permutations)
-        for what, effect, p, se in tests
+        paired("B's own vector > no steering (continuations)", gn, CONTROL_MIN_GENERATION, control_g, True),
+        paired("B's own vector > no steering (next token)", fn, CONTROL_MIN_FORWARD, control_f, True),
+        paired("EMB2EMB > no steering (continuations)", g["emb2emb − none"], g_min, g_src),
+        paired("EMB2EMB > random residual directions (continuations)", g["emb2emb − random (residual)"], g_min, g_src),
+        paired("EMB2EMB on its topic > on the other topics (continuations, topic swap)", g["emb2emb: own topic − swapped topic"], g_min, g_src),
+        beyond(f"EMB2EMB > {r['emb2emb vs random (isotropic)'].n} isotropic random directions (next token)", r["emb2emb vs random (isotropic)"]),
+        beyond(f"EMB2EMB > {r['emb2emb vs random (residual)'].n} residual random directions (next token)", r["emb2emb vs random (residual)"]),
+        paired("EMB2EMB > shuffled-row map (next token)", f["emb2emb − null map"], f_min, f_src),
+        paired("EMB2EMB > lexical vector of the topic's tokens (next token)", f["emb2emb − lexical"], f_min, f_src),
     ]  # fmt: skip
 
 
-def _sweep_checks(pair: str, r: PairAnalysis, n_permutations: int) -> list[Check]:
-    """The forward-pass checks of one pair at ``alpha*`` (chapter 6, :func:`check_claim9`)."""
-    s, k, transfer = r.sweep, len(r.admissible_alphas), r.transfer
-    assert s is not None
-    tests = [("no steering", s.rise, s.p_vs_none, s.se_vs_none),
-             ("random vector", s.effect_vs_random, s.p_vs_random, s.se_vs_random)]  # fmt: skip
-    label = f"{pair}: {transfer} > {{what}} (sweep, alpha {s.alpha:g})"
-    return _versus_checks(label, tests, _minimum(s.rise_native, MIN_SWEEP_RISE, "nats"), s.units, k, n_permutations)
+def check_claim9(analyses: Mapping[str, PairAnalysis], alpha: float = 0.01) -> Verdict:
+    """Chapter 6, claim 9: the carried vector steers B better than random directions and no steering.
 
-
-def _generation_checks(pair: str, g: GenerationEvidence, transfer: str, n_permutations: int) -> list[Check]:
-    """The continuation checks of one pair and their positive control (chapter 6, :func:`check_claim9`)."""
-    native_gain = None if g.score_native is None else g.score_native - g.score_none
-    minimum = _minimum(native_gain, MIN_GEN_GAIN, "in probability")
-    tests = [("no steering", g.score - g.score_none, g.p_vs_none, g.se_vs_none),
-             ("random vector", g.score - g.score_random, g.p_vs_random, g.se_vs_random)]  # fmt: skip
-    label = f"{pair}: continuations, {transfer} > {{what}} (classifier)"
-    checks = _versus_checks(label, tests, minimum, g.units, 1, n_permutations)
-    if native_gain is not None and g.p_native_vs_none is not None:
-        checks.append(
-            Check(
-                f"{pair}: continuations, native vector > no steering (positive control)",
-                native_gain,
-                g.p_native_vs_none,
-                MIN_NATIVE_GAIN[0],
-                g.units,
-                g.se_native_vs_none,
-                min_effect_source=MIN_NATIVE_GAIN[1],
-                n_permutations=n_permutations,
-                control=True,
-            )  # fmt: skip
-        )
-    return checks
-
-
-def _pair_checks(pair: str, r: PairAnalysis, max_ppl_ratio: float, n_permutations: int) -> list[Check]:
-    """The checks of one pair (chapter 6, :func:`check_claim9`)."""
-    if r.sweep is None:
-        return [
-            Check(
-                f"{pair}: no strength keeps perplexity within {max_ppl_ratio}x",
-                -1.0,
-                None,
-                1.0,
-                min_effect_source="a strength that keeps fluency is what the claim needs",
-            )
-        ]
-    checks = _sweep_checks(pair, r, n_permutations)
-    if r.generations is not None:
-        checks += _generation_checks(pair, r.generations, r.transfer, n_permutations)
-    return checks
-
-
-def check_claim9(
-    sweep: pd.DataFrame,
-    gens: pd.DataFrame | None = None,
-    transfer: str = "emb2emb",
-    max_ppl_ratio: float = 2.0,
-    alpha: float = 0.01,
-    n_permutations: int = 10_000,
-    seed: int = 0,
-) -> Verdict:
-    """Chapter 6, claim 9: the transferred vector steers B better than the random and no-steering controls.
-
-    Checks for every pair in ``sweep`` (and ``gens``), each with its minimum effect (:data:`MIN_SHARE_OF_NATIVE`
-    of the native vector's effect on the same units; the practical floors :data:`MIN_SWEEP_RISE` and
-    :data:`MIN_GEN_GAIN` where the native vector does not raise the score):
-
-    * the forward-pass concept score at ``alpha*`` (:func:`pair_analysis`: the best
-      strength at which perplexity on real text stays within ``max_ppl_ratio`` of
-      unsteered) rises above no steering, and above a random vector of equal norm
-      (effects in nats, one-sided permutation p, multiplied by the number of
-      admissible strengths);
-    * with ``gens`` (continuations generated at ``alpha*``): the topic
-      classifier's probability for continuations steered by the transferred
-      vector exceeds the unsteered and the random-vector continuations' (one-sided
-      permutation p). Their perplexity under unsteered B is reported
-      (:func:`pair_analysis`), not tested: fluency enters through ``alpha*``. The native vector's continuations
-      against the unsteered ones, by the same test, are the positive control (minimum :data:`MIN_NATIVE_GAIN`):
-      when the generation test cannot see B's own vector, the claim is inconclusive.
-
-    A pair with no admissible strength gets one descriptive check without a standard error: inconclusive, since a
-    coarse strength grid that misses a fluent strength is no evidence that none exists. The p-values of
-    all pairs are Holm-adjusted together (:func:`embgeo_utils.core.stats.verdict`).
+    Per pair (:func:`pair_analysis`), two positive controls: B's own (native) vector raises the topic's probability
+    in continuations by at least :data:`CONTROL_MIN_GENERATION` and its next-token score by at least
+    :data:`CONTROL_MIN_FORWARD` nats. Seven claim checks, each needing at least :data:`FRACTION_OF_NATIVE` of the
+    native vector's effect on the same measure: in continuations, EMB2EMB beats no steering, the random residual
+    directions (one per continuation) and its own continuations steered towards the other topics (topic swap); in
+    the next-token score, it beats the distributions of isotropic and of residual random directions, the map fitted
+    on shuffled rows, and the lexical vector of the topic's score tokens. Controls and claim checks are two Holm
+    families (:func:`embgeo_utils.core.stats.verdict`); a control that does not hold makes the claim inconclusive.
     """
-    checks = []
-    for pair in sweep["pair"].unique():
-        g = gens[gens["pair"] == pair] if gens is not None else None
-        r = pair_analysis(sweep[sweep["pair"] == pair], g, transfer, max_ppl_ratio, n_permutations, seed)
-        checks += _pair_checks(str(pair), r, max_ppl_ratio, n_permutations)
-    return verdict(checks, alpha=alpha)
+    if not analyses:
+        raise EmbgeoInputError("check_claim9 needs at least one pair.")
+    return verdict([c for a in analyses.values() for c in _pair_checks(a)], alpha=alpha)
 
 
-# --- The chapter's pipeline: one pair, then every pair ---------------------------------------------------------
+# --- The chapter's pipeline: one pair, then every pair -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class PairRun:
-    """What chapter 6 computed for one model pair (:func:`run_pair`).
+    """What chapter 6 computed for one model pair and topic set (:func:`run_pair`).
 
     Attributes:
-        transfer: the vectors and maps (:class:`Transfer`).
-        n_layers: blocks of A and of B.
-        tokens: per topic, the characteristic tokens of B's tokenizer the concept score counts.
-        sweep: the strength sweep (:func:`concept_sweep`'s table).
-        gens: the scored continuations at ``alpha*`` (:func:`steered_generations`' table).
+        transfer: the vectors, maps and controls (:class:`Transfer`).
+        tokens: per topic, the score tokens in B's tokenizer.
+        sweep: the next-token scores (:func:`next_token_scores`).
+        gens: the scored continuations (:func:`steered_continuations`, :func:`score_continuations`).
     """
 
     transfer: Transfer
-    n_layers: tuple[int, int]
     tokens: dict[str, list[int]]
     sweep: pd.DataFrame
     gens: pd.DataFrame
 
-    def heading(self) -> str:
-        """One markdown line: the pair, the steered blocks, B's residual norm and whether the tables are tied."""
-        tr = self.transfer
-        return (
-            f"**{tr.pair}**: block {tr.layer_a} of {self.n_layers[0]} in A, block {tr.layer_b} of {self.n_layers[1]} "
-            f"in B; median residual norm of B {tr.norm_b:.1f}; {'tied' if tr.tied else 'separate'} input and output "
-            "tables."
-        )
-
 
 def run_pair(
-    a: LoadedModel,
-    b: LoadedModel,
-    texts: TopicTexts,
-    prompts: Sequence[str],
-    classifier: TopicClassifier,
-    p: Parameters,
+    a: LoadedModel, b: LoadedModel, texts: TopicTexts, neutral: NeutralTexts, scorer: Scorer, p: Parameters
 ) -> PairRun:
-    """Chapter 6, one pair: the transfer, the strength sweep, then continuations at the chosen strength.
+    """Chapter 6, one pair and topic set: score tokens, transfer, next-token scores, then scored continuations.
 
-    :func:`build_transfer`; :func:`topic_tokens` (``p.n_topic_tokens`` per topic, from the classifier summaries, in
-    B's tokenizer); :func:`concept_sweep` over ``p.alphas``; :func:`steered_generations` of the first
-    ``p.n_gen_prompts`` prompts under ``p.gen_conditions`` (those the transfer has), at :func:`best_strength`'s
-    ``alpha*`` or, when no strength keeps perplexity within ``p.max_ppl_ratio``, the smallest swept strength.
+    :func:`topic_tokens` (``p.n_topic_tokens`` per topic, from the ``score`` summaries, in B's tokenizer);
+    :func:`build_transfer`; :func:`next_token_scores` and :func:`steered_continuations` of ``neutral.prompts``;
+    :func:`score_continuations` with ``scorer``.
     """
-    tr = build_transfer(a, b, texts, p)
-    tokens = topic_tokens(b.tokenizer, texts.classifier, k=p.n_topic_tokens)
-    sweep = concept_sweep(b, tr, prompts, p.alphas, tokens, batch_size=p.batch_size)
-    best = best_strength(sweep, max_ppl_ratio=p.max_ppl_ratio)
-    gens = steered_generations(
-        b,
-        tr,
-        prompts[: p.n_gen_prompts],
-        best if best is not None else min(p.alphas),
-        classifier,
-        [c for c in p.gen_conditions if c == "none" or c in tr.vectors],
-        max_new_tokens=p.max_new_tokens,
-        batch_size=p.batch_size,
-    )
-    return PairRun(tr, (a.info.n_layers, b.info.n_layers), tokens, sweep, gens)
+    unknown = [s for s in p.strengths if s not in p.sweep_strengths]
+    if unknown:
+        raise EmbgeoInputError(f"strengths {unknown} are not among sweep_strengths {p.sweep_strengths}; add them.")
+    tokens = topic_tokens(b.tokenizer, texts.score, k=p.n_topic_tokens)
+    tr = build_transfer(a, b, texts, tokens, p)
+    sweep = next_token_scores(b, tr, neutral.prompts, tokens, p).assign(pair=tr.pair)
+    gens = score_continuations(steered_continuations(b, tr, neutral.prompts, p), scorer)
+    return PairRun(tr, tokens, sweep, gens)
 
 
 @dataclass(frozen=True)
 class Claim9:
-    """Claim 9 over every pair (chapter 6, :func:`evaluate_claim9`).
+    """Claim 9 on one topic set (chapter 6, :func:`evaluate_claim9`).
 
     Attributes:
-        verdict: the verdict of every pair's checks together (Holm).
+        label: ``"development"`` or ``"confirmation"``.
+        topics: the topic set.
+        verdict: the verdict of every pair's checks together.
         per_pair: each pair's own verdict.
-        numbers: per pair, the EMB2EMB vector's numbers, continuations included (:class:`PairAnalysis`).
-        residual: per pair, the residual map's numbers from the sweep alone.
-        cosines: per pair, the mean cosine with B's native vector of ``emb2emb``, ``residual map`` and ``null map``
-            (NaN for a map not built).
-        max_ppl_ratio: the fluency bound the strengths were chosen under.
+        analyses: each pair's numbers (:class:`PairAnalysis`).
+        scorer_accuracy: the scorer's accuracy on held-out windows.
     """
 
+    label: str
+    topics: list[str]
     verdict: Verdict
     per_pair: dict[str, Verdict]
-    numbers: dict[str, PairAnalysis]
-    residual: dict[str, PairAnalysis]
-    cosines: dict[str, dict[str, float]]
-    max_ppl_ratio: float
+    analyses: dict[str, PairAnalysis]
+    scorer_accuracy: float
 
     @property
     def value(self) -> float | None:
-        """The claim's statistic: the smallest EMB2EMB effect over the random vector over pairs (NaN for a pair
-        without an admissible strength; ``None`` without pairs)."""
-        effects = (n.sweep.effect_vs_random if n.sweep is not None else float("nan") for n in self.numbers.values())
-        return min(effects, default=None)
+        """The headline: the smallest EMB2EMB effect over no steering in continuations over pairs (probability)."""
+        return min((a.generation["emb2emb − none"].effect for a in self.analyses.values()), default=None)
 
-    def per_pair_record(self) -> dict[str, dict[str, Any]]:
-        """Per pair: its verdict and every number of :meth:`PairAnalysis.record`."""
-        return {p: {"verdict": v.verdict, **self.numbers[p].record()} for p, v in self.per_pair.items()}
-
-    def residual_record(self) -> dict[str, dict[str, float | None]]:
-        """Per pair: the residual map's ``alpha*``, rise and fraction of native (``None`` without ``alpha*``)."""
+    def record(self) -> dict[str, Any]:
+        """The topic set's verdict, its per-pair verdicts and numbers, for the chapter's record."""
         return {
-            p: {
-                "alpha*": r.alpha_star,
-                "rise": None if r.sweep is None else r.sweep.rise,
-                "fraction of native": None if r.sweep is None else r.sweep.fraction_of_native,
-            }
-            for p, r in self.residual.items()
+            "topics": self.topics,
+            "verdict": self.verdict.verdict,
+            "summary": self.verdict.summary(),
+            "scorer accuracy": self.scorer_accuracy,
+            "pairs": {p: {"verdict": v.verdict, **self.analyses[p].record()} for p, v in self.per_pair.items()},
         }
+
+    def fluency(self) -> pd.DataFrame:
+        """Every pair's :attr:`PairAnalysis.fluency`, with a ``pair`` column."""
+        return pd.concat([a.fluency.assign(pair=p) for p, a in self.analyses.items()], ignore_index=True)
 
     def verdicts_table(self) -> pd.DataFrame:
         """One row per pair: its verdict in one line."""
-        return pd.DataFrame({p: {"verdict": v.summary()} for p, v in self.per_pair.items()}).T
+        return pd.DataFrame({p: {"topics": self.label, "verdict": v.summary()} for p, v in self.per_pair.items()}).T
 
-    def numbers_table(self) -> pd.DataFrame:
-        """One row per pair, one column per number of :meth:`PairAnalysis.record`."""
-        return pd.DataFrame({p: n.record() for p, n in self.numbers.items()}).T
-
-    def summary(self, heldout_accuracy: float) -> str:
-        """The chapter's summary in markdown: per pair the verdict, cosines, rises and continuation scores."""
-        nan = float("nan")
-        lines = [f"- Topic classifier held-out accuracy: {heldout_accuracy:.3f}."]
-        for p, n in self.numbers.items():
-            cos = self.cosines[p]
-            lines.append(
-                f"- **{p}**: claim 9 **{self.per_pair[p].verdict}**. Mean cosine with B's native vector: EMB2EMB "
-                f"{cos['emb2emb']:.3f}, residual map {cos['residual map']:.3f}, null map {cos['null map']:.3f}."
-            )
-            if n.sweep is None:
-                bound = self.max_ppl_ratio
-                lines.append(f"  No swept strength kept EMB2EMB's perplexity within {bound:g}× unsteered.")
+    def power_table(self) -> pd.DataFrame:
+        """Per continuation check: n, the detectable effect and half the native vector's effect (the power target)."""
+        rows = []
+        for c, d in zip(self.verdict.checks, self.verdict.detectable):
+            if "(continuations" not in c.name or c.control or d is None:
                 continue
-            s, g, r = n.sweep, n.generations, self.residual[p].sweep
-            gen = (g.score, g.score_none, g.score_random) if g is not None else (nan, nan, nan)
-            lines.append(
-                f"  At alpha {s.alpha:g}: concept-score rise EMB2EMB {s.rise:.3f} nats, native {s.rise_native:.3f}, "
-                f"random {s.rise_random:.3f} (fraction of native {s.fraction_of_native:.2f}); residual map reaches "
-                f"{r.fraction_of_native if r is not None else nan:.2f} of native at its own best strength. "
-                f"Continuations: P(topic) EMB2EMB {gen[0]:.2f} against {gen[1]:.2f} unsteered and {gen[2]:.2f} random."
+            pair = c.name.split(":")[0]
+            half = self.analyses[pair].generation["native − none"].effect / 2
+            rows.append(
+                {"check": c.name, "n": c.n, "detectable effect": d, "native effect / 2": half, "target met": d <= half}
             )
-        lines.append(f"- Claim 9 over both pairs: **{self.verdict.summary()}**.")
+        return pd.DataFrame(rows).set_index("check")
+
+    def summary(self) -> str:
+        """This topic set's result in markdown: per pair the native and EMB2EMB effects, then the verdict."""
+        lines = [f"**{self.label.capitalize()} topics** ({', '.join(self.topics)}); scorer accuracy "
+                 f"{self.scorer_accuracy:.3f} on held-out windows."]  # fmt: skip
+        for p, a in self.analyses.items():
+            g = a.generation
+            n, e, r = g["native − none"], g["emb2emb − none"], g["emb2emb − random (residual)"]
+            v = self.per_pair[p]
+            detect = dict(zip([c.name for c in v.checks], v.detectable or (None,) * len(v.checks)))
+            d = detect.get(f"{p}: EMB2EMB > no steering (continuations)")
+            lines.append(
+                f"- **{p}** ({v.verdict}): in continuations, B's own vector raises P(topic) by "
+                f"{n.effect:.3f} [{n.low:.3f}, {n.high:.3f}], EMB2EMB by {e.effect:.3f} [{e.low:.3f}, {e.high:.3f}] "
+                f"and beats random residual directions by {r.effect:.3f} [{r.low:.3f}, {r.high:.3f}] (n = {e.n} prompts"
+                + (f"; detectable effect {d:.3f}, half the native effect {n.effect / 2:.3f}" if d is not None else "")
+                + ")."
+            )
+            flu = a.fluency.set_index(["condition", "strength"])["median ppl ratio"]
+            lines.append(
+                "  Median perplexity under unsteered B, relative to the unsteered continuation's (not a check): "
+                + "; ".join(
+                    f"{c} " + ", ".join(f"{flu[c, s]:.3g} at {s:g}" for s in flu[c].index)
+                    for c in dict.fromkeys(flu.index.get_level_values(0))
+                )
+                + "."
+            )
+            lines.append(
+                "  Checks: "
+                + "; ".join(
+                    f"{c.name.split(': ', 1)[1]}{' (control)' if c.control else ''}: {c.effect:.3g} "
+                    f"(minimum {c.min_effect:.3g}), {s}"
+                    for c, s in zip(v.checks, v.status)
+                )
+                + "."
+            )
+        lines.append(f"- Claim 9 on these topics: **{self.verdict.summary()}**.")
         return "\n".join(lines)
 
 
-def evaluate_claim9(runs: Mapping[str, PairRun], p: Parameters) -> Claim9:
-    """Chapter 6: claim 9's checks and numbers for every pair, and over all pairs together.
-
-    :func:`check_claim9` per pair and over the pairs' sweeps and continuations together (level ``p.alpha``), the
-    EMB2EMB numbers of :func:`pair_analysis` with the continuations, and the residual map's from the sweep alone; all
-    with ``p.max_ppl_ratio``, ``p.n_permutations`` and ``p.seed``.
-    """
-    kw: dict[str, Any] = {"max_ppl_ratio": p.max_ppl_ratio, "n_permutations": p.n_permutations, "seed": p.seed}
-    per_pair = {name: check_claim9(r.sweep, r.gens, alpha=p.alpha, **kw) for name, r in runs.items()}
-    numbers = {name: pair_analysis(r.sweep, r.gens, **kw) for name, r in runs.items()}
-    residual = {name: pair_analysis(r.sweep, transfer="residual map", **kw) for name, r in runs.items()}
-    sweep = pd.concat([r.sweep for r in runs.values()], ignore_index=True)
-    gens = pd.concat([r.gens for r in runs.values()], ignore_index=True)
-    overall = check_claim9(sweep, gens, alpha=p.alpha, **kw)
-    cosines = {
-        name: {c: r.transfer.mean_cosine(c) for c in ("emb2emb", "residual map", "null map")}
-        for name, r in runs.items()
-    }
-    return Claim9(overall, per_pair, numbers, residual, cosines, p.max_ppl_ratio)
+def evaluate_claim9(runs: Mapping[str, PairRun], scorer: Scorer, p: Parameters, label: str) -> Claim9:
+    """Chapter 6: claim 9's numbers and checks on one topic set, per pair and over all pairs (level ``p.alpha``)."""
+    analyses = {name: pair_analysis(r.sweep, r.gens, p, name) for name, r in runs.items()}
+    per_pair = {name: check_claim9({name: a}, p.alpha) for name, a in analyses.items()}
+    topics = next(iter(runs.values())).transfer.topics if runs else []
+    return Claim9(label, list(topics), check_claim9(analyses, p.alpha), per_pair, analyses, scorer.accuracy)
 
 
-# --- Tables and the figure -------------------------------------------------------------------------------------
+# --- Tables and the figure -----------------------------------------------------------------------------------------
 
 
-def sweep_summary(sweep: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Chapter 6: mean rise in concept score and geometric-mean perplexity ratio per pair, condition and alpha.
-
-    Returns:
-        One row per (pair, condition, alpha): ``pair``, ``condition``, ``alpha``, ``rise`` with its 95 % bootstrap
-        interval over (topic, prompt) units ``rise low``, ``rise high`` (NaN for one unit), ``ppl ratio`` with
-        ``ppl low``, ``ppl high``, and ``units``.
-    """
+def strength_units(transfers: Sequence[Transfer], strengths: Sequence[float]) -> pd.DataFrame:
+    """Chapter 6: each strength in three units per pair: the native-vector unit, B's median residual norm, and that
+    norm without its massive dimensions (:attr:`Transfer.scales`)."""
     rows = []
-    for (pair, cond, al), g in sweep.groupby(["pair", "condition", "alpha"], sort=False):
-        rise = g["rise"].to_numpy()
-        logr = np.log(g["ppl ratio"].to_numpy())
-        lo, hi = bootstrap_ci(rise, n_boot=n_boot, seed=seed) if len(rise) > 1 else (np.nan, np.nan)
-        plo, phi = bootstrap_ci(logr, n_boot=n_boot, seed=seed) if len(rise) > 1 else (np.nan, np.nan)
-        rows.append(
-            {
-                "pair": pair,
-                "condition": cond,
-                "alpha": al,
-                "rise": rise.mean(),
-                "rise low": lo,
-                "rise high": hi,
-                "ppl ratio": float(np.exp(logr.mean())),
-                "ppl low": float(np.exp(plo)),
-                "ppl high": float(np.exp(phi)),
-                "units": len(rise),
-            }
-        )
+    for tr in transfers:
+        s = tr.scales
+        for x in strengths:
+            rows.append({"pair": tr.pair, "strength (x native norm)": x, "x median residual norm": x * tr.unit / s["median norm"],
+                         "x median norm without massive dims": x * tr.unit / s["median norm without massive dims"],
+                         "massive dims": int(s["massive dims"])})  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def generation_table(gens: pd.DataFrame) -> pd.DataFrame:
-    """Chapter 6: per pair and condition, the strength, the mean topic probability and the median perplexity ratio.
+def dose_response(runs: Mapping[str, PairRun], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Chapter 6: per pair, measure, condition and strength, the mean effect with its 95 % bootstrap interval over
+    prompts: the next-token rise (nats; random kinds: the median direction, with the 1st and 99th percentiles of the
+    directions as ``low`` and ``high``) and the continuations' rise of P(topic) over no steering."""
+    rows = []
+    for pair, r in runs.items():
+        f = r.sweep[r.sweep["topic"] == r.sweep["scored"]]
+        for (c, s), g in f[f["condition"] != "none"].groupby(["condition", "strength"], sort=False):
+            per = g.groupby("prompt")["rise"].mean().to_numpy()
+            lo, hi = bootstrap_ci(per, n_boot=n_boot, seed=seed) if per.size > 1 else (np.nan, np.nan)
+            rows.append((pair, "next token", c, s, float(per.mean()), lo, hi, per.size))
+        for (c, s), g in r.sweep[r.sweep["condition"].isin(RANDOM_KINDS)].groupby(["condition", "strength"]):
+            per = g.groupby("direction")["rise"].mean().to_numpy()
+            rows.append((pair, "next token", c, s, float(np.median(per)), *np.quantile(per, [0.01, 0.99]), per.size))
+        for c in GENERATED[1:]:
+            for s in sorted(set(r.gens.loc[r.gens["condition"] == c, "strength"])):
+                per = _gen_over_none(r.gens[r.gens["strength"].isin([0.0, s])], c).to_numpy()
+                lo, hi = bootstrap_ci(per, n_boot=n_boot, seed=seed)
+                rows.append((pair, "continuations", c, s, float(per.mean()), lo, hi, per.size))
+    return pd.DataFrame(rows, columns=["pair", "measure", "condition", "strength", "effect", "low", "high", "n"])
 
-    Returns:
-        Indexed by (``pair``, ``condition``), in the continuations' order: ``alpha``, ``topic_probability``,
-        ``ppl_ratio``.
-    """
-    return gens.groupby(["pair", "condition"], sort=False).agg(
-        alpha=("alpha", "first"), topic_probability=("score", "mean"), ppl_ratio=("ppl ratio", "median")
-    )
 
-
-def example_generations(
-    gens: pd.DataFrame, topic: str | None = None, prompt: int = 0, width: int = 160
-) -> pd.DataFrame:
-    """Chapter 6: one prompt's continuations under every condition, for one topic: a table to read."""
-    topic = topic or str(gens["topic"].iloc[0])
-    g = gens[(gens["topic"] == topic) & (gens["prompt"] == prompt)]
+def example_generations(gens: pd.DataFrame, prompt: int = 0, width: int = 140) -> pd.DataFrame:
+    """Chapter 6: one prompt's greedy continuations under every condition and strength: a table to read."""
+    g = gens[(gens["prompt"] == prompt) & (gens["sample"] == 0)]
     if g.empty:
-        raise EmbgeoInputError(f"No continuation for topic {topic!r} and prompt {prompt}.")
-    out = g[["pair", "condition", "continuation", "score", "ppl"]].copy()
-    out["continuation"] = out["continuation"].str.replace("\n", " ").str.slice(0, width)
-    return out.rename(columns={"score": f"P({topic})"}).reset_index(drop=True)
+        raise EmbgeoInputError(f"No greedy continuation of prompt {prompt}.")
+    out = g[["pair", "condition", "strength", "topic", "text", "score"]].copy()
+    out["text"] = out["text"].str.replace("\n", " ").str.slice(0, width)
+    return out.rename(columns={"score": "P(topic)"}).reset_index(drop=True)
 
 
-def plot_steering_sweep(summary: pd.DataFrame) -> Figure:
-    """Chapter 6: per model pair, the concept score and the perplexity against strength, and one against the other.
+def plot_dose_response(table: pd.DataFrame, fluency: pd.DataFrame) -> Figure:
+    """Chapter 6: per pair, the next-token rise and the continuations' rise of P(topic) against strength, and the
+    continuations' perplexity ratio.
 
     Args:
-        summary: :func:`sweep_summary`'s table (mean rise with 95 % bootstrap
-            interval, geometric-mean perplexity ratio with its interval).
+        table: :func:`dose_response`'s table.
+        fluency: the :attr:`PairAnalysis.fluency` tables of the pairs, with a ``pair`` column.
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     need_columns(
-        summary,
-        ("pair", "condition", "alpha", "rise", "rise low", "rise high", "ppl ratio"),
-        "ch06_emb2emb.sweep_summary",
+        table, ("pair", "measure", "condition", "strength", "effect", "low", "high"), "ch06_emb2emb.dose_response"
     )
-    pairs = list(dict.fromkeys(summary["pair"]))
-    conds = [c for c in CONDITIONS if c in set(summary["condition"]) and c != "none"]
+    pairs = list(dict.fromkeys(table["pair"]))
+    conds = [c for c in CONDITIONS if c in set(table["condition"])]
     colors = dict(zip(conds, sns.color_palette("colorblind", n_colors=len(conds))))
-    fig, axes = plt.subplots(len(pairs), 3, figsize=(14, 3.8 * len(pairs)), squeeze=False)
+    fig, axes = plt.subplots(len(pairs), 3, figsize=(15, 3.9 * len(pairs)), squeeze=False)
     for row, pair in zip(axes, pairs):
-        s = summary[summary["pair"] == pair]
-        for c in conds:
-            g = s[s["condition"] == c].sort_values("alpha")
-            col = colors[c]
-            err = np.vstack([g["rise"] - g["rise low"], g["rise high"] - g["rise"]])
-            row[0].errorbar(g["alpha"], g["rise"], yerr=err, marker="o", capsize=3, color=col, label=c)
-            perr = np.vstack([g["ppl ratio"] - g["ppl low"], g["ppl high"] - g["ppl ratio"]])
-            row[1].errorbar(g["alpha"], g["ppl ratio"], yerr=perr, marker="o", capsize=3, color=col, label=c)
-            row[2].plot(g["ppl ratio"], g["rise"], marker="o", color=col, label=c)
-        row[0].axhline(0, color="grey", lw=0.8)
-        row[0].set_xlabel("alpha (× median residual norm of B)")
+        for ax, measure in zip(row[:2], ("next token", "continuations")):
+            s = table[(table["pair"] == pair) & (table["measure"] == measure)]
+            for c in conds:
+                g = s[s["condition"] == c].sort_values("strength")
+                if not g.empty:
+                    err = np.vstack([g["effect"] - g["low"], g["high"] - g["effect"]])
+                    ax.errorbar(g["strength"], g["effect"], yerr=err, marker="o", capsize=3, color=colors[c], label=c)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("strength (x mean norm of B's topic vectors)")
         row[0].set_ylabel("rise in log P(topic tokens) (nats)")
-        row[0].set_title(f"{pair}: concept score")
-        row[1].axhline(2, color="grey", ls="--", lw=0.8)
-        row[1].set_yscale("log")
-        row[1].set_xlabel("alpha (× median residual norm of B)")
-        row[1].set_ylabel("perplexity ratio on real text (log)")
-        row[1].set_title("fluency (dashed: 2× unsteered)")
-        row[2].axvline(2, color="grey", ls="--", lw=0.8)
-        row[2].set_xscale("log")
-        row[2].set_xlabel("perplexity ratio (log)")
-        row[2].set_ylabel("rise in concept score (nats)")
-        row[2].set_title("score against fluency")
-        row[0].legend(fontsize=8)
+        row[0].set_title(f"{pair}\nnext token (random: median, 1-99 %)", fontsize=10)
+        row[1].set_ylabel("rise in P(topic) over no steering")
+        row[1].set_title("continuations\n(95 % interval over prompts)", fontsize=10)
+        fl = fluency[fluency["pair"] == pair]
+        for c, g in fl.groupby("condition", sort=False):
+            row[2].plot(g["strength"], g["median ppl ratio"], marker="o", color=colors.get(c, "grey"), label=c)
+        row[2].axhline(1, color="grey", lw=0.8)
+        row[2].set_xscale("log", base=2)
+        row[2].set_yscale("log")
+        row[2].set_xlabel("strength (x mean norm of B's topic vectors)")
+        row[2].set_ylabel("perplexity ratio under unsteered B (median)")
+        row[2].set_title("fluency of the continuations", fontsize=10)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
     return fig

@@ -34,6 +34,7 @@ from .vocab import shared_vocabulary
 __all__ = [
     "LinearMap",
     "MIN_SHARED_ROWS",
+    "clean_rows",
     "embedding_pairs",
     "fit_linear_map",
     "matching_layer",
@@ -153,7 +154,8 @@ def embedding_pairs(
     vocabulary).
 
     Returns:
-        ``(X_a, X_b, shared)`` float32 CPU tensors and the :class:`~embgeo_utils.lm.vocab.SharedVocabulary`.
+        ``(X_a, X_b, shared)`` float32 CPU tensors and the :class:`~embgeo_utils.lm.vocab.SharedVocabulary`, row for
+        row (tokens past either table's rows left out).
     """
 
     if which not in ("input", "output"):
@@ -170,7 +172,54 @@ def embedding_pairs(
     ids_a = torch.as_tensor(shared.ids_a)
     ids_b = torch.as_tensor(shared.ids_b)
     keep = (ids_a < ta.shape[0]) & (ids_b < tb.shape[0])
-    return ta[ids_a[keep]], tb[ids_b[keep]], shared
+    return ta[ids_a[keep]], tb[ids_b[keep]], shared.subset(np.flatnonzero(keep.numpy()))
+
+
+def _first_of_each(rows: np.ndarray) -> np.ndarray:
+    """Bool mask keeping the first of every group of exactly equal rows."""
+    flat = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    keep = np.zeros(len(flat), dtype=bool)
+    keep[np.unique(flat, return_index=True)[1]] = True
+    return keep
+
+
+def clean_rows(
+    x_a: Any, x_b: Any, ids_a: Any, ids_b: Any, flagged_a: np.ndarray, flagged_b: np.ndarray
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows of the shared vocabulary fit to carry a map: trained in both models, no repeated row (chapter 6).
+
+    Quantized tables hold under-trained tokens whose rows sit together near the table's mean, and exact duplicate
+    rows; both are easy to predict and inflate a map's held-out R². A pair is dropped when its token is flagged
+    under-trained in A or in B (:func:`~embgeo_utils.lm.undertrained.find_undertrained`); of the pairs left, only the
+    first of each group whose A row repeats exactly is kept, then the same for B's rows.
+
+    Args:
+        x_a, x_b: the paired rows (:func:`embedding_pairs`).
+        ids_a, ids_b: their token ids in A's and B's tables.
+        flagged_a, flagged_b: bool per row of A's and B's tables, under-trained.
+
+    Returns:
+        ``(keep, counts)``: a bool mask over the pairs and the counts ``pairs``, ``under-trained`` (dropped as
+        such), ``duplicates`` (dropped as repeats) and ``kept``.
+    """
+    a, b = np.asarray(torch.as_tensor(x_a).float()), np.asarray(torch.as_tensor(x_b).float())
+    ia, ib = np.asarray(ids_a, dtype=np.int64), np.asarray(ids_b, dtype=np.int64)
+    if not (a.shape[0] == b.shape[0] == ia.size == ib.size):
+        raise EmbgeoInputError(f"Rows and ids must be paired: {a.shape[0]}, {b.shape[0]}, {ia.size}, {ib.size}.")
+    if ia.size and (ia.max() >= len(flagged_a) or ib.max() >= len(flagged_b)):
+        raise EmbgeoInputError("A token id lies past its flag array; pass one flag per row of each model's table.")
+    keep = ~(np.asarray(flagged_a, dtype=bool)[ia] | np.asarray(flagged_b, dtype=bool)[ib])
+    undertrained = int((~keep).sum())
+    for rows in (a, b):
+        idx = np.flatnonzero(keep)
+        keep[idx[~_first_of_each(rows[idx])]] = False
+    kept = int(keep.sum())
+    return keep, {
+        "pairs": int(ia.size),
+        "under-trained": undertrained,
+        "duplicates": int(ia.size) - undertrained - kept,
+        "kept": kept,
+    }
 
 
 def matching_layer(layer_a: int, n_layers_a: int, n_layers_b: int) -> int:

@@ -6,8 +6,12 @@ left out, then over texts) between a positive and a negative set of texts
 (:func:`steering_vector`). :func:`steer` adds ``alpha * vector`` to the block's
 output at every position through a forward hook, for plain forward passes and for
 ``generate``; the hook is removed on exit, also when the body raises, and several
-may be active at once. :func:`generate` runs batched generation with left padding.
-:func:`continuation_nll` scores fluency, :class:`TopicClassifier` scores the concept.
+may be active at once. :func:`generate_ids` runs batched generation with the KV cache and left padding, one
+steering vector and one sampling seed per sequence (greedy where the seed is ``None``), so that a sequence's
+continuation does not depend on the batch it shares; :func:`generate` is its text front end.
+:func:`last_token_logits` gives the next-token logits after each prompt from one position per row (the
+vocabulary head is the largest matrix of a small model), :func:`sequence_nll` scores fluency,
+:class:`TopicClassifier` scores the concept.
 
 References:
     A. M. Turner, L. Thiergart, D. Udell, G. Leech, U. Mini, M. MacDiarmid (2023),
@@ -20,13 +24,14 @@ References:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..core.cache import cached
 from ..core.errors import EmbgeoInputError
 from ..core.progress import tqdm
 from .models import LoadedModel, base_model, block_output_hook, first_blocks, transformer_blocks
@@ -38,10 +43,13 @@ __all__ = [
     "encode_texts",
     "fit_topic_classifier",
     "generate",
+    "generate_ids",
+    "last_token_logits",
     "residual_means",
     "residual_norm",
     "resume_after",
     "sentence_embeddings",
+    "sequence_nll",
     "steer",
     "steering_vector",
     "token_states",
@@ -287,7 +295,145 @@ def steer(loaded: LoadedModel, layer: int, vector: Any, alpha: float) -> Iterato
         yield
 
 
+def _head(loaded: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The output head on final hidden states (rows), float32, with the model's logit soft-capping if it has one."""
+    logits = loaded.model.get_output_embeddings()(hidden).float()
+    cap = getattr(loaded.model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 @torch.no_grad()
+def last_token_logits(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits after the last real token of each row of a right-padded batch, ``(batch, vocab)`` (chapter 6).
+
+    The body runs on the whole batch (hooks such as :func:`steer` and :func:`resume_after` apply), the output head
+    on one position per row: for a vocabulary of 262,144 tokens the head costs more than the body's half that
+    follows a middle block, so scoring every position would multiply the cost several times.
+    """
+    if ids.shape != mask.shape or ids.ndim != 2:
+        raise EmbgeoInputError(
+            f"ids and mask must be (batch, tokens) of one shape, got {tuple(ids.shape)}, {tuple(mask.shape)}."
+        )
+    last = mask.long().sum(dim=1) - 1
+    if bool((last < 0).any()):
+        raise EmbgeoInputError("Every row needs at least one real token (mask with a 1).")
+    hidden = base_model(loaded.model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    return _head(loaded, hidden[torch.arange(ids.shape[0], device=hidden.device), last.to(hidden.device)])
+
+
+def _stop_ids(loaded: LoadedModel) -> list[int]:
+    """Token ids that end a continuation: the generation config's and the tokenizer's end of text, and padding."""
+    ids: set[int] = set()
+    eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    for value in ([eos] if isinstance(eos, int) else list(eos or [])) + [
+        loaded.tokenizer.eos_token_id,
+        _pad_id(loaded),
+    ]:
+        if value is not None:
+            ids.add(int(value))
+    return sorted(ids)
+
+
+class _RowSampler:
+    """Per-row decoding for ``generate``: a seeded top-k draw where a row has a seed, the argmax elsewhere (chapter 6).
+
+    Each sampled row owns a generator seeded with its seed and draws one uniform number per step, so its
+    continuation depends on its prompt, its steering and its seed, never on the other rows of the batch; two
+    conditions given the same seed draw the same numbers (common random numbers). The draw inverts the cumulative
+    distribution of the ``top_k`` most likely tokens, sorted by probability, at ``temperature``.
+    """
+
+    def __init__(self, seeds: Sequence[int | None], top_k: int | None, temperature: float) -> None:
+        self.rows = [i for i, s in enumerate(seeds) if s is not None]
+        self.gens = [torch.Generator().manual_seed(int(seeds[i])) for i in self.rows]  # type: ignore[arg-type]
+        self.top_k = top_k
+        self.temperature = float(temperature)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            return scores
+        rows = torch.as_tensor(self.rows, device=scores.device)
+        u = torch.cat([torch.rand(1, generator=g) for g in self.gens]).to(scores.device)
+        k = scores.shape[-1] if self.top_k is None else min(int(self.top_k), scores.shape[-1])
+        values, index = torch.topk(scores[rows].float() / self.temperature, k, dim=-1)
+        cdf = torch.softmax(values, dim=-1).cumsum(dim=-1)
+        pick = (cdf < u[:, None]).sum(dim=-1).clamp(max=k - 1)
+        chosen = index[torch.arange(len(self.rows), device=scores.device), pick]
+        out = scores.clone()
+        out[rows] = float("-inf")
+        out[rows, chosen] = 0.0
+        return out
+
+
+@torch.no_grad()
+def generate_ids(
+    loaded: LoadedModel,
+    seqs: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    *,
+    seeds: Sequence[int | None] | None = None,
+    vectors: torch.Tensor | None = None,
+    layer: int | None = None,
+    top_k: int | None = 50,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> list[list[int]]:
+    """New token ids continuing each token sequence: batched, left-padded, with the KV cache (chapter 6).
+
+    Args:
+        loaded: the model.
+        seqs: prompts as token ids (:func:`encode_texts`).
+        max_new_tokens: tokens generated per sequence (fewer when it ends: end of text or padding tokens).
+        seeds: per sequence, the seed of its top-k draw, or ``None`` for greedy decoding (default: all greedy).
+        vectors: ``(len(seqs), d)``, one vector added to block ``layer``'s output of each sequence at every
+            position (:func:`steer`); ``None`` generates unsteered.
+        layer: the steered block (with ``vectors``).
+        top_k, temperature: the sampling distribution of seeded rows (``top_k=None``: the whole vocabulary).
+        batch_size: sequences per call of ``generate``; the result does not depend on it.
+        use_cache: keep the keys and values of past positions (the KV cache); ``False`` recomputes every position
+            at every step (for tests: both give the same tokens).
+        progress: show a progress bar.
+
+    Returns:
+        Per sequence, the new token ids, up to and without the first end-of-text or padding token.
+    """
+    if max_new_tokens < 1:
+        raise EmbgeoInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    rows = [[int(t) for t in s] for s in seqs]
+    if not rows or min(len(s) for s in rows) < 1:
+        raise EmbgeoInputError("Give at least one prompt, each with at least one token.")
+    seeds = list(seeds) if seeds is not None else [None] * len(rows)
+    if len(seeds) != len(rows):
+        raise EmbgeoInputError(f"{len(seeds)} seeds for {len(rows)} sequences; give one per sequence (None: greedy).")
+    block = 0
+    if vectors is not None:
+        vectors = _vector(loaded, vectors)
+        if vectors.ndim != 2 or vectors.shape[0] != len(rows) or layer is None:
+            raise EmbgeoInputError(f"Give one steering vector per sequence, ({len(rows)}, d), and the block to steer.")
+        block = layer
+    pad, stop = _pad_id(loaded), _stop_ids(loaded)
+    out: list[list[int]] = []
+    bar = tqdm(total=len(rows), desc=f"{loaded.info.name} generate", disable=not progress, mininterval=2.0)
+    for start in range(0, len(rows), batch_size):
+        ids, mask = _pad(rows[start : start + batch_size], pad, left=True, dev=loaded.device)
+        sampler = _RowSampler(seeds[start : start + batch_size], top_k, temperature)
+        kwargs: dict[str, Any] = {"logits_processor": [sampler]} if sampler.rows else {}
+        with steer(loaded, block, vectors[start : start + ids.shape[0]], 1.0) if vectors is not None else nullcontext():
+            new = loaded.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=int(max_new_tokens), do_sample=False,
+                temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=stop, use_cache=use_cache,
+                **kwargs,
+            )[:, ids.shape[1] :].tolist()  # fmt: skip
+        for row in new:
+            end = next((i for i, t in enumerate(row) if t in stop), len(row))
+            out.append(row[:end])
+        bar.update(ids.shape[0])
+    bar.close()
+    return out
+
+
 def generate(
     loaded: LoadedModel,
     prompts: Sequence[str],
@@ -295,67 +441,65 @@ def generate(
     *,
     greedy: bool = True,
     temperature: float = 1.0,
+    top_k: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[str]:
-    """Continuations of ``prompts`` (chapter 6): batched, left-padded, greedy or sampled with a seed.
+    """Continuations of ``prompts`` as text (chapter 6): :func:`generate_ids`, greedy or sampled.
 
-    Returns only the new text of each prompt (special tokens dropped).
+    Sampled, prompt ``i`` draws with seed ``seed + i`` (whatever the batch size). Returns only the new text of each
+    prompt (special tokens dropped).
     """
     prompts = _texts(prompts, "prompts")
-    if max_new_tokens < 1:
-        raise EmbgeoInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     seqs = encode_texts(loaded, prompts, max_tokens=10_000)
-    pad = _pad_id(loaded)
-    out: list[str] = []
-    bar = tqdm(total=len(seqs), desc=f"{loaded.info.name} generate", disable=not progress, mininterval=2.0)
-    for start in range(0, len(seqs), batch_size):
-        ids, mask = _pad(seqs[start : start + batch_size], pad, left=True, dev=loaded.device)
-        if not greedy:
-            torch.manual_seed(int(seed) + start)
-        new = loaded.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=int(max_new_tokens),
-            do_sample=not greedy,
-            temperature=float(temperature) if not greedy else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=pad,
-        )[:, ids.shape[1] :]
-        out += loaded.tokenizer.batch_decode(new, skip_special_tokens=True)
-        bar.update(ids.shape[0])
-    bar.close()
-    return out
+    seeds = [None if greedy else int(seed) + i for i in range(len(seqs))]
+    new = generate_ids(
+        loaded, seqs, max_new_tokens, seeds=seeds, top_k=top_k, temperature=temperature, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    return loaded.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 @torch.no_grad()
+def sequence_nll(
+    loaded: LoadedModel, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], batch_size: int = 8
+) -> np.ndarray:
+    """Mean negative log-likelihood (nats per token) of each continuation's ids after its prompt's ids (chapter 6).
+
+    Computed without steering it measures fluency as the unsteered model sees it; ``exp`` of it is the
+    continuation's perplexity. The head runs on the continuation's positions only. An empty continuation gives NaN.
+    """
+    if len(prompts) != len(continuations):
+        raise EmbgeoInputError(f"{len(prompts)} prompts but {len(continuations)} continuations.")
+    body = base_model(loaded.model)
+    out = np.full(len(prompts), np.nan)
+    for start in range(0, len(prompts), batch_size):
+        heads = [list(h) for h in prompts[start : start + batch_size]]
+        tails = [list(t) for t in continuations[start : start + batch_size]]
+        ids, mask = _pad([h + t for h, t in zip(heads, tails)], _pad_id(loaded), left=False, dev=loaded.device)
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        for j, (h, t) in enumerate(zip(heads, tails)):
+            if not t:
+                continue
+            logp = torch.log_softmax(_head(loaded, hidden[j, len(h) - 1 : len(h) + len(t) - 1]), dim=-1)
+            out[start + j] = float(-logp[torch.arange(len(t)), torch.tensor(t, device=logp.device)].mean())
+    return out
+
+
 def continuation_nll(
     loaded: LoadedModel, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8
 ) -> np.ndarray:
-    """Mean negative log-likelihood (nats per token) of each continuation after its prompt (chapter 6).
+    """Mean negative log-likelihood (nats per token) of each continuation text after its prompt (chapter 6).
 
-    ``exp`` of it is the continuation's perplexity; computed without steering it
-    measures fluency as the unsteered model sees it. An empty continuation gives NaN.
+    The texts are encoded (the prompt with BOS where the model needs it) and scored by :func:`sequence_nll`.
     """
     if len(prompts) != len(continuations):
         raise EmbgeoInputError(f"{len(prompts)} prompts but {len(continuations)} continuations.")
     tok = loaded.tokenizer
     heads = encode_texts(loaded, list(prompts), max_tokens=10_000)
     tails = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
-    out = np.full(len(prompts), np.nan)
-    for start in range(0, len(heads), batch_size):
-        seqs = [h + t for h, t in zip(heads[start : start + batch_size], tails[start : start + batch_size])]
-        ids, mask = _pad(seqs, _pad_id(loaded), left=False, dev=loaded.device)
-        logp = torch.log_softmax(loaded.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for j, (h, t) in enumerate(zip(heads[start : start + batch_size], tails[start : start + batch_size])):
-            if not t:
-                continue
-            pos = torch.arange(len(h) - 1, len(h) + len(t) - 1, device=ids.device)
-            target = torch.tensor(t, device=ids.device)
-            out[start + j] = float(-logp[j, pos, target].mean())
-    return out
+    return sequence_nll(loaded, heads, tails, batch_size)
 
 
 @dataclass
@@ -386,9 +530,24 @@ class TopicClassifier:
         return self.proba(texts)[:, self.topics.index(topic)]
 
 
+def sentence_embeddings(
+    encoder: LoadedModel, texts: Sequence[str], batch_size: int = 32, cache: bool = True
+) -> np.ndarray:
+    """Mean-pooled, L2-normalised last hidden states of an encoder such as MiniLM (chapter 6).
+
+    With ``cache`` the embeddings are kept on disk (cache kind ``sentence_embeddings``) under the encoder and the
+    texts, so a rerun that scores the same continuations reads them.
+    """
+    texts = [str(t) for t in texts]
+    if not texts:
+        return np.empty((0, 0), dtype=np.float32)
+    return (_embeddings if cache else _embeddings.compute)(encoder, texts, batch_size)
+
+
+@cached("sentence_embeddings", version=1)
 @torch.no_grad()
-def sentence_embeddings(encoder: LoadedModel, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """Mean-pooled, L2-normalised last hidden states of an encoder such as MiniLM (chapter 6)."""
+def _embeddings(encoder: LoadedModel, texts: list[str], batch_size: int) -> np.ndarray:
+    """The embeddings of :func:`sentence_embeddings`, cached under the encoder (weights, dtype) and the texts."""
     tok = encoder.tokenizer
     out = []
     for start in range(0, len(texts), batch_size):
@@ -399,7 +558,7 @@ def sentence_embeddings(encoder: LoadedModel, texts: Sequence[str], batch_size: 
         m = batch["attention_mask"][:, :, None].float()
         e = (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
         out.append(torch.nn.functional.normalize(e, dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.empty((0, 0))
+    return np.concatenate(out)
 
 
 def fit_topic_classifier(

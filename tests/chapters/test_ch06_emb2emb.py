@@ -1,7 +1,8 @@
-"""Transferred steering (chapter 6): the sweep's shortcuts are exact, and the claim-9 check finds planted effects."""
+"""Transferred steering (chapter 6): the claim-9 checks find planted effects and no absent ones, the native vector
+gates the verdict, the units are prompts, the texts are disjoint, and the sweep and continuations are exact and
+cached."""
 
 import logging
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -13,98 +14,156 @@ from embgeo_utils.core.errors import EmbgeoInputError
 from embgeo_utils.lm import corpus, models, steering
 
 TOPICS = ["Arts", "Geography", "Mathematics"]
+STRENGTHS = [1.0, 2.0]
 
 
-def _sweep(pair, effect, rng, alphas=(0.5, 1.0), ratio=1.2, n_prompts=12, native=1.0):
-    """A synthetic sweep table: ``effect`` is the transferred vector's rise in nats, random vectors do nothing."""
+def _sweep(rng, emb=0.6, native=1.0, lexical=0.0, null_map=0.0, n_prompts=12, n_random=60, swap=0.0):
+    """A synthetic next-token table: each condition's own-topic rise per strength unit; random directions add noise."""
     rows = []
-    for t in TOPICS:
-        for p in range(n_prompts):
-            rows.append((pair, "none", t, 0.0, p, 0.0, 1.0))
-            for al in alphas:
-                for cond, mean in (("emb2emb", effect * al), ("random", 0.0), ("native", native * al)):
-                    rows.append((pair, cond, t, al, p, mean + 0.3 * rng.normal(), ratio * np.exp(0.05 * rng.normal())))
-    return pd.DataFrame(rows, columns=["pair", "condition", "topic", "alpha", "prompt", "rise", "ppl ratio"])
+    effects = {"native": native, "emb2emb": emb, "lexical": lexical, "null map": null_map}
+    for i in range(n_prompts):
+        shift = rng.normal(0, 0.3)  # a prompt-level effect shared by every condition and topic
+        for t in TOPICS:
+            rows.append(("none", "", -1, 0.0, i, t, 0.0))
+            for c, e in effects.items():
+                for st in TOPICS:
+                    for s in STRENGTHS:
+                        mean = e * s if st == t else swap * e * s
+                        rows.append((c, st, -1, s, i, t, mean + 0.1 * shift + 0.1 * rng.normal()))
+    for kind in ch06.RANDOM_KINDS:
+        for k in range(n_random):
+            d = rng.normal(0, 0.04)
+            for i in range(min(4, n_prompts)):
+                for t in TOPICS:
+                    for s in STRENGTHS:
+                        rows.append((kind, "", k, s, i, t, d * s + 0.05 * rng.normal()))
+    cols = ["condition", "topic", "direction", "strength", "prompt", "scored", "rise"]
+    return pd.DataFrame(rows, columns=cols).assign(score=lambda d: d["rise"])
 
 
-def _gens(pair, effect, rng, n_prompts=6, ratio=1.3):
+def _gens(rng, emb=0.2, native=0.4, rand=0.0, n_prompts=40, pair="A → B"):
+    """A synthetic table of scored continuations with the chapter's rotation of topics over samples."""
     rows = []
-    for t in TOPICS:
-        for p in range(n_prompts):
-            rows.append((pair, "none", t, 0.5, p, 0.3 + 0.05 * rng.normal(), 1.0))
-            rows.append((pair, "random", t, 0.5, p, 0.3 + 0.05 * rng.normal(), ratio))
-            rows.append((pair, "native", t, 0.5, p, 0.8 + 0.05 * rng.normal(), ratio))
-            rows.append((pair, "emb2emb", t, 0.5, p, 0.3 + effect + 0.05 * rng.normal(), ratio))
-    return pd.DataFrame(rows, columns=["pair", "condition", "topic", "alpha", "prompt", "score", "ppl ratio"])
+    for i in range(n_prompts):
+        shift = rng.normal(0, 0.1)
+        for k in range(3):
+            t = TOPICS[(i + k) % 3]
+            base = {f"P({x})": float(np.clip(0.1 + shift + 0.03 * rng.normal(), 0, 1)) for x in TOPICS}
+            rows.append({"condition": "none", "strength": 0.0, "prompt": i, "sample": k, "topic": t, **base})
+            for c, e in (("native", native), ("emb2emb", emb), ("random (residual)", rand)):
+                for s in STRENGTHS:
+                    ps = {x: v + (e * s / 2 if x == f"P({t})" else 0) + 0.05 * rng.normal() for x, v in base.items()}
+                    rows.append({"condition": c, "strength": s, "prompt": i, "sample": k, "topic": t, **ps})
+    df = pd.DataFrame(rows)
+    df["score"] = [r[f"P({r['topic']})"] for _, r in df.iterrows()]
+    df["ppl ratio"] = np.where(df["condition"] == "none", 1.0, 1.2)
+    return df.assign(pair=pair)
 
 
-def test_claim9_planted_effect_is_found_and_absent_is_not():
+def _params(chapter_params, **kw):
+    return chapter_params(ch06, strengths=STRENGTHS, n_random_prompts=4, n_permutations=2000, **kw)
+
+
+def _analysis(chapter_params, rng, pair="A → B", sweep_kw=None, gen_kw=None):
+    p = _params(chapter_params)
+    return ch06.pair_analysis(_sweep(rng, **(sweep_kw or {})), _gens(rng, pair=pair, **(gen_kw or {})), p, pair)
+
+
+def test_claim9_finds_a_planted_transfer_and_rules_out_an_absent_one(chapter_params):
     rng = np.random.default_rng(0)
-    planted = ch06.check_claim9(_sweep("A → B", 0.8, rng), _gens("A → B", 0.3, rng), n_permutations=2000)
+    planted = ch06.check_claim9({"A → B": _analysis(chapter_params, rng)})
     assert planted.verdict == "reproduced", planted.table()
-    # with enough units, an absent transfer is ruled out (every upper bound below a tenth of the native effect) ...
-    zero_sweep, zero_gens = _sweep("A → B", 0.0, rng, n_prompts=200, native=3.0), _gens("A → B", 0.0, rng, n_prompts=24)
-    absent = ch06.check_claim9(zero_sweep, zero_gens, n_permutations=2000)
+    assert sum(c.control for c in planted.checks) == 2 and planted.n_claim_checks == 7
+    absent = ch06.check_claim9({"A → B": _analysis(chapter_params, rng, sweep_kw={"emb": 0.0}, gen_kw={"emb": 0.0})})
     assert absent.verdict == "not reproduced", absent.table()
-    # ... with few units it is not: inconclusive, never "not reproduced"
-    few = ch06.check_claim9(_sweep("A → B", 0.0, rng, n_prompts=3), _gens("A → B", 0.0, rng, n_prompts=3))
-    assert few.verdict == "inconclusive", few.table()
-    # the generation test cannot see B's own vector: the positive control fails and the claim is inconclusive
-    blind = _gens("A → B", 0.3, rng)
-    blind.loc[blind["condition"] == "native", "score"] = blind.loc[blind["condition"] == "none", "score"].to_numpy()
-    failed = ch06.check_claim9(_sweep("A → B", 0.8, rng), blind, n_permutations=2000)
-    assert failed.verdict == "inconclusive (positive control failed)", failed.table()
-    both = pd.concat([_sweep("A → B", 0.8, rng), _sweep("C → D", 0.0, rng)])
-    gens = pd.concat([_gens("A → B", 0.3, rng), _gens("C → D", 0.0, rng)])
-    mixed = ch06.check_claim9(both, gens, n_permutations=2000)
+    mixed = ch06.check_claim9(
+        {
+            "A → B": _analysis(chapter_params, rng),
+            "C → D": _analysis(chapter_params, rng, "C → D", {"emb": 0.0}, {"emb": 0.0}),
+        }
+    )
     assert mixed.verdict == "partly reproduced"
     assert all(h for c, h in zip(mixed.checks, mixed.holds) if c.name.startswith("A → B"))
 
 
-def test_claim9_needs_fluency_and_reports_the_native_fraction():
+def test_a_native_vector_that_does_not_steer_makes_the_claim_inconclusive(chapter_params):
     rng = np.random.default_rng(1)
-    broken = ch06.check_claim9(_sweep("A → B", 0.8, rng, ratio=3.0), n_permutations=500)
-    # no fluent strength on the grid is no evidence that none exists: inconclusive, not "not reproduced"
-    assert broken.verdict == "inconclusive" and "perplexity" in broken.checks[0].name
-    r = ch06.pair_analysis(_sweep("A → B", 0.5, rng, native=1.0), n_permutations=500)
-    assert r.alpha_star == 1.0 and r.admissible_alphas == [0.5, 1.0] and r.generations is None
-    assert r.sweep is not None and r.sweep.fraction_of_native == pytest.approx(0.5, abs=0.15)
-    assert ch06.best_strength(_sweep("A → B", 0.5, rng, native=1.0)) == 1.0
+    dead = _analysis(chapter_params, rng, sweep_kw={"native": 0.0}, gen_kw={"native": 0.0, "emb": 0.0})
+    v = ch06.check_claim9({"A → B": dead})
+    assert v.verdict == "inconclusive (positive control failed)"
+    # the minimum a carried vector needs is a fraction of the native effect, never zero
+    assert all(c.min_effect > 0 and c.min_effect_source for c in v.checks)
 
 
-def test_pair_analysis_records_the_keys_of_the_chapter_record():
+def test_controls_can_fail_the_claim(chapter_params):
+    """A lexical vector as strong as the carried one, a carried vector as strong on every topic, and random
+    directions as strong as it each fail their own check and no other."""
     rng = np.random.default_rng(2)
-    sweep_keys = ["alpha*", "units", "rise", "rise random", "rise native", "ppl ratio", "p vs none", "p vs random"]
-    sweep_keys += ["se vs none", "se vs random", "effect vs random", "fraction of native"]
-    gen_keys = ["gen alpha", "gen units", "gen score", "gen score none", "gen score random", "gen p vs none"]
-    gen_keys += ["gen p vs random", "gen se vs none", "gen se vs random", "gen ppl ratio"]
-    full = ch06.pair_analysis(_sweep("A → B", 0.8, rng), _gens("A → B", 0.3, rng), n_permutations=200)
-    native = ["gen score native", "gen fraction of native", "gen p native vs none", "gen se native vs none"]
-    assert list(full.record()) == ["transfer", "admissible alphas", *sweep_keys, *gen_keys, *native]
-    assert full.record()["effect vs random"] == full.sweep.effect_vs_random
-    no_native = _gens("A → B", 0.3, rng).query("condition != 'native'")
-    partial = ch06.pair_analysis(_sweep("A → B", 0.8, rng), no_native, n_permutations=200)
-    assert partial.generations.score_native is None and list(partial.record())[-1] == "gen ppl ratio"
-    broken = ch06.pair_analysis(_sweep("A → B", 0.8, rng, ratio=3.0), _gens("A → B", 0.3, rng), n_permutations=200)
-    assert broken.record() == {"transfer": "emb2emb", "admissible alphas": []} and broken.alpha_star is None
+    lexical = ch06.check_claim9({"A → B": _analysis(chapter_params, rng, sweep_kw={"lexical": 0.6})})
+    failed = [c.name for c, h in zip(lexical.checks, lexical.holds) if not h]
+    assert failed == ["A → B: EMB2EMB > lexical vector of the topic's tokens (next token)"]
+    unspecific = _analysis(chapter_params, rng, gen_kw={"emb": 0.2})
+    gens = _gens(rng)
+    emb = gens["condition"] == "emb2emb"
+    for t in TOPICS:  # the carried vector raises every topic alike
+        gens.loc[emb, f"P({t})"] = gens.loc[emb, "score"]
+    unspecific = ch06.pair_analysis(_sweep(rng), gens, _params(chapter_params), "A → B")
+    assert unspecific.generation["emb2emb: own topic − swapped topic"].effect == pytest.approx(0, abs=0.02)
+    strong_random = ch06.pair_analysis(_sweep(rng), _gens(rng, rand=0.2), _params(chapter_params), "A → B")
+    v = ch06.check_claim9({"A → B": strong_random})
+    assert not v.holds[[c.name for c in v.checks].index("A → B: EMB2EMB > random residual directions (continuations)")]
 
 
-def test_texts_are_split_and_prompts_are_not_summaries(chapter_params):
-    split = {"n_build": 5, "n_classifier": 20, "n_heldout": 10, "n_map_texts": 30, "seed": 0}
-    tx = ch06.topic_texts(chapter_params(ch06, topics=TOPICS, **split))
+def test_the_unit_is_the_prompt(chapter_params):
+    """Every comparison has one unit per prompt; with noise shared by all of a prompt's topics, samples and strengths
+    the prompt-level sign flip keeps its level, where nine units per prompt taken as independent would not."""
+    rng = np.random.default_rng(3)
+    a = ch06.pair_analysis(_sweep(rng), _gens(rng, n_prompts=20), _params(chapter_params), "A → B")
+    assert {c.n for c in a.generation.values()} == {20} and {c.n for c in a.forward.values()} == {12}
+    prompt_level, unit_level = 0, 0
+    for _ in range(100):
+        shared = np.repeat(rng.normal(0, 1, size=16), 9) + 0.1 * rng.normal(size=16 * 9)
+        prompt_level += (
+            ch06.compare_prompts(pd.Series(shared).groupby(np.arange(16 * 9) // 9).mean(), 500).p_value < 0.05
+        )
+        unit_level += ch06.compare_prompts(pd.Series(shared), 500).p_value < 0.05
+    assert prompt_level <= 12 and unit_level >= 25
+
+
+def test_a_vector_is_compared_with_random_directions_as_a_distribution():
+    null = np.random.default_rng(4).normal(0, 1, size=100)
+    far = ch06.beyond_random(6.0, null)
+    assert far.p_value < 1 / 101 and far.empirical_p == pytest.approx(1 / 101) and far.n == 100
+    inside = ch06.beyond_random(float(np.median(null)), null)
+    assert inside.p_value > 0.3 and inside.empirical_p > 0.3
+    with pytest.raises(EmbgeoInputError, match="at least 3"):
+        ch06.beyond_random(1.0, null[:2])
+
+
+def test_texts_are_disjoint_and_prompts_are_not_summaries(chapter_params):
+    small = {"n_build": 5, "n_classifier": 10, "n_score_texts": 6, "n_heldout": 7, "n_other": 20, "n_map_texts": 12}
+    p = chapter_params(ch06, topics=TOPICS, confirm_topics=["History"], **small)
+    tx = ch06.topic_texts(p, TOPICS)
     for t in TOPICS:
-        assert tx.build[t] == tx.classifier[t][:5] and not set(tx.heldout[t]) & set(tx.classifier[t])
-    assert not set(tx.map_texts) & {x for t in TOPICS for x in tx.classifier[t] + tx.heldout[t]}
-    prompts = ch06.neutral_prompts(9, n_words=8, seed=0)
-    assert prompts == ch06.neutral_prompts(9, n_words=8, seed=0) and len(set(prompts)) == 9
-    assert all(len(p.split()) == 8 and "|" not in p for p in prompts)
+        parts = [tx.build[t], tx.classifier[t], tx.score[t], tx.heldout[t]]
+        assert [len(x) for x in parts] == [5, 10, 6, 7] and len({x for part in parts for x in part}) == 28
+    every = {x for d in (tx.build, tx.classifier, tx.score, tx.heldout) for v in d.values() for x in v}
+    rest = tx.other + tx.other_heldout + tx.map_texts
+    assert len(set(rest)) == 52 and not set(rest) & every
+    history = {r["extract"] for r in corpus.wiki_summaries() if r["topic"] == "History"}
+    assert not set(rest) & history  # a topic of either set never feeds the controls or the scorer's "other" class
+    # a topic's split does not depend on the other topics of its set
+    assert ch06.topic_texts(p, ["Arts", "Mathematics"]).build["Arts"] == tx.build["Arts"]
+    neutral = ch06.neutral_texts(chapter_params(ch06, n_prompts=9, prompt_words=8, n_other=10, window_words=6))
+    assert len(set(neutral.prompts)) == 9 and all(len(x.split()) == 8 for x in neutral.prompts)
+    assert all(len(x.split()) <= 6 for x in neutral.fit + neutral.heldout) and len(neutral.fit) == 10
     summaries = " ".join(r["extract"] for r in corpus.wiki_summaries())
-    assert not any(p in summaries for p in prompts)
-    tiny = {"n_build": 1, "n_classifier": 2, "n_heldout": 1, "n_map_texts": 1}
+    assert not any(x in summaries for x in neutral.prompts)
+    assert not any(x in " ".join(neutral.prompts) for x in neutral.fit + neutral.heldout)
     with pytest.raises(EmbgeoInputError, match="Unknown topic"):
-        ch06.topic_texts(chapter_params(ch06, topics=["Cooking", "Arts"], **tiny))
+        ch06.topic_texts(p, ["Cooking", "Arts"])
     with pytest.raises(EmbgeoInputError, match="two distinct"):
-        ch06.topic_texts(chapter_params(ch06, topics=["Arts"], **tiny))
+        ch06.topic_texts(p, ["Arts"])
 
 
 def test_topic_tokens_find_the_planted_word(smollm):
@@ -117,119 +176,130 @@ def test_topic_tokens_find_the_planted_word(smollm):
     assert " river" in [smollm.tokenizer.decode([i]) for i in toks["b"]]
 
 
-@torch.no_grad()
-def test_token_states_stop_early_and_match_the_full_pass(smollm):
-    texts = ["The cat sat on the mat.", "Rain fell on the quiet town all night long."]
-    states = steering.token_states(smollm, texts, 5, skip_first=1)
-    for text, h in zip(texts, states):
-        ids = torch.tensor([steering.encode_texts(smollm, [text])[0]], device=smollm.device)
-        full = smollm.model(input_ids=ids, output_hidden_states=True).hidden_states[5][0, 1:]
-        assert torch.allclose(h, full.float().cpu(), atol=1e-4)
-
-
-@torch.no_grad()
-def test_resume_after_and_per_row_vectors_give_the_full_steered_pass(smollm):
-    texts = ["The cat sat on the mat and looked at the door.", "Rain fell all night."]
-    seqs = steering.encode_texts(smollm, texts)
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=smollm.device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=smollm.device)
-    layer = 12
-    base = smollm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    g = torch.Generator().manual_seed(0)
-    vecs = torch.randn(2, smollm.info.d_model, generator=g)
-    with steering.steer(smollm, layer, vecs, 3.0):
-        full = smollm.model(input_ids=ids, attention_mask=mask).logits
-    with steering.steer(smollm, layer, vecs[0], 3.0):  # one row at a time gives the same
-        first = smollm.model(input_ids=ids[:1], attention_mask=mask[:1]).logits
-    hidden = base.hidden_states[layer]
-    with steering.resume_after(smollm, layer, hidden), steering.steer(smollm, layer, vecs, 3.0):
-        resumed = smollm.model(input_ids=ids, attention_mask=mask).logits
-    m = mask.bool()
-    assert torch.allclose(resumed[m], full[m], atol=1e-4)
-    assert torch.allclose(first[0, : len(seqs[0])], full[0, : len(seqs[0])], atol=1e-4)
-    assert torch.equal(smollm.model(input_ids=ids, attention_mask=mask).logits, base.logits)
-    with pytest.raises(EmbgeoInputError, match="per-sequence"):
-        with steering.steer(smollm, layer, vecs, 1.0):
-            smollm.model(input_ids=ids[:1])
-    with pytest.raises(EmbgeoInputError, match="shape"):
-        with steering.resume_after(smollm, layer, hidden[:1]):
-            smollm.model(input_ids=ids, attention_mask=mask)
-    assert all("forward" not in b.__dict__ for b in models.transformer_blocks(smollm.model))
-
-
-def test_topic_classifier_beats_chance_on_heldout_summaries(chapter_params):
+def test_scorer_is_fitted_and_validated_on_windows(chapter_params):
     enc = models.load("minilm-l6")
-    split = {"n_build": 5, "n_classifier": 30, "n_heldout": 15, "n_map_texts": 1, "seed": 0}
-    tx = ch06.topic_texts(chapter_params(ch06, topics=TOPICS, **split))
-    clf = ch06.fit_classifier(enc, tx, seed=0)
-    assert clf.heldout_accuracy > 1 / len(TOPICS) + 0.3
-    assert clf.score(tx.heldout["Arts"][:3], "Arts").shape == (3,)
+    small = {"n_build": 2, "n_classifier": 20, "n_score_texts": 2, "n_heldout": 10, "n_other": 30, "n_map_texts": 6}
+    p = chapter_params(ch06, topics=TOPICS, confirm_topics=[], n_prompts=4, window_words=15, **small)
+    scorer = ch06.fit_scorer(enc, ch06.topic_texts(p, TOPICS), ch06.neutral_texts(p), p)
+    assert scorer.classes == sorted([*TOPICS, ch06.OTHER]) and scorer.accuracy > 0.5
+    assert scorer.validation.set_index("class")["windows"].to_dict() == {**{t: 10 for t in TOPICS}, "other": 60}
+    proba = scorer.proba(["The painting hangs in the museum beside a sculpture.", ""])
+    assert proba.shape == (2, 4) and np.allclose(proba.sum(axis=1), 1)
 
 
-def test_sweep_table_is_cached_by_content_and_rebuilt_when_damaged(smollm, tmp_cache, monkeypatch, caplog):
+def _transfer(loaded, n_random=3):
     g = torch.Generator().manual_seed(0)
-    d = smollm.info.d_model
-    vectors = {c: {t: torch.randn(d, generator=g) for t in TOPICS[:2]} for c in ("native", "random")}
-    tr = ch06.Transfer(("smollm2-135m", "smollm2-135m"), 6, 6, 10.0, TOPICS[:2], {}, vectors, {}, True)
-    prompts = ["The cat sat on the mat and looked at the door.", "Rain fell on the quiet town all night."]
+    d = loaded.info.d_model
+    vectors = {c: {t: torch.randn(d, generator=g) for t in TOPICS[:2]} for c in ("native", "emb2emb")}
+    random = {k: torch.nn.functional.normalize(torch.randn(n_random, d, generator=g), dim=1) for k in ch06.RANDOM_KINDS}
+    scales = {"median norm": 10.0, "massive dims": 0.0, "median norm without massive dims": 10.0}
+    return ch06.Transfer(("smollm2-135m", "smollm2-135m"), (30, 30), 6, 6, TOPICS[:2], 5.0, scales, {}, vectors, random)
+
+
+@torch.no_grad()
+def test_next_token_scores_are_the_steered_forward_pass_and_cached(
+    smollm, chapter_params, tmp_cache, monkeypatch, caplog
+):
+    tr = _transfer(smollm)
+    p = chapter_params(
+        ch06, strengths=[2.0], sweep_strengths=[2.0], n_sweep_prompts=2, n_random=3, n_random_prompts=1, batch_size=4
+    )
+    prompts = ["The cat sat on the mat and looked at the door.", "Rain fell on the quiet town."]
     tokens = {t: [100 + i, 200 + i] for i, t in enumerate(TOPICS[:2])}
-    first = ch06.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
-    entries = list(tmp_cache.glob("concept_sweep/*/entry.json"))
-    assert len(entries) == 1
+    table = ch06.next_token_scores(smollm, tr, prompts, tokens, p)
+    assert len(table) == (2 * 2 * 1 * 2 + 2 * 3 * 1 * 1 + 2) * 2
+    row = table[
+        (table["condition"] == "emb2emb")
+        & (table["topic"] == TOPICS[1])
+        & (table["prompt"] == 1)
+        & (table["scored"] == TOPICS[1])
+    ]
+    ids = torch.tensor([steering.encode_texts(smollm, prompts[1:])[0]], device=smollm.device)
+    with steering.steer(smollm, 6, tr.direction("emb2emb", TOPICS[1]) * 2.0 * tr.unit, 1.0):
+        logp = torch.log_softmax(smollm.model(input_ids=ids).logits[0, -1].float(), dim=-1)
+    assert float(row["score"].iloc[0]) == pytest.approx(float(torch.logsumexp(logp[tokens[TOPICS[1]]], 0)), abs=1e-4)
+    none = table[(table["condition"] == "none") & (table["prompt"] == 1) & (table["scored"] == TOPICS[1])]
+    assert float(row["rise"].iloc[0]) == pytest.approx(float(row["score"].iloc[0] - none["score"].iloc[0]), abs=1e-6)
 
     def broken(*args, **kwargs):
         raise AssertionError("the cached table should have been read")
 
     with monkeypatch.context() as m:
         m.setattr(smollm.model, "forward", broken)
-        again = ch06.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
-        # an equal transfer made anew (copied vectors, a table of text) has the same key
-        copy = {c: {t: v.clone() for t, v in vs.items()} for c, vs in vectors.items()}
-        table = pd.DataFrame({"condition": ["native", "random"], "topic": TOPICS[:2]})
-        same = ch06.concept_sweep(
-            smollm, replace(tr, vectors=copy, cosines=table), prompts, [0.5], tokens, batch_size=4
-        )
-    pd.testing.assert_frame_equal(first, again)  # bit for bit
-    pd.testing.assert_frame_equal(first, same)
-    # another strength is another entry; a damaged entry is recomputed with a notice
-    other = ch06.concept_sweep(smollm, tr, prompts, [0.25], tokens, batch_size=4)
-    assert set(other["alpha"]) == {0.0, 0.25} and len(list(tmp_cache.glob("concept_sweep/*/entry.json"))) == 2
+        again = ch06.next_token_scores(smollm, tr, prompts, tokens, p)
+    pd.testing.assert_frame_equal(table, again)
+    entries = list(tmp_cache.glob("next_token_scores/*/entry.json"))
     for column in entries[0].parent.glob("a*.npy"):
-        column.write_bytes(b"not a table")
+        column.write_bytes(b"damaged")
     with caplog.at_level(logging.WARNING, logger="embgeo"):
-        rebuilt = ch06.concept_sweep(smollm, tr, prompts, [0.5], tokens, batch_size=4)
-    assert "concept_sweep entry is damaged" in caplog.text and "recomputing it" in caplog.text
-    pd.testing.assert_frame_equal(first, rebuilt)
-    assert len(list(tmp_cache.glob("concept_sweep/*/entry.json"))) == 2
+        rebuilt = ch06.next_token_scores(smollm, tr, prompts, tokens, p)
+    assert "damaged" in caplog.text
+    pd.testing.assert_frame_equal(table, rebuilt)
 
 
-class _HalfAndHalf:
-    """A stand-in topic classifier: the same probability for every topic."""
-
-    topics = TOPICS[:2]
-
-    def proba(self, texts):
-        return np.full((len(texts), 2), 0.5)
-
-
-def test_continuations_are_cached_and_scored_afresh(smollm, tmp_cache, monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    vectors = {"native": {t: torch.randn(smollm.info.d_model, generator=g) for t in TOPICS[:2]}}
-    tr = ch06.Transfer(("smollm2-135m", "smollm2-135m"), 6, 6, 10.0, TOPICS[:2], {}, vectors, {}, True)
-    prompts = ["The cat sat on the mat and", "Rain fell on the quiet town"]
-    first = ch06.steered_generations(smollm, tr, prompts, 0.5, _HalfAndHalf(), ["none", "native"], max_new_tokens=3)
-    assert len(first) == 2 * 2 * 2 and set(first["score"]) == {0.5}
-    assert len(list(tmp_cache.glob("steered_continuations/*/entry.json"))) == 1
-    unsteered = first[first["condition"] == "none"]
-    assert np.allclose(unsteered["ppl ratio"], 1.0) and (first["ppl"] > 1).all()
+def test_continuations_rotate_topics_share_the_unsteered_ones_and_are_cached(
+    smollm, chapter_params, tmp_cache, monkeypatch
+):
+    tr = _transfer(smollm)
+    p = chapter_params(
+        ch06, strengths=[1.0, 2.0], n_samples=1, max_new_tokens=3, n_ppl_prompts=1, n_random=3, gen_batch_size=8
+    )
+    prompts = ["The cat sat on the mat and", "Rain fell on the quiet town", "In the laboratory, the"]
+    gens = ch06.steered_continuations(smollm, tr, prompts, p)
+    steered = gens[gens["condition"] != "none"]
+    assert len(gens) == 3 * 2 + 3 * 2 * 3 * 2 and set(steered["condition"]) == set(ch06.GENERATED[1:])
+    # sample s of prompt i goes to topic (i + s) mod topics, in every condition and strength
+    assert all(t == TOPICS[(i + s) % 2] for t, i, s in zip(gens["topic"], gens["prompt"], gens["sample"]))
+    assert gens["nll"].notna().sum() == gens["prompt"].eq(0).sum()
+    assert np.allclose(gens.loc[(gens["condition"] == "none") & gens["nll"].notna(), "ppl ratio"], 1.0)
+    assert (gens["tokens"] <= 3).all()
+    other = ch06.Transfer(**{**tr.__dict__, "topics": TOPICS[:2][::-1]})
 
     def broken(*args, **kwargs):
         raise AssertionError("the cached continuations should have been read")
 
     with monkeypatch.context() as m:
         m.setattr(smollm.model, "forward", broken)
-        again = ch06.steered_generations(smollm, tr, prompts, 0.5, _HalfAndHalf(), ["none", "native"], max_new_tokens=3)
-    pd.testing.assert_frame_equal(first, again)
-    with pytest.raises(EmbgeoInputError, match="Unknown condition"):
-        ch06.steered_generations(smollm, tr, prompts, 0.5, _HalfAndHalf(), ["emb2emb"])
+        again = ch06.steered_continuations(smollm, tr, prompts, p)
+        with pytest.raises(AssertionError, match="cached continuations"):
+            ch06.steered_continuations(smollm, other, prompts, p)  # other topics: new steered continuations ...
+    assert len(list(tmp_cache.glob("steered_continuations/*/entry.json"))) == 2  # ... but the unsteered ones are shared
+    pd.testing.assert_frame_equal(gens, again)
+    scored = ch06.score_continuations(gens, _Uniform())
+    assert set(scored["score"]) == {0.5} and "P(Arts)" in scored
+
+
+class _Uniform:
+    """A stand-in scorer: the same probability for every class."""
+
+    classes = TOPICS[:2]
+
+    def proba(self, texts):
+        return np.full((len(texts), 2), 0.5)
+
+
+def test_a_topic_sets_claim_reports_power_checks_and_dose_response(chapter_params):
+    """evaluate_claim9 on a planted transfer: the summary names every check with its status, the detectable effect
+    and the power target; the dose-response table has one row per condition and strength of each measure."""
+    rng = np.random.default_rng(5)
+    d = 8
+    scales = {"median norm": 10.0, "massive dims": 1.0, "median norm without massive dims": 5.0}
+    vectors = {"native": {t: torch.ones(d) for t in TOPICS}}
+    tr = ch06.Transfer(("A", "B"), (4, 4), 2, 2, TOPICS, 2.0, scales, {}, vectors, {})
+    run = ch06.PairRun(tr, {}, _sweep(rng), _gens(rng))
+    scorer = type("S", (), {"accuracy": 0.9})()
+    claim = ch06.evaluate_claim9({"A → B": run}, scorer, _params(chapter_params), "development")
+    assert claim.verdict.verdict == "reproduced" and claim.value == pytest.approx(
+        claim.analyses["A → B"].generation["emb2emb − none"].effect
+    )
+    power = claim.power_table()
+    assert len(power) == 3 and (power["n"] == 40).all() and power["target met"].all()
+    text = claim.summary()
+    assert "detectable effect" in text and text.count(", holds") == 9 and "(control)" in text
+    assert "emb2emb 1.2 at 1, 1.2 at 2" in text  # the median perplexity ratios, per condition and strength
+    dose = ch06.dose_response({"A → B": run}, n_boot=200)
+    cont = dose[dose["measure"] == "continuations"]
+    assert set(cont["condition"]) == set(ch06.GENERATED[1:]) and (cont["n"] == 40).all()
+    units = ch06.strength_units([tr], STRENGTHS)
+    assert units["x median residual norm"].tolist() == pytest.approx([0.2, 0.4])
+    assert units["x median norm without massive dims"].tolist() == pytest.approx([0.4, 0.8])

@@ -71,3 +71,19 @@ def test_residual_pairs_pair_the_same_characters(smollm, gemma, tmp_cache):
     assert ra.shape[0] == rb.shape[0] and 0 < ra.shape[0] <= xa.shape[0] and rb.shape[1] == 640
     again = emb2emb.residual_pairs(smollm, gemma, texts, 15, 9, max_tokens=32)  # from the cache
     assert torch.equal(again[0], ra) and torch.equal(again[1], rb)
+
+
+def test_clean_rows_drop_undertrained_tokens_and_repeated_rows():
+    g = np.random.default_rng(3)
+    a, b = g.normal(size=(8, 4)).astype(np.float32), g.normal(size=(8, 5)).astype(np.float32)
+    a[5] = a[2]  # a repeated row of A
+    b[7] = b[1]  # a repeated row of B
+    ids_a, ids_b = np.arange(8) + 10, np.arange(8)
+    flag_a, flag_b = np.zeros(20, bool), np.zeros(8, bool)
+    flag_a[13] = True  # pair 3 is under-trained in A
+    flag_b[4] = True  # pair 4 in B
+    keep, counts = emb2emb.clean_rows(a, b, ids_a, ids_b, flag_a, flag_b)
+    assert keep.tolist() == [True, True, True, False, False, False, True, False]
+    assert counts == {"pairs": 8, "under-trained": 2, "duplicates": 2, "kept": 4}
+    with pytest.raises(EmbgeoInputError, match="paired"):
+        emb2emb.clean_rows(a, b[:5], ids_a, ids_b, flag_a, flag_b)
