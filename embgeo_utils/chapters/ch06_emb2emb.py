@@ -84,6 +84,11 @@ __all__ = [
     "Comparison",
     "DistributionComparison",
     "FRACTION_OF_NATIVE",
+    "CANDIDATE_COLUMNS",
+    "CONTROL_SOURCE",
+    "claim_checks",
+    "usable_strengths",
+    "MAX_PPL_RATIO",
     "GENERATED",
     "NeutralTexts",
     "OTHER",
@@ -144,6 +149,10 @@ CONTROL_MIN_GENERATION = 0.05
 CONTROL_MIN_FORWARD = 0.1
 #: The fraction of the native vector's effect a carried vector must reach to count as steering.
 FRACTION_OF_NATIVE = 0.25
+#: Largest median perplexity ratio (continuations under unsteered B, against the unsteered continuation of the same
+#: prompt and seed) at which a vector's continuations count as steered text rather than broken text; a strength is
+#: read only where both B's own vector and EMB2EMB stay within it (chapter 6, :func:`usable_strengths`).
+MAX_PPL_RATIO = 2.0
 
 
 @dataclass(frozen=True)
@@ -1105,8 +1114,9 @@ def _gen_swap(g: pd.DataFrame, condition: str, topics: list[str]) -> pd.Series:
 def _generation_comparisons(g: pd.DataFrame, topics: list[str], n_perm: int, seed: int) -> dict[str, Comparison]:
     """Chapter 6: the paired comparisons of the continuations (effects in probability of the topic)."""
     out = {f"{c} − none": compare_prompts(_gen_over_none(g, c), n_perm, seed) for c in GENERATED[1:]}
-    diff = (_gen_units(g, "emb2emb") - _gen_units(g, "random (residual)")).groupby(level="prompt").mean()
-    out["emb2emb − random (residual)"] = compare_prompts(diff, n_perm, seed)
+    for c in ("native", "emb2emb"):
+        diff = (_gen_units(g, c) - _gen_units(g, "random (residual)")).groupby(level="prompt").mean()
+        out[f"{c} − random (residual)"] = compare_prompts(diff, n_perm, seed)
     for c in ("native", "emb2emb"):
         out[f"{c}: own topic − swapped topic"] = compare_prompts(_gen_swap(g, c, topics), n_perm, seed)
     return out
@@ -1126,7 +1136,8 @@ def _forward_comparisons(
     out = {f"{c} − none": compare_prompts(per[c], n_perm, seed) for c in per}
     for other in ("null map", "lexical"):
         if other in per:
-            out[f"emb2emb − {other}"] = compare_prompts(per["emb2emb"] - per[other], n_perm, seed)
+            for c in ("native", "emb2emb"):
+                out[f"{c} − {other}"] = compare_prompts(per[c] - per[other], n_perm, seed)
     swapped = _forward_rise(f, "emb2emb", strengths, own=False).groupby("prompt")["rise"].mean()
     out["emb2emb: own topic − swapped topic"] = compare_prompts(
         per["emb2emb"] - swapped.reindex(per["emb2emb"].index), n_perm, seed
@@ -1180,6 +1191,8 @@ class PairAnalysis:
         random_by_topic: the same per random kind, topic and strength, with empirical p-values.
         fluency: per generated condition and strength, ``median ppl ratio`` of the continuations under unsteered B
             and ``continuations`` measured.
+        by_strength: the same numbers at each strength alone (empty in those per-strength analyses themselves);
+            the checks read these (:func:`check_claim9`), the pooled ones above are descriptive.
     """
 
     pair: str
@@ -1189,6 +1202,7 @@ class PairAnalysis:
     random: dict[str, DistributionComparison]
     random_by_topic: pd.DataFrame = field(repr=False)
     fluency: pd.DataFrame = field(repr=False)
+    by_strength: dict[float, PairAnalysis] = field(default_factory=dict, repr=False)
 
     def record(self) -> dict[str, Any]:
         """Every number as the chapter's record holds it."""
@@ -1207,27 +1221,54 @@ class PairAnalysis:
         return pd.DataFrame(rows).assign(pair=self.pair).set_index(["pair", "measure", "comparison"])
 
 
-def pair_analysis(sweep: pd.DataFrame, gens: pd.DataFrame, p: Parameters, pair: str | None = None) -> PairAnalysis:
+def pair_analysis(
+    sweep: pd.DataFrame,
+    gens: pd.DataFrame,
+    p: Parameters,
+    pair: str | None = None,
+    strengths: list[float] | None = None,
+) -> PairAnalysis:
     """Chapter 6: the numbers behind claim 9 for one pair: continuations, next-token scores, random distributions.
 
     Continuations (``gens``, scored by :func:`score_continuations`) are compared over prompts, each prompt's
-    differences averaged over ``p.strengths`` and samples (:class:`Comparison`); the next-token ``sweep`` at
-    ``p.strengths`` likewise over its prompts and topics; the native and EMB2EMB vectors against each kind of random
-    direction on the first ``p.n_random_prompts`` prompts (:class:`DistributionComparison`).
+    differences averaged over the strengths (``strengths``, by default ``p.strengths``) and samples
+    (:class:`Comparison`); the next-token ``sweep`` at those strengths likewise over its prompts and topics; the
+    native and EMB2EMB vectors against each kind of random direction on the first ``p.n_random_prompts`` prompts
+    (:class:`DistributionComparison`). Over the default strengths, :attr:`PairAnalysis.by_strength` holds the same
+    analysis at each strength alone.
     """
     pair = pair or str(gens["pair"].iloc[0])
     topics = sorted({t for t in gens["topic"]}, key=list(dict.fromkeys(gens["topic"])).index)
-    strengths = [float(s) for s in p.strengths]
+    pooled = strengths is None
+    chosen = [float(s) for s in (p.strengths if strengths is None else strengths)]
+    by_strength = {s: pair_analysis(sweep, gens, p, pair, [s]) for s in chosen} if pooled else {}
+    gens = gens[(gens["condition"] == "none") | gens["strength"].isin(chosen)]
     conditions = [c for c in CONDITIONS if c in set(sweep["condition"]) and c not in RANDOM_KINDS]
     kw = {"n_perm": p.n_permutations, "seed": p.seed}
     flu = gens[gens["condition"] != "none"].dropna(subset=["ppl ratio"])
     fluency = flu.groupby(["condition", "strength"], sort=False)["ppl ratio"].agg(["median", "size"])
     fluency = fluency.rename(columns={"median": "median ppl ratio", "size": "continuations"}).reset_index()
     return PairAnalysis(
-        pair, topics, _generation_comparisons(gens, topics, **kw), _forward_comparisons(sweep, conditions, strengths, **kw),
-        _distributions(sweep, strengths, p.n_random_prompts), _random_by_topic(sweep, strengths, p.n_random_prompts),
-        fluency,
+        pair, topics, _generation_comparisons(gens, topics, **kw), _forward_comparisons(sweep, conditions, chosen, **kw),
+        _distributions(sweep, chosen, p.n_random_prompts), _random_by_topic(sweep, chosen, p.n_random_prompts),
+        fluency, by_strength,
     )  # fmt: skip
+
+
+def usable_strengths(a: PairAnalysis) -> list[float]:
+    """Chapter 6: the strengths at which both B's own vector and EMB2EMB keep their continuations fluent.
+
+    Fluent: the median perplexity ratio of the condition's continuations at that strength is at most
+    :data:`MAX_PPL_RATIO`. Broken text (repeated words, symbols) can look on-topic to a scorer of topics; a
+    strength where either vector breaks B says nothing about steering.
+    """
+    flu = a.fluency.set_index(["condition", "strength"])["median ppl ratio"]
+    out = []
+    for s in sorted(a.by_strength):
+        ratios = [flu.get((c, s), np.nan) for c in ("native", "emb2emb")]
+        if all(np.isfinite(r) and r <= MAX_PPL_RATIO for r in ratios):
+            out.append(s)
+    return out
 
 
 def _min_source(ceiling: float, floor: float, unit: str, measure: str) -> tuple[float, str]:
@@ -1239,49 +1280,126 @@ def _min_source(ceiling: float, floor: float, unit: str, measure: str) -> tuple[
     )
 
 
-def _pair_checks(a: PairAnalysis) -> list[Check]:
-    """The checks of one pair (chapter 6, :func:`check_claim9`): two positive controls, seven claim checks."""
-    gn, fn = a.generation["native − none"], a.forward["native − none"]
-    g_min, g_src = _min_source(gn.effect, CONTROL_MIN_GENERATION, "in probability", "continuation")
-    f_min, f_src = _min_source(fn.effect, CONTROL_MIN_FORWARD, "nats", "next-token")
-    control_g = "practical: one continuation in twenty moved to the topic by B's own vector"
-    control_f = "practical: B's own vector raises the probability of the topic's tokens by a tenth (0.1 nats)"
-
-    def paired(name: str, c: Comparison, minimum: float, source: str, control: bool = False) -> Check:
-        return Check(f"{a.pair}: {name}", c.effect, c.p_value, minimum, c.n, c.se, 1, source, c.n_permutations, control)
-
-    def beyond(name: str, c: DistributionComparison) -> Check:
-        return Check(f"{a.pair}: {name}", c.effect, c.p_value, f_min, c.n, c.se, 1, f_src)
-
+def _claim_rows(a: PairAnalysis) -> list[tuple[str, bool, Any, Any]]:
+    """Every candidate claim check at one strength: (label, in continuations?, EMB2EMB's comparison, the same
+    comparison for B's own vector, its twin)."""
     g, f, r = a.generation, a.forward, a.random
+    iso, res = r["emb2emb vs random (isotropic)"], r["emb2emb vs random (residual)"]
     return [
-        paired("B's own vector > no steering (continuations)", gn, CONTROL_MIN_GENERATION, control_g, True),
-        paired("B's own vector > no steering (next token)", fn, CONTROL_MIN_FORWARD, control_f, True),
-        paired("EMB2EMB > no steering (continuations)", g["emb2emb − none"], g_min, g_src),
-        paired("EMB2EMB > random residual directions (continuations)", g["emb2emb − random (residual)"], g_min, g_src),
-        paired("EMB2EMB on its topic > on the other topics (continuations, topic swap)", g["emb2emb: own topic − swapped topic"], g_min, g_src),
-        beyond(f"EMB2EMB > {r['emb2emb vs random (isotropic)'].n} isotropic random directions (next token)", r["emb2emb vs random (isotropic)"]),
-        beyond(f"EMB2EMB > {r['emb2emb vs random (residual)'].n} residual random directions (next token)", r["emb2emb vs random (residual)"]),
-        paired("EMB2EMB > shuffled-row map (next token)", f["emb2emb − null map"], f_min, f_src),
-        paired("EMB2EMB > lexical vector of the topic's tokens (next token)", f["emb2emb − lexical"], f_min, f_src),
+        ("EMB2EMB > no steering (continuations)", True, g["emb2emb − none"], g["native − none"]),
+        ("EMB2EMB > random residual directions (continuations)", True, g["emb2emb − random (residual)"],
+         g["native − random (residual)"]),
+        ("EMB2EMB on its topic > on the other topics (continuations, topic swap)", True,
+         g["emb2emb: own topic − swapped topic"], g["native: own topic − swapped topic"]),
+        ("EMB2EMB > no steering (next token)", False, f["emb2emb − none"], f["native − none"]),
+        (f"EMB2EMB > {iso.n} isotropic random directions (next token)", False, iso, r["native vs random (isotropic)"]),
+        (f"EMB2EMB > {res.n} residual random directions (next token)", False, res, r["native vs random (residual)"]),
+        ("EMB2EMB > shuffled-row map (next token)", False, f["emb2emb − null map"], f["native − null map"]),
+        ("EMB2EMB > lexical vector of the topic's tokens (next token)", False, f["emb2emb − lexical"],
+         f["native − lexical"]),
     ]  # fmt: skip
+
+
+#: The columns of :func:`claim_checks`' table of candidate checks.
+CANDIDATE_COLUMNS = [
+    "pair",
+    "strength",
+    "check",
+    "EMB2EMB effect",
+    "own vector's effect",
+    "own vector's p",
+    "informative",
+]
+
+CONTROL_SOURCE = {
+    True: "practical: one continuation in twenty moved to the topic by B's own vector",
+    False: "practical: B's own vector raises the probability of the topic's tokens by a tenth (0.1 nats)",
+}
+
+
+def _control(pair: str, name: str, c: Any, in_text: bool, s: float) -> Check:
+    minimum = CONTROL_MIN_GENERATION if in_text else CONTROL_MIN_FORWARD
+    return Check(f"{pair}: {name} at strength {s:g}", c.effect, c.p_value, minimum, c.n, c.se, 1,
+                 CONTROL_SOURCE[in_text], getattr(c, "n_permutations", None), True)  # fmt: skip
+
+
+def claim_checks(a: PairAnalysis, alpha: float = 0.01) -> tuple[list[Check], pd.DataFrame]:
+    """Chapter 6: one pair's checks of claim 9, and every candidate check with its native twin.
+
+    Only strengths where both vectors stay fluent are read (:func:`usable_strengths`); without one, the pair gets
+    one inconclusive check, and B's own vector is still tested at its own fluent strengths. At each usable strength:
+    the positive controls (B's own vector over no steering, in continuations and in the next-token score), and
+    every candidate comparison of :func:`_claim_rows` whose twin — the same comparison made for B's own vector —
+    passes (effect at least the control's minimum, p below ``alpha`` over the number of candidates): a comparison
+    that B's own vector cannot pass cannot show that a carried vector fails it. Such a check enters with its twin
+    as a further control; the others are reported in the table as not informative. Each claim check needs
+    :data:`FRACTION_OF_NATIVE` of B's own vector's effect over no steering on the same measure and strength.
+    """
+    usable = usable_strengths(a)
+    checks: list[Check] = []
+    rows: list[dict[str, Any]] = []
+    if not usable:
+        flu = a.fluency.set_index(["condition", "strength"])["median ppl ratio"]
+        native_ok = [s for s in sorted(a.by_strength) if flu.get(("native", s), np.inf) <= MAX_PPL_RATIO]
+        for s in native_ok:
+            b = a.by_strength[s]
+            checks.append(
+                _control(a.pair, "B's own vector > no steering (continuations)", b.generation["native − none"], True, s)
+            )
+        if not native_ok:
+            checks.append(Check(f"{a.pair}: B's own vector keeps its continuations fluent at some strength", -1.0,
+                                None, 1.0, min_effect_source=f"median perplexity ratio at most {MAX_PPL_RATIO:g}",
+                                control=True))  # fmt: skip
+        checks.append(Check(f"{a.pair}: EMB2EMB keeps its continuations fluent at some strength", -1.0, None, 1.0,
+                            min_effect_source=f"median perplexity ratio at most {MAX_PPL_RATIO:g} for both vectors: "
+                            "broken text is not steering"))  # fmt: skip
+        return checks, pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+    for s in usable:
+        b = a.by_strength[s]
+        candidates = _claim_rows(b)
+        checks.append(
+            _control(a.pair, "B's own vector > no steering (continuations)", b.generation["native − none"], True, s)
+        )
+        checks.append(
+            _control(a.pair, "B's own vector > no steering (next token)", b.forward["native − none"], False, s)
+        )
+        base = {True: b.generation["native − none"].effect, False: b.forward["native − none"].effect}
+        for label, in_text, emb, twin in candidates:
+            floor = CONTROL_MIN_GENERATION if in_text else CONTROL_MIN_FORWARD
+            informative = twin.effect >= floor and twin.p_value < alpha / len(candidates)
+            rows.append({"pair": a.pair, "strength": s, "check": label, "EMB2EMB effect": emb.effect,
+                         "own vector's effect": twin.effect, "own vector's p": twin.p_value, "informative": informative})  # fmt: skip
+            if not informative:
+                continue
+            minimum, source = _min_source(base[in_text], floor, "in probability" if in_text else "nats",
+                                          "continuation" if in_text else "next-token")  # fmt: skip
+            checks.append(Check(f"{a.pair}: {label} at strength {s:g}", emb.effect, emb.p_value, minimum, emb.n,
+                                emb.se, 1, source, getattr(emb, "n_permutations", None)))  # fmt: skip
+            if "> no steering" not in label:
+                checks.append(_control(a.pair, "B's own vector " + label.removeprefix("EMB2EMB "), twin, in_text, s))
+    if all(c.control for c in checks):
+        checks.append(Check(f"{a.pair}: a comparison that B's own vector passes at a fluent strength", -1.0, None,
+                            1.0, min_effect_source="a comparison B's own vector fails says nothing about EMB2EMB"))  # fmt: skip
+    return checks, pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
 
 def check_claim9(analyses: Mapping[str, PairAnalysis], alpha: float = 0.01) -> Verdict:
     """Chapter 6, claim 9: the carried vector steers B better than random directions and no steering.
 
-    Per pair (:func:`pair_analysis`), two positive controls: B's own (native) vector raises the topic's probability
-    in continuations by at least :data:`CONTROL_MIN_GENERATION` and its next-token score by at least
-    :data:`CONTROL_MIN_FORWARD` nats. Seven claim checks, each needing at least :data:`FRACTION_OF_NATIVE` of the
-    native vector's effect on the same measure: in continuations, EMB2EMB beats no steering, the random residual
-    directions (one per continuation) and its own continuations steered towards the other topics (topic swap); in
-    the next-token score, it beats the distributions of isotropic and of residual random directions, the map fitted
-    on shuffled rows, and the lexical vector of the topic's score tokens. Controls and claim checks are two Holm
-    families (:func:`embgeo_utils.core.stats.verdict`); a control that does not hold makes the claim inconclusive.
+    Per pair, the checks of :func:`claim_checks`: read only at strengths where B's own vector and EMB2EMB both keep
+    their continuations fluent (median perplexity ratio at most :data:`MAX_PPL_RATIO`); positive controls (B's own
+    vector over no steering, in continuations by at least :data:`CONTROL_MIN_GENERATION` and in the next-token score
+    by at least :data:`CONTROL_MIN_FORWARD` nats); claim checks — in continuations, EMB2EMB beats no steering, the
+    random residual directions and its own continuations steered towards the other topics (topic swap); in the
+    next-token score, it beats no steering, the distributions of isotropic and residual random directions, the map
+    fitted on shuffled rows and the lexical vector of the topic's score tokens — each only where B's own vector
+    passes the same comparison, and each needing :data:`FRACTION_OF_NATIVE` of the native vector's effect. Controls
+    and claim checks are two Holm families (:func:`embgeo_utils.core.stats.verdict`); a control that does not hold
+    makes the claim inconclusive.
     """
     if not analyses:
         raise EmbgeoInputError("check_claim9 needs at least one pair.")
-    return verdict([c for a in analyses.values() for c in _pair_checks(a)], alpha=alpha)
+    return verdict([c for a in analyses.values() for c in claim_checks(a, alpha)[0]], alpha=alpha)
 
 
 # --- The chapter's pipeline: one pair, then every pair -------------------------------------------------------------
@@ -1345,8 +1463,16 @@ class Claim9:
 
     @property
     def value(self) -> float | None:
-        """The headline: the smallest EMB2EMB effect over no steering in continuations over pairs (probability)."""
-        return min((a.generation["emb2emb − none"].effect for a in self.analyses.values()), default=None)
+        """The headline: the smallest EMB2EMB effect over no steering in continuations, over pairs and the strengths
+        where both vectors stay fluent (probability); ``None`` without such a strength."""
+        effects = [a.by_strength[s].generation["emb2emb − none"].effect
+                   for a in self.analyses.values() for s in usable_strengths(a)]  # fmt: skip
+        return min(effects, default=None)
+
+    def candidates(self) -> pd.DataFrame:
+        """Every candidate claim check at the usable strengths with its native twin (:func:`claim_checks`)."""
+        tables = [claim_checks(a, self.verdict.alpha)[1] for a in self.analyses.values()]
+        return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
     def record(self) -> dict[str, Any]:
         """The topic set's verdict, its per-pair verdicts and numbers, for the chapter's record."""
@@ -1372,33 +1498,44 @@ class Claim9:
         for c, d in zip(self.verdict.checks, self.verdict.detectable):
             if "(continuations" not in c.name or c.control or d is None:
                 continue
-            pair = c.name.split(":")[0]
-            half = self.analyses[pair].generation["native − none"].effect / 2
+            pair, strength = c.name.split(":")[0], float(c.name.rsplit("at strength ", 1)[1])
+            half = self.analyses[pair].by_strength[strength].generation["native − none"].effect / 2
             rows.append(
                 {"check": c.name, "n": c.n, "detectable effect": d, "native effect / 2": half, "target met": d <= half}
             )
-        return pd.DataFrame(rows).set_index("check")
+        columns = ["check", "n", "detectable effect", "native effect / 2", "target met"]
+        return pd.DataFrame(rows, columns=columns).set_index("check")
 
     def summary(self) -> str:
         """This topic set's result in markdown: per pair the native and EMB2EMB effects, then the verdict."""
         lines = [f"**{self.label.capitalize()} topics** ({', '.join(self.topics)}); scorer accuracy "
                  f"{self.scorer_accuracy:.3f} on held-out windows."]  # fmt: skip
         for p, a in self.analyses.items():
-            g = a.generation
-            n, e, r = g["native − none"], g["emb2emb − none"], g["emb2emb − random (residual)"]
             v = self.per_pair[p]
             detect = dict(zip([c.name for c in v.checks], v.detectable or (None,) * len(v.checks)))
-            d = detect.get(f"{p}: EMB2EMB > no steering (continuations)")
-            lines.append(
-                f"- **{p}** ({v.verdict}): in continuations, B's own vector raises P(topic) by "
-                f"{n.effect:.3f} [{n.low:.3f}, {n.high:.3f}], EMB2EMB by {e.effect:.3f} [{e.low:.3f}, {e.high:.3f}] "
-                f"and beats random residual directions by {r.effect:.3f} [{r.low:.3f}, {r.high:.3f}] (n = {e.n} prompts"
-                + (f"; detectable effect {d:.3f}, half the native effect {n.effect / 2:.3f}" if d is not None else "")
-                + ")."
-            )
+            usable = usable_strengths(a)
+            lines.append(f"- **{p}** ({v.verdict}); strengths where both vectors keep their continuations fluent "
+                         f"(median perplexity ratio at most {MAX_PPL_RATIO:g}): "
+                         f"{', '.join(f'{x:g}' for x in usable) or 'none'}.")  # fmt: skip
+            for s in sorted(a.by_strength):
+                g = a.by_strength[s].generation
+                n, e, r = g["native − none"], g["emb2emb − none"], g["emb2emb − random (residual)"]
+                d = detect.get(f"{p}: EMB2EMB > no steering (continuations) at strength {s:g}")
+                lines.append(
+                    f"  At strength {s:g}{'' if s in usable else ' (not read: not fluent)'}, in continuations, B's "
+                    f"own vector raises P(topic) by {n.effect:.3f} [{n.low:.3f}, {n.high:.3f}], EMB2EMB by "
+                    f"{e.effect:.3f} [{e.low:.3f}, {e.high:.3f}] and beats random residual directions by "
+                    f"{r.effect:.3f} [{r.low:.3f}, {r.high:.3f}] (n = {e.n} prompts"
+                    + (
+                        f"; detectable effect {d:.3f}, half the native effect {n.effect / 2:.3f}"
+                        if d is not None
+                        else ""
+                    )
+                    + ")."
+                )
             flu = a.fluency.set_index(["condition", "strength"])["median ppl ratio"]
             lines.append(
-                "  Median perplexity under unsteered B, relative to the unsteered continuation's (not a check): "
+                "  Median perplexity ratio under unsteered B, against the unsteered continuation (the fluency gate): "
                 + "; ".join(
                     f"{c} " + ", ".join(f"{flu[c, s]:.3g} at {s:g}" for s in flu[c].index)
                     for c in dict.fromkeys(flu.index.get_level_values(0))
