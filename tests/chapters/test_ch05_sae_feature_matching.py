@@ -175,12 +175,12 @@ def test_run_pair_holds_out_caches_and_measures_the_ceiling(smollm, gemma, tmp_c
     p = chapter_params(ch05, passage_tokens=48, heldout_fraction=0.25, expansion=1, k=4, epochs=1, batch_size=64,
                        lr=None, seeds=[0, 1], token_fractions=[0.5, 1.0], loss_passages=2, n_permutations=40,
                        n_components=[5], rsa_rows=100, n_boot=2, seed=0)  # fmt: skip
-    first = ch05.run_pair(smollm, gemma, texts, [0.3, 0.5, 0.7], p)
+    first = ch05.run_pair(smollm, gemma, texts, [0.3, 0.7], p)
     held = int(first.tokens.heldout.sum())
     assert 0 < held < len(first.aligned) and not (first.tokens.train & first.tokens.heldout).any()
-    assert len(first.cross) == 3 * 2 and len(first.layers.ceiling) == 3 * 2  # depths x seeds; depths x models x pairs
+    assert len(first.cross) == 2 * 2 and len(first.layers.ceiling) == 2 * 2  # depths x seeds; depths x models x pairs
     assert set(first.layers.boot["replicate"]) == {0, 1}
-    assert len(first.curve) == 2 * 2 and first.curve["train tokens"].is_monotonic_increasing is not None
+    assert len(first.curve) == 2 * 2 and (first.curve.groupby("model")["train tokens"].diff().dropna() > 0).all()
     row = first.cross.iloc[0]
     assert row["distinct A"] <= row["pairs (many-to-one)"] and row["pairs"] == row["distinct A"]
 
@@ -188,13 +188,15 @@ def test_run_pair_holds_out_caches_and_measures_the_ceiling(smollm, gemma, tmp_c
         raise AssertionError("the cached comparison should have been read")
 
     monkeypatch.setattr(ch05, "compare_pairs", no_compare)
-    again = ch05.run_pair(smollm, gemma, texts, [0.3, 0.5, 0.7], p)
+    again = ch05.run_pair(smollm, gemma, texts, [0.3, 0.7], p)
     pd.testing.assert_frame_equal(first.cross, again.cross)
     pd.testing.assert_frame_equal(first.layers.ceiling, again.layers.ceiling)
     for key, kept in first.kept.items():
         np.testing.assert_array_equal(kept.a, again.kept[key].a)
     with pytest.raises(AssertionError, match="cached comparison"):  # another permutation count: another key
-        ch05.run_pair(smollm, gemma, texts, [0.3, 0.5, 0.7], replace(p, n_permutations=41))
+        ch05.run_pair(smollm, gemma, texts, [0.3, 0.7], replace(p, n_permutations=41))
     monkeypatch.undo()
     profile = ch05.depth_profile(first.layers, first.saes, first.names)
-    assert list(profile["depth"]) == [0.3, 0.5, 0.7] and "ceiling RSA excess" in profile
+    assert list(profile["depth"]) == [0.3, 0.7] and "ceiling RSA excess" in profile
+    with pytest.raises(EmbgeoInputError, match="at least 3 matched depths"):  # part (b) needs an interior depth
+        ch05.peak_statistic(first.layers, first.saes, first.names)
