@@ -52,7 +52,7 @@ import torch
 from ..core.cache import array_digest, cached, content_key
 from ..core.device import get_device
 from ..core.errors import EmbgeoInputError
-from ..core.progress import tqdm
+from ..core.progress import LOG, tqdm
 from ..core.stats import Check, Verdict, from_null, verdict
 from ..geometry.matching import (
     FeaturePairs,
@@ -113,10 +113,12 @@ __all__ = [
     "plot_depth_profile",
     "plot_sae_quality",
     "plot_svcca_curves",
+    "precision_agreement",
     "profile_projection",
     "run_cross_pair",
     "run_pair",
     "sae_quality",
+    "summary_lines",
     "token_curve",
     "top_tokens",
     "train",
@@ -433,6 +435,60 @@ def extract(
     return PairTokens(matched, list(depths), layers_a, layers_b, aligned, train_rows, heldout, seconds)
 
 
+@cached("sae_float32_states", version=1)
+def _float32_states(name: str, model_key: Any, ids: np.ndarray, layers: list[int], device: str) -> dict[int, Any]:
+    """Chapter 5: block outputs of ``name`` loaded in float32 (``model_key`` identifies the weights), cached."""
+    import gc
+
+    from ..lm import models
+    from ..lm.activations import hidden_states
+
+    f32 = models.load(name, device=device, dtype="float32")
+    hidden = hidden_states(
+        f32, ids, ids.shape[1], batch_size=EXTRACT_BATCH, with_loss=False, layers=layers, cache=False, progress=False
+    ).hidden[:, :, 1:]
+    del f32
+    gc.collect()
+    return {layer: hidden[:, j].reshape(-1, hidden.shape[-1]) for j, layer in enumerate(layers)}
+
+
+def precision_agreement(
+    a: LoadedModel, b: LoadedModel, tokens: PairTokens, p: Parameters, n_passages: int = 4
+) -> pd.DataFrame:
+    """Chapter 5: the stored activations the SAEs see against the same weights computed in float32.
+
+    The chapter computes each model in its loading dtype (bfloat16 for a model stored so, float32 otherwise) and
+    stores the block outputs in float16. For the first ``n_passages`` passages, each model is loaded again in
+    float32 and run on the same tokens. Only for a pair with one tokenizer (every position kept); for two
+    tokenizers the table is empty.
+
+    Returns:
+        One row per model and studied block: ``model``, ``compute dtype``, ``layer``, ``tokens``, ``relative squared
+        error`` (squared error over the float32 activations' variance, the units of FVU) and ``mean cosine``.
+    """
+    import pandas as pd
+
+    al = tokens.aligned
+    rows = np.flatnonzero(al.passage < n_passages)
+    columns = ["model", "compute dtype", "layer", "tokens", "relative squared error", "mean cosine"]
+    if a.tokenizer.get_vocab() != b.tokenizer.get_vocab() or len(rows) != n_passages * (p.passage_tokens - 1):
+        LOG.info("precision check skipped: the two models tokenize differently (only aligned positions are kept)")
+        return pd.DataFrame(columns=columns)
+    out = []
+    for loaded, acts, layers in ((a, al.acts_a, tokens.layers_a), (b, al.acts_b, tokens.layers_b)):
+        ids = passage_ids(loaded, al.texts[:n_passages], p.passage_tokens)
+        ref = _float32_states(loaded.info.name, loaded.cache_key(), ids, list(layers), loaded.device.type)
+        for layer in layers:
+            x, r = np.asarray(acts[layer][rows], dtype=np.float64), np.asarray(ref[layer], dtype=np.float64)
+            cos = (x * r).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(r, axis=1), 1e-30)
+            out.append({
+                "model": loaded.info.name, "compute dtype": str(next(loaded.model.parameters()).dtype), "layer": layer,
+                "tokens": len(rows), "relative squared error": float(((x - r) ** 2).sum() / ((r - r.mean(0)) ** 2).sum()),
+                "mean cosine": float(cos.mean()),
+            })  # fmt: skip
+    return pd.DataFrame(out)
+
+
 @dataclass
 class LayerSAE:
     """One trained SAE with its held-out quality (chapter 5)."""
@@ -599,8 +655,9 @@ def profile_projection(tokens: PairTokens, curve: Any, names: tuple[str, str], p
     """Chapter 5: the time a run on ``n_tokens`` training tokens per model would take, from this run's speeds.
 
     Extraction: the forward passes' tokens per second of this run (both models, every studied block; held-out tokens
-    added in this run's proportion). Training: the SAE tokens per second of :func:`token_curve` at the largest share,
-    times ``p.epochs``, times the SAEs of the chapter (studied blocks x seeds). Loss recovered and matching do not
+    added in this run's proportion). Training: the SAE tokens per second over every SAE of :func:`token_curve`
+    (their tokens times epochs over their seconds: one slow share on a busy machine weighs by its time only), times
+    ``p.epochs``, times the SAEs of the chapter (studied blocks x seeds). Loss recovered and matching do not
     grow with the training tokens and are left out.
 
     Returns:
@@ -614,7 +671,7 @@ def profile_projection(tokens: PairTokens, curve: Any, names: tuple[str, str], p
         ran = len(tokens.aligned)
         extract_rate = ran / tokens.seconds[i] if tokens.seconds[i] > 0 else float("nan")
         c = curve[curve["model"] == name]
-        sae_rate = float(c.sort_values("share")["tokens per second"].iloc[-1])
+        sae_rate = float((c["train tokens"] * p.epochs).sum() / max(float(c["train seconds"].sum()), 1e-9))
         n_saes = len(tokens.layers_a if i == 0 else tokens.layers_b) * len(p.seeds)
         rows.append({
             "model": name, "extract tokens/s": extract_rate, "SAE tokens/s": sae_rate,
@@ -987,8 +1044,8 @@ def depth_profile(layers: LayerComparisons, table: pd.DataFrame, names: tuple[st
     Columns: ``depth``, ``layer A``, ``layer B``, ``pairs`` (one-to-one, mean over seeds); ``RSA``, ``RSA excess``
     (over the null mean), ``RSA p``, ``RSA null std`` and the same for ``SVCCA``, each over the seeds' mean against
     the mean of their nulls; ``RSA excess min`` and ``max`` over seeds; ``ceiling RSA ...`` and ``ceiling SVCCA
-    ...`` the same over every pair of seeds of both models; ``fraction of ceiling`` (RSA excess over the ceiling's);
-    ``fvu A`` and ``fvu B`` (held-out, mean over seeds).
+    ...`` the same over every pair of seeds of both models; ``fraction of ceiling`` (RSA excess over the ceiling's;
+    NaN where the ceiling's is below :data:`CONTROL_MIN_RSA`); ``fvu A`` and ``fvu B`` (held-out, mean over seeds).
     """
     import pandas as pd
 
@@ -1007,7 +1064,7 @@ def depth_profile(layers: LayerComparisons, table: pd.DataFrame, names: tuple[st
             row.update({f"ceiling {k}": v for k, v in _combined(ceil, [n[0] for n in cn], "RSA").items()})
             row.update({f"ceiling {k}": v for k, v in _combined(ceil, [n[1] for n in cn], "SVCCA").items()})
             ceil_excess = row["ceiling RSA excess"]
-            row["fraction of ceiling"] = row["RSA excess"] / ceil_excess if ceil_excess > 0 else np.nan
+            row["fraction of ceiling"] = row["RSA excess"] / ceil_excess if ceil_excess >= CONTROL_MIN_RSA else np.nan
         for side, name, layer in (("A", names[0], row["layer A"]), ("B", names[1], row["layer B"])):
             q = table[(table["model"] == name) & (table["layer"] == layer)]
             row[f"fvu {side}"] = float(q["fvu"].mean())
@@ -1073,13 +1130,12 @@ def _part_a_checks(r: Any, ceiling_fraction: float, n_permutations: int) -> list
     checks = []
     for stat in ("RSA", "SVCCA"):
         ceil = float(r.get(f"ceiling {stat} excess", np.nan))
-        minimum = ceiling_fraction * ceil if np.isfinite(ceil) and ceil > 0 else 1e-3
+        minimum = ceiling_fraction * max(ceil if np.isfinite(ceil) else 0.0, CONTROL_MIN_RSA)
         source = (
-            f"{ceiling_fraction:.0%} of the seed ceiling's {stat} above its null at this depth ({ceil:.3f}): "
-            "'far more similar than chance' read as keeping that share of what two seeds of one model share"
+            f"{ceiling_fraction:.0%} of the seed ceiling's {stat} above its null at this depth ({ceil:.3f}), and at "
+            f"least {ceiling_fraction:.0%} of the smallest ceiling the control accepts ({CONTROL_MIN_RSA}): 'far more "
+            "similar than chance' read as keeping that share of what two seeds of one model share"
         )
-        if not (np.isfinite(ceil) and ceil > 0):
-            source = "the seed ceiling has no excess here; a nominal 0.001"
         name = f"one-to-one {stat} > null, {where}"
         effect = float(r.get(f"{stat} excess", np.nan))
         if not np.isfinite(effect):
@@ -1109,10 +1165,12 @@ def check_claim10(
 
     * (a) at every matched depth, the one-to-one RSA and SVCCA (headline ``n``) of the seeds' mean above the mean of
       their nulls (effect: the excess; permutation p of the mean against the draw-by-draw mean of independent nulls),
-      with the smallest effect ``ceiling_fraction`` of the seed ceiling's excess at that depth;
+      with the smallest effect ``ceiling_fraction`` of the seed ceiling's excess at that depth (of
+      :data:`CONTROL_MIN_RSA` where the ceiling is lower: a near-zero ceiling gives no near-zero minimum);
     * (b) the best interior depth's similarity minus the better edge's (:func:`peak_statistic`), raw and with FVU
       as a covariate; effect the mean over seeds and resampled held-out passages, p from its standard error (normal
-      approximation), smallest effect ``ceiling_fraction`` of the mean seed ceiling;
+      approximation), smallest effect ``ceiling_fraction`` of the mean seed ceiling (at least of
+      :data:`CONTROL_MIN_RSA`);
     * control, at every depth: the seed ceiling's one-to-one RSA above its null by at least :data:`CONTROL_MIN_RSA`.
 
     ``profile`` is :func:`depth_profile`'s table, ``peak`` :func:`peak_statistic`'s result.
@@ -1125,8 +1183,11 @@ def check_claim10(
     for _, r in profile.iterrows():
         checks += _part_a_checks(r, ceiling_fraction, n_permutations)
     mean_ceiling = float(profile["ceiling RSA excess"].mean())
-    minimum = ceiling_fraction * mean_ceiling if np.isfinite(mean_ceiling) and mean_ceiling > 0 else 1e-3
-    source = f"{ceiling_fraction:.0%} of the seed ceiling's RSA excess, mean over depths ({mean_ceiling:.3f})"
+    minimum = ceiling_fraction * max(mean_ceiling if np.isfinite(mean_ceiling) else 0.0, CONTROL_MIN_RSA)
+    source = (
+        f"{ceiling_fraction:.0%} of the seed ceiling's RSA excess, mean over depths ({mean_ceiling:.3f}), and at "
+        f"least {ceiling_fraction:.0%} of the smallest ceiling the control accepts ({CONTROL_MIN_RSA})"
+    )
     span = f"{peak['depths'][0]:.2f}-{peak['depths'][-1]:.2f}"
     for key, label in (("raw", ""), ("fvu", " (FVU as a covariate)")):
         e = peak[key]
@@ -1245,6 +1306,63 @@ def run_cross_pair(a: LoadedModel, b: LoadedModel, texts: Sequence[str], p: Para
 
     q = replace(p, seeds=list(p.seeds[:1]))
     return run_pair(a, b, list(texts[: p.cross_passages]), p.cross_depths, q, progress, study=False)
+
+
+def _span(values: Any, fmt: str = ".3f") -> str:
+    """``"low–high"`` of the finite values (one value when they agree, "n/a" when there is none)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return "n/a"
+    low, high = format(float(v.min()), fmt), format(float(v.max()), fmt)
+    return low if low == high else f"{low}–{high}"
+
+
+def summary_lines(pair: PairResult, claim: Claim10, fvu_bars: dict[str, float]) -> list[str]:
+    """Chapter 5's summary in words, every number from the run: the SAEs (held-out FVU against ``fvu_bars`` per
+    model, dead latents, loss), the FVU-against-tokens curve, the many-to-one groups, one-to-one against
+    many-to-one RSA with their nulls, the seed ceiling, part (b) and the verdict (markdown list items)."""
+    t, c, m, pk = pair.saes, pair.cross, claim.profile, claim.peak
+    bar = t["fvu"] <= t["model"].map(fvu_bars)
+    lines = [
+        f"- SAEs ({len(t)}: {len(pair.seeds)} seeds): held-out FVU "
+        + "; ".join(f"{name} {_span(q['fvu'], '.2f')}" for name, q in t.groupby("model", sort=False))
+        + f" on {int(t['train tokens'].iloc[0]):,} training tokens ({int(bar.sum())} of {len(t)} within the bar); "
+        f"dead latents at most {t['dead_fraction'].max():.1%}; loss recovered {_span(t['loss recovered'], '.2f')}, "
+        f"a loss increase of {_span(t['loss increase (nats)'], '.2f')} nats."
+    ]
+    if pair.curve is not None and len(pair.curve):
+        parts = [f"{name} {q['fvu'].iloc[0]:.2f} at {int(q['train tokens'].iloc[0]):,} tokens to "
+                 f"{q['fvu'].iloc[-1]:.2f} at {int(q['train tokens'].iloc[-1]):,}"
+                 for name, q in pair.curve.sort_values("train tokens").groupby("model", sort=False)]  # fmt: skip
+        lines.append("- Held-out FVU against training tokens: " + "; ".join(parts) + ".")
+    lines.append(
+        f"- Many-to-one pairs: {_span(c['pairs (many-to-one)'], '.0f')} per comparison from "
+        f"{_span(c['distinct A'], '.0f')} distinct A latents (largest group {int(c['largest group'].max())}); the "
+        f"one-to-one pairs keep {_span(c['pairs'], '.0f')}."
+    )
+    if "RSA (many-to-one)" in c:
+        lines.append(
+            f"- One-to-one RSA {_span(c['RSA'])} against null maxima {_span(c['RSA null max'])} (p "
+            f"{_span(c['RSA p'], '.4f')}); many-to-one RSA {_span(c['RSA (many-to-one)'])}, p "
+            f"{_span(c['RSA p (many-to-one, B shuffled)'], '.4f')} against the shuffled-B null and "
+            f"{_span(c['RSA p (many-to-one, groups kept)'], '.4f')} against the null that keeps the groups."
+        )
+    share = _span(m["fraction of ceiling"] * 100, ".0f")
+    share = (
+        f"the cross-model excess is {share} % of the ceiling where the ceiling passes the control"
+        if share != "n/a"
+        else f"no depth's ceiling reaches the control's {CONTROL_MIN_RSA}, so no share of it is given"
+    )
+    lines += [
+        f"- Seeds' mean one-to-one RSA above its null: {_span(m['RSA excess'])} over depths; the seed ceiling's "
+        f"{_span(m['ceiling RSA excess'])}; {share}.",
+        f"- Part (b): best interior depth minus the better edge {pk['raw']['effect']:.3f} (95 % of {pk['draws']} "
+        f"draws in {pk['raw']['low']:.3f} to {pk['raw']['high']:.3f}), with FVU as a covariate "
+        f"{pk['fvu']['effect']:.3f} ({pk['fvu']['low']:.3f} to {pk['fvu']['high']:.3f}): {claim.part_b}.",
+        f"- Claim 10: **{claim.verdict.summary()}**.",
+    ]
+    return lines
 
 
 def feature_examples(result: PairResult, la: int, lb: int, n: int = 4, top: int = 3, width: int = 40) -> Any:

@@ -166,6 +166,8 @@ def test_check_claim10_planted_absent_partly_and_control():
     assert partly.verdict == "partly reproduced" and not any(partly.holds[-2:])
     blind = ch05.check_claim10(_profile([0.0, 0.0, 0.0], ceiling=0.01, p=0.6), _peak(-0.05), 2000)
     assert blind.verdict == "inconclusive (positive control failed)"
+    # a near-zero ceiling gives no near-zero minimum: a tenth of the smallest ceiling the control accepts
+    assert all(c.min_effect == pytest.approx(0.1 * ch05.CONTROL_MIN_RSA) for c in blind.checks if not c.control)
     with pytest.raises(EmbgeoInputError, match="permutations"):  # the Holm floor binds at 200 permutations
         ch05.check_claim10(_profile([0.2, 0.3, 0.15]), _peak(0.1), 200)
 
@@ -200,3 +202,15 @@ def test_run_pair_holds_out_caches_and_measures_the_ceiling(smollm, gemma, tmp_c
     assert list(profile["depth"]) == [0.3, 0.7] and "ceiling RSA excess" in profile
     with pytest.raises(EmbgeoInputError, match="at least 3 matched depths"):  # part (b) needs an interior depth
         ch05.peak_statistic(first.layers, first.saes, first.names)
+
+
+def test_precision_agreement_compares_stored_activations_with_float32(smollm, gemma, tmp_cache, chapter_params):
+    texts = [p.text for p in corpus.load_passages(4, smollm.tokenizer, min_tokens=24, max_tokens=24, seed=0)]
+    p = chapter_params(ch05, passage_tokens=24, heldout_fraction=0.25)
+    tokens = ch05.extract(smollm, smollm, texts, [0.5], p)
+    table = ch05.precision_agreement(smollm, smollm, tokens, p, n_passages=2)
+    assert len(table) == 2 and (table["tokens"] == 2 * 23).all()
+    assert (table["compute dtype"] == "torch.float32").all()
+    assert (table["relative squared error"] < 1e-4).all() and (table["mean cosine"] > 0.9999).all()  # float16 storage
+    two = ch05.precision_agreement(smollm, gemma, ch05.extract(smollm, gemma, texts, [0.5], p), p, n_passages=2)
+    assert two.empty and "mean cosine" in two  # two tokenizers: nothing to compare position by position
