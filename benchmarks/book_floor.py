@@ -23,7 +23,6 @@ import _timing
 import torch
 
 from embgeo_utils.book.parameters import notebook_parameters
-from embgeo_utils.chapters import ch05_sae_feature_matching as ch05
 from embgeo_utils.lm import models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,26 +65,27 @@ def chapter4(shapes: dict[str, Shape]) -> float:
 def chapter5(shapes: dict[str, Shape]) -> float:
     p = defaults("05_sae_feature_matching.ipynb")
     t = p["passage_tokens"]
-    tokens = p["n_passages"] * t
-    train = tokens * (1 - p["heldout_fraction"])
-    loss_tokens = ch05.LOSS_TEXTS * t  # ch05.sae_quality: loss recovered on LOSS_TEXTS held-out texts
+    seeds = len(p["seeds"])
 
-    def side(name: str, depths: list[float]) -> tuple[float, float]:
+    def side(name: str, depths: list[float], passages: int, n_seeds: int, study: bool) -> tuple[float, float]:
         s = shapes[name]
+        tokens = passages * t
+        train = tokens * (1 - p["heldout_fraction"])
         deepest = max(int(round(x * s.n_layers)) for x in depths) + 1
         extract = tokens * s.forward(t, blocks=deepest, head=False)
-        loss = loss_tokens * (1 + 2 * len(depths)) * s.forward(t)  # clean once, then spliced and ablated per SAE
+        # ch05.sae_quality: loss recovered of the first seed's SAEs on loss_passages held-out passages, clean once
+        loss = p["loss_passages"] * t * (1 + 2 * len(depths)) * s.forward(t) if study else 0.0
         latents = p["expansion"] * s.d
-        sae = len(depths) * p["epochs"] * train * 4.0 * s.d * latents  # dense encoder, forward and weight gradient
+        # dense encoder forward and weight gradient per token and epoch; the token curve adds its smaller shares
+        shares = len(depths) * n_seeds + (sum(p["token_fractions"]) - 1 if study else 0)
+        sae = shares * p["epochs"] * train * 4.0 * s.d * latents
         return extract + loss, sae
 
     work = 0.0
-    for name, depths in ((p["model_a"], p["depths"]), (p["model_b"], p["depths"])):
-        model_work, sae_work = side(name, depths)
-        work += model_work + sae_work
-    work += side(p["model_a"], p["depths"][len(p["depths"]) // 2 : len(p["depths"]) // 2 + 1])[1]  # seed ceiling
+    for name in (p["model_a"], p["model_b"]):
+        work += sum(side(name, p["depths"], p["n_passages"], seeds, True))
     for name in p["cross_pair"]:
-        work += sum(side(name, p["cross_depths"]))
+        work += sum(side(name, p["cross_depths"], min(p["cross_passages"], p["n_passages"]), 1, False))
     return work
 
 

@@ -1,27 +1,29 @@
 """Chapter 5, SAE feature matching across scale: do the features of a small and a larger model match?
 
-Son et al. (2025), after Lan et al. (2024), train a sparse autoencoder (SAE) on each of two models, pair each
-latent of one with the latent of the other whose activations correlate most over the same tokens, and ask whether
-the paired decoder directions are arranged alike in the two spaces (claim 10): above a permutation null, and most
-in the middle layers. The chapter runs that pipeline on one pair of models in named stages:
+Son et al. (2025), after Lan et al. (2024), take a sparse autoencoder (SAE) for each of two models, pair each latent
+of one with the latent of the other whose activations correlate most over the same tokens, and ask whether the
+paired decoder directions are arranged alike in the two spaces (claim 10): above a permutation null, and most in
+the middle layers. Both papers used pretrained SAEs; none exists offline for the book's models, so this chapter
+trains its own. It runs the pipeline on one pair of models in named stages:
 
-1. :func:`extract`: both models' block outputs at the token positions both tokenizers cut alike
-   (:func:`~embgeo_utils.lm.alignment.aligned_activations`), at the same relative depths (:func:`pair_layers`),
-   split by passage into training and held-out tokens (:class:`PairTokens`);
-2. :func:`train`: a cached TopK SAE per studied block and its quality on held-out tokens (:class:`TrainedSAEs`);
-3. match, :func:`match_layer`: the Pearson correlation of every latent of A with every latent of B
-   (:func:`~embgeo_utils.geometry.matching.activation_correlation`), each B latent paired with its most correlated
-   A latent, and Lan et al.'s filters counted one by one (:func:`filter_pairs`);
-4. compare, :func:`compare_decoders`: RSA and SVCCA of the kept pairs' decoder rows, each against a null of random
-   re-pairings. :func:`compare_layer` chains stages 3 and 4 for one layer pair; :func:`match_and_compare` runs
-   them, cached (:func:`layer_comparison`), for every layer of A against every layer of B (:class:`LayerComparisons`);
-5. :func:`check`: claim 10's verdict (:func:`check_claim10`, with :func:`best_depth_subsamples` for the location of
-   the maximum; :class:`Claim10`).
+1. :func:`extract`: both models' block outputs on the same passages at the same relative depths
+   (:func:`pair_layers`; one forward pass per batch of passages gives every block, cached in chunks by
+   :func:`block_outputs`), split by passage into training and held-out tokens (:class:`PairTokens`);
+2. :func:`train`: TopK SAEs for every studied block of each model and every seed, their quality on held-out tokens
+   and the loss recovered (:class:`TrainedSAEs`); :func:`token_curve` measures held-out FVU against the number of
+   training tokens;
+3. match, on held-out tokens only: the correlation of every latent of A with every latent of B, Lan et al.'s
+   many-to-one pairs and filters (:func:`filter_pairs`, with :func:`top_tokens` counting only active positions),
+   then one pair per A latent (the primary pairs) and the Hungarian assignment on the filtered correlations;
+4. compare, :func:`compare_pairs` / :func:`compare_layer`: RSA and SVCCA of the one-to-one pairs' decoder rows
+   against random re-pairings, the Hungarian pairs the same way, and the many-to-one pairs against a null that keeps
+   their groups (:func:`~embgeo_utils.geometry.matching.rsa_group_test`). :func:`match_and_compare` does this for
+   every matched depth and seed, and for pairs of seeds of one model: the seed ceiling (:class:`LayerComparisons`);
+   :func:`depth_bootstrap` re-matches on resampled held-out passages for the uncertainty of part (b);
+5. :func:`check`: claim 10's verdict (:func:`check_claim10`; :class:`Claim10`).
 
-:func:`run_pair` chains stages 1-4 (:class:`PairResult`); :func:`seed_ceiling` compares two SAEs of one model that
-differ only in their seed (:class:`SeedCeiling`), the ceiling cross-model numbers are read against;
-:func:`feature_examples` shows the best-matched features in context, and two figures show the grid and the SVCCA
-curves.
+:func:`run_pair` chains stages 1-4 (:class:`PairResult`); :func:`feature_examples` shows matched features in context,
+and the figures show the SAE quality, the similarity against depth with its ceiling, and the SVCCA curves.
 
 References:
     M. Lan, P. Torr, A. Meek, A. Khakzar, D. Krueger, F. Barez (2024), Quantifying
@@ -31,6 +33,8 @@ References:
     J. Son et al. (2025), Semantic convergence: investigating shared
     representations across scaled LLMs, arXiv:2507.22918.
 
+    L. Gao et al. (2024), Scaling and evaluating sparse autoencoders, arXiv:2406.04093.
+
     M. Raghu, J. Gilmer, J. Yosinski, J. Sohl-Dickstein (2017), SVCCA: singular
     vector canonical correlation analysis, NeurIPS.
 """
@@ -38,7 +42,7 @@ References:
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,11 +52,23 @@ import torch
 from ..core.cache import array_digest, cached, content_key
 from ..core.device import get_device
 from ..core.errors import EmbgeoInputError
-from ..core.stats import Check, Verdict, verdict
-from ..geometry.matching import FeaturePairs, activation_correlation, match_features, rsa, rsa_test, svcca_curve_test
+from ..core.progress import LOG, tqdm
+from ..core.stats import Check, Verdict, from_null, verdict
+from ..geometry.matching import (
+    FeaturePairs,
+    activation_correlation,
+    group_sizes,
+    hungarian_pairs,
+    match_features,
+    one_per_a,
+    rsa,
+    rsa_group_test,
+    rsa_test,
+    svcca_curve_test,
+)
 from ..lm.alignment import AlignedTokens, aligned_activations
 from ..lm.models import LoadedModel
-from ..lm.sae import cached_loss_recovered, cached_sae, encode_all, sae_metrics
+from ..lm.sae import TopKSAE, cached_loss_recovered, cached_sae, encode_all, sae_metrics
 from .style import need_columns
 
 if TYPE_CHECKING:
@@ -61,36 +77,49 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHAPTER",
+    "CONTROL_MIN_RSA",
     "Claim10",
-    "EncodedLayer",
-    "LOSS_TEXTS",
+    "Comparison",
+    "CompareSettings",
+    "EXTRACT_BATCH",
+    "EXTRACT_CHUNK",
+    "Encoded",
+    "GROUP_NULL_PERMUTATIONS",
     "LayerComparisons",
     "LayerSAE",
     "PairResult",
     "PairTokens",
     "Parameters",
-    "SeedCeiling",
     "TITLE",
     "TrainedSAEs",
-    "best_depth_subsamples",
+    "block_outputs",
     "check",
     "check_claim10",
+    "layer_comparison",
     "compare_decoders",
     "compare_layer",
-    "encode_layers",
+    "compare_pairs",
+    "depth_bootstrap",
+    "depth_profile",
     "extract",
     "feature_examples",
     "filter_pairs",
-    "layer_comparison",
     "match_and_compare",
-    "match_layer",
     "non_concept_tokens",
     "pair_layers",
-    "plot_sae_layer_heatmaps",
+    "passage_ids",
+    "passage_states",
+    "peak_statistic",
+    "plot_depth_profile",
+    "plot_sae_quality",
     "plot_svcca_curves",
+    "precision_agreement",
+    "profile_projection",
+    "run_cross_pair",
     "run_pair",
     "sae_quality",
-    "seed_ceiling",
+    "summary_lines",
+    "token_curve",
     "top_tokens",
     "train",
     "train_layer_saes",
@@ -100,28 +129,14 @@ __all__ = [
 CHAPTER = "ch05_sae_feature_matching"
 TITLE = "SAE feature matching across scale"
 
-#: Held-out texts the loss recovered of every SAE is measured on (chapter 5).
-LOSS_TEXTS = 4
+#: Permutations of the many-to-one group null (chapter 5): it ranks every draw anew, and it is reported beside the
+#: checks, not in them.
+GROUP_NULL_PERMUTATIONS = 200
 
-#: Claim 10's minimum effects (chapter 5, :func:`check_claim10`): (value, where it comes from).
-CEILING_SHARE = (
-    0.25,
-    "a quarter of the seed ceiling's excess over its null (two SAEs of one model that differ only in their seed, "
-    "through the same pipeline): 'far more similar than chance' read as a clear share of what one model shows",
-)
-MIN_CONTROL_RSA = (
-    0.05,
-    "practical: two SAEs of one model on the same activations must beat the null by a Spearman correlation of 0.05, "
-    "or the pipeline could not show 'far more similar' between models",
-)
-MIN_CONTROL_SVCCA = (
-    0.02,
-    "practical: two SAEs of one model must raise SVCCA above its null by 0.02 (mean canonical correlation)",
-)
-MIN_INTERIOR = (
-    0.45,
-    "part (b)'s 'most in the middle layers' read as a maximum strictly inside the studied depths in 95 % of subsamples",
-)
+#: The positive control's smallest effect (chapter 5): two SAEs of one model that differ only in their seed must
+#: share at least this much RSA above their null, about five times the largest RSA null maximum (0.011) the chapter
+#: measured at 500 rows (revision log, fdd2287).
+CONTROL_MIN_RSA = 0.05
 
 
 @dataclass(frozen=True)
@@ -139,13 +154,18 @@ class Parameters:
     epochs: int
     batch_size: int
     lr: float | None
+    seeds: list[int]
+    token_fractions: list[float]
+    loss_passages: int
     n_permutations: int
     n_components: list[int]
     rsa_rows: int
     min_corr: float
-    n_subsamples: int
+    n_boot: int
+    ceiling_fraction: float
     cross_pair: list[str]
     cross_depths: list[float]
+    cross_passages: int
     alpha: float
     seed: int
     device: str
@@ -175,14 +195,24 @@ def non_concept_tokens(tokenizer: Any) -> np.ndarray:
 
 
 def top_tokens(z: Any, token_ids: np.ndarray, latents: np.ndarray, top: int = 5) -> np.ndarray:
-    """Token ids at the ``top`` most activating positions of each latent, ``(len(latents), top)`` (chapter 5)."""
+    """Token ids at the ``top`` most activating positions of each latent, among the positions where it is active.
+
+    Chapter 5. Returns ``(len(latents), top)``; a latent active at fewer than ``top`` positions gets fewer tokens
+    and ``-1`` in the rest of its row (a dead latent: ``-1`` only), never a position where it is silent.
+    """
     t = torch.as_tensor(z)
     ids = np.asarray(token_ids).ravel()
     if ids.size != t.shape[0]:
         raise EmbgeoInputError(f"token_ids has {ids.size} entries for {t.shape[0]} rows of latents.")
-    cols = t[:, torch.as_tensor(np.asarray(latents), dtype=torch.long)]
-    rows = torch.topk(cols, min(top, t.shape[0]), dim=0).indices.T.cpu().numpy()
-    return ids[rows]
+    lat = np.asarray(latents, dtype=np.int64).ravel()
+    out = np.full((lat.size, top), -1, dtype=np.int64)
+    if not lat.size or not t.shape[0]:
+        return out
+    cols = t[:, torch.as_tensor(lat, dtype=torch.long)]
+    values, rows = torch.topk(cols, min(top, t.shape[0]), dim=0)
+    active = (values > 0).T.cpu().numpy()
+    out[:, : active.shape[1]] = np.where(active, ids[rows.T.cpu().numpy()], -1)
+    return out
 
 
 def filter_pairs(
@@ -200,10 +230,9 @@ def filter_pairs(
 ) -> tuple[FeaturePairs, list[dict[str, Any]]]:
     """Lan et al.'s filters on matched pairs, with the count left after each (chapter 5).
 
-    In order: pairs with a dead latent (never active on these tokens); pairs whose
-    ``top`` most activating tokens (either side) include a non-concept token; pairs
-    whose top-token sets do not intersect; pairs with correlation ``<= min_corr``.
-    Each filter can be switched off.
+    In order: pairs with a dead latent (never active on these tokens); pairs whose ``top`` most activating tokens
+    (either side, active positions only: :func:`top_tokens`) include a non-concept token; pairs whose top-token
+    sets do not intersect; pairs with correlation ``<= min_corr``. Each filter can be switched off.
 
     Returns:
         The pairs kept, and one row per step: ``{"filter", "pairs left"}``.
@@ -221,16 +250,32 @@ def filter_pairs(
     tops_b = top_tokens(zb_t, ids, pairs.b, top)
     if drop_non_concept:
         mask = np.asarray(non_concept, dtype=bool)
-        keep &= ~(mask[tops_a].any(axis=1) | mask[tops_b].any(axis=1))
+        bad_a = ((tops_a >= 0) & mask[np.clip(tops_a, 0, None)]).any(axis=1)
+        bad_b = ((tops_b >= 0) & mask[np.clip(tops_b, 0, None)]).any(axis=1)
+        keep &= ~(bad_a | bad_b)
         counts.append({"filter": f"non-concept top-{top} tokens dropped", "pairs left": int(keep.sum())})
     if require_shared_tokens:
-        shared = (tops_a[:, :, None] == tops_b[:, None, :]).any(axis=(1, 2))
-        keep &= shared
+        keep &= _shared_tokens(tops_a, tops_b)
         counts.append({"filter": f"top-{top} token sets intersect", "pairs left": int(keep.sum())})
     if min_corr is not None:
         keep &= pairs.corr > min_corr
         counts.append({"filter": f"correlation > {min_corr}", "pairs left": int(keep.sum())})
     return pairs.subset(keep), counts
+
+
+def _shared_tokens(tops_a: np.ndarray, tops_b: np.ndarray) -> np.ndarray:
+    """Per row, whether two top-token rows (``-1`` = none) have a token in common."""
+    return ((tops_a[:, :, None] == tops_b[:, None, :]) & (tops_a[:, :, None] >= 0)).any(axis=(1, 2))
+
+
+def _eligible(z: Any, ids: np.ndarray, non_concept: np.ndarray, top: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Per latent: whether it is alive with only concept tokens among its top tokens, and those tokens."""
+    t = torch.as_tensor(z)
+    tops = top_tokens(t, ids, np.arange(t.shape[1]), top)
+    alive = (t > 0).any(dim=0).cpu().numpy()
+    mask = np.asarray(non_concept, dtype=bool)
+    concept = ~((tops >= 0) & mask[np.clip(tops, 0, None)]).any(axis=1)
+    return alive & concept, tops
 
 
 def pair_layers(n_layers_a: int, n_layers_b: int, depths: Sequence[float]) -> list[tuple[int, int]]:
@@ -243,23 +288,126 @@ def pair_layers(n_layers_a: int, n_layers_b: int, depths: Sequence[float]) -> li
     return out
 
 
+#: Passages per forward pass (chapter 5, :func:`passage_states`).
+EXTRACT_BATCH = 8
+#: Passages per cache entry of :func:`passage_states` (chapter 5): a run with more passages reuses the entries of a
+#: run with fewer, so the text can grow without recomputing what was run before.
+EXTRACT_CHUNK = 40
+
+
+def passage_ids(loaded: LoadedModel, texts: Sequence[str], passage_tokens: int) -> np.ndarray:
+    """Chapter 5: the first ``passage_tokens`` token ids of every text in ``loaded``'s tokenizer, ``(texts, tokens)``.
+
+    Raises:
+        EmbgeoInputError: when a text is shorter than ``passage_tokens`` tokens.
+    """
+    rows = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"][:passage_tokens] for t in texts]
+    short = [i for i, r in enumerate(rows) if len(r) < passage_tokens]
+    if short:
+        raise EmbgeoInputError(
+            f"texts {short[:5]} have fewer than {passage_tokens} tokens; load passages with "
+            f"min_tokens={passage_tokens} (corpus.load_passages) or lower passage_tokens."
+        )
+    return np.asarray(rows, dtype=np.int64)
+
+
+@cached("sae_tokens", version=1)
+def passage_states(loaded: LoadedModel, ids: np.ndarray, layers: list[int], skip_first: int) -> dict[str, Any]:
+    """Chapter 5: one model's block outputs at ``layers`` for a chunk of passages, in float16, cached.
+
+    One forward pass per :data:`EXTRACT_BATCH` passages gives every requested block (the blocks after the deepest
+    are skipped); positions before ``skip_first`` are left out; rows run passage by passage. The activations are
+    stored in float16 (half the memory and disk of float32; its relative rounding error, 2**-11, is far below any
+    SAE's reconstruction error); a value beyond float16's range is refused.
+
+    Returns:
+        ``{"acts": {layer: (passages * (tokens - skip_first), width)} float16, "seconds": time of the forward
+        passes}``.
+    """
+    import time
+
+    from ..lm.activations import hidden_states
+
+    start_time = time.perf_counter()
+    hidden = hidden_states(
+        loaded, ids, ids.shape[1], batch_size=EXTRACT_BATCH, with_loss=False, layers=layers, cache=False,
+        progress=False,
+    ).hidden[:, :, skip_first:]  # fmt: skip
+    if float(np.abs(hidden).max()) > 6e4:
+        raise EmbgeoInputError(f"{loaded.info.name} has activations beyond float16's range at blocks {layers}.")
+    acts = {layer: hidden[:, j].reshape(-1, hidden.shape[-1]).astype(np.float16) for j, layer in enumerate(layers)}
+    return {"acts": acts, "seconds": time.perf_counter() - start_time}
+
+
+def block_outputs(
+    loaded: LoadedModel, ids: np.ndarray, layers: list[int], skip_first: int = 1, progress: bool = False
+) -> tuple[dict[int, np.ndarray], float]:
+    """Chapter 5: one model's float16 block outputs at ``layers`` for every passage (:func:`passage_states`).
+
+    The passages are run in cached chunks of :data:`EXTRACT_CHUNK`.
+
+    Returns:
+        ``{layer: (passages * (tokens - skip_first), width)}`` and the seconds the forward passes took when they
+        were run (as stored with the cache entries).
+    """
+    parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    seconds = 0.0
+    steps = range(0, len(ids), EXTRACT_CHUNK)
+    for start in tqdm(steps, desc=f"{loaded.info.name} block outputs", unit="chunk", disable=not progress):
+        entry = passage_states(loaded, ids[start : start + EXTRACT_CHUNK], list(layers), skip_first)
+        seconds += float(entry["seconds"])
+        for layer in layers:
+            parts[layer].append(entry["acts"][layer])
+    return {layer: np.concatenate(v) for layer, v in parts.items()}, seconds
+
+
 @dataclass(frozen=True)
 class PairTokens:
     """What :func:`extract` gathered for one pair of models (chapter 5, stage 1).
 
     Attributes:
         matched: the layer pairs ``(layer of A, layer of B)`` at the requested relative depths (:func:`pair_layers`).
+        depths: those relative depths, in the order of ``matched``.
         layers_a, layers_b: the blocks studied in each model, sorted, each once.
-        aligned: the aligned token positions with both models' activations at those blocks.
+        aligned: the token positions both models saw alike, with both models' activations at those blocks
+            (float16 for one tokenizer, float32 across tokenizers).
         train, heldout: boolean row masks over ``aligned``: the SAEs' training tokens and the held-out passages'.
+        seconds: time of the forward passes of A and B (as measured when they were run; 0 where not recorded).
     """
 
     matched: list[tuple[int, int]]
+    depths: list[float]
     layers_a: list[int]
     layers_b: list[int]
     aligned: AlignedTokens
     train: np.ndarray
     heldout: np.ndarray
+    seconds: tuple[float, float]
+
+
+def _one_tokenizer_tokens(
+    a: LoadedModel, b: LoadedModel, texts: Sequence[str], layers: tuple[list[int], list[int]], p: Parameters,
+    progress: bool,
+) -> tuple[AlignedTokens, tuple[float, float]] | None:  # fmt: skip
+    """Both models' block outputs when their tokenizers cut every passage alike (else ``None``)."""
+    if a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
+        return None
+    ids = passage_ids(a, texts, p.passage_tokens)
+    if not np.array_equal(ids, passage_ids(b, texts, p.passage_tokens)):
+        return None
+    acts_a, sec_a = block_outputs(a, ids, layers[0], 1, progress)
+    acts_b, sec_b = block_outputs(b, ids, layers[1], 1, progress)
+    n_pass, width = ids.shape
+    spans = []
+    for text in texts:
+        offsets = a.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        spans.append(np.asarray(offsets[1:width], dtype=np.int64))
+    flat = ids[:, 1:].ravel()
+    aligned = AlignedTokens(
+        acts_a, acts_b, flat, flat.copy(), np.repeat(np.arange(n_pass), width - 1),
+        np.tile(np.arange(1, width), n_pass), list(texts), np.concatenate(spans), flat.size, flat.size,
+    )  # fmt: skip
+    return aligned, (sec_a, sec_b)
 
 
 def extract(
@@ -268,16 +416,77 @@ def extract(
     """Chapter 5, stage 1: both models' activations on the same tokens, split into training and held-out tokens.
 
     Layers are taken at the same relative ``depths`` in both models (:func:`pair_layers`). Each text is cut to
-    ``p.passage_tokens`` tokens and only positions whose character spans coincide in both tokenizations are kept
-    (:func:`~embgeo_utils.lm.alignment.aligned_activations`); the last ``p.heldout_fraction`` of the passages are
+    ``p.passage_tokens`` tokens and its first position is left out (it carries outsized activations in these
+    models). When both tokenizers cut every passage alike, every position pairs with itself and each model runs once
+    per batch of passages (:func:`block_outputs`); otherwise only positions whose character spans coincide are kept
+    (:func:`~embgeo_utils.lm.alignment.aligned_activations`). The last ``p.heldout_fraction`` of the passages are
     held out whole (:meth:`~embgeo_utils.lm.alignment.AlignedTokens.split`).
     """
     matched = pair_layers(a.info.n_layers, b.info.n_layers, depths)
     layers_a = sorted({la for la, _ in matched})
     layers_b = sorted({lb for _, lb in matched})
-    aligned = aligned_activations(a, b, texts, layers_a, layers_b, max_tokens=p.passage_tokens, progress=progress)
-    train, heldout = aligned.split(p.heldout_fraction)
-    return PairTokens(matched, layers_a, layers_b, aligned, train, heldout)
+    same = _one_tokenizer_tokens(a, b, texts, (layers_a, layers_b), p, progress)
+    if same is None:
+        aligned = aligned_activations(a, b, texts, layers_a, layers_b, max_tokens=p.passage_tokens, progress=progress)
+        seconds = (0.0, 0.0)
+    else:
+        aligned, seconds = same
+    train_rows, heldout = aligned.split(p.heldout_fraction)
+    return PairTokens(matched, list(depths), layers_a, layers_b, aligned, train_rows, heldout, seconds)
+
+
+@cached("sae_float32_states", version=1)
+def _float32_states(name: str, model_key: Any, ids: np.ndarray, layers: list[int], device: str) -> dict[int, Any]:
+    """Chapter 5: block outputs of ``name`` loaded in float32 (``model_key`` identifies the weights), cached."""
+    import gc
+
+    from ..lm import models
+    from ..lm.activations import hidden_states
+
+    f32 = models.load(name, device=device, dtype="float32")
+    hidden = hidden_states(
+        f32, ids, ids.shape[1], batch_size=EXTRACT_BATCH, with_loss=False, layers=layers, cache=False, progress=False
+    ).hidden[:, :, 1:]
+    del f32
+    gc.collect()
+    return {layer: hidden[:, j].reshape(-1, hidden.shape[-1]) for j, layer in enumerate(layers)}
+
+
+def precision_agreement(
+    a: LoadedModel, b: LoadedModel, tokens: PairTokens, p: Parameters, n_passages: int = 4
+) -> pd.DataFrame:
+    """Chapter 5: the stored activations the SAEs see against the same weights computed in float32.
+
+    The chapter computes each model in its loading dtype (bfloat16 for a model stored so, float32 otherwise) and
+    stores the block outputs in float16. For the first ``n_passages`` passages, each model is loaded again in
+    float32 and run on the same tokens. Only for a pair with one tokenizer (every position kept); for two
+    tokenizers the table is empty.
+
+    Returns:
+        One row per model and studied block: ``model``, ``compute dtype``, ``layer``, ``tokens``, ``relative squared
+        error`` (squared error over the float32 activations' variance, the units of FVU) and ``mean cosine``.
+    """
+    import pandas as pd
+
+    al = tokens.aligned
+    rows = np.flatnonzero(al.passage < n_passages)
+    columns = ["model", "compute dtype", "layer", "tokens", "relative squared error", "mean cosine"]
+    if a.tokenizer.get_vocab() != b.tokenizer.get_vocab() or len(rows) != n_passages * (p.passage_tokens - 1):
+        LOG.info("precision check skipped: the two models tokenize differently (only aligned positions are kept)")
+        return pd.DataFrame(columns=columns)
+    out = []
+    for loaded, acts, layers in ((a, al.acts_a, tokens.layers_a), (b, al.acts_b, tokens.layers_b)):
+        ids = passage_ids(loaded, al.texts[:n_passages], p.passage_tokens)
+        ref = _float32_states(loaded.info.name, loaded.cache_key(), ids, list(layers), loaded.device.type)
+        for layer in layers:
+            x, r = np.asarray(acts[layer][rows], dtype=np.float64), np.asarray(ref[layer], dtype=np.float64)
+            cos = (x * r).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(r, axis=1), 1e-30)
+            out.append({
+                "model": loaded.info.name, "compute dtype": str(next(loaded.model.parameters()).dtype), "layer": layer,
+                "tokens": len(rows), "relative squared error": float(((x - r) ** 2).sum() / ((r - r.mean(0)) ** 2).sum()),
+                "mean cosine": float(cos.mean()),
+            })  # fmt: skip
+    return pd.DataFrame(out)
 
 
 @dataclass
@@ -286,7 +495,8 @@ class LayerSAE:
 
     model: str
     layer: int
-    sae: Any
+    seed: int
+    sae: TopKSAE
     history: Any
     metrics: dict[str, float]
 
@@ -296,15 +506,24 @@ class TrainedSAEs:
     """What :func:`train` produced for one pair of models (chapter 5, stage 2).
 
     Attributes:
-        saes: ``{"A": {layer: LayerSAE}, "B": {layer: LayerSAE}}``, one SAE per studied block of each model.
-        table: one row per SAE (A's, then B's): ``model``, ``layer``, ``depth`` (layer / blocks), ``latents``, ``k``,
-            ``train tokens``, ``held-out tokens``, ``fvu``, ``l0``, ``dead_fraction`` (on the held-out tokens),
-            ``loss clean``, ``loss spliced``, ``loss mean-ablated``, ``loss recovered`` (on :data:`LOSS_TEXTS`
-            held-out texts, :func:`~embgeo_utils.lm.sae.loss_recovered`), ``train seconds``, ``from cache``.
+        saes: ``{"A": {layer: {seed: LayerSAE}}, "B": {...}}``, one SAE per studied block, model and seed.
+        table: one row per SAE (A's, then B's): ``model``, ``layer``, ``depth`` (layer / blocks), ``seed``,
+            ``latents``, ``k``, ``train tokens``, ``held-out tokens``, ``fvu``, ``l0``, ``dead_fraction`` (on the
+            held-out tokens), ``train seconds``, ``from cache``; for the first seed also ``loss clean``, ``loss
+            spliced``, ``loss mean-ablated``, ``loss increase (nats)`` (spliced minus clean), ``loss recovered`` and
+            ``loss passages`` (:func:`sae_quality`; NaN for the other seeds).
     """
 
-    saes: dict[str, dict[int, LayerSAE]]
+    saes: dict[str, dict[int, dict[int, LayerSAE]]]
     table: pd.DataFrame
+
+
+def _train_one(x_train: np.ndarray, model: LoadedModel, layer: int, seed: int, p: Parameters, progress: bool) -> Any:
+    key = {"model": model.info.sha256 or model.info.name, "layer": layer, "tokens": content_key(x_train.tobytes())}
+    return cached_sae(
+        x_train, p.expansion * x_train.shape[1], p.k, key, seed=seed, device=get_device(p.device), progress=progress,
+        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+    )  # fmt: skip
 
 
 def train_layer_saes(
@@ -314,32 +533,21 @@ def train_layer_saes(
     model: LoadedModel,
     p: Parameters,
     progress: bool = False,
-) -> dict[int, LayerSAE]:
-    """Chapter 5: a cached TopK SAE per block of one model on the training rows, evaluated on the held-out rows.
+) -> dict[int, dict[int, LayerSAE]]:
+    """Chapter 5: a cached TopK SAE per block of one model and per seed of ``p.seeds``, evaluated on held-out rows.
 
-    Each SAE has ``p.expansion`` x width latents, ``p.k`` of them active, and is trained with ``p.seed``,
-    ``p.epochs``, ``p.batch_size`` and ``p.lr`` (:func:`~embgeo_utils.lm.sae.cached_sae`). The cache key holds the
-    model's digest (its name when it has none), the layer, a digest of the training activations and every
-    hyperparameter.
+    Each SAE has ``p.expansion`` x width latents, ``p.k`` of them active, and is trained with ``p.epochs``,
+    ``p.batch_size`` and ``p.lr`` (:func:`~embgeo_utils.lm.sae.cached_sae`). The cache key holds the model's digest
+    (its name when it has none), the layer, a digest of the training activations, the seed and every hyperparameter.
     """
-    dev = get_device(p.device)
-    out = {}
+    out: dict[int, dict[int, LayerSAE]] = {}
     for layer, x in acts.items():
         x_train = np.ascontiguousarray(x[train])
-        key = {"model": model.info.sha256 or model.info.name, "layer": layer, "tokens": content_key(x_train.tobytes())}
-        sae, history = cached_sae(
-            x_train,
-            p.expansion * x.shape[1],
-            p.k,
-            key,
-            seed=p.seed,
-            device=dev,
-            progress=progress,
-            epochs=p.epochs,
-            batch_size=p.batch_size,
-            lr=p.lr,
-        )
-        out[layer] = LayerSAE(model.info.name, layer, sae, history, sae_metrics(sae, x[heldout]))
+        out[layer] = {}
+        for seed in p.seeds:
+            sae, history = _train_one(x_train, model, layer, seed, p, progress)
+            metrics = sae_metrics(sae, x[heldout])
+            out[layer][seed] = LayerSAE(model.info.name, layer, seed, sae, history, metrics)
     return out
 
 
@@ -350,50 +558,56 @@ def _loss_ids(loaded: LoadedModel, texts: Sequence[str], n_tokens: int) -> tuple
     return np.array([r[:width] for r in rows], dtype=np.int64), 1 + len(bos)
 
 
+def _loss_row(loaded: LoadedModel, ids: np.ndarray, skip: int, item: LayerSAE, mean: np.ndarray, clean: Any) -> dict:
+    rec = cached_loss_recovered(
+        loaded, ids, item.layer, item.sae, mean.astype(np.float32), skip_first=skip, clean=clean
+    )
+    return {
+        "loss clean": rec["clean"],
+        "loss spliced": rec["spliced"],
+        "loss mean-ablated": rec["ablated"],
+        "loss increase (nats)": rec["spliced"] - rec["clean"],
+        "loss recovered": rec["recovered"],
+        "loss passages": len(ids),
+    }
+
+
 def sae_quality(
-    a: LoadedModel, b: LoadedModel, tokens: PairTokens, saes: dict[str, dict[int, LayerSAE]], p: Parameters
+    a: LoadedModel, b: LoadedModel, tokens: PairTokens, saes: dict[str, dict[int, dict[int, LayerSAE]]], p: Parameters
 ) -> pd.DataFrame:
     """Chapter 5: the quality table of :class:`TrainedSAEs` (its columns are listed there).
 
-    The loss recovered is measured on the first :data:`LOSS_TEXTS` held-out passages, cut to the shortest of them
-    and at most ``p.passage_tokens`` tokens, with the mean training activation as the ablation
-    (:func:`~embgeo_utils.lm.sae.cached_loss_recovered`); the clean loss is computed once per model.
+    The loss recovered of the first seed's SAEs is measured on the first ``p.loss_passages`` held-out passages, cut
+    to the shortest of them and at most ``p.passage_tokens`` tokens, with the mean training activation as the
+    ablation (:func:`~embgeo_utils.lm.sae.cached_loss_recovered`); the clean loss is computed once per model.
     """
     import pandas as pd
 
     al = tokens.aligned
-    held_texts = sorted(set(al.passage[tokens.heldout].tolist()))[:LOSS_TEXTS]
+    held_texts = sorted(set(al.passage[tokens.heldout].tolist()))[: p.loss_passages]
     rows = []
     for side, loaded, acts in (("A", a, al.acts_a), ("B", b, al.acts_b)):
         ids, skip = _loss_ids(loaded, [al.texts[i] for i in held_texts], p.passage_tokens)
         clean = None
-        for layer, item in saes[side].items():
-            mean = acts[layer][tokens.train].mean(axis=0)
-            rec = cached_loss_recovered(loaded, ids, layer, item.sae, mean, skip_first=skip, clean=clean)
-            clean = rec["clean"]
-            rows.append(
-                {
-                    "model": loaded.info.name,
-                    "layer": layer,
-                    "depth": layer / loaded.info.n_layers,
-                    "latents": item.sae.n_latents,
-                    "k": item.sae.k,
-                    "train tokens": int(tokens.train.sum()),
+        for layer, by_seed in saes[side].items():
+            for seed, item in by_seed.items():
+                row = {
+                    "model": loaded.info.name, "layer": layer, "depth": layer / loaded.info.n_layers, "seed": seed,
+                    "latents": item.sae.n_latents, "k": item.sae.k, "train tokens": int(tokens.train.sum()),
                     "held-out tokens": int(tokens.heldout.sum()),
                     **{m: item.metrics[m] for m in ("fvu", "l0", "dead_fraction")},
-                    "loss clean": rec["clean"],
-                    "loss spliced": rec["spliced"],
-                    "loss mean-ablated": rec["ablated"],
-                    "loss recovered": rec["recovered"],
-                    "train seconds": item.history.seconds,
-                    "from cache": item.history.from_cache,
-                }
-            )
+                    "train seconds": item.history.seconds, "from cache": item.history.from_cache,
+                }  # fmt: skip
+                if seed == p.seeds[0]:
+                    mean = acts[layer][tokens.train].mean(axis=0, dtype=np.float64)
+                    row.update(_loss_row(loaded, ids, skip, item, mean, clean))
+                    clean = row["loss clean"]
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
 def train(a: LoadedModel, b: LoadedModel, tokens: PairTokens, p: Parameters, progress: bool = False) -> TrainedSAEs:
-    """Chapter 5, stage 2: an SAE per studied block of each model (:func:`train_layer_saes`) and their quality table."""
+    """Chapter 5, stage 2: an SAE per studied block, model and seed (:func:`train_layer_saes`) and their quality."""
     saes = {
         "A": train_layer_saes(tokens.aligned.acts_a, tokens.train, tokens.heldout, a, p, progress),
         "B": train_layer_saes(tokens.aligned.acts_b, tokens.train, tokens.heldout, b, p, progress),
@@ -401,87 +615,219 @@ def train(a: LoadedModel, b: LoadedModel, tokens: PairTokens, p: Parameters, pro
     return TrainedSAEs(saes, sae_quality(a, b, tokens, saes, p))
 
 
-def match_layer(
-    za: Any, zb: Any, ids: np.ndarray, non_concept: np.ndarray, min_corr: float, device: str | torch.device
-) -> tuple[FeaturePairs, dict[str, Any]]:
-    """Chapter 5, stage 3 for one layer pair: correlate two SAEs' latents on the same tokens, pair and filter them.
+def _middle(tokens: PairTokens) -> tuple[int, int]:
+    """The matched layer pair whose relative depth is nearest 0.5."""
+    return tokens.matched[int(np.argmin([abs(d - 0.5) for d in tokens.depths]))]
 
-    Each latent of B is paired with its most correlated latent of A (many-to-one, Lan et al.), then Lan et al.'s
-    filters are applied (:func:`filter_pairs`, correlation above ``min_corr``).
+
+def token_curve(a: LoadedModel, b: LoadedModel, tokens: PairTokens, p: Parameters, progress: bool = False) -> Any:
+    """Chapter 5: held-out FVU against the number of training tokens, at the matched depth nearest 0.5.
+
+    For each share of ``p.token_fractions``, an SAE of the first seed is trained (cached) on that share of the
+    training passages, the first ones (whole passages), and evaluated on all held-out tokens. The share 1.0 is the
+    chapter's own SAE.
 
     Returns:
-        The kept pairs, and their counts: ``after: <filter>`` for each filter step (the first is ``after: matched``),
-        ``pairs`` (kept) and ``mean corr (kept)`` (NaN when none is kept).
+        One row per model and share: ``model``, ``layer``, ``share``, ``train tokens``, ``fvu``, ``dead_fraction``
+        (held-out), ``train seconds`` (as measured when trained), ``tokens per second`` (training tokens times
+        epochs over those seconds).
     """
-    corr = activation_correlation(za, zb, device=device)
-    pairs = match_features(corr, "max")
-    kept, counts = filter_pairs(pairs, za, zb, ids, non_concept, min_corr=min_corr)
-    row: dict[str, Any] = {f"after: {c['filter']}": c["pairs left"] for c in counts}
-    row.update({"pairs": len(kept), "mean corr (kept)": float(kept.corr.mean()) if len(kept) else float("nan")})
-    return kept, row
+    import pandas as pd
+
+    al = tokens.aligned
+    train_passages = np.unique(al.passage[tokens.train])
+    rows = []
+    for loaded, acts, layer in ((a, al.acts_a, _middle(tokens)[0]), (b, al.acts_b, _middle(tokens)[1])):
+        for share in p.token_fractions:
+            first = train_passages[: max(1, round(share * len(train_passages)))]
+            x_train = np.ascontiguousarray(acts[layer][tokens.train & np.isin(al.passage, first)])
+            sae, history = _train_one(x_train, loaded, layer, p.seeds[0], p, progress)
+            metrics = sae_metrics(sae, acts[layer][tokens.heldout])
+            rows.append({
+                "model": loaded.info.name, "layer": layer, "share": share, "train tokens": len(x_train),
+                "fvu": metrics["fvu"], "dead_fraction": metrics["dead_fraction"], "train seconds": history.seconds,
+                "tokens per second": len(x_train) * p.epochs / max(history.seconds, 1e-9),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def profile_projection(tokens: PairTokens, curve: Any, names: tuple[str, str], p: Parameters, n_tokens: int) -> Any:
+    """Chapter 5: the time a run on ``n_tokens`` training tokens per model would take, from this run's speeds.
+
+    Extraction: the forward passes' tokens per second of this run (both models, every studied block; held-out tokens
+    added in this run's proportion). Training: the SAE tokens per second over every SAE of :func:`token_curve`
+    (their tokens times epochs over their seconds: one slow share on a busy machine weighs by its time only), times
+    ``p.epochs``, times the SAEs of the chapter (studied blocks x seeds). Loss recovered and matching do not
+    grow with the training tokens and are left out.
+
+    Returns:
+        One row per model: ``model``, ``extract tokens/s``, ``SAE tokens/s``, ``extract hours``, ``SAE hours``.
+    """
+    import pandas as pd
+
+    total = n_tokens / max(1.0 - p.heldout_fraction, 1e-9)
+    rows = []
+    for i, name in enumerate(names):
+        ran = len(tokens.aligned)
+        extract_rate = ran / tokens.seconds[i] if tokens.seconds[i] > 0 else float("nan")
+        c = curve[curve["model"] == name]
+        sae_rate = float((c["train tokens"] * p.epochs).sum() / max(float(c["train seconds"].sum()), 1e-9))
+        n_saes = len(tokens.layers_a if i == 0 else tokens.layers_b) * len(p.seeds)
+        rows.append({
+            "model": name, "extract tokens/s": extract_rate, "SAE tokens/s": sae_rate,
+            "extract hours": total / extract_rate / 3600, "SAE hours": n_tokens * p.epochs * n_saes / sae_rate / 3600,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """How :func:`compare_pairs` compares one pair of SAEs (chapter 5).
+
+    Attributes:
+        n_components: SVCCA's numbers of singular directions; the third (the last when fewer) is the headline.
+        n_permutations: re-pairings of every null except the many-to-one group null
+            (:data:`GROUP_NULL_PERMUTATIONS`).
+        rsa_rows: pairs drawn (seeded) for RSA when more are kept.
+        min_corr: pairs must correlate above this.
+        seed: seed of the draws and permutations.
+        full: also the Hungarian and many-to-one views (the cross-model comparisons); without it only the primary
+            one-to-one statistics (the seed ceiling).
+    """
+
+    n_components: tuple[int, ...]
+    n_permutations: int
+    rsa_rows: int
+    min_corr: float
+    seed: int
+    full: bool = True
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What :func:`compare_pairs` measured for one pair of SAEs (chapter 5).
+
+    Attributes:
+        row: the filter counts (``after: <filter>``), the many-to-one pairs' groups (``pairs (many-to-one)``,
+            ``distinct A``, ``distinct B``, ``largest group``, ``pairs sharing an A latent``, ``group sizes``), the
+            one-to-one pairs (``pairs``, ``mean corr (kept)``) and their statistics (``RSA``, ``RSA null mean``,
+            ``RSA null std``, ``RSA null max``, ``RSA p``; ``SVCCA``, ``SVCCA n``, ``SVCCA null mean``, ``SVCCA null
+            std``, ``SVCCA p`` at the headline ``n``); with ``full`` also ``pairs (Hungarian)`` and ``RSA ...
+            (Hungarian)``, and ``RSA (many-to-one)`` with the p-values and null maxima of both many-to-one nulls
+            (``B shuffled``: B's rows re-paired; ``groups kept``: :func:`~embgeo_utils.geometry.matching.rsa_group_test`).
+        curve: SVCCA at every usable ``n``: ``n_components``, ``SVCCA``, ``null mean``, ``null std``, ``null max``,
+            ``p``.
+        kept: the one-to-one pairs (one per A latent).
+        rsa_null, svcca_null: the null values of the one-to-one RSA and of SVCCA at the headline ``n`` (empty when
+            not computed).
+    """
+
+    row: dict[str, Any]
+    curve: list[dict[str, Any]]
+    kept: FeaturePairs
+    rsa_null: np.ndarray
+    svcca_null: np.ndarray
 
 
 def compare_decoders(
-    dec_a: np.ndarray,
-    dec_b: np.ndarray,
-    kept: FeaturePairs,
-    n_components: Sequence[int],
-    n_permutations: int,
-    rsa_rows: int,
-    seed: int,
-    device: str | torch.device,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Chapter 5, stage 4 for one layer pair: RSA and SVCCA of the kept pairs' decoder rows, against their nulls.
+    dec_a: np.ndarray, dec_b: np.ndarray, kept: FeaturePairs, s: CompareSettings, device: str | torch.device
+) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """Chapter 5, stage 4 for one set of pairs: RSA and SVCCA of their decoder rows, against random re-pairings.
 
-    Nothing is computed below 10 kept pairs. RSA uses at most ``rsa_rows`` pairs; SVCCA is computed at every
-    ``n_components`` below the number of pairs minus one; each has a null of ``n_permutations`` re-pairings.
-
-    Returns:
-        The statistics: ``RSA``, ``RSA null mean``, ``RSA null std``, ``RSA null max``, ``RSA p``, and at the third
-        usable ``n`` (the last when fewer: n = 20 by default, the google/svcca tutorial's choice) ``SVCCA``,
-        ``SVCCA n``, ``SVCCA null mean``, ``SVCCA null std``, ``SVCCA p`` (absent when not computed); and the SVCCA
-        curve, one row per usable ``n``: ``n_components``, ``SVCCA``, ``null mean``, ``null std``, ``null max``, ``p``.
+    Nothing is computed below 10 pairs. RSA uses at most ``s.rsa_rows`` pairs; SVCCA is computed at every
+    ``s.n_components`` below the number of pairs minus one. Returns the statistics (keys of :class:`Comparison`'s
+    row), the SVCCA curve and the two null arrays.
     """
     row: dict[str, Any] = {}
     curve: list[dict[str, Any]] = []
+    empty = np.zeros(0)
     if len(kept) < 10:
-        return row, curve
+        return row, curve, empty, empty
     x, y = dec_a[kept.a], dec_b[kept.b]
-    r = rsa_test(x, y, max_rows=rsa_rows, n_permutations=n_permutations, seed=seed, device=device)
-    row.update(
-        {
-            "RSA": r.statistic,
-            "RSA null mean": r.null_mean,
-            "RSA null std": r.null_std,
-            "RSA null max": r.null_max,
-            "RSA p": r.p_value,
-        }
-    )
-    usable = [n for n in n_components if n < len(kept) - 1]
-    tests = svcca_curve_test(x, y, usable, n_permutations, seed, device) if usable else []
-    for n, s in zip(usable, tests):
-        curve.append(
-            {
-                "n_components": n,
-                "SVCCA": s.statistic,
-                "null mean": s.null_mean,
-                "null std": s.null_std,
-                "null max": s.null_max,
-                "p": s.p_value,
-            }
-        )
+    r = rsa_test(x, y, max_rows=s.rsa_rows, n_permutations=s.n_permutations, seed=s.seed, device=device)
+    row.update({"RSA": r.statistic, "RSA null mean": r.null_mean, "RSA null std": r.null_std,
+                "RSA null max": r.null_max, "RSA p": r.p_value})  # fmt: skip
+    usable = [n for n in s.n_components if n < len(kept) - 1]
+    tests = svcca_curve_test(x, y, usable, s.n_permutations, s.seed, device) if usable else []
+    for n, t in zip(usable, tests):
+        curve.append({"n_components": n, "SVCCA": t.statistic, "null mean": t.null_mean, "null std": t.null_std,
+                      "null max": t.null_max, "p": t.p_value})  # fmt: skip
+    svcca_null = empty
     if curve:
-        head = curve[min(2, len(curve) - 1)]
-        row.update(
-            {
-                "SVCCA": head["SVCCA"],
-                "SVCCA n": head["n_components"],
-                "SVCCA null mean": head["null mean"],
-                "SVCCA null std": head["null std"],
-                "SVCCA p": head["p"],
-            }
-        )
-    return row, curve
+        head = min(2, len(curve) - 1)
+        svcca_null = tests[head].null
+        row.update({"SVCCA": curve[head]["SVCCA"], "SVCCA n": curve[head]["n_components"],
+                    "SVCCA null mean": curve[head]["null mean"], "SVCCA null std": curve[head]["null std"],
+                    "SVCCA p": curve[head]["p"]})  # fmt: skip
+    return row, curve, r.null, svcca_null
+
+
+def _size_text(groups: dict[int, int]) -> str:
+    """``{size: count}`` as ``"1x412, 2x51, 5x1"`` (A latents with that many partners)."""
+    return ", ".join(f"{size}x{count}" for size, count in sorted(groups.items()))
+
+
+def _hungarian_row(corr: np.ndarray, za: Any, zb: Any, ids: np.ndarray, non_concept: np.ndarray,
+                   dec_a: np.ndarray, dec_b: np.ndarray, s: CompareSettings, device: Any) -> dict[str, Any]:  # fmt: skip
+    ok_a, tops_a = _eligible(za, ids, non_concept)
+    ok_b, tops_b = _eligible(zb, ids, non_concept)
+    pairs = hungarian_pairs(corr, ok_a, ok_b, s.min_corr)
+    pairs = pairs.subset(_shared_tokens(tops_a[pairs.a], tops_b[pairs.b]))
+    row: dict[str, Any] = {"pairs (Hungarian)": len(pairs)}
+    if len(pairs) >= 10:
+        r = rsa_test(dec_a[pairs.a], dec_b[pairs.b], s.rsa_rows, s.n_permutations, s.seed, device)
+        row.update({"RSA (Hungarian)": r.statistic, "RSA null mean (Hungarian)": r.null_mean,
+                    "RSA null max (Hungarian)": r.null_max, "RSA p (Hungarian)": r.p_value})  # fmt: skip
+    return row
+
+
+def _many_to_one_row(pairs: FeaturePairs, dec_a: np.ndarray, dec_b: np.ndarray, s: CompareSettings,
+                     device: Any) -> dict[str, Any]:  # fmt: skip
+    if len(pairs) < 10 or np.unique(pairs.a).size < 2:
+        return {}
+    naive = rsa_test(dec_a[pairs.a], dec_b[pairs.b], s.rsa_rows, s.n_permutations, s.seed, device)
+    group = rsa_group_test(dec_a, pairs.a, dec_b[pairs.b], s.rsa_rows, GROUP_NULL_PERMUTATIONS, s.seed, device)
+    return {
+        "RSA (many-to-one)": naive.statistic,
+        "RSA null max (many-to-one, B shuffled)": naive.null_max,
+        "RSA p (many-to-one, B shuffled)": naive.p_value,
+        "RSA null mean (many-to-one, groups kept)": group.null_mean,
+        "RSA null max (many-to-one, groups kept)": group.null_max,
+        "RSA p (many-to-one, groups kept)": group.p_value,
+    }
+
+
+def compare_pairs(
+    za: Any, zb: Any, dec_a: np.ndarray, dec_b: np.ndarray, ids: np.ndarray, non_concept: np.ndarray,
+    s: CompareSettings, device: str | torch.device = "auto",
+) -> Comparison:  # fmt: skip
+    """Chapter 5, stages 3 and 4 for two SAEs' latents on the same (held-out) tokens.
+
+    Each B latent is paired with its most correlated A latent (many-to-one, Lan et al.) and Lan et al.'s filters
+    are applied (:func:`filter_pairs`). The primary pairs keep one pair per A latent, its best
+    (:func:`~embgeo_utils.geometry.matching.one_per_a`): their decoder rows are compared by
+    :func:`compare_decoders`. With ``s.full`` the Hungarian assignment on the filtered correlations (latents alive
+    with concept top tokens, correlation above ``s.min_corr``, top tokens shared) is compared the same way, and the
+    many-to-one pairs are compared against both a null that shuffles B's rows and one that keeps their groups.
+    """
+    dev = get_device(device)
+    corr = activation_correlation(za, zb, device=dev)
+    many, counts = filter_pairs(match_features(corr, "max"), za, zb, ids, non_concept, min_corr=s.min_corr)
+    kept = one_per_a(many)
+    sizes = group_sizes(many)
+    row: dict[str, Any] = {f"after: {c['filter']}": c["pairs left"] for c in counts}
+    row.update({
+        "pairs (many-to-one)": sizes["pairs"], "distinct A": sizes["distinct A"], "distinct B": sizes["distinct B"],
+        "largest group": sizes["largest group"], "pairs sharing an A latent": sizes["pairs sharing an A latent"],
+        "group sizes": _size_text(sizes["groups of size"]), "pairs": len(kept),
+        "mean corr (kept)": float(kept.corr.mean()) if len(kept) else float("nan"),
+    })  # fmt: skip
+    stats, curve, rsa_null, svcca_null = compare_decoders(dec_a, dec_b, kept, s, dev)
+    row.update(stats)
+    if s.full:
+        row.update(_hungarian_row(corr, za, zb, ids, non_concept, dec_a, dec_b, s, dev))
+        row.update(_many_to_one_row(many, dec_a, dec_b, s, dev))
+    return Comparison(row, curve, kept, rsa_null, svcca_null)
 
 
 def compare_layer(
@@ -499,481 +845,359 @@ def compare_layer(
     seed: int = 0,
     device: str | torch.device = "auto",
 ) -> tuple[dict[str, Any], list[dict[str, Any]], FeaturePairs]:
-    """Chapter 5, stages 3 and 4 for one layer pair: match two SAEs' latents, then compare the paired decoder rows.
+    """Chapter 5, stages 3 and 4 for one layer pair, every view (:func:`compare_pairs` with ``full``).
 
-    Returns:
-        One row: the counts of :func:`match_layer` followed by the statistics of :func:`compare_decoders`; the SVCCA
-        curve rows of :func:`compare_decoders`; and the kept pairs.
+    ``za`` and ``zb`` are both SAEs' latents on the same held-out tokens. Returns the statistics row (the primary
+    one-to-one RSA p-value is ``"RSA p"``), the SVCCA curve rows (each with its ``"p"``) and the one-to-one pairs.
     """
-    kept, row = match_layer(za, zb, ids, non_concept, min_corr, device)
-    stats, curve = compare_decoders(dec_a, dec_b, kept, n_components, n_permutations, rsa_rows, seed, device)
-    return {**row, **stats}, curve, kept
+    s = CompareSettings(tuple(n_components), n_permutations, rsa_rows, min_corr, seed, True)
+    out = compare_pairs(za, zb, dec_a, dec_b, ids, non_concept, s, device)
+    return out.row, out.curve, out.kept
 
 
 @dataclass(frozen=True)
-class EncodedLayer:
-    """One studied block of one model seen through its SAE (chapter 5): what :func:`layer_comparison` compares.
+class Encoded:
+    """One SAE with the held-out activations it encodes (chapter 5): a side of :func:`layer_comparison`.
 
     Attributes:
-        layer: the block.
-        latents: ``(tokens, latents)`` dense SAE latents of every aligned token (:func:`~embgeo_utils.lm.sae.encode_all`).
-        decoder: the SAE's decoder rows, ``(latents, width)``.
-        key: a digest of the block's activations and of every tensor of the SAE's state, which determine the
-            latents and the decoder; it stands for the layer in cache keys (:meth:`cache_key`).
+        sae: the SAE; acts: ``(held-out tokens, width)`` activations of its block.
+        key: a digest of the activations and of every tensor of the SAE's state; it stands for this side in cache
+            keys (:meth:`cache_key`), so the latents are encoded only when a comparison is computed.
     """
 
-    layer: int
-    latents: torch.Tensor
-    decoder: np.ndarray
+    sae: TopKSAE
+    acts: np.ndarray
     key: str
 
+    @classmethod
+    def of(cls, sae: TopKSAE, acts: np.ndarray, acts_digest: str) -> Encoded:
+        """The side for ``sae`` on ``acts`` whose digest (:func:`~embgeo_utils.core.cache.array_digest`) is given."""
+        return cls(sae, acts, content_key(acts_digest, *(array_digest(t) for t in sae.state_dict().values())))
+
     def cache_key(self) -> str:
-        """What identifies this layer in a cache key (:func:`embgeo_utils.core.cache.key_part`)."""
+        """What identifies this side in a cache key (:func:`embgeo_utils.core.cache.key_part`)."""
         return self.key
 
+    def latents(self) -> torch.Tensor:
+        """Dense latents of every held-out token (:func:`~embgeo_utils.lm.sae.encode_all`)."""
+        return encode_all(self.sae, self.acts)
 
-def encode_layers(saes: dict[int, LayerSAE], acts: dict[int, np.ndarray]) -> dict[int, EncodedLayer]:
-    """Chapter 5: every studied block's aligned tokens encoded by its SAE, with the digest of what they come from."""
-    out = {}
-    for layer, item in saes.items():
-        state = item.sae.state_dict().values()
-        key = content_key(array_digest(acts[layer]), *(array_digest(t) for t in state))
-        decoder = item.sae.W_dec.detach().cpu().numpy()
-        out[layer] = EncodedLayer(layer, encode_all(item.sae, acts[layer]), decoder, key)
-    return out
+    @property
+    def decoder(self) -> np.ndarray:
+        return self.sae.W_dec.detach().cpu().numpy()
 
 
-@cached("sae_compare", version=1)
+@cached("sae_compare", version=2)
 def layer_comparison(
-    a: EncodedLayer,
-    b: EncodedLayer,
-    ids: np.ndarray,
-    non_concept: np.ndarray,
-    n_components: list[int],
-    n_permutations: int,
-    rsa_rows: int,
-    min_corr: float,
-    seed: int,
-    device: torch.device,
+    a: Encoded, b: Encoded, ids: np.ndarray, non_concept: np.ndarray, s: CompareSettings, device: torch.device
 ) -> dict[str, Any]:
-    """Chapter 5: :func:`compare_layer` of a block of A and a block of B, cached.
-
-    The key holds both layers' keys (activations and SAE weights), the token ids, the non-concept mask, the
-    comparison's parameters and the device type.
+    """Chapter 5: :func:`compare_pairs` of two sides, cached under both sides' keys, the token ids, the non-concept
+    mask, the settings and the device type.
 
     Returns:
-        ``{"row": ..., "curve": ..., "kept": {"a", "b", "corr", "method"}}``: :func:`compare_layer`'s row, curve rows
-        and kept pairs (:class:`~embgeo_utils.geometry.matching.FeaturePairs`' fields).
+        ``{"row", "curve", "kept": {"a", "b", "corr", "method"}, "rsa null", "svcca null"}`` (:class:`Comparison`).
     """
-    row, curve, kept = compare_layer(
-        a.latents,
-        b.latents,
-        a.decoder,
-        b.decoder,
-        ids,
-        non_concept,
-        n_components=n_components,
-        n_permutations=n_permutations,
-        rsa_rows=rsa_rows,
-        min_corr=min_corr,
-        seed=seed,
-        device=device,
-    )
-    return {"row": row, "curve": curve, "kept": {"a": kept.a, "b": kept.b, "corr": kept.corr, "method": kept.method}}
+    out = compare_pairs(a.latents(), b.latents(), a.decoder, b.decoder, ids, non_concept, s, device)
+    kept = {"a": out.kept.a, "b": out.kept.b, "corr": out.kept.corr, "method": out.kept.method}
+    return {"row": out.row, "curve": out.curve, "kept": kept, "rsa null": out.rsa_null, "svcca null": out.svcca_null}
+
+
+@cached("sae_depth_boot", version=1)
+def depth_bootstrap(
+    a: Encoded, b: Encoded, ids: np.ndarray, passage: np.ndarray, non_concept: np.ndarray, min_corr: float,
+    rsa_rows: int, n_boot: int, seed: int, device: torch.device,
+) -> np.ndarray:  # fmt: skip
+    """Chapter 5, part (b)'s uncertainty: the one-to-one RSA re-measured on resampled held-out passages, cached.
+
+    Each of ``n_boot`` replicates draws the held-out passages with replacement (``passage`` gives each token's
+    passage), matches and filters the latents on those tokens and keeps one pair per A latent, as
+    :func:`compare_pairs` does, and computes RSA of their decoder rows (NaN below 10 pairs).
+    """
+    za, zb = a.latents(), b.latents()
+    order = np.argsort(passage, kind="stable")
+    names, starts = np.unique(passage[order], return_index=True)
+    rows_of = np.split(order, starts[1:])
+    rng = np.random.default_rng(seed)
+    out = np.full(n_boot, np.nan)
+    for r in range(n_boot):
+        rows = torch.as_tensor(np.concatenate([rows_of[i] for i in rng.integers(0, len(names), len(names))]))
+        ra, rb = za[rows], zb[rows]
+        corr = activation_correlation(ra, rb, device=device)
+        many, _ = filter_pairs(match_features(corr, "max"), ra, rb, ids[rows.numpy()], non_concept, min_corr=min_corr)
+        kept = one_per_a(many)
+        if len(kept) >= 10:
+            out[r] = rsa(a.decoder[kept.a], b.decoder[kept.b], max_rows=rsa_rows, seed=seed + r, device=device)
+    return out
 
 
 @dataclass(frozen=True)
 class LayerComparisons:
-    """What :func:`match_and_compare` measured for every layer of A against every layer of B (chapter 5).
+    """What :func:`match_and_compare` measured at every matched depth (chapter 5, stages 3 and 4).
 
     Attributes:
-        grid: one row per layer pair: ``layer A``, ``layer B``, ``depth A``, ``depth B`` (layer / blocks), ``depth``
-            (their mean), ``matched depth`` (a pair of :attr:`PairTokens.matched`), then :func:`compare_layer`'s row
-            (filter counts, ``pairs``, ``mean corr (kept)``, RSA and SVCCA with their nulls and p-values).
-        curves: the SVCCA curve rows of every layer pair, with ``layer A`` and ``layer B`` first.
-        decoders: ``{(layer A, layer B): (A's decoder rows, B's decoder rows)}`` of the kept pairs, row by row.
-        kept: ``{(layer A, layer B): FeaturePairs}``, the kept pairs.
+        cross: one row per matched depth and seed (A's SAE of that seed against B's): ``depth``, ``layer A``,
+            ``layer B``, ``seed``, then :class:`Comparison`'s row (every view).
+        ceiling: one row per matched depth, model and pair of seeds (two SAEs of one model and block that differ
+            only in their seed, compared by the same pipeline on the same held-out tokens): ``depth``, ``model``
+            (``"A"`` or ``"B"``), ``layer``, ``seeds``, then :class:`Comparison`'s primary statistics.
+        curves: the SVCCA curves of the cross rows: ``depth``, ``layer A``, ``layer B``, ``seed``, then the curve.
+        boot: part (b)'s replicates (:func:`depth_bootstrap`): ``depth``, ``seed``, ``replicate``, ``RSA``.
+        kept: ``{(layer A, layer B, seed): FeaturePairs}``, the one-to-one pairs of the cross rows.
+        nulls: ``{("cross", depth, seed) or (model, depth, seeds): (RSA null, SVCCA null)}`` in the row order.
     """
 
-    grid: pd.DataFrame
+    cross: pd.DataFrame
+    ceiling: pd.DataFrame
     curves: pd.DataFrame
-    decoders: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
-    kept: dict[tuple[int, int], FeaturePairs]
+    boot: pd.DataFrame
+    kept: dict[tuple[int, int, int], FeaturePairs]
+    nulls: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]]
 
 
-def match_and_compare(
-    a: LoadedModel, b: LoadedModel, tokens: PairTokens, trained: TrainedSAEs, p: Parameters, cache: bool = True
-) -> LayerComparisons:
-    """Chapter 5, stages 3 and 4 for every layer of A against every layer of B.
+def _settings(p: Parameters, full: bool, offset: int) -> CompareSettings:
+    comps = tuple(p.n_components) if full else tuple(p.n_components[min(2, len(p.n_components) - 1) :][:1])
+    return CompareSettings(comps, p.n_permutations, p.rsa_rows, p.min_corr, p.seed + 7919 * offset, full)
 
-    The non-concept tokens are those of A's tokenizer (:func:`non_concept_tokens`). SVCCA is computed at every
-    ``p.n_components`` for the pairs at matching depth and at the headline value (the third) for the others. With
-    ``cache`` each layer pair's comparison is read from, or written to, the cache (:func:`layer_comparison`).
-    """
-    import pandas as pd
 
-    non_concept = non_concept_tokens(a.tokenizer)
-    enc_a = encode_layers(trained.saes["A"], tokens.aligned.acts_a)
-    enc_b = encode_layers(trained.saes["B"], tokens.aligned.acts_b)
-    compare = layer_comparison if cache else layer_comparison.compute
+def _sides(saes: dict[int, LayerSAE], acts: np.ndarray) -> dict[int, Encoded]:
+    digest = array_digest(acts)
+    return {seed: Encoded.of(item.sae, acts, digest) for seed, item in saes.items()}
+
+
+def _depth_rows(
+    depth: float, layers: tuple[int, int], enc: dict[str, dict[int, Encoded]], tokens: PairTokens,
+    masks: dict[str, np.ndarray], p: Parameters, compare: Any, ceiling: bool, bootstrap: bool,
+) -> dict[str, list]:  # fmt: skip
+    """Every comparison at one matched depth: the cross-model ones per seed, their bootstrap, the seed ceiling."""
+    from itertools import combinations
+
+    al, held = tokens.aligned, tokens.heldout
+    ids = {"A": al.ids_a[held], "B": al.ids_b[held]}
     dev = get_device(p.device)
-    headline = [p.n_components[min(2, len(p.n_components) - 1)]] if len(p.n_components) else []
-    rows, curves, decoders, kept_all = [], [], {}, {}
-    for la in tokens.layers_a:
-        for lb in tokens.layers_b:
-            comps = list(p.n_components if (la, lb) in tokens.matched else headline)
-            out = compare(
-                enc_a[la],
-                enc_b[lb],
-                tokens.aligned.ids_a,
-                non_concept,
-                comps,
-                p.n_permutations,
-                p.rsa_rows,
-                p.min_corr,
-                p.seed,
-                dev,
-            )
-            k = out["kept"]
-            kept = FeaturePairs(k["a"], k["b"], k["corr"], str(k["method"]))
-            depth_a, depth_b = la / a.info.n_layers, lb / b.info.n_layers
-            rows.append(
-                {
-                    "layer A": la,
-                    "layer B": lb,
-                    "depth A": depth_a,
-                    "depth B": depth_b,
-                    "depth": (depth_a + depth_b) / 2,
-                    "matched depth": (la, lb) in tokens.matched,
-                    **out["row"],
-                }
-            )
-            curves += [{"layer A": la, "layer B": lb, **c} for c in out["curve"]]
-            decoders[(la, lb)] = (enc_a[la].decoder[kept.a], enc_b[lb].decoder[kept.b])
-            kept_all[(la, lb)] = kept
-    return LayerComparisons(pd.DataFrame(rows), pd.DataFrame(curves), decoders, kept_all)
-
-
-@dataclass(frozen=True)
-class PairResult:
-    """Everything chapter 5 measures for one pair of models: the outputs of stages 1, 2 and 3-4.
-
-    Attributes:
-        names: ``(A, B)``; n_layers: their numbers of blocks.
-        tokens: stage 1 (:class:`PairTokens`); sae: stage 2 (:class:`TrainedSAEs`); layers: stages 3 and 4
-            (:class:`LayerComparisons`). The properties below name their parts.
-    """
-
-    names: tuple[str, str]
-    n_layers: tuple[int, int]
-    tokens: PairTokens
-    sae: TrainedSAEs
-    layers: LayerComparisons
-
-    @property
-    def matched(self) -> list[tuple[int, int]]:
-        """The layer pairs at matching relative depth."""
-        return self.tokens.matched
-
-    @property
-    def layers_a(self) -> list[int]:
-        return self.tokens.layers_a
-
-    @property
-    def layers_b(self) -> list[int]:
-        return self.tokens.layers_b
-
-    @property
-    def aligned(self) -> AlignedTokens:
-        return self.tokens.aligned
-
-    @property
-    def trained(self) -> dict[str, dict[int, LayerSAE]]:
-        """``{"A": {layer: LayerSAE}, "B": {...}}``."""
-        return self.sae.saes
-
-    @property
-    def saes(self) -> pd.DataFrame:
-        """The SAEs' quality table (:class:`TrainedSAEs`)."""
-        return self.sae.table
-
-    @property
-    def grid(self) -> pd.DataFrame:
-        """One row per layer pair (:class:`LayerComparisons`)."""
-        return self.layers.grid
-
-    @property
-    def curves(self) -> pd.DataFrame:
-        return self.layers.curves
-
-    @property
-    def decoders(self) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-        return self.layers.decoders
-
-    @property
-    def kept(self) -> dict[tuple[int, int], FeaturePairs]:
-        return self.layers.kept
-
-    def depth(self, la: int, lb: int) -> float:
-        """The mean relative depth of layer ``la`` of A and ``lb`` of B."""
-        return float(self.grid.set_index(["layer A", "layer B"]).loc[(la, lb), "depth"])
-
-
-def run_pair(
-    a: LoadedModel,
-    b: LoadedModel,
-    texts: Sequence[str],
-    depths: Sequence[float],
-    p: Parameters,
-    progress: bool = False,
-    cache: bool = True,
-) -> PairResult:
-    """Chapter 5 for one pair of loaded models at relative ``depths``: extract, train, match and compare.
-
-    ``depths`` is ``p.depths`` for the pair of one family and ``p.cross_depths`` for the cross-tokenizer pair;
-    every other setting comes from ``p``. Without ``cache`` the layer comparisons are recomputed and not stored.
-    """
-    tokens = extract(a, b, texts, depths, p, progress)
-    trained = train(a, b, tokens, p, progress)
-    layers = match_and_compare(a, b, tokens, trained, p, cache)
-    return PairResult((a.info.name, b.info.name), (a.info.n_layers, b.info.n_layers), tokens, trained, layers)
-
-
-def best_depth_subsamples(
-    decoder_pairs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
-    depth: dict[tuple[int, int], float],
-    n_subsamples: int = 50,
-    fraction: float = 0.5,
-    rsa_rows: int = 500,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-) -> np.ndarray:
-    """Relative depth of the layer pair with the highest RSA, over subsamples of the matched pairs (chapter 5).
-
-    Each replicate draws ``fraction`` of every layer pair's matched features
-    without replacement (a subsampling bootstrap: resampling with replacement
-    would duplicate rows, whose correlation of 1 inflates RSA) and recomputes RSA
-    on at most ``rsa_rows`` of them.
-    """
-    rng = np.random.default_rng(seed)
-    keys = [key for key, (x, _) in decoder_pairs.items() if len(x) >= 20]
-    if not keys:
-        raise EmbgeoInputError("No layer pair has 20 matched features; lower the filters or use more tokens.")
-    best = np.empty(n_subsamples)
-    for i in range(n_subsamples):
-        values = []
-        for key in keys:
-            x, y = decoder_pairs[key]
-            pick = rng.choice(len(x), max(10, int(fraction * len(x))), replace=False)
-            values.append(rsa(x[pick], y[pick], max_rows=rsa_rows, seed=int(rng.integers(1 << 30)), device=device))
-        best[i] = depth[keys[int(np.argmax(values))]]
-    return best
-
-
-def _finite_or_none(x: Any) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
-
-
-def _excess(row: Mapping[str, Any], stat: str) -> float:
-    """``stat`` minus its null mean in a comparison row; NaN when not computed (chapter 5)."""
-    value, null = row.get(stat, np.nan), row.get(f"{stat} null mean", np.nan)
-    return float(value - null) if np.isfinite(value) and np.isfinite(null) else float("nan")
-
-
-def _layer_checks(
-    r: Mapping[str, Any], name: str, minimums: dict[str, tuple[float, str]], n_permutations: int | None
-) -> list[Check]:
-    """Part (a)'s checks of one layer pair (chapter 5, :func:`check_claim10`): RSA and SVCCA above their nulls."""
-    n = int(r["pairs"])
-    if n < 10 or not np.isfinite(r.get("RSA", np.nan)):
-        minimum, source = minimums["RSA"]
-        return [Check(f"RSA > null, {name} (fewer than 10 pairs)", -1.0, None, minimum, n, min_effect_source=source)]
-    checks = []
-    n_svcca = r.get("SVCCA n")
-    for stat, label in (("RSA", "RSA"), ("SVCCA", "SVCCA" if n_svcca is None else f"SVCCA(n={int(n_svcca)})")):
-        if not np.isfinite(r.get(stat, np.nan)):
-            continue
-        minimum, source = minimums[stat]
-        se = r.get(f"{stat} null std")
-        checks.append(
-            Check(
-                f"{label} > null, {name}",
-                _excess(r, stat),
-                float(r[f"{stat} p"]),
-                minimum,
-                n,
-                float(se) if se is not None and np.isfinite(se) else None,
-                min_effect_source=source,
-                n_permutations=n_permutations,
-                control=name.startswith("seed ceiling"),
-            )
-        )
-    return checks
-
-
-def _part_a_minimums(ceiling: Mapping[str, Any] | None) -> dict[str, tuple[float, str]]:
-    """Part (a)'s minimum effects: :data:`CEILING_SHARE` of the seed ceiling's excess, floored (chapter 5)."""
-    share, why = CEILING_SHARE
-    out = {}
-    for stat, floor in (("RSA", MIN_CONTROL_RSA), ("SVCCA", MIN_CONTROL_SVCCA)):
-        top = _excess(ceiling, stat) if ceiling is not None else float("nan")
-        if not np.isfinite(top):
-            out[stat] = (share * floor[0], f"{why} (no seed ceiling: {share:g} x the control's minimum {floor[0]:g})")
-            continue
-        top = max(top, floor[0])
-        out[stat] = (share * top, f"{why} ({share:g} x {top:.3g})")
+    out: dict[str, list] = {"cross": [], "curves": [], "boot": [], "ceiling": [], "kept": [], "nulls": []}
+    for i, seed in enumerate(p.seeds):
+        res = compare(enc["A"][seed], enc["B"][seed], ids["A"], masks["A"], _settings(p, True, i), dev)
+        head = {"depth": depth, "layer A": layers[0], "layer B": layers[1], "seed": seed}
+        out["cross"].append({**head, **res["row"]})
+        out["curves"] += [{**head, **c} for c in res["curve"]]
+        k = res["kept"]
+        out["kept"].append(((layers[0], layers[1], seed), FeaturePairs(k["a"], k["b"], k["corr"], str(k["method"]))))
+        out["nulls"].append((("cross", depth, seed), (res["rsa null"], res["svcca null"])))
+        if bootstrap:
+            boot = depth_bootstrap(enc["A"][seed], enc["B"][seed], ids["A"], al.passage[held], masks["A"],
+                                   p.min_corr, p.rsa_rows, p.n_boot, p.seed + i, dev)  # fmt: skip
+            out["boot"] += [{"depth": depth, "seed": seed, "replicate": r, "RSA": v} for r, v in enumerate(boot)]
+    for j, (side, (s, t)) in enumerate((side, st) for side in "AB" for st in combinations(p.seeds, 2) if ceiling):
+        res = compare(enc[side][s], enc[side][t], ids[side], masks[side], _settings(p, False, 100 + j), dev)
+        layer = layers[0] if side == "A" else layers[1]
+        out["ceiling"].append({"depth": depth, "model": side, "layer": layer, "seeds": f"{s}-{t}", **res["row"]})
+        out["nulls"].append(((side, depth, f"{s}-{t}"), (res["rsa null"], res["svcca null"])))
     return out
 
 
+def match_and_compare(
+    a: LoadedModel, b: LoadedModel, tokens: PairTokens, trained: TrainedSAEs, p: Parameters, cache: bool = True,
+    ceiling: bool = True, bootstrap: bool = True, progress: bool = False,
+) -> LayerComparisons:  # fmt: skip
+    """Chapter 5, stages 3 and 4 at every matched depth, on the held-out tokens only.
+
+    For every seed, A's SAE is compared with B's SAE of the same seed (:func:`compare_pairs`, every view), with the
+    non-concept tokens of A's tokenizer (:func:`non_concept_tokens`), and re-matched on ``p.n_boot`` resamplings of
+    the held-out passages (:func:`depth_bootstrap`). With ``ceiling``, every pair of seeds of one model is compared
+    by the same pipeline (same filters, matching and held-out tokens; primary statistics, SVCCA at the headline
+    ``n``): the seed ceiling; ``bootstrap`` switches part (b)'s replicates. Each comparison draws its own permutations (seed ``p.seed`` plus an offset). With
+    ``cache`` comparisons are read from, or written to, the cache (:func:`layer_comparison`).
+    """
+    import pandas as pd
+
+    mask_a = non_concept_tokens(a.tokenizer)
+    same = a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    masks = {"A": mask_a, "B": mask_a if same else non_concept_tokens(b.tokenizer)}
+    compare = layer_comparison if cache else layer_comparison.compute
+    al, held = tokens.aligned, tokens.heldout
+    parts: dict[str, list] = {"cross": [], "curves": [], "boot": [], "ceiling": [], "kept": [], "nulls": []}
+    for depth, (la, lb) in tqdm(list(zip(tokens.depths, tokens.matched)), desc="depths", disable=not progress):
+        enc = {"A": _sides(trained.saes["A"][la], al.acts_a[la][held]),
+               "B": _sides(trained.saes["B"][lb], al.acts_b[lb][held])}  # fmt: skip
+        for name, rows in _depth_rows(depth, (la, lb), enc, tokens, masks, p, compare, ceiling, bootstrap).items():
+            parts[name] += rows
+    return LayerComparisons(
+        pd.DataFrame(parts["cross"]), pd.DataFrame(parts["ceiling"]), pd.DataFrame(parts["curves"]),
+        pd.DataFrame(parts["boot"]), dict(parts["kept"]), dict(parts["nulls"]),
+    )  # fmt: skip
+
+
+def _combined(rows: Any, nulls: list[np.ndarray], stat: str) -> dict[str, float]:
+    """The mean of a statistic over comparisons against the mean of their independent nulls (draw by draw)."""
+    ok = [i for i, n in enumerate(nulls) if n.size and np.isfinite(rows.iloc[i].get(stat, np.nan))]
+    if not ok:
+        return {f"{stat}": np.nan, f"{stat} excess": np.nan, f"{stat} p": np.nan, f"{stat} null std": np.nan}
+    null = np.mean([nulls[i] for i in ok], axis=0)
+    res = from_null(float(np.mean([rows.iloc[i][stat] for i in ok])), null)
+    return {f"{stat}": res.statistic, f"{stat} excess": res.statistic - res.null_mean, f"{stat} p": res.p_value,
+            f"{stat} null std": res.null_std}  # fmt: skip
+
+
+def depth_profile(layers: LayerComparisons, table: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:
+    """Chapter 5: similarity, its seed ceiling and SAE quality against depth, one row per matched depth.
+
+    Columns: ``depth``, ``layer A``, ``layer B``, ``pairs`` (one-to-one, mean over seeds); ``RSA``, ``RSA excess``
+    (over the null mean), ``RSA p``, ``RSA null std`` and the same for ``SVCCA``, each over the seeds' mean against
+    the mean of their nulls; ``RSA excess min`` and ``max`` over seeds; ``ceiling RSA ...`` and ``ceiling SVCCA
+    ...`` the same over every pair of seeds of both models; ``fraction of ceiling`` (RSA excess over the ceiling's;
+    NaN where the ceiling's is below :data:`CONTROL_MIN_RSA`); ``fvu A`` and ``fvu B`` (held-out, mean over seeds).
+    """
+    import pandas as pd
+
+    rows = []
+    for depth, cross in layers.cross.groupby("depth", sort=True):
+        nulls = [layers.nulls[("cross", depth, s)] for s in cross["seed"]]
+        row = {"depth": depth, "layer A": int(cross["layer A"].iloc[0]), "layer B": int(cross["layer B"].iloc[0]),
+               "pairs": float(cross["pairs"].mean())}  # fmt: skip
+        row.update(_combined(cross, [n[0] for n in nulls], "RSA"))
+        row.update(_combined(cross, [n[1] for n in nulls], "SVCCA"))
+        excess = cross["RSA"] - cross["RSA null mean"] if "RSA" in cross else pd.Series([np.nan])
+        row.update({"RSA excess min": float(excess.min()), "RSA excess max": float(excess.max())})
+        ceil = layers.ceiling[layers.ceiling["depth"] == depth] if len(layers.ceiling) else layers.ceiling
+        if len(ceil):
+            cn = [layers.nulls[(m, depth, s)] for m, s in zip(ceil["model"], ceil["seeds"])]
+            row.update({f"ceiling {k}": v for k, v in _combined(ceil, [n[0] for n in cn], "RSA").items()})
+            row.update({f"ceiling {k}": v for k, v in _combined(ceil, [n[1] for n in cn], "SVCCA").items()})
+            ceil_excess = row["ceiling RSA excess"]
+            row["fraction of ceiling"] = row["RSA excess"] / ceil_excess if ceil_excess >= CONTROL_MIN_RSA else np.nan
+        for side, name, layer in (("A", names[0], row["layer A"]), ("B", names[1], row["layer B"])):
+            q = table[(table["model"] == name) & (table["layer"] == layer)]
+            row[f"fvu {side}"] = float(q["fvu"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _peak(values: np.ndarray) -> float:
+    """Best interior value minus the better of the two edges (values in depth order)."""
+    return float(np.max(values[1:-1]) - max(values[0], values[-1]))
+
+
+def peak_statistic(layers: LayerComparisons, table: pd.DataFrame, names: tuple[str, str]) -> dict[str, Any]:
+    """Chapter 5, part (b): is the cross-model similarity highest at an interior depth?
+
+    For every seed and bootstrap replicate (:attr:`LayerComparisons.boot`), the similarity at each matched depth is
+    the replicate's one-to-one RSA minus that depth's and seed's null mean; the statistic is the best interior
+    depth's similarity minus the better of the shallowest and deepest depths'. The FVU-adjusted statistic does the
+    same on the residuals of a straight-line fit of similarity on the held-out FVU (mean of A's and B's SAE of that
+    seed) across depths. The spread over seeds and replicates gives each a standard error.
+
+    Returns:
+        ``raw``, ``fvu`` and ``both`` (the smaller of the two in each draw: a peak that stands both ways), each
+        ``{"effect", "se", "low", "high"}``: mean, standard deviation over draws, and the 2.5 and 97.5 percentiles;
+        ``draws`` (the number), ``best depth`` (of the mean similarity), ``depths``.
+    """
+    boot = layers.boot.dropna()
+    depths = sorted(layers.cross["depth"].unique())
+    if len(depths) < 3:
+        raise EmbgeoInputError(f"Part (b) needs at least 3 matched depths (two edges and an interior), got {depths}.")
+    cross = layers.cross.set_index(["depth", "seed"])
+    profile = depth_profile(layers, table, names).set_index("depth")
+    raw, adjusted, means = [], [], []
+    for (seed, _rep), draw in boot.groupby(["seed", "replicate"]):
+        sims = draw.set_index("depth")["RSA"].reindex(depths).to_numpy()
+        if not np.isfinite(sims).all():
+            continue
+        sims = sims - np.array([cross.loc[(d, seed), "RSA null mean"] for d in depths], dtype=float)
+        if not np.isfinite(sims).all():
+            continue
+        fvu = np.array([_seed_fvu(table, names, profile.loc[d], seed) for d in depths])
+        slope, intercept = np.polyfit(fvu, sims, 1)
+        raw.append(_peak(sims))
+        adjusted.append(_peak(sims - (slope * fvu + intercept)))
+        means.append(sims)
+    if not raw:
+        raise EmbgeoInputError("No bootstrap replicate has 10 pairs at every depth; use more held-out tokens.")
+    both = np.minimum(raw, adjusted)
+    summary = {name: {"effect": float(np.mean(v)), "se": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
+                      "low": float(np.percentile(v, 2.5)), "high": float(np.percentile(v, 97.5))}
+               for name, v in (("raw", raw), ("fvu", adjusted), ("both", both))}  # fmt: skip
+    best = depths[int(np.argmax(np.mean(means, axis=0)))]
+    return {**summary, "draws": len(raw), "best depth": float(best), "depths": [float(d) for d in depths]}
+
+
+def _seed_fvu(table: pd.DataFrame, names: tuple[str, str], row: Any, seed: int) -> float:
+    a = table[(table["model"] == names[0]) & (table["layer"] == row["layer A"]) & (table["seed"] == seed)]
+    b = table[(table["model"] == names[1]) & (table["layer"] == row["layer B"]) & (table["seed"] == seed)]
+    return float((a["fvu"].iloc[0] + b["fvu"].iloc[0]) / 2)
+
+
+def _part_a_checks(r: Any, ceiling_fraction: float, n_permutations: int) -> list[Check]:
+    """Part (a) at one depth: one-to-one RSA and SVCCA above their nulls, and the seed ceiling as the control."""
+    where = f"depth {r['depth']:.2f} (layers {int(r['layer A'])}/{int(r['layer B'])})"
+    checks = []
+    for stat in ("RSA", "SVCCA"):
+        ceil = float(r.get(f"ceiling {stat} excess", np.nan))
+        minimum = ceiling_fraction * max(ceil if np.isfinite(ceil) else 0.0, CONTROL_MIN_RSA)
+        source = (
+            f"{ceiling_fraction:.0%} of the seed ceiling's {stat} above its null at this depth ({ceil:.3f}), and at "
+            f"least {ceiling_fraction:.0%} of the smallest ceiling the control accepts ({CONTROL_MIN_RSA}): 'far more "
+            "similar than chance' read as keeping that share of what two seeds of one model share"
+        )
+        name = f"one-to-one {stat} > null, {where}"
+        effect = float(r.get(f"{stat} excess", np.nan))
+        if not np.isfinite(effect):
+            checks.append(Check(name, -1.0, 1.0, min_effect=minimum, n=int(r["pairs"]), min_effect_source=source))
+            continue
+        checks.append(Check(name, effect, float(r[f"{stat} p"]), minimum, int(r["pairs"]),
+                            se=float(r[f"{stat} null std"]), min_effect_source=source,
+                            n_permutations=n_permutations))  # fmt: skip
+    ceil_effect = float(r.get("ceiling RSA excess", np.nan))
+    control = f"seed ceiling: one-to-one RSA > null, {where}"
+    source = f"practical: {CONTROL_MIN_RSA}, about five times the largest RSA null maximum measured at 500 rows (0.011)"
+    if np.isfinite(ceil_effect):
+        checks.append(Check(control, ceil_effect, float(r["ceiling RSA p"]), CONTROL_MIN_RSA,
+                            se=float(r["ceiling RSA null std"]), min_effect_source=source,
+                            n_permutations=n_permutations, control=True))  # fmt: skip
+    else:
+        checks.append(Check(control, -1.0, 1.0, CONTROL_MIN_RSA, min_effect_source=source, control=True))
+    return checks
+
+
 def check_claim10(
-    grid: Any,
-    matched: Sequence[tuple[int, int]],
-    depth_a: dict[int, float],
-    depth_b: dict[int, float],
-    boot_argmax: np.ndarray,
-    alpha: float = 0.01,
-    ceiling: Mapping[str, Any] | None = None,
-    n_permutations: int | None = None,
+    profile: pd.DataFrame, peak: dict[str, Any], n_permutations: int, ceiling_fraction: float = 0.1, alpha: float = 0.01
 ) -> Verdict:
     """Claim 10 (chapter 5): paired decoder geometry beats the null, and is highest in the middle layers.
 
-    Checks:
+    Checks (Holm-adjusted together; the controls form their own family):
 
-    * (a) for every matched-depth layer pair: RSA above its permutation null
-      (effect RSA minus the null mean, one-sided permutation p, se the null's
-      standard deviation), and SVCCA above its null at the reported ``n``; each
-      minimum is :data:`CEILING_SHARE` of the seed ceiling's excess over its null
-      (at least of the control's own minimum);
-    * (b) the layer pair with the highest RSA lies at an interior depth: effect
-      = fraction of bootstrap replicates (``boot_argmax``: mean relative depth of
-      the best pair per replicate) whose maximum is neither at the shallowest nor
-      at the deepest studied depth, minus 0.5; minimum :data:`MIN_INTERIOR` (95 %
-      of replicates), binomial standard error. Descriptive (no p-value).
-    * positive control, with ``ceiling`` (:class:`SeedCeiling`'s ``statistics``): the
-      seed ceiling's RSA and SVCCA beat their own nulls by :data:`MIN_CONTROL_RSA`
-      and :data:`MIN_CONTROL_SVCCA`; when they do not, the claim is inconclusive.
+    * (a) at every matched depth, the one-to-one RSA and SVCCA (headline ``n``) of the seeds' mean above the mean of
+      their nulls (effect: the excess; permutation p of the mean against the draw-by-draw mean of independent nulls),
+      with the smallest effect ``ceiling_fraction`` of the seed ceiling's excess at that depth (of
+      :data:`CONTROL_MIN_RSA` where the ceiling is lower: a near-zero ceiling gives no near-zero minimum);
+    * (b) the best interior depth's similarity minus the better edge's (:func:`peak_statistic`), in each draw the
+      smaller of the raw statistic and the one with FVU as a covariate (a peak must stand both ways: one check, not
+      two that could pass separately); effect the mean over seeds and resampled held-out passages, p from its
+      standard error (normal approximation), smallest effect ``ceiling_fraction`` of the mean seed ceiling (at least
+      of :data:`CONTROL_MIN_RSA`);
+    * control, at every depth: the seed ceiling's one-to-one RSA above its null by at least :data:`CONTROL_MIN_RSA`.
 
-    ``n_permutations`` is recorded with every permutation p-value. The p-values are Holm-adjusted together
-    (:func:`embgeo_utils.core.stats.verdict`; the control separately).
+    ``profile`` is :func:`depth_profile`'s table, ``peak`` :func:`peak_statistic`'s result.
     """
-    g = grid.set_index(["layer A", "layer B"])
-    minimums = _part_a_minimums(ceiling)
+    from scipy.stats import norm
+
+    if "ceiling RSA excess" not in profile:
+        raise EmbgeoInputError("Claim 10's minimum effects need the seed ceiling: run match_and_compare(ceiling=True).")
     checks = []
-    for la, lb in matched:
-        checks += _layer_checks(g.loc[(la, lb)], f"layers {la}/{lb}", minimums, n_permutations)
-    depths = sorted({round((depth_a[la] + depth_b[lb]) / 2, 6) for la, lb in matched})
-    boot = np.asarray(boot_argmax, dtype=float)
-    interior = np.mean([(d > depths[0] + 1e-9) and (d < depths[-1] - 1e-9) for d in boot]) if boot.size else 0.0
-    se = float(np.sqrt(max(interior * (1 - interior), 1 / max(boot.size, 1)) / max(boot.size, 1)))
-    checks.append(
-        Check(
-            "best layer pair at an interior depth (bootstrap share - 0.5)",
-            float(interior - 0.5),
-            None,
-            MIN_INTERIOR[0],
-            int(boot.size),
-            se,
-            min_effect_source=MIN_INTERIOR[1],
-        )
+    for _, r in profile.iterrows():
+        checks += _part_a_checks(r, ceiling_fraction, n_permutations)
+    mean_ceiling = float(profile["ceiling RSA excess"].mean())
+    minimum = ceiling_fraction * max(mean_ceiling if np.isfinite(mean_ceiling) else 0.0, CONTROL_MIN_RSA)
+    source = (
+        f"{ceiling_fraction:.0%} of the seed ceiling's RSA excess, mean over depths ({mean_ceiling:.3f}), and at "
+        f"least {ceiling_fraction:.0%} of the smallest ceiling the control accepts ({CONTROL_MIN_RSA})"
     )
-    if ceiling is not None:
-        own = {"RSA": MIN_CONTROL_RSA, "SVCCA": MIN_CONTROL_SVCCA}
-        checks += _layer_checks(ceiling, f"seed ceiling, layer {ceiling.get('layer', '?')}", own, n_permutations)
+    span = f"{peak['depths'][0]:.2f}-{peak['depths'][-1]:.2f}"
+    e = peak["both"]
+    se = e["se"] if np.isfinite(e["se"]) and e["se"] > 0 else None
+    p = float(norm.sf(e["effect"] / se)) if se else (0.0 if e["effect"] > 0 else 1.0)
+    checks.append(Check(f"best interior depth minus better edge, depths {span}, raw and with FVU as a covariate",
+                        e["effect"], p, minimum, int(peak["draws"]), se=se, min_effect_source=source))  # fmt: skip
     return verdict(checks, alpha=alpha)
-
-
-@dataclass(frozen=True)
-class SeedCeiling:
-    """Two SAEs of one model and block that differ only in their seed, compared like a layer pair (chapter 5).
-
-    Attributes:
-        model, layer: the model and block.
-        pairs: matched pairs kept by the filters.
-        rsa: RSA of the kept pairs' decoder rows; NaN when fewer than 10 pairs are kept (not computed).
-        svcca, svcca_n: SVCCA at the headline number of directions, and that number; NaN and None when not computed.
-        statistics: :func:`compare_layer`'s whole row (filter counts, ``pairs``, ``mean corr (kept)``, and RSA and
-            SVCCA with their nulls and p-values where computed), as the record keeps it (:meth:`record`).
-    """
-
-    model: str
-    layer: int
-    pairs: int
-    rsa: float
-    svcca: float
-    svcca_n: int | None
-    statistics: dict[str, Any]
-
-    def record(self) -> dict[str, Any]:
-        """The chapter record's ``seed_ceiling`` entry: ``model``, ``layer`` and every statistic."""
-        return {"model": self.model, "layer": self.layer, **self.statistics}
-
-    def summary(self) -> str:
-        """One line for the chapter: the layer, the pairs kept, RSA and SVCCA."""
-        return (
-            f"Seed ceiling at layer {self.layer} of {self.model}: {self.pairs} pairs kept, RSA {self.rsa:.3f}, "
-            f"SVCCA(n={self.svcca_n}) {self.svcca:.3f}."
-        )
-
-
-def seed_ceiling(
-    result: PairResult, p: Parameters, side: str = "A", layer: int | None = None, progress: bool = False
-) -> SeedCeiling:
-    """Chapter 5: the comparison between two SAEs of one model and block that differ only in their seed.
-
-    It shows how similar "the same model" looks through this pipeline: the ceiling that cross-model numbers are read
-    against. The block is the middle studied one of ``side`` unless ``layer`` is given. The second SAE has the
-    first's size and ``p.seed + 1``, and is trained on the tokens of ``split(0.2)`` (a fixed held-out fraction, not
-    ``p.heldout_fraction``). The two are compared by :func:`compare_layer` with no non-concept filter, at
-    ``p.n_permutations`` and ``p.rsa_rows`` but fixed ``n_components`` (5, 10, 20, 50, 100), ``min_corr`` 0.1 and
-    comparison seed 0.
-    """
-    trained = result.trained[side]
-    layers = sorted(trained)
-    layer = layers[len(layers) // 2] if layer is None else layer
-    acts = (result.aligned.acts_a if side == "A" else result.aligned.acts_b)[layer]
-    train_rows, _ = result.aligned.split(0.2)
-    first = trained[layer].sae
-    name = result.names[0 if side == "A" else 1]
-    dev = get_device(p.device)
-    x_train = np.ascontiguousarray(acts[train_rows])
-    key = {"model": name, "layer": layer, "tokens": content_key(x_train.tobytes())}
-    second, _ = cached_sae(
-        x_train,
-        first.n_latents,
-        first.k,
-        key,
-        seed=p.seed + 1,
-        device=dev,
-        progress=progress,
-        epochs=p.epochs,
-        batch_size=p.batch_size,
-        lr=p.lr,
-    )
-    ids = result.aligned.ids_a if side == "A" else result.aligned.ids_b
-    row, _, _ = compare_layer(
-        encode_all(first, acts),
-        encode_all(second, acts),
-        first.W_dec.detach().cpu().numpy(),
-        second.W_dec.detach().cpu().numpy(),
-        ids,
-        np.zeros(int(ids.max()) + 1, dtype=bool),
-        n_components=(5, 10, 20, 50, 100),
-        n_permutations=p.n_permutations,
-        rsa_rows=p.rsa_rows,
-        min_corr=0.1,
-        seed=0,
-        device=dev,
-    )
-    nan = float("nan")
-    return SeedCeiling(
-        name,
-        layer,
-        int(row["pairs"]),
-        float(row["RSA"]) if "RSA" in row else nan,
-        float(row["SVCCA"]) if "SVCCA" in row else nan,
-        int(row["SVCCA n"]) if "SVCCA n" in row else None,
-        row,
-    )
 
 
 @dataclass(frozen=True)
@@ -982,139 +1206,266 @@ class Claim10:
 
     Attributes:
         verdict: the checks and verdict of :func:`check_claim10`.
-        best_depths: per subsample of the matched features, the relative depth of the layer pair with the highest RSA
-            (:func:`best_depth_subsamples`).
-        interior_share: the share of ``best_depths`` strictly inside the depths of the layer pairs of matching depth.
-        smallest_rsa: the smallest RSA over the layer pairs of matching depth (NaN when none has one; None when no
-            layer pair kept 10 pairs).
-        best_pair, best_depth: the layer pair with the highest RSA over all layer pairs and its relative depth (None
-            when no layer pair kept 10 pairs).
+        profile: :func:`depth_profile`'s table.
+        peak: :func:`peak_statistic`'s result (part (b)).
+        part_b: part (b) in words: supported, or "not supported within depths ...".
     """
 
     verdict: Verdict
-    best_depths: np.ndarray
-    interior_share: float
-    smallest_rsa: float | None
-    best_pair: tuple[int, int] | None
-    best_depth: float | None
+    profile: pd.DataFrame
+    peak: dict[str, Any]
+    part_b: str
+
+    @property
+    def smallest_rsa(self) -> float:
+        """The smallest one-to-one RSA excess over the matched depths (the claim's headline statistic)."""
+        return float(self.profile["RSA excess"].min())
 
 
-def check(pair: PairResult, p: Parameters, ceiling: SeedCeiling | None = None) -> Claim10:
-    """Chapter 5, stage 5: claim 10's verdict (:func:`check_claim10`) for one pair of models, at level ``p.alpha``.
+def check(pair: PairResult, p: Parameters) -> Claim10:
+    """Chapter 5, stage 5: claim 10's verdict (:func:`check_claim10`) for one pair of models, at level ``p.alpha``."""
+    profile = depth_profile(pair.layers, pair.saes, pair.names)
+    peak = peak_statistic(pair.layers, pair.saes, pair.names)
+    result = check_claim10(profile, peak, p.n_permutations, p.ceiling_fraction, p.alpha)
+    span = f"{peak['depths'][0]:.2f}-{peak['depths'][-1]:.2f}"
+    part_b_holds = all(h for c, h in zip(result.checks, result.holds) if c.name.startswith("best interior"))
+    if part_b_holds:
+        text = f"highest at an interior depth ({peak['best depth']:.2f}) within depths {span}"
+    else:
+        text = f"a peak at an interior depth is not supported within depths {span}"
+    return Claim10(result, profile, peak, text)
 
-    ``ceiling`` (:func:`seed_ceiling`) sets part (a)'s minimum effects and is the positive control.
 
-    The location of the maximum comes from ``p.n_subsamples`` subsamples of the kept pairs of every layer pair
-    (:func:`best_depth_subsamples` with its default fraction 0.5 and 500 RSA rows, seed ``p.seed``).
+@dataclass(frozen=True)
+class PairResult:
+    """Everything chapter 5 measures for one pair of models: the outputs of stages 1, 2 and 3-4.
+
+    Attributes:
+        names: ``(A, B)``; n_layers: their numbers of blocks; seeds: the SAE seeds.
+        tokens: stage 1 (:class:`PairTokens`); sae: stage 2 (:class:`TrainedSAEs`); layers: stages 3 and 4
+            (:class:`LayerComparisons`); curve: :func:`token_curve`'s table (None when not measured).
     """
-    depth_of = {key: pair.depth(*key) for key in pair.decoders}
-    best = best_depth_subsamples(
-        pair.decoders, depth_of, n_subsamples=p.n_subsamples, seed=p.seed, device=get_device(p.device)
+
+    names: tuple[str, str]
+    n_layers: tuple[int, int]
+    seeds: list[int]
+    tokens: PairTokens
+    sae: TrainedSAEs
+    layers: LayerComparisons
+    curve: pd.DataFrame | None
+
+    @property
+    def matched(self) -> list[tuple[int, int]]:
+        """The layer pairs at matching relative depth."""
+        return self.tokens.matched
+
+    @property
+    def aligned(self) -> AlignedTokens:
+        return self.tokens.aligned
+
+    @property
+    def trained(self) -> dict[str, dict[int, dict[int, LayerSAE]]]:
+        """``{"A": {layer: {seed: LayerSAE}}, "B": {...}}``."""
+        return self.sae.saes
+
+    @property
+    def saes(self) -> pd.DataFrame:
+        """The SAEs' quality table (:class:`TrainedSAEs`)."""
+        return self.sae.table
+
+    @property
+    def cross(self) -> pd.DataFrame:
+        """One row per matched depth and seed (:class:`LayerComparisons`)."""
+        return self.layers.cross
+
+    @property
+    def kept(self) -> dict[tuple[int, int, int], FeaturePairs]:
+        return self.layers.kept
+
+
+def run_pair(
+    a: LoadedModel, b: LoadedModel, texts: Sequence[str], depths: Sequence[float], p: Parameters,
+    progress: bool = False, cache: bool = True, study: bool = True,
+) -> PairResult:  # fmt: skip
+    """Chapter 5 for one pair of loaded models at relative ``depths``: extract, train, match and compare.
+
+    With ``study`` (the pair of one family) also the seed ceiling, part (b)'s bootstrap and the FVU-against-tokens
+    curve; without it (the cross-tokenizer pair) the cross-model comparisons only. Without ``cache`` the
+    comparisons are recomputed and not stored.
+    """
+    tokens = extract(a, b, texts, depths, p, progress)
+    trained = train(a, b, tokens, p, progress)
+    layers = match_and_compare(a, b, tokens, trained, p, cache, ceiling=study, bootstrap=study, progress=progress)
+    curve = token_curve(a, b, tokens, p, progress) if study else None
+    names = (a.info.name, b.info.name)
+    return PairResult(names, (a.info.n_layers, b.info.n_layers), list(p.seeds), tokens, trained, layers, curve)
+
+
+def run_cross_pair(a: LoadedModel, b: LoadedModel, texts: Sequence[str], p: Parameters, progress: bool = False) -> Any:
+    """Chapter 5 beyond the paper: the cross-tokenizer pair on the first ``p.cross_passages`` texts, at
+    ``p.cross_depths``, with the first seed only (:func:`run_pair` without the study)."""
+    from dataclasses import replace
+
+    q = replace(p, seeds=list(p.seeds[:1]))
+    return run_pair(a, b, list(texts[: p.cross_passages]), p.cross_depths, q, progress, study=False)
+
+
+def _span(values: Any, fmt: str = ".3f") -> str:
+    """``"low–high"`` of the finite values (one value when they agree, "n/a" when there is none)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return "n/a"
+    low, high = format(float(v.min()), fmt), format(float(v.max()), fmt)
+    return low if low == high else f"{low}–{high}"
+
+
+def summary_lines(pair: PairResult, claim: Claim10, fvu_bars: dict[str, float]) -> list[str]:
+    """Chapter 5's summary in words, every number from the run: the SAEs (held-out FVU against ``fvu_bars`` per
+    model, dead latents, loss), the FVU-against-tokens curve, the many-to-one groups, one-to-one against
+    many-to-one RSA with their nulls, the seed ceiling, part (b) and the verdict (markdown list items)."""
+    t, c, m, pk = pair.saes, pair.cross, claim.profile, claim.peak
+    bar = t["fvu"] <= t["model"].map(fvu_bars)
+    lines = [
+        f"- SAEs ({len(t)}: {len(pair.seeds)} seeds): held-out FVU "
+        + "; ".join(f"{name} {_span(q['fvu'], '.2f')}" for name, q in t.groupby("model", sort=False))
+        + f" on {int(t['train tokens'].iloc[0]):,} training tokens ({int(bar.sum())} of {len(t)} within the bar); "
+        f"dead latents at most {t['dead_fraction'].max():.1%}; loss recovered {_span(t['loss recovered'], '.2f')}, "
+        f"a loss increase of {_span(t['loss increase (nats)'], '.2f')} nats."
+    ]
+    if pair.curve is not None and len(pair.curve):
+        parts = [f"{name} {q['fvu'].iloc[0]:.2f} at {int(q['train tokens'].iloc[0]):,} tokens to "
+                 f"{q['fvu'].iloc[-1]:.2f} at {int(q['train tokens'].iloc[-1]):,}"
+                 for name, q in pair.curve.sort_values("train tokens").groupby("model", sort=False)]  # fmt: skip
+        lines.append("- Held-out FVU against training tokens: " + "; ".join(parts) + ".")
+    lines.append(
+        f"- Many-to-one pairs: {_span(c['pairs (many-to-one)'], '.0f')} per comparison from "
+        f"{_span(c['distinct A'], '.0f')} distinct A latents (largest group {int(c['largest group'].max())}); the "
+        f"one-to-one pairs keep {_span(c['pairs'], '.0f')}."
     )
-    na, nb = pair.n_layers
-    depth_a = {la: la / na for la in pair.layers_a}
-    depth_b = {lb: lb / nb for lb in pair.layers_b}
-    stats = None if ceiling is None else ceiling.record()
-    result = check_claim10(pair.grid, pair.matched, depth_a, depth_b, best, p.alpha, stats, p.n_permutations)
-    m = pair.grid[pair.grid["matched depth"]]
-    interior = float(((best > m["depth"].min() + 1e-9) & (best < m["depth"].max() - 1e-9)).mean())
-    if "RSA" not in pair.grid:
-        return Claim10(result, best, interior, None, None, None)
-    top = pair.grid.loc[pair.grid["RSA"].idxmax()]
-    best_pair = (int(top["layer A"]), int(top["layer B"]))
-    return Claim10(result, best, interior, float(m["RSA"].min()), best_pair, float(top["depth"]))
+    if "RSA (many-to-one)" in c:
+        lines.append(
+            f"- One-to-one RSA {_span(c['RSA'])} against null maxima {_span(c['RSA null max'])} (p "
+            f"{_span(c['RSA p'], '.4f')}); many-to-one RSA {_span(c['RSA (many-to-one)'])}, p "
+            f"{_span(c['RSA p (many-to-one, B shuffled)'], '.4f')} against the shuffled-B null and "
+            f"{_span(c['RSA p (many-to-one, groups kept)'], '.4f')} against the null that keeps the groups."
+        )
+    share = _span(m["fraction of ceiling"] * 100, ".0f")
+    share = (
+        f"the cross-model excess is {share} % of the ceiling where the ceiling passes the control"
+        if share != "n/a"
+        else f"no depth's ceiling reaches the control's {CONTROL_MIN_RSA}, so no share of it is given"
+    )
+    lines += [
+        f"- Seeds' mean one-to-one RSA above its null: {_span(m['RSA excess'])} over depths; the seed ceiling's "
+        f"{_span(m['ceiling RSA excess'])}; {share}.",
+        f"- Part (b): best interior depth minus the better edge {pk['raw']['effect']:.3f} (95 % of {pk['draws']} "
+        f"draws in {pk['raw']['low']:.3f} to {pk['raw']['high']:.3f}), with FVU as a covariate "
+        f"{pk['fvu']['effect']:.3f} ({pk['fvu']['low']:.3f} to {pk['fvu']['high']:.3f}): {claim.part_b}.",
+        f"- Claim 10: **{claim.verdict.summary()}**.",
+    ]
+    return lines
 
 
 def feature_examples(result: PairResult, la: int, lb: int, n: int = 4, top: int = 3, width: int = 40) -> Any:
-    """The best-correlated kept pairs of a layer pair with their top-activating contexts (chapter 5).
+    """The best-correlated one-to-one pairs of a matched layer pair (first seed) with their top contexts (chapter 5).
 
-    Each context shows ``width`` characters either side of the token, the token in bold.
+    Contexts are A's latent's most activating held-out positions among those where it is active, each with ``width``
+    characters either side of the token, the token in bold.
     """
     import pandas as pd
 
-    kept = result.kept[(la, lb)]
+    kept = result.kept[(la, lb, result.seeds[0])]
     if not len(kept):
         return pd.DataFrame()
-    order = np.argsort(-kept.corr)[:n]
-    al = result.aligned
-
-    za = encode_all(result.trained["A"][la].sae, al.acts_a[la])
+    al, held = result.aligned, np.flatnonzero(result.tokens.heldout)
+    za = encode_all(result.trained["A"][la][result.seeds[0]].sae, al.acts_a[la][held])
     rows = []
-    for i in order:
+    for i in np.argsort(-kept.corr)[:n]:
         col = za[:, int(kept.a[i])]
-        best = torch.topk(col, min(top, col.shape[0])).indices.cpu().numpy()
+        values, best = torch.topk(col, min(top, col.shape[0]))
         contexts = []
-        for r in best:
+        for r in held[best[values > 0].cpu().numpy()]:
             text = al.texts[int(al.passage[r])]
             s, e = (int(v) for v in al.spans[r])
             left = text[max(0, s - width) : s].replace("\n", " ")
             right = text[e : e + width].replace("\n", " ")
             contexts.append(f"…{left}**{text[s:e].strip() or '␣'}**{right}…")
-        rows.append(
-            {
-                "latent A": int(kept.a[i]),
-                "latent B": int(kept.b[i]),
-                "correlation": float(kept.corr[i]),
-                "top contexts (A's latent)": " / ".join(contexts),
-            }
-        )
+        rows.append({"latent A": int(kept.a[i]), "latent B": int(kept.b[i]), "correlation": float(kept.corr[i]),
+                     "top contexts (A's latent)": " / ".join(contexts)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def plot_sae_layer_heatmaps(grid: pd.DataFrame, names: tuple[str, str]) -> Figure:
-    """Chapter 5: layer x layer heatmaps of RSA, SVCCA above its null, -log10 p of RSA, and pairs kept.
-
-    Args:
-        grid: ``run_pair(...).grid``.
-        names: the two models (rows: A's layers, columns: B's layers).
-    """
+def plot_sae_quality(table: pd.DataFrame, curve: pd.DataFrame | None) -> Figure:
+    """Chapter 5: held-out FVU of every SAE against depth (one point per seed) and against training tokens."""
     import matplotlib.pyplot as plt
-    import numpy as np
-    import seaborn as sns
 
-    need_columns(grid, ("layer A", "layer B", "pairs"), "ch05.run_pair")
-    g = grid.copy()
-    if "SVCCA" in g:
-        g["SVCCA − null"] = g["SVCCA"] - g["SVCCA null mean"]
-    if "RSA p" in g:
-        g["−log10 p (RSA)"] = -np.log10(g["RSA p"].astype(float))
-    panels = [c for c in ("RSA", "SVCCA − null", "−log10 p (RSA)", "pairs") if c in g]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    for ax, col in zip(np.atleast_1d(axes), panels):
-        table = g.pivot(index="layer A", columns="layer B", values=col).astype(float)
-        sns.heatmap(
-            table,
-            annot=True,
-            fmt=".3g" if col != "pairs" else ".0f",
-            cmap="viridis",
-            ax=ax,
-            cbar=False,
-            annot_kws={"fontsize": 7},
-        )
-        ax.set_title(col)
-        ax.set_xlabel(f"layer of {names[1]}")
-        ax.set_ylabel(f"layer of {names[0]}")
-    fig.suptitle("Paired SAE decoder geometry per layer pair", y=1.02)
+    need_columns(table, ("model", "depth", "fvu"), "ch05.train")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for (name, q), color in zip(table.groupby("model", sort=False), ("#0072B2", "#D55E00")):
+        axes[0].plot(q["depth"], q["fvu"], "o", color=color, alpha=0.7, label=name)
+        if curve is not None and len(curve):
+            c = curve[curve["model"] == name]
+            axes[1].plot(
+                c["train tokens"], c["fvu"], "o-", color=color, label=f"{name}, layer {int(c['layer'].iloc[0])}"
+            )
+    axes[0].set_xlabel("relative depth")
+    axes[0].set_ylabel("held-out FVU")
+    axes[0].set_title("SAE quality at every studied block (one point per seed)")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("training tokens (log scale)")
+    axes[1].set_ylabel("held-out FVU")
+    axes[1].set_title("held-out FVU against training tokens")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 
-def plot_svcca_curves(curves: pd.DataFrame, matched: Sequence[tuple[int, int]]) -> Figure:
-    """Chapter 5: SVCCA against the number of kept singular directions, with the null, for the matched layer pairs."""
+def plot_depth_profile(profile: pd.DataFrame) -> Figure:
+    """Chapter 5: one-to-one RSA above its null against depth (seeds' range), its seed ceiling, and FVU beside it."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    need_columns(curves, ("layer A", "layer B", "n_components", "SVCCA", "null mean", "null max"), "ch05.run_pair")
+    need_columns(profile, ("depth", "RSA excess", "RSA excess min", "RSA excess max", "fvu A", "fvu B"), "ch05.check")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    d = profile["depth"]
+    lo, hi = profile["RSA excess"] - profile["RSA excess min"], profile["RSA excess max"] - profile["RSA excess"]
+    axes[0].errorbar(d, profile["RSA excess"], yerr=[lo, hi], fmt="o-", color="#0072B2", capsize=3,
+                     label="A vs B (mean of seeds; bars: range)")  # fmt: skip
+    if "ceiling RSA excess" in profile:
+        axes[0].plot(d, profile["ceiling RSA excess"], "s--", color="#009E73", label="seed ceiling (same model)")
+    axes[0].axhline(0, color="grey", lw=0.8)
+    axes[0].set_yscale("symlog", linthresh=0.01)
+    axes[0].set_xlabel("relative depth")
+    axes[0].set_ylabel("one-to-one RSA minus null mean")
+    axes[0].set_title("paired decoder geometry against depth")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(d, profile["fvu A"], "o-", color="#0072B2", label="model A")
+    axes[1].plot(d, profile["fvu B"], "o-", color="#D55E00", label="model B")
+    axes[1].set_xlabel("relative depth")
+    axes[1].set_ylabel("held-out FVU (mean of seeds)")
+    axes[1].set_title("SAE quality at the same depths")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_svcca_curves(curves: pd.DataFrame, seed: int) -> Figure:
+    """Chapter 5: SVCCA of the one-to-one pairs against the number of kept directions, with the null, per depth."""
+    import matplotlib.pyplot as plt
+
+    need_columns(curves, ("depth", "seed", "n_components", "SVCCA", "null mean", "null max"), "ch05.run_pair")
     fig, ax = plt.subplots(figsize=(7, 4))
-    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(matched))))
-    for color, (la, lb) in zip(colors, matched):
-        c = curves[(curves["layer A"] == la) & (curves["layer B"] == lb)]
-        if c.empty:
-            continue
-        ax.plot(c["n_components"], c["SVCCA"], marker="o", color=color, label=f"layers {la} / {lb}")
+    c0 = curves[curves["seed"] == seed]
+    depths = sorted(c0["depth"].unique())
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(depths))))
+    for color, depth in zip(colors, depths):
+        c = c0[c0["depth"] == depth]
+        ax.plot(c["n_components"], c["SVCCA"], marker="o", color=color, label=f"depth {depth:.2f}")
         ax.fill_between(c["n_components"], c["null mean"], c["null max"], color=color, alpha=0.15)
     ax.set_xscale("log")
     ax.set_xlabel("singular directions kept per side (log scale)")
     ax.set_ylabel("SVCCA (mean canonical correlation)")
-    ax.set_title("SVCCA of paired decoder rows; bands: permutation null, mean to max")
+    ax.set_title(f"SVCCA of one-to-one pairs (seed {seed}); bands: permutation null, mean to max")
     ax.legend(fontsize=8)
     return fig

@@ -4,9 +4,17 @@ Two SAEs, one per model, encode the same tokens. :func:`activation_correlation`
 gives the Pearson correlation of every latent of A with every latent of B over
 those tokens; :func:`match_features` pairs them (many-to-one: each B latent with
 its most correlated A latent, as Lan et al.; or one-to-one by optimal
-assignment). The paired decoder rows are then compared with :func:`svcca` and
+assignment), and :func:`one_per_a` keeps one pair per A latent (Lan et al.'s
+de-duplication). The paired decoder rows are then compared with :func:`svcca` and
 :func:`rsa`, each against a null of random re-pairings (:func:`svcca_test`,
 :func:`rsa_test`, built on :func:`embgeo_utils.core.stats.permutation_test`).
+
+Many-to-one pairs need their own null. When several B latents share one A partner,
+the A side holds repeated rows, and B's latents that share a partner tend to be split
+features whose decoder rows resemble each other; shuffling B's rows breaks that
+alignment, so the real pairing beats such a null with no shared geometry at all.
+:func:`rsa_group_test` keeps the group structure and permutes which A latent each
+group is paired with; :func:`group_sizes` says how many distinct latents the pairs use.
 Chapter 5's filters and pipeline live in :mod:`embgeo_utils.chapters.ch05_sae_feature_matching`.
 
 References:
@@ -37,8 +45,12 @@ from ..core.stats import PermutationResult, permutation_test
 __all__ = [
     "FeaturePairs",
     "activation_correlation",
+    "group_sizes",
+    "hungarian_pairs",
     "match_features",
+    "one_per_a",
     "rsa",
+    "rsa_group_test",
     "rsa_test",
     "svcca",
     "svcca_curve_test",
@@ -152,6 +164,83 @@ def match_features(corr: np.ndarray, method: Literal["max", "hungarian"] = "max"
     else:
         raise EmbgeoInputError(f"method must be 'max' or 'hungarian', got {method!r}.")
     return FeaturePairs(np.asarray(a), np.asarray(b), c[a, b], method)
+
+
+def hungarian_pairs(
+    corr: np.ndarray, rows_ok: np.ndarray | None = None, cols_ok: np.ndarray | None = None, min_corr: float = 0.1
+) -> FeaturePairs:
+    """One-to-one pairs that maximise the total correlation among the candidates above ``min_corr`` (chapter 5).
+
+    Only latents marked in ``rows_ok`` (A) and ``cols_ok`` (B) and entries above ``min_corr`` are candidates, so
+    the assignment is solved on a sparse graph (:func:`scipy.sparse.csgraph.min_weight_full_bipartite_matching`,
+    with one zero-correlation way out per A latent so that a latent without a good partner stays unpaired). On the
+    candidates it equals the dense assignment of :func:`match_features` with entries at or below ``min_corr`` set to
+    ``min_corr``; pairs at or below ``min_corr`` are dropped.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    c = np.asarray(corr, dtype=np.float64)
+    if c.ndim != 2 or 0 in c.shape or not np.isfinite(c).all():
+        raise EmbgeoInputError(f"corr must be a finite, non-empty 2-D matrix, got shape {c.shape}.")
+    ok = c > min_corr
+    if rows_ok is not None:
+        ok &= np.asarray(rows_ok, dtype=bool)[:, None]
+    if cols_ok is not None:
+        ok &= np.asarray(cols_ok, dtype=bool)[None, :]
+    r, q = np.nonzero(ok)
+    empty = np.zeros(0, dtype=np.int64)
+    if not r.size:
+        return FeaturePairs(empty, empty, np.zeros(0), "hungarian")
+    n_a, n_b = c.shape
+    # weights: 1 + (1 - corr) on candidates, 2 on each A latent's own way out (worth a correlation of min_corr)
+    rows = np.r_[r, np.arange(n_a)]
+    cols = np.r_[q, n_b + np.arange(n_a)]
+    weights = np.r_[2.0 - c[r, q], np.full(n_a, 2.0 - min_corr)]
+    graph = coo_matrix((weights, (rows, cols)), shape=(n_a, n_b + n_a)).tocsr()
+    match = min_weight_full_bipartite_matching(graph)[1]
+    a = np.flatnonzero(match < n_b)
+    b = match[a]
+    keep = c[a, b] > min_corr
+    return FeaturePairs(a[keep], b[keep].astype(np.int64), c[a[keep], b[keep]], "hungarian")
+
+
+def one_per_a(pairs: FeaturePairs) -> FeaturePairs:
+    """One pair per A latent: the one with the highest correlation (chapter 5; Lan et al.'s de-duplication).
+
+    Ties go to the lower B index. The pairs keep their original order; ``method`` gains ``"+one-per-A"``.
+    """
+    if not len(pairs):
+        return FeaturePairs(pairs.a, pairs.b, pairs.corr, f"{pairs.method}+one-per-A")
+    order = np.lexsort((pairs.b, -pairs.corr, pairs.a))  # by A latent, then correlation (descending), then B
+    first = np.r_[True, pairs.a[order][1:] != pairs.a[order][:-1]]
+    keep = np.zeros(len(pairs), dtype=bool)
+    keep[order[first]] = True
+    kept = pairs.subset(keep)
+    return FeaturePairs(kept.a, kept.b, kept.corr, f"{pairs.method}+one-per-A")
+
+
+def group_sizes(pairs: FeaturePairs) -> dict[str, Any]:
+    """How many distinct latents a set of pairs uses, and how they group (chapter 5).
+
+    Returns:
+        ``pairs``; ``distinct A`` and ``distinct B`` (latents used); ``largest group`` (most pairs sharing one A
+        latent); ``pairs sharing an A latent`` (pairs whose A latent has another partner); and ``groups of size``
+        ``{size: number of A latents with that many partners}``.
+    """
+    if not len(pairs):
+        return {"pairs": 0, "distinct A": 0, "distinct B": 0, "largest group": 0, "pairs sharing an A latent": 0,
+                "groups of size": {}}  # fmt: skip
+    _, counts = np.unique(pairs.a, return_counts=True)
+    sizes, how_many = np.unique(counts, return_counts=True)
+    return {
+        "pairs": len(pairs),
+        "distinct A": int(counts.size),
+        "distinct B": int(np.unique(pairs.b).size),
+        "largest group": int(counts.max()),
+        "pairs sharing an A latent": int(counts[counts > 1].sum()),
+        "groups of size": {int(k): int(v) for k, v in zip(sizes, how_many)},
+    }
 
 
 def _paired_rows(X: Any, Y: Any, dev: torch.device, min_rows: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,3 +413,85 @@ def rsa_test(
         return out
 
     return permutation_test(statistic, n, n_permutations, seed, dev, chunk_size=step)
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks (1-based, ties averaged) along the last axis of a ``(b, m)`` tensor, as float64."""
+    b, m = values.shape
+    order = torch.argsort(values, dim=1, stable=True)
+    ordered = torch.gather(values, 1, order)
+    new_run = torch.ones_like(ordered, dtype=torch.bool)
+    new_run[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    run = torch.cumsum(new_run.long(), dim=1) - 1 + torch.arange(b, device=values.device)[:, None] * m
+    position = torch.arange(1, m + 1, dtype=torch.float64, device=values.device).expand(b, m).reshape(-1)
+    flat_run = run.reshape(-1)
+    first = torch.full((b * m,), float("inf"), dtype=torch.float64, device=values.device)
+    last = torch.zeros(b * m, dtype=torch.float64, device=values.device)
+    first.scatter_reduce_(0, flat_run, position, "amin")
+    last.scatter_reduce_(0, flat_run, position, "amax")
+    average = ((first + last) / 2)[flat_run].reshape(b, m)
+    ranks = torch.empty_like(average)
+    ranks.scatter_(1, order, average)
+    return ranks
+
+
+def rsa_group_test(
+    X: Any,
+    groups: Any,
+    Y: Any,
+    max_rows: int | None = 2000,
+    n_permutations: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> PermutationResult:
+    """RSA of many-to-one pairs against a null that keeps their groups (chapter 5).
+
+    Pair ``i`` joins A's row ``X[groups[i]]`` with B's row ``Y[i]``; pairs that share an A latent form a group.
+    The statistic is :func:`rsa` of ``(X[groups], Y)``. The null permutes which A row each group is paired with
+    (the identities of the A partners, across groups) and leaves B's rows and the grouping as they are, so the
+    repeated A rows still line up with B's groups in every null draw: what that alignment alone produces is in
+    the null too. Ranks are recomputed (ties averaged) for every draw. ``max_rows`` pairs are drawn (seeded) when
+    there are more.
+
+    Args:
+        X: ``(n_a, width_a)`` A's rows (only the rows named in ``groups`` are used).
+        groups: ``(n,)`` the A row of every pair.
+        Y: ``(n, width_b)`` B's row of every pair.
+    """
+    dev = get_device(device)
+    g = np.asarray(groups, dtype=np.int64).ravel()
+    x_all = np.asarray(X.detach().cpu() if isinstance(X, torch.Tensor) else X)
+    if g.size and (g.min() < 0 or g.max() >= len(x_all)):
+        raise EmbgeoInputError(f"groups must index the {len(x_all)} rows of X.")
+    _, y = _paired_rows(x_all[g], Y, dev)
+    if max_rows is not None and g.size > max_rows:
+        pick = np.sort(np.random.default_rng(seed).choice(g.size, max_rows, replace=False))
+        g, y = g[pick], y[pick]
+    used, local = np.unique(g, return_inverse=True)
+    if used.size < 2:
+        raise EmbgeoInputError("The pairs use a single A latent; a group null needs at least two.")
+    xu = torch.as_tensor(x_all[used], dtype=torch.float64, device=dev)
+    xc = xu - xu.mean(dim=1, keepdim=True)
+    unit = xc / xc.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    ca = (unit @ unit.T).clamp(-1, 1).reshape(-1)
+    ca_dup = torch.ones_like(ca)  # a row repeated within a group correlates 1 with itself
+    rb, tri = _rank_matrix(y)
+    b = rb[tri[0], tri[1]]
+    b = (b - b.mean()) / (b - b.mean()).norm().clamp_min(1e-300)
+    gi = torch.as_tensor(local, device=dev)[tri[0]]
+    gj = torch.as_tensor(local, device=dev)[tri[1]]
+    u = used.size
+    step = chunk_rows(48 * tri.shape[1], dev, max_rows=64)
+
+    def statistic(perms: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(perms.shape[0], dtype=torch.float64, device=dev)
+        for start in range(0, perms.shape[0], step):
+            p = perms[start : start + step]
+            pi, pj = p[:, gi], p[:, gj]
+            values = torch.where(pi == pj, ca_dup[0], ca[pi * u + pj])
+            ranks = _average_ranks(values)
+            ranks = ranks - ranks.mean(dim=1, keepdim=True)
+            out[start : start + step] = (ranks @ b) / ranks.norm(dim=1).clamp_min(1e-300)
+        return out
+
+    return permutation_test(statistic, u, n_permutations, seed, dev, chunk_size=step)

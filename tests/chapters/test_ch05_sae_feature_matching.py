@@ -1,41 +1,15 @@
-"""Feature matching and decoder-geometry similarity (chapter 5) against numpy/scipy and planted structure."""
+"""Chapter 5: filters, one-to-one matching against the many-to-one artefact, claim 10's checks, the pipeline."""
 
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from embgeo_utils.chapters import ch05_sae_feature_matching as ch05
-from embgeo_utils.core.cache import load_entry
 from embgeo_utils.core.errors import EmbgeoInputError
 from embgeo_utils.geometry import matching
 from embgeo_utils.lm import corpus
-
-
-def _grid(rsa_values, p_values, pairs=500):
-    import pandas as pd
-
-    rows = []
-    for (la, lb), r, p in zip([(1, 1), (2, 2), (3, 3)], rsa_values, p_values):
-        rows.append(
-            {
-                "layer A": la,
-                "layer B": lb,
-                "pairs": pairs,
-                "RSA": r,
-                "RSA null mean": 0.0,
-                "RSA p": p,
-                "SVCCA": 0.3 + r,
-                "SVCCA null mean": 0.3,
-                "SVCCA p": p,
-                "SVCCA n": 20,
-                "RSA null std": 0.002,
-                "SVCCA null std": 0.002,
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def test_filter_pairs_counts_each_step():
@@ -53,18 +27,94 @@ def test_filter_pairs_counts_each_step():
     )
     non_concept = np.zeros(20, dtype=bool)
     non_concept[1] = True
-    zb_dead = zb.copy()
-    kept, counts = ch05.filter_pairs(pairs, za, zb_dead, ids, non_concept, top=2)
+    kept, counts = ch05.filter_pairs(pairs, za, zb, ids, non_concept, top=2)
     assert [c["pairs left"] for c in counts] == [4, 4, 3, 1, 1]
     assert list(kept.a) == [0] and list(kept.b) == [0]
 
 
+def test_top_tokens_count_only_active_positions():
+    ids = np.array([7, 8, 9, 10, 11, 12])
+    z = np.zeros((6, 3))
+    z[[1, 4], 0] = [2.0, 1.0]  # active twice
+    z[:, 1] = [1, 2, 3, 4, 5, 6]  # active everywhere
+    tops = ch05.top_tokens(z, ids, np.array([0, 1, 2]), top=3)
+    assert tops[0].tolist() == [8, 11, -1]  # fewer tokens, never a silent position
+    assert tops[1].tolist() == [12, 11, 10]
+    assert tops[2].tolist() == [-1, -1, -1]  # a dead latent has none
+    # two rare latents that share no active token must not pass the intersection filter through silent positions
+    za, zb = np.zeros((6, 1)), np.zeros((6, 1))
+    za[0, 0], zb[5, 0] = 1.0, 1.0
+    pairs = matching.FeaturePairs(np.array([0]), np.array([0]), np.array([0.5]), "max")
+    kept, counts = ch05.filter_pairs(pairs, za, zb, ids, np.zeros(20, dtype=bool), top=5)
+    assert len(kept) == 0 and counts[3]["pairs left"] == 0
+    # and the non-concept filter judges the latent's own tokens, not the silent positions' (token 12 is punctuation)
+    mask = np.zeros(20, dtype=bool)
+    mask[12] = True
+    zb[5, 0], zb[0, 0] = 0.0, 1.0
+    kept, counts = ch05.filter_pairs(pairs, za, zb, ids, mask, top=5)
+    assert counts[2]["pairs left"] == 1 and len(kept) == 1
+
+
+def _split_latents(planted: bool, seed: int = 0, n_tokens: int = 6000, n_a: int = 120):
+    """Two SAEs' latents and decoders where B's latents split A's: each A latent has a heavy-tailed group of B
+    latents that fire on subsets of its tokens. B's latents of one group resemble each other (group cosine about
+    0.1). Unrelated: the groups' common directions are random; planted: a linear image of A's decoder rows."""
+    g = np.random.default_rng(seed)
+    za = np.zeros((n_tokens, n_a))
+    for j in range(n_a):
+        on = g.random(n_tokens) < 0.03
+        za[on, j] = g.exponential(1.0, on.sum())
+    sizes = np.minimum(1 + g.zipf(1.8, size=n_a), 20)
+    parent = np.repeat(np.arange(n_a), sizes)
+    zb = np.zeros((n_tokens, parent.size))
+    for i, j in enumerate(parent):
+        rows = np.flatnonzero(za[:, j])
+        rows = rows[g.random(rows.size) < 0.6]
+        zb[rows, i] = za[rows, j] * g.uniform(0.8, 1.2, rows.size)
+    dec_a = g.normal(size=(n_a, 24))
+    centres = dec_a @ g.normal(size=(24, 32)) if planted else g.normal(size=(n_a, 32))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    noise = g.normal(size=(parent.size, 32))
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    share = 0.9 if planted else np.sqrt(0.1)
+    dec_b = share * centres[parent] + np.sqrt(1 - share**2) * noise
+    ids = g.integers(0, 5000, n_tokens)
+    return za.astype(np.float32), zb.astype(np.float32), dec_a, dec_b, ids, np.zeros(5000, dtype=bool)
+
+
+def _compare(planted: bool, device):
+    za, zb, dec_a, dec_b, ids, mask = _split_latents(planted)
+    row, curve, kept = ch05.compare_layer(
+        za, zb, dec_a, dec_b, ids, mask, n_components=(5, 10), n_permutations=200, rsa_rows=1000, seed=0, device=device
+    )
+    return row, curve, kept
+
+
+def test_unrelated_geometry_with_many_to_one_groups_is_not_significant(device):
+    row, curve, kept = _compare(False, device)
+    assert row["pairs (many-to-one)"] > 2 * row["distinct A"] and row["largest group"] >= 10  # heavy-tailed groups
+    assert row["RSA p (many-to-one, B shuffled)"] < 0.01  # the artefact a shuffled-B null reports
+    assert row["RSA p (many-to-one, groups kept)"] > 0.05
+    assert row["RSA p"] > 0.05 and row["RSA p (Hungarian)"] > 0.05  # the one-to-one pairs see nothing
+    assert len(kept) == row["pairs"] == len(set(kept.a)) and row["distinct A"] == row["pairs"]
+    assert all("p" in c for c in curve)
+
+
+def test_planted_shared_geometry_is_significant(device):
+    row, curve, kept = _compare(True, device)
+    assert row["RSA p"] == pytest.approx(1 / 201)
+    assert row["RSA p (Hungarian)"] == pytest.approx(1 / 201)
+    assert row["RSA p (many-to-one, groups kept)"] <= 0.01
+    assert row["SVCCA p"] <= 0.01
+
+
 def test_pair_layers_and_errors():
     assert ch05.pair_layers(24, 28, [0.25, 0.5, 1.0]) == [(6, 7), (12, 14), (24, 28)]
+    assert ch05.pair_layers(24, 28, [0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95]) == [
+        (2, 3), (5, 6), (8, 10), (12, 14), (16, 18), (19, 22), (23, 27)
+    ]  # fmt: skip
     with pytest.raises(EmbgeoInputError):
         ch05.pair_layers(24, 28, [0.0])
-    with pytest.raises(EmbgeoInputError, match="below the number"):
-        matching.svcca(np.ones((5, 3)) + np.arange(5)[:, None], np.ones((5, 3)), n_components=5)
 
 
 def test_non_concept_tokens_on_a_real_tokenizer(smollm):
@@ -75,86 +125,92 @@ def test_non_concept_tokens_on_a_real_tokenizer(smollm):
         assert mask[ids].all(), text
     assert not mask[tok.encode(" house", add_special_tokens=False)].any()
     assert mask[tok.all_special_ids].all()
-    torch.manual_seed(0)
 
 
-def test_check_claim10_planted_absent_and_partly():
-    matched = [(1, 1), (2, 2), (3, 3)]
-    depth = {1: 0.25, 2: 0.5, 3: 0.75}
-    middle = np.full(50, 0.5)  # every subsample puts the maximum at the middle depth
-    planted = ch05.check_claim10(_grid([0.05, 0.08, 0.04], [1e-3] * 3), matched, depth, depth, middle)
-    assert planted.verdict == "reproduced" and planted.n_hold == 7
-    edge = np.full(50, 0.75)
-    absent = ch05.check_claim10(_grid([-0.02, -0.03, -0.02], [0.9, 0.95, 0.9]), matched, depth, depth, edge)
+def _profile(excess, ceiling=0.5, p=1e-4, depths=(0.2, 0.5, 0.8)):
+    return pd.DataFrame(
+        [
+            {
+                "depth": d,
+                "layer A": i + 1,
+                "layer B": i + 1,
+                "pairs": 400,
+                "RSA excess": e,
+                "RSA p": p,
+                "RSA null std": 0.004,
+                "SVCCA excess": e,
+                "SVCCA p": p,
+                "SVCCA null std": 0.01,
+                "ceiling RSA excess": ceiling,
+                "ceiling RSA p": 1e-4,
+                "ceiling RSA null std": 0.004,
+                "ceiling SVCCA excess": ceiling,
+            }  # fmt: skip
+            for i, (d, e) in enumerate(zip(depths, excess))
+        ]
+    )
+
+
+def _peak(effect, se=0.005):
+    e = {"effect": effect, "se": se, "low": effect - 2 * se, "high": effect + 2 * se}
+    return {"raw": e, "fvu": e, "both": e, "draws": 15, "best depth": 0.5, "depths": [0.2, 0.5, 0.8]}
+
+
+def test_check_claim10_planted_absent_partly_and_control():
+    planted = ch05.check_claim10(_profile([0.2, 0.3, 0.15]), _peak(0.1), 2000)
+    assert planted.verdict == "reproduced" and planted.n_hold == 7 and planted.n_claim_checks == 7
+    assert all(c.min_effect == pytest.approx(0.05) for c in planted.checks if c.name.startswith("one-to-one"))
+    absent = ch05.check_claim10(_profile([0.0, 0.001, -0.002], p=0.6), _peak(-0.05), 2000)
     assert absent.verdict == "not reproduced"
-    # geometry beats the null everywhere, but the maximum sits at the deepest layer: partly
-    partly = ch05.check_claim10(_grid([0.02, 0.03, 0.09], [1e-3] * 3), matched, depth, depth, edge)
-    assert partly.verdict == "partly reproduced" and partly.holds[-1] is False
+    partly = ch05.check_claim10(_profile([0.2, 0.25, 0.3]), _peak(-0.05), 2000)  # beats the null, peak at the edge
+    assert partly.verdict == "partly reproduced" and not partly.holds[-1]
+    blind = ch05.check_claim10(_profile([0.0, 0.0, 0.0], ceiling=0.01, p=0.6), _peak(-0.05), 2000)
+    assert blind.verdict == "inconclusive (positive control failed)"
+    # a near-zero ceiling gives no near-zero minimum: a tenth of the smallest ceiling the control accepts
+    assert all(c.min_effect == pytest.approx(0.1 * ch05.CONTROL_MIN_RSA) for c in blind.checks if not c.control)
+    with pytest.raises(EmbgeoInputError, match="permutations"):  # the Holm floor binds at 200 permutations
+        ch05.check_claim10(_profile([0.2, 0.3, 0.15]), _peak(0.1), 200)
 
 
-def _ceiling(rsa_excess, p=1e-3):
-    return {"layer": 2, "pairs": 400, "RSA": rsa_excess, "RSA null mean": 0.0, "RSA null std": 0.002, "RSA p": p,
-            "SVCCA": 0.3 + rsa_excess, "SVCCA null mean": 0.3, "SVCCA null std": 0.002, "SVCCA p": p, "SVCCA n": 20}  # fmt: skip
-
-
-def test_check_claim10_minimums_come_from_the_seed_ceiling_which_is_the_positive_control():
-    matched = [(1, 1), (2, 2), (3, 3)]
-    depth = {1: 0.25, 2: 0.5, 3: 0.75}
-    middle = np.full(50, 0.5)
-    grid = _grid([0.05, 0.08, 0.04], [1e-3] * 3)
-    # a ceiling of 0.1: minimum 0.025, every cross-model check clears it and the control holds
-    ok = ch05.check_claim10(grid, matched, depth, depth, middle, ceiling=_ceiling(0.1), n_permutations=5000)
-    assert ok.verdict == "reproduced" and ok.n_claim_checks == 7
-    assert all(c.min_effect == pytest.approx(0.025) for c in ok.checks[:6])
-    assert all(c.n_permutations == 5000 for c in ok.checks[:6])
-    # a ceiling of 0.4: the same cross-model RSA (0.04-0.08) is no longer a quarter of it; with se 0.002 it is absent
-    high = ch05.check_claim10(grid, matched, depth, depth, middle, ceiling=_ceiling(0.4))
-    assert high.verdict == "partly reproduced" and high.status[:6].count("absent") == 6
-    # the pipeline cannot tell two seeds of one model from chance: the claim is inconclusive whatever else holds
-    failed = ch05.check_claim10(grid, matched, depth, depth, middle, ceiling=_ceiling(0.01, p=0.4))
-    assert failed.verdict == "inconclusive (positive control failed)"
-
-
-def test_best_depth_subsamples_finds_the_planted_layer_pair(device):
-    g = np.random.default_rng(7)
-    decoders, depth = {}, {}
-    for key, noise, d in [((1, 1), 3.0, 0.25), ((2, 2), 0.3, 0.5), ((3, 3), 3.0, 0.75)]:
-        x = g.normal(size=(120, 16))
-        decoders[key] = (x, x @ g.normal(size=(16, 12)) + noise * g.normal(size=(120, 12)))
-        depth[key] = d
-    best = ch05.best_depth_subsamples(decoders, depth, n_subsamples=10, rsa_rows=None, seed=0, device=device)
-    assert np.all(best == 0.5)
-
-
-def test_run_pair_reads_its_layer_comparisons_from_the_cache(smollm, gemma, tmp_cache, monkeypatch, chapter_params):
-
-    texts = [p.text for p in corpus.load_passages(6, smollm.tokenizer, min_tokens=48, max_tokens=48, seed=0)]
-    p = chapter_params(ch05, passage_tokens=48, expansion=1, k=4, epochs=1, batch_size=64, lr=None, n_permutations=20,
-                       n_components=[5], rsa_rows=100, seed=0)  # fmt: skip
-    first = ch05.run_pair(smollm, gemma, texts, [0.5], p)
-    entries = [e for e in (tmp_cache / "sae_compare").iterdir() if not e.name.startswith(".")]
-    assert len(entries) == 1 and (entries[0] / "entry.json").exists()  # one layer pair, one entry
-    assert list(entries[0].glob("a*.npy"))  # the kept pairs' arrays
-    stored = load_entry(entries[0])
-    assert stored["row"]["pairs"] == first.grid["pairs"].iloc[0] == len(first.kept[first.matched[0]])
+def test_run_pair_holds_out_caches_and_measures_the_ceiling(smollm, gemma, tmp_cache, monkeypatch, chapter_params):
+    texts = [p.text for p in corpus.load_passages(8, smollm.tokenizer, min_tokens=48, max_tokens=48, seed=0)]
+    p = chapter_params(ch05, passage_tokens=48, heldout_fraction=0.25, expansion=1, k=4, epochs=1, batch_size=64,
+                       lr=None, seeds=[0, 1], token_fractions=[0.5, 1.0], loss_passages=2, n_permutations=40,
+                       n_components=[5], rsa_rows=100, n_boot=2, seed=0)  # fmt: skip
+    first = ch05.run_pair(smollm, gemma, texts, [0.3, 0.7], p)
+    held = int(first.tokens.heldout.sum())
+    assert 0 < held < len(first.aligned) and not (first.tokens.train & first.tokens.heldout).any()
+    assert len(first.cross) == 2 * 2 and len(first.layers.ceiling) == 2 * 2  # depths x seeds; depths x models x pairs
+    assert set(first.layers.boot["replicate"]) == {0, 1}
+    assert len(first.curve) == 2 * 2 and (first.curve.groupby("model")["train tokens"].diff().dropna() > 0).all()
+    row = first.cross.iloc[0]
+    assert row["distinct A"] <= row["pairs (many-to-one)"] and row["pairs"] == row["distinct A"]
 
     def no_compare(*args, **kwargs):
         raise AssertionError("the cached comparison should have been read")
 
-    monkeypatch.setattr(ch05, "compare_layer", no_compare)
-    again = ch05.run_pair(smollm, gemma, texts, [0.5], p)
-    pd.testing.assert_frame_equal(first.grid, again.grid)
-    pd.testing.assert_frame_equal(first.curves, again.curves)
+    monkeypatch.setattr(ch05, "compare_pairs", no_compare)
+    again = ch05.run_pair(smollm, gemma, texts, [0.3, 0.7], p)
+    pd.testing.assert_frame_equal(first.cross, again.cross)
+    pd.testing.assert_frame_equal(first.layers.ceiling, again.layers.ceiling)
     for key, kept in first.kept.items():
         np.testing.assert_array_equal(kept.a, again.kept[key].a)
-        np.testing.assert_array_equal(kept.corr, again.kept[key].corr)
     with pytest.raises(AssertionError, match="cached comparison"):  # another permutation count: another key
-        ch05.run_pair(smollm, gemma, texts, [0.5], replace(p, n_permutations=21))
+        ch05.run_pair(smollm, gemma, texts, [0.3, 0.7], replace(p, n_permutations=41))
     monkeypatch.undo()
+    profile = ch05.depth_profile(first.layers, first.saes, first.names)
+    assert list(profile["depth"]) == [0.3, 0.7] and "ceiling RSA excess" in profile
+    with pytest.raises(EmbgeoInputError, match="at least 3 matched depths"):  # part (b) needs an interior depth
+        ch05.peak_statistic(first.layers, first.saes, first.names)
 
-    ceiling = ch05.seed_ceiling(first, p)
-    assert ceiling.layer == first.layers_a[0] and ceiling.model == smollm.info.name
-    assert ceiling.record() == {"model": ceiling.model, "layer": ceiling.layer, **ceiling.statistics}
-    assert ceiling.pairs == ceiling.statistics["pairs"]
-    assert np.isnan(ceiling.rsa) == ("RSA" not in ceiling.statistics)
-    assert (ceiling.svcca_n is None) == np.isnan(ceiling.svcca) == ("SVCCA" not in ceiling.statistics)
+
+def test_precision_agreement_compares_stored_activations_with_float32(smollm, gemma, tmp_cache, chapter_params):
+    texts = [p.text for p in corpus.load_passages(4, smollm.tokenizer, min_tokens=24, max_tokens=24, seed=0)]
+    p = chapter_params(ch05, passage_tokens=24, heldout_fraction=0.25)
+    tokens = ch05.extract(smollm, smollm, texts, [0.5], p)
+    table = ch05.precision_agreement(smollm, smollm, tokens, p, n_passages=2)
+    assert len(table) == 2 and (table["tokens"] == 2 * 23).all()
+    assert (table["compute dtype"] == "torch.float32").all()
+    assert (table["relative squared error"] < 1e-4).all() and (table["mean cosine"] > 0.9999).all()  # float16 storage
+    two = ch05.precision_agreement(smollm, gemma, ch05.extract(smollm, gemma, texts, [0.5], p), p, n_passages=2)
+    assert two.empty and "mean cosine" in two  # two tokenizers: nothing to compare position by position

@@ -103,3 +103,82 @@ def test_align_positions_by_character_spans():
     b = [(0, 3), (3, 6), (6, 9), (4, 9)]
     assert alignment.align_positions(a, b).tolist() == [[0, 0], [2, 3]]
     assert alignment.align_positions(a, a).tolist() == [[0, 0], [1, 1], [2, 2]]  # empty spans are never paired
+
+
+def _split_dictionaries(planted: bool, seed: int = 0, n_a: int = 150, d_a: int = 32, d_b: int = 48):
+    """A's decoder rows, and B's split copies of them: heavy-tailed groups of B latents share one A partner.
+
+    B's latents of one group resemble each other (group cosine about 0.1). Unrelated: the groups' common directions
+    are random; planted: they are a linear image of A's rows, so the two geometries agree.
+    """
+    g = np.random.default_rng(seed)
+    x = g.normal(size=(n_a, d_a))
+    sizes = np.minimum(1 + g.zipf(1.8, size=n_a), 25)  # heavy-tailed group sizes
+    groups = np.repeat(np.arange(n_a), sizes)
+    centres = x @ g.normal(size=(d_a, d_b)) if planted else g.normal(size=(n_a, d_b))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    noise = g.normal(size=(groups.size, d_b))
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    share = 0.9 if planted else np.sqrt(0.1)
+    y = share * centres[groups] + np.sqrt(1 - share**2) * noise
+    return x, groups, y
+
+
+def test_many_to_one_pairs_fool_a_shuffled_b_null_but_not_the_group_null(device):
+    x, groups, y = _split_dictionaries(planted=False)
+    assert np.bincount(groups).max() > 10  # heavy-tailed: some A latents have many partners
+    naive = matching.rsa_test(x[groups], y, None, 200, seed=0, device=device)
+    assert naive.p_value < 0.01  # the trap: no shared geometry, yet "significant"
+    group = matching.rsa_group_test(x, groups, y, None, 200, seed=0, device=device)
+    assert group.statistic == pytest.approx(naive.statistic, abs=1e-6)
+    assert group.p_value > 0.05
+    pairs = matching.FeaturePairs(
+        groups, np.arange(groups.size), np.random.default_rng(1).uniform(0.2, 0.9, groups.size), "max"
+    )
+    one = matching.one_per_a(pairs)
+    assert len(one) == len(np.unique(groups)) and len(set(one.a)) == len(one)
+    assert matching.rsa_test(x[one.a], y[one.b], None, 200, seed=0, device=device).p_value > 0.05
+
+
+def test_planted_shared_geometry_is_found_by_every_view(device):
+    x, groups, y = _split_dictionaries(planted=True)
+    assert matching.rsa_group_test(x, groups, y, None, 200, seed=0, device=device).p_value == pytest.approx(1 / 201)
+    pairs = matching.FeaturePairs(groups, np.arange(groups.size), np.ones(groups.size), "max")
+    one = matching.one_per_a(pairs)
+    assert matching.rsa_test(x[one.a], y[one.b], None, 200, seed=0, device=device).p_value == pytest.approx(1 / 201)
+
+
+def test_one_per_a_keeps_the_best_partner_and_group_sizes_count_them():
+    pairs = matching.FeaturePairs(
+        np.array([3, 1, 3, 3, 2]), np.array([0, 1, 2, 3, 4]), np.array([0.2, 0.5, 0.7, 0.7, 0.1]), "max"
+    )
+    one = matching.one_per_a(pairs)
+    assert list(one.a) == [1, 3, 2] and list(one.b) == [1, 2, 4]  # ties go to the lower B index
+    sizes = matching.group_sizes(pairs)
+    assert sizes["distinct A"] == 3 and sizes["distinct B"] == 5 and sizes["largest group"] == 3
+    assert sizes["pairs sharing an A latent"] == 3 and sizes["groups of size"] == {1: 2, 3: 1}
+
+
+def test_group_null_ranks_ties_like_scipy(device):
+    import torch
+
+    values = torch.tensor([[3.0, 1.0, 3.0, 2.0, 1.0], [0.5, 0.5, 0.5, 0.1, 0.9]], dtype=torch.float64)
+    ours = matching._average_ranks(values).numpy()
+    for row, ref in zip(ours, values.numpy()):
+        assert np.allclose(row, sps.rankdata(ref))
+
+
+def test_hungarian_pairs_on_candidates_equal_the_dense_assignment():
+    g = np.random.default_rng(8)
+    for shape in [(30, 40), (40, 25)]:
+        c = np.clip(g.normal(0, 0.3, shape), -1, 1)
+        rows_ok = g.random(shape[0]) > 0.2
+        cols_ok = g.random(shape[1]) > 0.2
+        ours = matching.hungarian_pairs(c, rows_ok, cols_ok, min_corr=0.1)
+        dense = np.where(rows_ok[:, None] & cols_ok[None, :] & (c > 0.1), c, 0.1)
+        r, q = linear_sum_assignment(-dense)
+        keep = dense[r, q] > 0.1
+        assert c[ours.a, ours.b].sum() == pytest.approx(dense[r[keep], q[keep]].sum())
+        assert len(set(ours.a)) == len(ours) == len(set(ours.b)) and np.all(ours.corr > 0.1)
+        assert rows_ok[ours.a].all() and cols_ok[ours.b].all()
+    assert len(matching.hungarian_pairs(np.zeros((3, 3)))) == 0
