@@ -1228,11 +1228,13 @@ def check(pair: PairResult, p: Parameters) -> Claim10:
     peak = peak_statistic(pair.layers, pair.saes, pair.names)
     result = check_claim10(profile, peak, p.n_permutations, p.ceiling_fraction, p.alpha)
     span = f"{peak['depths'][0]:.2f}-{peak['depths'][-1]:.2f}"
-    part_b_holds = all(h for c, h in zip(result.checks, result.holds) if c.name.startswith("best interior"))
-    if part_b_holds:
+    status = next(st for c, st in zip(result.checks, result.status) if c.name.startswith("best interior"))
+    if status == "holds":
         text = f"highest at an interior depth ({peak['best depth']:.2f}) within depths {span}"
-    else:
+    elif status == "absent":
         text = f"a peak at an interior depth is not supported within depths {span}"
+    else:
+        text = f"a peak at an interior depth is neither shown nor ruled out within depths {span} (inconclusive)"
     return Claim10(result, profile, peak, text)
 
 
@@ -1361,7 +1363,19 @@ def summary_lines(pair: PairResult, claim: Claim10, fvu_bars: dict[str, float]) 
         f"{_span(m['ceiling RSA excess'])}; {share}.",
         f"- Part (b): best interior depth minus the better edge {pk['raw']['effect']:.3f} (95 % of {pk['draws']} "
         f"draws in {pk['raw']['low']:.3f} to {pk['raw']['high']:.3f}), with FVU as a covariate "
-        f"{pk['fvu']['effect']:.3f} ({pk['fvu']['low']:.3f} to {pk['fvu']['high']:.3f}): {claim.part_b}.",
+        f"{pk['fvu']['effect']:.3f} ({pk['fvu']['low']:.3f} to {pk['fvu']['high']:.3f}); the check reads the smaller "
+        f"of the two in each draw, {pk['both']['effect']:.3f} ({pk['both']['low']:.3f} to {pk['both']['high']:.3f}): "
+        f"{claim.part_b}.",
+        "- Positive controls that do not hold: "
+        + (
+            ", ".join(
+                f"{c.name} ({c.effect:.4f} against {c.min_effect:.2f}, {st})"
+                for c, st in zip(claim.verdict.checks, claim.verdict.status)
+                if c.control and st != "holds"
+            )
+            or "none"
+        )
+        + ".",
         f"- Claim 10: **{claim.verdict.summary()}**.",
     ]
     return lines
