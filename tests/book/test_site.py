@@ -257,7 +257,7 @@ def test_every_page_loads_cleanly_and_every_figure_is_rendered(tab, site_url, sm
             problems += [f"{rel}: figure not rendered: {src}" for src, ok in figures if not ok]
             if len(figures) != expected:
                 problems.append(f"{rel}: {len(figures)} figures shown, the executed notebook has {expected}")
-            page.screenshot(path=str(SCREENSHOTS / f"{Path(rel).stem}.png"), full_page=True)
+            page.screenshot(path=str(SCREENSHOTS / f"{Path(rel).stem}.png"), full_page=True, timeout=120_000)
     # every internal link names a page or file of the site, and its anchor exists on that page
     for rel, hrefs in links.items():
         for href in hrefs:
