@@ -1038,6 +1038,20 @@ def _combined(rows: Any, nulls: list[np.ndarray], stat: str) -> dict[str, float]
             f"{stat} null std": res.null_std}  # fmt: skip
 
 
+def _own_ceilings(layers: LayerComparisons, ceil: Any, depth: float, excess: float) -> dict[str, float]:
+    """Each model's own seed ceiling (RSA excess over the pairs of its seeds) and the cross-model excess over their
+    geometric mean, the correction for attenuation when both sides are measured with noise (chapter 5)."""
+    out = {}
+    for side in "AB":
+        part = ceil[ceil["model"] == side]
+        nulls = [layers.nulls[(side, depth, s)][0] for s in part["seeds"]]
+        out[f"ceiling RSA excess {side}"] = _combined(part, nulls, "RSA")["RSA excess"] if len(part) else np.nan
+    a, b = out["ceiling RSA excess A"], out["ceiling RSA excess B"]
+    ok = np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0
+    out["fraction of geometric ceiling"] = excess / float(np.sqrt(a * b)) if ok else np.nan
+    return out
+
+
 def depth_profile(layers: LayerComparisons, table: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:
     """Chapter 5: similarity, its seed ceiling and SAE quality against depth, one row per matched depth.
 
@@ -1045,7 +1059,9 @@ def depth_profile(layers: LayerComparisons, table: pd.DataFrame, names: tuple[st
     (over the null mean), ``RSA p``, ``RSA null std`` and the same for ``SVCCA``, each over the seeds' mean against
     the mean of their nulls; ``RSA excess min`` and ``max`` over seeds; ``ceiling RSA ...`` and ``ceiling SVCCA
     ...`` the same over every pair of seeds of both models; ``fraction of ceiling`` (RSA excess over the ceiling's;
-    NaN where the ceiling's is below :data:`CONTROL_MIN_RSA`); ``fvu A`` and ``fvu B`` (held-out, mean over seeds).
+    NaN where the ceiling's is below :data:`CONTROL_MIN_RSA`); ``ceiling RSA excess A`` and ``B`` (each model's own
+    seed pairs) and ``fraction of geometric ceiling`` (RSA excess over their geometric mean); ``fvu A`` and ``fvu B``
+    (held-out, mean over seeds).
     """
     import pandas as pd
 
@@ -1065,6 +1081,7 @@ def depth_profile(layers: LayerComparisons, table: pd.DataFrame, names: tuple[st
             row.update({f"ceiling {k}": v for k, v in _combined(ceil, [n[1] for n in cn], "SVCCA").items()})
             ceil_excess = row["ceiling RSA excess"]
             row["fraction of ceiling"] = row["RSA excess"] / ceil_excess if ceil_excess >= CONTROL_MIN_RSA else np.nan
+            row.update(_own_ceilings(layers, ceil, depth, row["RSA excess"]))
         for side, name, layer in (("A", names[0], row["layer A"]), ("B", names[1], row["layer B"])):
             q = table[(table["model"] == name) & (table["layer"] == layer)]
             row[f"fvu {side}"] = float(q["fvu"].mean())
@@ -1089,7 +1106,9 @@ def peak_statistic(layers: LayerComparisons, table: pd.DataFrame, names: tuple[s
     Returns:
         ``raw``, ``fvu`` and ``both`` (the smaller of the two in each draw: a peak that stands both ways), each
         ``{"effect", "se", "low", "high"}``: mean, standard deviation over draws, and the 2.5 and 97.5 percentiles;
-        ``draws`` (the number), ``best depth`` (of the mean similarity), ``depths``.
+        ``per seed`` (the raw statistic on each seed's full held-out comparison, no resampling), ``seed mean`` and
+        ``seed se`` (their mean and its standard error: the resampled draws re-match on fewer tokens and can sit
+        below these); ``draws`` (the number), ``best depth`` (of the mean similarity), ``depths``.
     """
     boot = layers.boot.dropna()
     depths = sorted(layers.cross["depth"].unique())
@@ -1117,7 +1136,14 @@ def peak_statistic(layers: LayerComparisons, table: pd.DataFrame, names: tuple[s
                       "low": float(np.percentile(v, 2.5)), "high": float(np.percentile(v, 97.5))}
                for name, v in (("raw", raw), ("fvu", adjusted), ("both", both))}  # fmt: skip
     best = depths[int(np.argmax(np.mean(means, axis=0)))]
-    return {**summary, "draws": len(raw), "best depth": float(best), "depths": [float(d) for d in depths]}
+    per_seed = []
+    for seed in sorted(set(cross.index.get_level_values("seed"))):
+        point = np.array([cross.loc[(d, seed), "RSA"] - cross.loc[(d, seed), "RSA null mean"] for d in depths], float)
+        if np.isfinite(point).all():
+            per_seed.append(_peak(point))
+    seeds = {"per seed": per_seed, "seed mean": float(np.mean(per_seed)) if per_seed else float("nan"),
+             "seed se": float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else float("nan")}  # fmt: skip
+    return {**summary, **seeds, "draws": len(raw), "best depth": float(best), "depths": [float(d) for d in depths]}
 
 
 def _seed_fvu(table: pd.DataFrame, names: tuple[str, str], row: Any, seed: int) -> float:
@@ -1364,7 +1390,9 @@ def summary_lines(pair: PairResult, claim: Claim10, fvu_bars: dict[str, float]) 
         f"- Part (b): best interior depth minus the better edge {pk['raw']['effect']:.3f} (95 % of {pk['draws']} "
         f"draws in {pk['raw']['low']:.3f} to {pk['raw']['high']:.3f}), with FVU as a covariate "
         f"{pk['fvu']['effect']:.3f} ({pk['fvu']['low']:.3f} to {pk['fvu']['high']:.3f}); the check reads the smaller "
-        f"of the two in each draw, {pk['both']['effect']:.3f} ({pk['both']['low']:.3f} to {pk['both']['high']:.3f}): "
+        f"of the two in each draw, {pk['both']['effect']:.3f} ({pk['both']['low']:.3f} to {pk['both']['high']:.3f}); "
+        f"on each seed's full held-out comparison, raw: {', '.join(f'{x:.4f}' for x in pk['per seed'])} (mean "
+        f"{pk['seed mean']:.4f}, standard error {pk['seed se']:.4f}): "
         f"{claim.part_b}.",
         "- Positive controls that do not hold: "
         + (

@@ -200,6 +200,10 @@ def test_run_pair_holds_out_caches_and_measures_the_ceiling(smollm, gemma, tmp_c
     monkeypatch.undo()
     profile = ch05.depth_profile(first.layers, first.saes, first.names)
     assert list(profile["depth"]) == [0.3, 0.7] and "ceiling RSA excess" in profile
+    own = profile[["ceiling RSA excess A", "ceiling RSA excess B"]].to_numpy()
+    geometric = profile["RSA excess"] / np.sqrt(own[:, 0] * own[:, 1])
+    both_positive = (own > 0).all(axis=1)
+    assert np.allclose(profile["fraction of geometric ceiling"][both_positive], geometric[both_positive])
     with pytest.raises(EmbgeoInputError, match="at least 3 matched depths"):  # part (b) needs an interior depth
         ch05.peak_statistic(first.layers, first.saes, first.names)
 
