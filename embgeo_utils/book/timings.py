@@ -72,6 +72,7 @@ def machine() -> dict[str, Any]:
         "memory_gib": memory,
         "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "device": name,
         "torch": torch.__version__,
@@ -140,6 +141,7 @@ The machine:
 | load average (1, 5, 15 min) at start | {load} |
 | load average at the end | {load_end} |
 | torch threads | {info["torch_threads"]} (OMP_NUM_THREADS={info["omp_num_threads"] or "unset"}) |
+| CPU vector capability (torch) | {info.get("cpu_capability", "not recorded")} (models compute in float32 on any CPU) |
 | device | {info["device"]} |
 | torch, Python | {info["torch"]}, {info["python"]} |
 | date | {info["date"]} |

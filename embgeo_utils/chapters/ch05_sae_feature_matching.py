@@ -90,6 +90,7 @@ __all__ = [
     "PairResult",
     "PairTokens",
     "Parameters",
+    "RandomControl",
     "TITLE",
     "TrainedSAEs",
     "block_outputs",
@@ -105,6 +106,7 @@ __all__ = [
     "feature_examples",
     "filter_pairs",
     "match_and_compare",
+    "middle_and_edges",
     "non_concept_tokens",
     "pair_layers",
     "passage_ids",
@@ -115,6 +117,7 @@ __all__ = [
     "plot_svcca_curves",
     "precision_agreement",
     "profile_projection",
+    "random_control",
     "run_cross_pair",
     "run_pair",
     "sae_quality",
@@ -452,14 +455,27 @@ def _float32_states(name: str, model_key: Any, ids: np.ndarray, layers: list[int
     return {layer: hidden[:, j].reshape(-1, hidden.shape[-1]) for j, layer in enumerate(layers)}
 
 
+def _states_in_float32(loaded: LoadedModel, ids: np.ndarray, layers: list[int]) -> dict[int, Any]:
+    """Block outputs of ``loaded``'s weights computed in float32 (the loaded model itself when it computes so)."""
+    if next(loaded.model.parameters()).dtype != torch.float32:
+        return _float32_states(loaded.info.name, loaded.cache_key(), ids, layers, loaded.device.type)
+    from ..lm.activations import hidden_states
+
+    hidden = hidden_states(
+        loaded, ids, ids.shape[1], batch_size=EXTRACT_BATCH, with_loss=False, layers=layers, cache=False, progress=False
+    ).hidden[:, :, 1:]
+    return {layer: hidden[:, j].reshape(-1, hidden.shape[-1]) for j, layer in enumerate(layers)}
+
+
 def precision_agreement(
     a: LoadedModel, b: LoadedModel, tokens: PairTokens, p: Parameters, n_passages: int = 4
 ) -> pd.DataFrame:
     """Chapter 5: the stored activations the SAEs see against the same weights computed in float32.
 
-    The chapter computes each model in its loading dtype (bfloat16 for a model stored so, float32 otherwise) and
-    stores the block outputs in float16. For the first ``n_passages`` passages, each model is loaded again in
-    float32 and run on the same tokens. Only for a pair with one tokenizer (every position kept); for two
+    The chapter computes each model in its loading dtype (float32 on a CPU; bfloat16 on an accelerator for a model
+    stored so: :func:`~embgeo_utils.lm.models.compute_dtype`) and stores the block outputs in float16. For the first
+    ``n_passages`` passages, each model is run in float32 on the same tokens (loaded again when it computes in
+    another dtype). Only for a pair with one tokenizer (every position kept); for two
     tokenizers the table is empty.
 
     Returns:
@@ -477,7 +493,7 @@ def precision_agreement(
     out = []
     for loaded, acts, layers in ((a, al.acts_a, tokens.layers_a), (b, al.acts_b, tokens.layers_b)):
         ids = passage_ids(loaded, al.texts[:n_passages], p.passage_tokens)
-        ref = _float32_states(loaded.info.name, loaded.cache_key(), ids, list(layers), loaded.device.type)
+        ref = _states_in_float32(loaded, ids, list(layers))
         for layer in layers:
             x, r = np.asarray(acts[layer][rows], dtype=np.float64), np.asarray(ref[layer], dtype=np.float64)
             cos = (x * r).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(r, axis=1), 1e-30)
@@ -1039,17 +1055,33 @@ def _combined(rows: Any, nulls: list[np.ndarray], stat: str) -> dict[str, float]
 
 
 def _own_ceilings(layers: LayerComparisons, ceil: Any, depth: float, excess: float) -> dict[str, float]:
-    """Each model's own seed ceiling (RSA excess over the pairs of its seeds) and the cross-model excess over their
-    geometric mean, the correction for attenuation when both sides are measured with noise (chapter 5)."""
+    """Each model's own seed ceiling (RSA excess over the pairs of its seeds, its p and null spread), their geometric
+    mean and the cross-model excess over it, the correction for attenuation when both sides are measured with noise
+    (chapter 5)."""
     out = {}
     for side in "AB":
         part = ceil[ceil["model"] == side]
         nulls = [layers.nulls[(side, depth, s)][0] for s in part["seeds"]]
-        out[f"ceiling RSA excess {side}"] = _combined(part, nulls, "RSA")["RSA excess"] if len(part) else np.nan
+        res = _combined(part, nulls, "RSA") if len(part) else {"RSA excess": np.nan, "RSA p": np.nan}
+        out[f"ceiling RSA excess {side}"] = res["RSA excess"]
+        out[f"ceiling RSA p {side}"] = res["RSA p"]
+        out[f"ceiling RSA null std {side}"] = res.get("RSA null std", np.nan)
     a, b = out["ceiling RSA excess A"], out["ceiling RSA excess B"]
     ok = np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0
-    out["fraction of geometric ceiling"] = excess / float(np.sqrt(a * b)) if ok else np.nan
+    out["geometric ceiling"] = float(np.sqrt(a * b)) if ok else np.nan
+    out["fraction of geometric ceiling"] = excess / out["geometric ceiling"] if ok else np.nan
     return out
+
+
+def _with_seed_spread(row: dict[str, Any], cross: Any, stat: str) -> None:
+    """``{stat} se``: the standard error of the seeds' mean excess, from the null's spread and the seeds' spread
+    (chapter 5): sqrt(null variance + variance over seeds / seeds)."""
+    if stat not in cross:
+        row[f"{stat} se"] = np.nan
+        return
+    excess = (cross[stat] - cross[f"{stat} null mean"]).dropna()
+    seed_var = float(excess.var(ddof=1)) / len(excess) if len(excess) > 1 else 0.0
+    row[f"{stat} se"] = float(np.sqrt(row[f"{stat} null std"] ** 2 + seed_var))
 
 
 def depth_profile(layers: LayerComparisons, table: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:
@@ -1057,11 +1089,13 @@ def depth_profile(layers: LayerComparisons, table: pd.DataFrame, names: tuple[st
 
     Columns: ``depth``, ``layer A``, ``layer B``, ``pairs`` (one-to-one, mean over seeds); ``RSA``, ``RSA excess``
     (over the null mean), ``RSA p``, ``RSA null std`` and the same for ``SVCCA``, each over the seeds' mean against
-    the mean of their nulls; ``RSA excess min`` and ``max`` over seeds; ``ceiling RSA ...`` and ``ceiling SVCCA
-    ...`` the same over every pair of seeds of both models; ``fraction of ceiling`` (RSA excess over the ceiling's;
-    NaN where the ceiling's is below :data:`CONTROL_MIN_RSA`); ``ceiling RSA excess A`` and ``B`` (each model's own
-    seed pairs) and ``fraction of geometric ceiling`` (RSA excess over their geometric mean); ``fvu A`` and ``fvu B``
-    (held-out, mean over seeds).
+    the mean of their nulls; ``RSA se`` and ``SVCCA se`` (the excess's standard error from the null's and the seeds'
+    spread); ``RSA excess min`` and ``max`` over seeds; ``ceiling RSA ...`` and ``ceiling SVCCA ...`` the same over
+    every pair of seeds of both models; ``fraction of ceiling`` (RSA excess over the ceiling's; NaN where the
+    ceiling's is below :data:`CONTROL_MIN_RSA`); ``ceiling RSA excess A`` and ``B``, ``ceiling RSA p A`` and ``B``,
+    ``ceiling RSA null std A`` and ``B`` (each model's own seed pairs), ``geometric ceiling`` (the geometric mean of
+    the two excesses) and ``fraction of geometric ceiling`` (RSA excess over it); ``fvu A`` and ``fvu B`` (held-out,
+    mean over seeds).
     """
     import pandas as pd
 
@@ -1072,6 +1106,8 @@ def depth_profile(layers: LayerComparisons, table: pd.DataFrame, names: tuple[st
                "pairs": float(cross["pairs"].mean())}  # fmt: skip
         row.update(_combined(cross, [n[0] for n in nulls], "RSA"))
         row.update(_combined(cross, [n[1] for n in nulls], "SVCCA"))
+        _with_seed_spread(row, cross, "RSA")
+        _with_seed_spread(row, cross, "SVCCA")
         excess = cross["RSA"] - cross["RSA null mean"] if "RSA" in cross else pd.Series([np.nan])
         row.update({"RSA excess min": float(excess.min()), "RSA excess max": float(excess.max())})
         ceil = layers.ceiling[layers.ceiling["depth"] == depth] if len(layers.ceiling) else layers.ceiling
@@ -1094,56 +1130,97 @@ def _peak(values: np.ndarray) -> float:
     return float(np.max(values[1:-1]) - max(values[0], values[-1]))
 
 
-def peak_statistic(layers: LayerComparisons, table: pd.DataFrame, names: tuple[str, str]) -> dict[str, Any]:
-    """Chapter 5, part (b): is the cross-model similarity highest at an interior depth?
+def middle_and_edges(depths: Sequence[float]) -> tuple[list[int], list[int]]:
+    """Chapter 5, part (b)'s contrast, fixed before any result: the indices of the middle depths (interior, between
+    1/3 and 2/3 of the model) and of the edges (the shallowest and the deepest studied depth).
 
-    For every seed and bootstrap replicate (:attr:`LayerComparisons.boot`), the similarity at each matched depth is
-    the replicate's one-to-one RSA minus that depth's and seed's null mean; the statistic is the best interior
-    depth's similarity minus the better of the shallowest and deepest depths'. The FVU-adjusted statistic does the
-    same on the residuals of a straight-line fit of similarity on the held-out FVU (mean of A's and B's SAE of that
-    seed) across depths. The spread over seeds and replicates gives each a standard error.
-
-    Returns:
-        ``raw``, ``fvu`` and ``both`` (the smaller of the two in each draw: a peak that stands both ways), each
-        ``{"effect", "se", "low", "high"}``: mean, standard deviation over draws, and the 2.5 and 97.5 percentiles;
-        ``per seed`` (the raw statistic on each seed's full held-out comparison, no resampling), ``seed mean`` and
-        ``seed se`` (their mean and its standard error: the resampled draws re-match on fewer tokens and can sit
-        below these); ``draws`` (the number), ``best depth`` (of the mean similarity), ``depths``.
+    Raises:
+        EmbgeoInputError: fewer than 3 depths, or no interior depth between 1/3 and 2/3.
     """
-    boot = layers.boot.dropna()
-    depths = sorted(layers.cross["depth"].unique())
     if len(depths) < 3:
         raise EmbgeoInputError(f"Part (b) needs at least 3 matched depths (two edges and an interior), got {depths}.")
+    middle = [i for i, d in enumerate(depths) if 0 < i < len(depths) - 1 and 1 / 3 <= d <= 2 / 3]
+    if not middle:
+        raise EmbgeoInputError(
+            f"Part (b) compares the middle depths (between 1/3 and 2/3) with the edges; {list(depths)} has no interior "
+            "depth there: add one (e.g. 0.5)."
+        )
+    return middle, [0, len(depths) - 1]
+
+
+def _contrasts(sims: np.ndarray, fvu: np.ndarray, middle: list[int], edges: list[int]) -> dict[str, float]:
+    """Part (b)'s statistics for one seed or draw: the middle-minus-edges contrast, raw and on the residuals of a
+    straight-line fit on FVU, the smaller of the two, and the best interior depth minus the better edge (reported)."""
+    slope, intercept = np.polyfit(fvu, sims, 1)
+    resid = sims - (slope * fvu + intercept)
+    raw = float(np.mean(sims[middle]) - np.mean(sims[edges]))
+    adjusted = float(np.mean(resid[middle]) - np.mean(resid[edges]))
+    return {"raw": raw, "fvu": adjusted, "both": min(raw, adjusted), "peak": _peak(sims)}
+
+
+def _part_b_rows(layers: LayerComparisons, table: pd.DataFrame, names: tuple[str, str], depths: list[float]) -> Any:
+    """Part (b)'s statistics on each seed's full held-out comparison and on each bootstrap draw (chapter 5)."""
+    import pandas as pd
+
+    middle, edges = middle_and_edges(depths)
     cross = layers.cross.set_index(["depth", "seed"])
     profile = depth_profile(layers, table, names).set_index("depth")
-    raw, adjusted, means = [], [], []
-    for (seed, _rep), draw in boot.groupby(["seed", "replicate"]):
-        sims = draw.set_index("depth")["RSA"].reindex(depths).to_numpy()
-        if not np.isfinite(sims).all():
-            continue
-        sims = sims - np.array([cross.loc[(d, seed), "RSA null mean"] for d in depths], dtype=float)
-        if not np.isfinite(sims).all():
-            continue
-        fvu = np.array([_seed_fvu(table, names, profile.loc[d], seed) for d in depths])
-        slope, intercept = np.polyfit(fvu, sims, 1)
-        raw.append(_peak(sims))
-        adjusted.append(_peak(sims - (slope * fvu + intercept)))
-        means.append(sims)
-    if not raw:
-        raise EmbgeoInputError("No bootstrap replicate has 10 pairs at every depth; use more held-out tokens.")
-    both = np.minimum(raw, adjusted)
-    summary = {name: {"effect": float(np.mean(v)), "se": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
-                      "low": float(np.percentile(v, 2.5)), "high": float(np.percentile(v, 97.5))}
-               for name, v in (("raw", raw), ("fvu", adjusted), ("both", both))}  # fmt: skip
-    best = depths[int(np.argmax(np.mean(means, axis=0)))]
-    per_seed = []
+    boot = layers.boot.dropna()
+    rows = []
     for seed in sorted(set(cross.index.get_level_values("seed"))):
-        point = np.array([cross.loc[(d, seed), "RSA"] - cross.loc[(d, seed), "RSA null mean"] for d in depths], float)
+        null = np.array([cross.loc[(d, seed), "RSA null mean"] for d in depths], dtype=float)
+        fvu = np.array([_seed_fvu(table, names, profile.loc[d], seed) for d in depths])
+        point = np.array([cross.loc[(d, seed), "RSA"] for d in depths], dtype=float) - null
         if np.isfinite(point).all():
-            per_seed.append(_peak(point))
-    seeds = {"per seed": per_seed, "seed mean": float(np.mean(per_seed)) if per_seed else float("nan"),
-             "seed se": float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else float("nan")}  # fmt: skip
-    return {**summary, **seeds, "draws": len(raw), "best depth": float(best), "depths": [float(d) for d in depths]}
+            rows.append({"seed": seed, "replicate": -1, **_contrasts(point, fvu, middle, edges)})
+        for rep, draw in boot[boot["seed"] == seed].groupby("replicate"):
+            sims = draw.set_index("depth")["RSA"].reindex(depths).to_numpy() - null
+            if np.isfinite(sims).all():
+                rows.append({"seed": seed, "replicate": int(rep), **_contrasts(sims, fvu, middle, edges)})
+    return pd.DataFrame(rows, columns=["seed", "replicate", "raw", "fvu", "both", "peak"])
+
+
+def peak_statistic(layers: LayerComparisons, table: pd.DataFrame, names: tuple[str, str]) -> dict[str, Any]:
+    """Chapter 5, part (b): is the cross-model similarity higher in the middle layers than at the edges?
+
+    The similarity at a depth is the one-to-one RSA minus its null mean. The contrast, fixed in advance
+    (:func:`middle_and_edges`), is the mean similarity at the middle depths minus the mean at the shallowest and
+    deepest depth; the FVU-adjusted contrast does the same on the residuals of a straight-line fit of similarity on
+    the held-out FVU (mean of A's and B's SAE of that seed) across depths, and the check reads the smaller of the
+    two (a difference that must stand both ways). Its point estimate is the mean over seeds of each seed's full
+    held-out comparison; its standard error combines the spread over seeds (variance over seeds / seeds) and the
+    spread over the held-out passages (the mean over seeds of the variance of the bootstrap draws, which re-match
+    on resampled passages: :func:`depth_bootstrap`).
+
+    Returns:
+        ``contrast``: ``{"effect", "se", "seed se", "boot se", "low", "high"}`` (mean, standard error, its two parts
+        and the effect ± 1.96 standard errors), ``per seed`` (the checked statistic), ``per seed raw``, ``per seed
+        fvu``; ``peak per seed`` (best interior depth minus the better edge, reported); ``seeds``; ``draws`` (the
+        bootstrap draws used) and ``draws table`` (every seed's and draw's statistics, replicate -1 being the full
+        comparison); ``best depth`` (of the seeds' mean similarity), ``depths``, ``middle`` and ``edges``.
+    """
+    depths = sorted(layers.cross["depth"].unique())
+    middle, edges = middle_and_edges(depths)
+    rows = _part_b_rows(layers, table, names, depths)
+    point, draws = rows[rows["replicate"] < 0], rows[rows["replicate"] >= 0]
+    if point.empty:
+        raise EmbgeoInputError("No seed has 10 one-to-one pairs at every depth; use more held-out tokens.")
+    n = len(point)
+    seed_var = float(point["both"].var(ddof=1)) / n if n > 1 else 0.0
+    boot_var = draws.groupby("seed")["both"].var(ddof=1).dropna()
+    boot_var_mean = float(boot_var.mean()) if len(boot_var) else 0.0
+    effect, se = float(point["both"].mean()), float(np.sqrt(seed_var + boot_var_mean))
+    cross = layers.cross.assign(sim=layers.cross["RSA"] - layers.cross["RSA null mean"])
+    best = cross.groupby("depth")["sim"].mean().idxmax()
+    contrast = {"effect": effect, "se": se, "seed se": float(np.sqrt(seed_var)), "boot se": float(np.sqrt(boot_var_mean)),
+                "low": effect - 1.96 * se, "high": effect + 1.96 * se}  # fmt: skip
+    return {
+        "contrast": contrast, "per seed": point["both"].tolist(), "per seed raw": point["raw"].tolist(),
+        "per seed fvu": point["fvu"].tolist(), "peak per seed": point["peak"].tolist(), "seeds": n,
+        "draws": len(draws), "draws table": rows.to_dict(orient="records"), "best depth": float(best),
+        "depths": [float(d) for d in depths], "middle": [float(depths[i]) for i in middle],
+        "edges": [float(depths[i]) for i in edges],
+    }  # fmt: skip
 
 
 def _seed_fvu(table: pd.DataFrame, names: tuple[str, str], row: Any, seed: int) -> float:
@@ -1152,77 +1229,112 @@ def _seed_fvu(table: pd.DataFrame, names: tuple[str, str], row: Any, seed: int) 
     return float((a["fvu"].iloc[0] + b["fvu"].iloc[0]) / 2)
 
 
-def _part_a_checks(r: Any, ceiling_fraction: float, n_permutations: int) -> list[Check]:
-    """Part (a) at one depth: one-to-one RSA and SVCCA above their nulls, and the seed ceiling as the control."""
+def _rsa_minimum(r: Any, stat: str, ceiling_fraction: float) -> tuple[float, str]:
+    """Part (a)'s smallest effect at one depth and its source (chapter 5): for RSA a share of the geometric mean of
+    the two models' own seed ceilings, for SVCCA of the pooled SVCCA ceiling; never below that share of
+    :data:`CONTROL_MIN_RSA`."""
+    if stat == "RSA":
+        ceil, what = float(r.get("geometric ceiling", np.nan)), "the geometric mean of the two models' seed ceilings"
+    else:
+        ceil, what = float(r.get(f"ceiling {stat} excess", np.nan)), "the seed ceiling's SVCCA above its null"
+    minimum = ceiling_fraction * max(ceil if np.isfinite(ceil) else 0.0, CONTROL_MIN_RSA)
+    source = (
+        f"{ceiling_fraction:.0%} of {what} at this depth ({ceil:.3f}), and at least {ceiling_fraction:.0%} of the "
+        f"smallest ceiling the control accepts ({CONTROL_MIN_RSA}): 'far more similar than chance' read as keeping "
+        "that share of what two seeds of one model share"
+    )
+    return minimum, source
+
+
+def _part_a_checks(r: Any, ceiling_fraction: float, n_permutations: int, random_row: Any = None) -> list[Check]:
+    """Part (a) at one depth: one-to-one RSA and SVCCA above their nulls, RSA above a randomly initialised B's (when
+    ``random_row``, :func:`random_control`'s row at this depth, is given), and each model's seed ceiling as a
+    positive control."""
+    from scipy.stats import norm
+
     where = f"depth {r['depth']:.2f} (layers {int(r['layer A'])}/{int(r['layer B'])})"
     checks = []
     for stat in ("RSA", "SVCCA"):
-        ceil = float(r.get(f"ceiling {stat} excess", np.nan))
-        minimum = ceiling_fraction * max(ceil if np.isfinite(ceil) else 0.0, CONTROL_MIN_RSA)
-        source = (
-            f"{ceiling_fraction:.0%} of the seed ceiling's {stat} above its null at this depth ({ceil:.3f}), and at "
-            f"least {ceiling_fraction:.0%} of the smallest ceiling the control accepts ({CONTROL_MIN_RSA}): 'far more "
-            "similar than chance' read as keeping that share of what two seeds of one model share"
-        )
+        minimum, source = _rsa_minimum(r, stat, ceiling_fraction)
         name = f"one-to-one {stat} > null, {where}"
         effect = float(r.get(f"{stat} excess", np.nan))
         if not np.isfinite(effect):
             checks.append(Check(name, -1.0, 1.0, min_effect=minimum, n=int(r["pairs"]), min_effect_source=source))
             continue
-        checks.append(Check(name, effect, float(r[f"{stat} p"]), minimum, int(r["pairs"]),
-                            se=float(r[f"{stat} null std"]), min_effect_source=source,
-                            n_permutations=n_permutations))  # fmt: skip
-    ceil_effect = float(r.get("ceiling RSA excess", np.nan))
-    control = f"seed ceiling: one-to-one RSA > null, {where}"
+        checks.append(Check(name, effect, float(r[f"{stat} p"]), minimum, int(r["pairs"]), se=float(r[f"{stat} se"]),
+                            min_effect_source=source, n_permutations=n_permutations))  # fmt: skip
+    if random_row is not None:
+        minimum, source = _rsa_minimum(r, "RSA", ceiling_fraction)
+        name = f"one-to-one RSA > a randomly initialised B's, {where}"
+        effect = float(r.get("RSA excess", np.nan)) - float(random_row["RSA excess"])
+        se = float(np.hypot(r.get("RSA se", np.nan), random_row["RSA null std"]))
+        if np.isfinite(effect) and np.isfinite(se) and se > 0:
+            checks.append(Check(name, effect, float(norm.sf(effect / se)), minimum, int(r["pairs"]), se=se,
+                                min_effect_source=source))  # fmt: skip
+        else:
+            checks.append(Check(name, -1.0, 1.0, min_effect=minimum, min_effect_source=source))
     source = f"practical: {CONTROL_MIN_RSA}, about five times the largest RSA null maximum measured at 500 rows (0.011)"
-    if np.isfinite(ceil_effect):
-        checks.append(Check(control, ceil_effect, float(r["ceiling RSA p"]), CONTROL_MIN_RSA,
-                            se=float(r["ceiling RSA null std"]), min_effect_source=source,
-                            n_permutations=n_permutations, control=True))  # fmt: skip
-    else:
-        checks.append(Check(control, -1.0, 1.0, CONTROL_MIN_RSA, min_effect_source=source, control=True))
+    for side in "AB":
+        control = f"seed ceiling of {side}: one-to-one RSA > null, {where}"
+        effect = float(r.get(f"ceiling RSA excess {side}", np.nan))
+        if np.isfinite(effect):
+            checks.append(Check(control, effect, float(r[f"ceiling RSA p {side}"]), CONTROL_MIN_RSA,
+                                se=float(r[f"ceiling RSA null std {side}"]), min_effect_source=source,
+                                n_permutations=n_permutations, control=True))  # fmt: skip
+        else:
+            checks.append(Check(control, -1.0, 1.0, CONTROL_MIN_RSA, min_effect_source=source, control=True))
     return checks
 
 
 def check_claim10(
-    profile: pd.DataFrame, peak: dict[str, Any], n_permutations: int, ceiling_fraction: float = 0.1, alpha: float = 0.01
-) -> Verdict:
+    profile: pd.DataFrame, peak: dict[str, Any], n_permutations: int, ceiling_fraction: float = 0.1,
+    alpha: float = 0.01, random: pd.DataFrame | None = None,
+) -> Verdict:  # fmt: skip
     """Claim 10 (chapter 5): paired decoder geometry beats the null, and is highest in the middle layers.
 
     Checks (Holm-adjusted together; the controls form their own family):
 
     * (a) at every matched depth, the one-to-one RSA and SVCCA (headline ``n``) of the seeds' mean above the mean of
-      their nulls (effect: the excess; permutation p of the mean against the draw-by-draw mean of independent nulls),
-      with the smallest effect ``ceiling_fraction`` of the seed ceiling's excess at that depth (of
-      :data:`CONTROL_MIN_RSA` where the ceiling is lower: a near-zero ceiling gives no near-zero minimum);
-    * (b) the best interior depth's similarity minus the better edge's (:func:`peak_statistic`), in each draw the
-      smaller of the raw statistic and the one with FVU as a covariate (a peak must stand both ways: one check, not
-      two that could pass separately); effect the mean over seeds and resampled held-out passages, p from its
-      standard error (normal approximation), smallest effect ``ceiling_fraction`` of the mean seed ceiling (at least
-      of :data:`CONTROL_MIN_RSA`);
-    * control, at every depth: the seed ceiling's one-to-one RSA above its null by at least :data:`CONTROL_MIN_RSA`.
+      their nulls (effect: the excess; permutation p of the mean against the draw-by-draw mean of independent nulls;
+      standard error from the null's and the seeds' spread), with the smallest effect ``ceiling_fraction`` of the
+      seed ceiling at that depth (for RSA the geometric mean of the two models' own ceilings; at least of
+      :data:`CONTROL_MIN_RSA`: a near-zero ceiling gives no near-zero minimum);
+    * (a) with ``random`` (:func:`random_control`'s table), at every matched depth: the RSA excess above the one
+      measured by the same pipeline against a randomly initialised B, by the same smallest effect (normal
+      approximation with both standard errors): what the pipeline reports without learned geometry is not the claim;
+    * (b) the middle depths' similarity minus the edges' (:func:`peak_statistic`), each seed the smaller of the raw
+      contrast and the one with FVU as a covariate; effect the mean over seeds, p from a t distribution with seeds - 1
+      degrees of freedom on its standard error (seeds and held-out passages), smallest effect ``ceiling_fraction`` of
+      the mean geometric ceiling (at least of :data:`CONTROL_MIN_RSA`);
+    * controls, at every depth and for each model: its seed ceiling's one-to-one RSA above its null by at least
+      :data:`CONTROL_MIN_RSA` (two SAEs of one model that differ only in their seed).
 
     ``profile`` is :func:`depth_profile`'s table, ``peak`` :func:`peak_statistic`'s result.
     """
-    from scipy.stats import norm
+    from scipy.stats import t as student
 
-    if "ceiling RSA excess" not in profile:
+    if "ceiling RSA excess A" not in profile:
         raise EmbgeoInputError("Claim 10's minimum effects need the seed ceiling: run match_and_compare(ceiling=True).")
+    by_depth = random.set_index("depth") if random is not None else None
     checks = []
     for _, r in profile.iterrows():
-        checks += _part_a_checks(r, ceiling_fraction, n_permutations)
-    mean_ceiling = float(profile["ceiling RSA excess"].mean())
+        rnd = by_depth.loc[r["depth"]] if by_depth is not None and r["depth"] in by_depth.index else None
+        checks += _part_a_checks(r, ceiling_fraction, n_permutations, rnd)
+    mean_ceiling = float(profile["geometric ceiling"].mean())
     minimum = ceiling_fraction * max(mean_ceiling if np.isfinite(mean_ceiling) else 0.0, CONTROL_MIN_RSA)
     source = (
-        f"{ceiling_fraction:.0%} of the seed ceiling's RSA excess, mean over depths ({mean_ceiling:.3f}), and at "
-        f"least {ceiling_fraction:.0%} of the smallest ceiling the control accepts ({CONTROL_MIN_RSA})"
+        f"{ceiling_fraction:.0%} of the geometric mean of the two models' seed ceilings, mean over depths "
+        f"({mean_ceiling:.3f}), and at least {ceiling_fraction:.0%} of the smallest ceiling the control accepts "
+        f"({CONTROL_MIN_RSA})"
     )
-    span = f"{peak['depths'][0]:.2f}-{peak['depths'][-1]:.2f}"
-    e = peak["both"]
+    e = peak["contrast"]
     se = e["se"] if np.isfinite(e["se"]) and e["se"] > 0 else None
-    p = float(norm.sf(e["effect"] / se)) if se else (0.0 if e["effect"] > 0 else 1.0)
-    checks.append(Check(f"best interior depth minus better edge, depths {span}, raw and with FVU as a covariate",
-                        e["effect"], p, minimum, int(peak["draws"]), se=se, min_effect_source=source))  # fmt: skip
+    df = max(1, int(peak["seeds"]) - 1)
+    p = float(student.sf(e["effect"] / se, df)) if se else (0.0 if e["effect"] > 0 else 1.0)
+    mid = ", ".join(f"{d:.2f}" for d in peak["middle"])
+    edges = " and ".join(f"{d:.2f}" for d in peak["edges"])
+    checks.append(Check(f"middle depths ({mid}) minus edges ({edges}), raw and with FVU as a covariate",
+                        e["effect"], p, minimum, int(peak["seeds"]), se=se, min_effect_source=source))  # fmt: skip
     return verdict(checks, alpha=alpha)
 
 
@@ -1234,7 +1346,7 @@ class Claim10:
         verdict: the checks and verdict of :func:`check_claim10`.
         profile: :func:`depth_profile`'s table.
         peak: :func:`peak_statistic`'s result (part (b)).
-        part_b: part (b) in words: supported, or "not supported within depths ...".
+        part_b: part (b) in words, as its check reads.
     """
 
     verdict: Verdict
@@ -1248,19 +1360,21 @@ class Claim10:
         return float(self.profile["RSA excess"].min())
 
 
-def check(pair: PairResult, p: Parameters) -> Claim10:
-    """Chapter 5, stage 5: claim 10's verdict (:func:`check_claim10`) for one pair of models, at level ``p.alpha``."""
+def check(pair: PairResult, p: Parameters, random: RandomControl | None = None) -> Claim10:
+    """Chapter 5, stage 5: claim 10's verdict (:func:`check_claim10`) for one pair of models, at level ``p.alpha``,
+    with :func:`random_control`'s result when given."""
     profile = depth_profile(pair.layers, pair.saes, pair.names)
     peak = peak_statistic(pair.layers, pair.saes, pair.names)
-    result = check_claim10(profile, peak, p.n_permutations, p.ceiling_fraction, p.alpha)
+    table = random.profile if random is not None else None
+    result = check_claim10(profile, peak, p.n_permutations, p.ceiling_fraction, p.alpha, table)
     span = f"{peak['depths'][0]:.2f}-{peak['depths'][-1]:.2f}"
-    status = next(st for c, st in zip(result.checks, result.status) if c.name.startswith("best interior"))
+    status = next(st for c, st in zip(result.checks, result.status) if c.name.startswith("middle depths"))
     if status == "holds":
-        text = f"highest at an interior depth ({peak['best depth']:.2f}) within depths {span}"
+        text = f"higher in the middle depths than at the edges within depths {span}"
     elif status == "absent":
-        text = f"a peak at an interior depth is not supported within depths {span}"
+        text = f"a peak in the middle depths is not supported within depths {span}"
     else:
-        text = f"a peak at an interior depth is neither shown nor ruled out within depths {span} (inconclusive)"
+        text = f"a peak in the middle depths is neither shown nor ruled out within depths {span} (inconclusive)"
     return Claim10(result, profile, peak, text)
 
 
@@ -1338,6 +1452,82 @@ def run_cross_pair(a: LoadedModel, b: LoadedModel, texts: Sequence[str], p: Para
     return run_pair(a, b, list(texts[: p.cross_passages]), p.cross_depths, q, progress, study=False)
 
 
+@dataclass(frozen=True)
+class RandomControl:
+    """Chapter 5's negative control: model A against a randomly initialised B, through the same pipeline.
+
+    Attributes:
+        name: the random model's name (:func:`~embgeo_utils.lm.models.random_init`).
+        saes: the first seed's SAEs of both sides with their held-out quality: ``model``, ``layer``, ``seed``,
+            ``fvu``, ``l0``, ``dead_fraction``.
+        cross: one row per matched depth (first seed): ``depth``, ``layer A``, ``layer B``, ``seed``, then
+            :class:`Comparison`'s row.
+        profile: one row per matched depth: ``depth``, ``layer A``, ``layer B``, ``pairs``, ``RSA``, ``RSA excess``,
+            ``RSA null std``, ``RSA p``, ``SVCCA excess``, ``SVCCA p``, ``fvu B`` (the random model's SAE). Below 10
+            one-to-one pairs the pipeline reports nothing: the excess is 0 with a null spread of 0.
+    """
+
+    name: str
+    saes: pd.DataFrame
+    cross: pd.DataFrame
+    profile: pd.DataFrame
+
+
+def _random_profile(layers: LayerComparisons, table: pd.DataFrame, name: str) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = []
+    for _, r in layers.cross.iterrows():
+        fvu = table[(table["model"] == name) & (table["layer"] == r["layer B"])]["fvu"]
+        has_rsa = np.isfinite(r.get("RSA", np.nan))
+        rows.append({
+            "depth": r["depth"], "layer A": int(r["layer A"]), "layer B": int(r["layer B"]), "pairs": int(r["pairs"]),
+            "RSA": r.get("RSA", np.nan), "RSA excess": r["RSA"] - r["RSA null mean"] if has_rsa else 0.0,
+            "RSA null std": r["RSA null std"] if has_rsa else 0.0, "RSA p": r.get("RSA p", np.nan),
+            "SVCCA excess": r.get("SVCCA", np.nan) - r.get("SVCCA null mean", np.nan),
+            "SVCCA p": r.get("SVCCA p", np.nan), "fvu B": float(fvu.iloc[0]) if len(fvu) else np.nan,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def random_control(
+    a: LoadedModel, b: LoadedModel, texts: Sequence[str], depths: Sequence[float], p: Parameters,
+    progress: bool = False, cache: bool = True,
+) -> RandomControl:  # fmt: skip
+    """Chapter 5: claim 10's pipeline between A and B's architecture with random weights (the negative control).
+
+    B is re-initialised with seed ``p.seed`` (:func:`~embgeo_utils.lm.models.random_init`: same tokenizer, widths
+    and depths, no learned structure). The same passages, layers, split, SAE settings (first seed only), filters,
+    one-to-one matching and comparisons as :func:`run_pair` follow; A's activations and SAEs come from the cache.
+    Whatever it reports — co-firing of latents on the same text, token identity, the matching itself — the pipeline
+    reports without shared learned geometry, so claim 10's part (a) must exceed it (:func:`check_claim10`).
+    """
+    import gc
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from ..lm.models import random_init
+
+    q = replace(p, seeds=list(p.seeds[:1]))
+    rb = random_init(b, seed=p.seed)
+    tokens = extract(a, rb, texts, depths, q, progress)
+    al = tokens.aligned
+    saes = {
+        "A": train_layer_saes(al.acts_a, tokens.train, tokens.heldout, a, q, progress),
+        "B": train_layer_saes(al.acts_b, tokens.train, tokens.heldout, rb, q, progress),
+    }
+    table = pd.DataFrame([
+        {"model": item.model, "layer": layer, "seed": seed, **{m: item.metrics[m] for m in ("fvu", "l0", "dead_fraction")}}
+        for side in "AB" for layer, by_seed in saes[side].items() for seed, item in by_seed.items()
+    ])  # fmt: skip
+    layers = match_and_compare(a, rb, tokens, TrainedSAEs(saes, table), q, cache, False, False, progress)
+    name = rb.info.name
+    del rb, saes
+    gc.collect()
+    return RandomControl(name, table, layers.cross, _random_profile(layers, table, name))
+
+
 def _span(values: Any, fmt: str = ".3f") -> str:
     """``"low–high"`` of the finite values (one value when they agree, "n/a" when there is none)."""
     v = np.asarray(values, dtype=float)
@@ -1348,10 +1538,43 @@ def _span(values: Any, fmt: str = ".3f") -> str:
     return low if low == high else f"{low}–{high}"
 
 
-def summary_lines(pair: PairResult, claim: Claim10, fvu_bars: dict[str, float]) -> list[str]:
+def _random_line(random: RandomControl | None, m: pd.DataFrame) -> list[str]:
+    """The negative control in one summary line (chapter 5; none without it)."""
+    if random is None:
+        return []
+    r = random.profile
+    return [
+        f"- Against {random.name} (the negative control): one-to-one RSA above its null {_span(r['RSA excess'])} over "
+        f"depths from {_span(r['pairs'], '.0f')} pairs (held-out FVU of its SAEs {_span(r['fvu B'], '.2f')}), "
+        f"against {_span(m['RSA excess'])} for the trained model."
+    ]
+
+
+def _part_b_line(pk: dict[str, Any], text: str) -> str:
+    """Part (b) in one summary line (chapter 5)."""
+    c = pk["contrast"]
+
+    def values(key: str) -> str:
+        return ", ".join(f"{x:.4f}" for x in pk[key])
+
+    return (
+        f"- Part (b): the middle depths ({', '.join(f'{d:.2f}' for d in pk['middle'])}) minus the edges "
+        f"({' and '.join(f'{d:.2f}' for d in pk['edges'])}), per seed the smaller of the raw contrast and the one with "
+        f"FVU as a covariate: {values('per seed')} (mean {c['effect']:.4f}, standard error {c['se']:.4f}: "
+        f"{c['seed se']:.4f} from the seeds, {c['boot se']:.4f} from {pk['draws']} resampled draws of the held-out "
+        f"passages); raw {values('per seed raw')}, with FVU as a covariate {values('per seed fvu')}. The best "
+        f"interior depth minus the better edge, per seed (reported, not checked): {values('peak per seed')}. "
+        f"{text[0].upper()}{text[1:]}."
+    )
+
+
+def summary_lines(
+    pair: PairResult, claim: Claim10, fvu_bars: dict[str, float], random: RandomControl | None = None
+) -> list[str]:
     """Chapter 5's summary in words, every number from the run: the SAEs (held-out FVU against ``fvu_bars`` per
     model, dead latents, loss), the FVU-against-tokens curve, the many-to-one groups, one-to-one against
-    many-to-one RSA with their nulls, the seed ceiling, part (b) and the verdict (markdown list items)."""
+    many-to-one RSA with their nulls, the seed ceiling, the randomly initialised control (``random``), part (b) and
+    the verdict (markdown list items)."""
     t, c, m, pk = pair.saes, pair.cross, claim.profile, claim.peak
     bar = t["fvu"] <= t["model"].map(fvu_bars)
     lines = [
@@ -1386,14 +1609,10 @@ def summary_lines(pair: PairResult, claim: Claim10, fvu_bars: dict[str, float]) 
     )
     lines += [
         f"- Seeds' mean one-to-one RSA above its null: {_span(m['RSA excess'])} over depths; the seed ceiling's "
-        f"{_span(m['ceiling RSA excess'])}; {share}.",
-        f"- Part (b): best interior depth minus the better edge {pk['raw']['effect']:.3f} (95 % of {pk['draws']} "
-        f"draws in {pk['raw']['low']:.3f} to {pk['raw']['high']:.3f}), with FVU as a covariate "
-        f"{pk['fvu']['effect']:.3f} ({pk['fvu']['low']:.3f} to {pk['fvu']['high']:.3f}); the check reads the smaller "
-        f"of the two in each draw, {pk['both']['effect']:.3f} ({pk['both']['low']:.3f} to {pk['both']['high']:.3f}); "
-        f"on each seed's full held-out comparison, raw: {', '.join(f'{x:.4f}' for x in pk['per seed'])} (mean "
-        f"{pk['seed mean']:.4f}, standard error {pk['seed se']:.4f}): "
-        f"{claim.part_b}.",
+        f"{_span(m['ceiling RSA excess'])} (A's own {_span(m['ceiling RSA excess A'])}, B's own "
+        f"{_span(m['ceiling RSA excess B'])}); {share}.",
+        *_random_line(random, m),
+        _part_b_line(pk, claim.part_b),
         "- Positive controls that do not hold: "
         + (
             ", ".join(

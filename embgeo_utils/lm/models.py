@@ -42,12 +42,14 @@ __all__ = [
     "block_output_hook",
     "cache_problem",
     "check_name",
+    "compute_dtype",
     "gguf_path",
     "input_embeddings",
     "installed_models",
     "known_models",
     "load",
     "output_embeddings",
+    "random_init",
     "transformer_blocks",
 ]
 
@@ -328,9 +330,20 @@ def _spec(name: str) -> ModelSpec:
     )
 
 
+def compute_dtype(storage_dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype a packaged model stored in ``storage_dtype`` computes in on ``device`` by default (every chapter).
+
+    float32 on a CPU whatever the storage (weights stored in bfloat16 are upcast once at load): most CPUs have no
+    native bfloat16 arithmetic, where it runs tens of times slower than float32, and one dtype gives the same
+    numbers on every CPU. On an accelerator, a model stored in bfloat16 computes in bfloat16 (native there).
+    """
+    dev = torch.device(device) if isinstance(device, str) else device
+    return torch.bfloat16 if dev.type != "cpu" and storage_dtype == "bfloat16" else torch.float32
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None, default: str, device: torch.device) -> torch.dtype:
     if dtype is None:
-        dtype = default if device.type == "cpu" else ("bfloat16" if default == "bfloat16" else "float32")
+        return compute_dtype(default, device)
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
@@ -631,7 +644,8 @@ def load(
     Args:
         name: a registry name (see :data:`REGISTRY`), a Hugging Face id, or a folder.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
-        dtype: torch dtype or its name; default float32 (bfloat16 for the 1.5B model on CPU).
+        dtype: torch dtype or its name; default :func:`compute_dtype` (float32 on a CPU; a model stored in bfloat16
+            computes in bfloat16 on an accelerator).
         verify: check sha256 of the model files and of the cached copy.
 
     Returns:
@@ -650,6 +664,31 @@ def load(
         spec = REGISTRY[name]
         return _load_packaged(spec, dev, _resolve_dtype(dtype, spec.storage_dtype, dev), verify)
     return _load_hub(name, dev, _resolve_dtype(dtype, "float32", dev))
+
+
+def random_init(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
+    """The same architecture, tokenizer and dtype as ``loaded`` with freshly initialised weights (chapter 5).
+
+    A negative control: a model with every learned structure removed (the library's own initialisation of that
+    architecture, seeded) but the same tokens, widths and depths, so that a pipeline run on it shows what the pipeline
+    reports without learned geometry. Never a result model: its name and digest say it is random.
+
+    Raises:
+        EmbgeoInputError: ``loaded`` is not a transformers model with a ``config``.
+    """
+    import transformers
+
+    config = getattr(loaded.model, "config", None)
+    if config is None:
+        raise EmbgeoInputError("random_init needs a transformers model (load(name)), with its config.")
+    dtype = next(loaded.model.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    model.eval().to(loaded.device)
+    digest = f"random-init-{seed}-{loaded.info.sha256 or loaded.info.name}"
+    info = ModelInfo(**{**loaded.info.as_dict(), "name": f"{loaded.info.name} (random init {seed})", "sha256": digest})
+    return LoadedModel(model, loaded.tokenizer, info, loaded.device)
 
 
 #: Bytes of embedding tables kept in memory between calls of :func:`input_embeddings` / :func:`output_embeddings`.

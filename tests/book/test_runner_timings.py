@@ -57,6 +57,7 @@ def test_parallel_chapters_overlap_and_the_ledger_runs_last(tiny_root, monkeypat
     assert max(a0, b0) < min(a1, b1)  # the two chapters ran at the same time
     page = (out / timings.PAGE).read_text()
     assert page.startswith("# How long it takes") and "| 01_second |" in page and "torch threads" in page
+    assert record["machine"]["cpu_capability"] in page  # e.g. AVX2 or AVX512: where bfloat16 would be slow or fast
 
 
 def test_a_failing_chapter_is_reported_and_timed(tiny_root):

@@ -127,7 +127,8 @@ def test_non_concept_tokens_on_a_real_tokenizer(smollm):
     assert mask[tok.all_special_ids].all()
 
 
-def _profile(excess, ceiling=0.5, p=1e-4, depths=(0.2, 0.5, 0.8)):
+def _profile(excess, ceiling=0.5, p=1e-4, depths=(0.2, 0.5, 0.8), ceiling_b=None):
+    ceiling_b = ceiling if ceiling_b is None else ceiling_b
     return pd.DataFrame(
         [
             {
@@ -138,28 +139,41 @@ def _profile(excess, ceiling=0.5, p=1e-4, depths=(0.2, 0.5, 0.8)):
                 "RSA excess": e,
                 "RSA p": p,
                 "RSA null std": 0.004,
+                "RSA se": 0.005,
                 "SVCCA excess": e,
                 "SVCCA p": p,
                 "SVCCA null std": 0.01,
-                "ceiling RSA excess": ceiling,
-                "ceiling RSA p": 1e-4,
-                "ceiling RSA null std": 0.004,
+                "SVCCA se": 0.01,
+                "ceiling RSA excess": (ceiling + ceiling_b) / 2,
                 "ceiling SVCCA excess": ceiling,
+                "ceiling RSA excess A": ceiling,
+                "ceiling RSA p A": 1e-4,
+                "ceiling RSA null std A": 0.004,
+                "ceiling RSA excess B": ceiling_b,
+                "ceiling RSA p B": 1e-4,
+                "ceiling RSA null std B": 0.004,
+                "geometric ceiling": float(np.sqrt(ceiling * ceiling_b)),
             }  # fmt: skip
             for i, (d, e) in enumerate(zip(depths, excess))
         ]
     )
 
 
-def _peak(effect, se=0.005):
-    e = {"effect": effect, "se": se, "low": effect - 2 * se, "high": effect + 2 * se}
-    return {"raw": e, "fvu": e, "both": e, "draws": 15, "best depth": 0.5, "depths": [0.2, 0.5, 0.8]}
+def _peak(effect, se=0.005, seeds=3):
+    c = {"effect": effect, "se": se, "seed se": se, "boot se": 0.0, "low": effect - 2 * se, "high": effect + 2 * se}
+    return {"contrast": c, "seeds": seeds, "draws": 9, "best depth": 0.5, "depths": [0.2, 0.5, 0.8], "middle": [0.5],
+            "edges": [0.2, 0.8]}  # fmt: skip
+
+
+def _random(excess, depths=(0.2, 0.5, 0.8)):
+    return pd.DataFrame({"depth": list(depths), "RSA excess": excess, "RSA null std": 0.004})
 
 
 def test_check_claim10_planted_absent_partly_and_control():
     planted = ch05.check_claim10(_profile([0.2, 0.3, 0.15]), _peak(0.1), 2000)
     assert planted.verdict == "reproduced" and planted.n_hold == 7 and planted.n_claim_checks == 7
     assert all(c.min_effect == pytest.approx(0.05) for c in planted.checks if c.name.startswith("one-to-one"))
+    assert sum(c.control for c in planted.checks) == 6  # each model's own ceiling at every depth
     absent = ch05.check_claim10(_profile([0.0, 0.001, -0.002], p=0.6), _peak(-0.05), 2000)
     assert absent.verdict == "not reproduced"
     partly = ch05.check_claim10(_profile([0.2, 0.25, 0.3]), _peak(-0.05), 2000)  # beats the null, peak at the edge
@@ -168,8 +182,65 @@ def test_check_claim10_planted_absent_partly_and_control():
     assert blind.verdict == "inconclusive (positive control failed)"
     # a near-zero ceiling gives no near-zero minimum: a tenth of the smallest ceiling the control accepts
     assert all(c.min_effect == pytest.approx(0.1 * ch05.CONTROL_MIN_RSA) for c in blind.checks if not c.control)
+    # one model's own ceiling failing is enough: the control is per model
+    one_blind = ch05.check_claim10(_profile([0.2, 0.3, 0.15], ceiling_b=0.02), _peak(0.1), 2000)
+    assert one_blind.verdict == "inconclusive (positive control failed)"
+    # the minimum follows the geometric mean of the two ceilings
+    uneven = ch05.check_claim10(_profile([0.2, 0.3, 0.15], ceiling=0.8, ceiling_b=0.2), _peak(0.1), 2000)
+    assert uneven.checks[0].min_effect == pytest.approx(0.1 * 0.4)
     with pytest.raises(EmbgeoInputError, match="permutations"):  # the Holm floor binds at 200 permutations
         ch05.check_claim10(_profile([0.2, 0.3, 0.15]), _peak(0.1), 200)
+
+
+def test_check_claim10_against_the_randomly_initialised_model():
+    real = _profile([0.2, 0.3, 0.15])
+    above = ch05.check_claim10(real, _peak(0.1), 2000, random=_random([0.0, 0.01, 0.0]))
+    assert above.verdict == "reproduced" and above.n_claim_checks == 10
+    # a pipeline that reports as much against random weights as against the trained model has shown nothing
+    same = ch05.check_claim10(real, _peak(0.1), 2000, random=_random([0.2, 0.3, 0.15]))
+    names = [c.name for c in same.checks]
+    random_status = [st for n, st in zip(names, same.status) if "randomly initialised" in n]
+    assert random_status == ["absent"] * 3 and same.verdict == "partly reproduced"
+
+
+def _layers_for_part_b(sims_by_seed, boot_noise=0.002, null=0.01):
+    """Fabricated comparisons: per seed a similarity (RSA minus its null mean) at each depth, with bootstrap draws."""
+    rng = np.random.default_rng(0)
+    depths = [0.1, 0.35, 0.5, 0.65, 0.95]
+    cross, boot, table = [], [], []
+    for seed, sims in sims_by_seed.items():
+        for i, (d, s) in enumerate(zip(depths, sims)):
+            cross.append({"depth": d, "layer A": i + 1, "layer B": i + 2, "seed": seed, "RSA": s + null,
+                          "RSA null mean": null, "pairs": 300})  # fmt: skip
+            boot += [{"depth": d, "seed": seed, "replicate": r, "RSA": s + null + rng.normal(0, boot_noise)}
+                     for r in range(3)]  # fmt: skip
+            table += [{"model": "A", "layer": i + 1, "seed": seed, "fvu": 0.4 + 0.01 * i},
+                      {"model": "B", "layer": i + 2, "seed": seed, "fvu": 0.5}]  # fmt: skip
+    empty = pd.DataFrame()
+    layers = ch05.LayerComparisons(pd.DataFrame(cross), empty, empty, pd.DataFrame(boot), {}, {})
+    return layers, pd.DataFrame(table)
+
+
+def test_part_b_contrast_is_fixed_and_uses_seeds_and_draws(monkeypatch):
+    monkeypatch.setattr(ch05, "depth_profile", lambda layers, table, names: _depth_rows_for(layers))
+    bump = [0.01, 0.03, 0.05, 0.03, 0.01]
+    layers, table = _layers_for_part_b({0: bump, 1: [x + 0.002 for x in bump], 2: [x - 0.002 for x in bump]})
+    pk = ch05.peak_statistic(layers, table, ("A", "B"))
+    assert pk["middle"] == [0.35, 0.5, 0.65] and pk["edges"] == [0.1, 0.95] and pk["seeds"] == 3
+    assert pk["per seed raw"] == pytest.approx([0.02667] * 3, abs=1e-4)  # mean(.03, .05, .03) - mean(.01, .01)
+    assert pk["draws"] == 9 and len(pk["draws table"]) == 12 and pk["contrast"]["boot se"] > 0
+    assert pk["best depth"] == 0.5
+    flat = [0.03] * 5
+    layers, table = _layers_for_part_b({0: flat, 1: flat, 2: flat})
+    pk_flat = ch05.peak_statistic(layers, table, ("A", "B"))
+    assert abs(pk_flat["contrast"]["effect"]) < 0.003
+    with pytest.raises(EmbgeoInputError, match="between 1/3 and 2/3"):
+        ch05.middle_and_edges([0.1, 0.2, 0.9])
+
+
+def _depth_rows_for(layers):
+    first = layers.cross.drop_duplicates("depth")
+    return first[["depth", "layer A", "layer B"]].reset_index(drop=True)
 
 
 def test_run_pair_holds_out_caches_and_measures_the_ceiling(smollm, gemma, tmp_cache, monkeypatch, chapter_params):
@@ -206,6 +277,12 @@ def test_run_pair_holds_out_caches_and_measures_the_ceiling(smollm, gemma, tmp_c
     assert np.allclose(profile["fraction of geometric ceiling"][both_positive], geometric[both_positive])
     with pytest.raises(EmbgeoInputError, match="at least 3 matched depths"):  # part (b) needs an interior depth
         ch05.peak_statistic(first.layers, first.saes, first.names)
+    control = ch05.random_control(smollm, gemma, texts, [0.3, 0.7], p)
+    assert "random init" in control.name and list(control.profile["depth"]) == [0.3, 0.7]
+    assert (control.cross["seed"] == 0).all() and set(control.saes["model"]) == {smollm.info.name, control.name}
+    # A's side is the same data and SAE as in the study: only B changed
+    np.testing.assert_array_equal(control.saes[control.saes["model"] == smollm.info.name]["fvu"],
+                                  first.saes[(first.saes["model"] == smollm.info.name) & (first.saes["seed"] == 0)]["fvu"])  # fmt: skip
 
 
 def test_precision_agreement_compares_stored_activations_with_float32(smollm, gemma, tmp_cache, chapter_params):

@@ -114,3 +114,32 @@ def test_output_embeddings_tied_and_absent(smollm):
     minilm = models.load("minilm-l6", device="cpu")
     assert not minilm.info.causal
     assert models.output_embeddings("minilm-l6", loader=lambda name, device: minilm) is None
+
+
+def test_compute_dtype_is_float32_on_every_cpu(tmp_cache, monkeypatch):
+    assert models.compute_dtype("bfloat16", "cpu") == torch.float32  # no CPU falls off the bfloat16 cliff
+    assert models.compute_dtype("float32", "cpu") == torch.float32
+    assert models.compute_dtype("bfloat16", "cuda") == torch.bfloat16  # native on an accelerator
+    assert models.compute_dtype("float32", "cuda") == torch.float32
+    # a model stored in bfloat16 is upcast once at load on the CPU
+    spec = models.REGISTRY["smollm2-135m"]
+    monkeypatch.setitem(models.REGISTRY, "smollm2-135m", dataclasses.replace(spec, storage_dtype="bfloat16"))
+    loaded = models.load("smollm2-135m", device="cpu")
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert loaded.cache_key()["dtype"] == "torch.float32"
+    assert models.load("smollm2-135m", device="cpu", dtype="bfloat16").cache_key()["dtype"] == "torch.bfloat16"
+
+
+def test_random_init_keeps_the_architecture_and_drops_the_weights(smollm):
+    r0, again, r1 = (models.random_init(smollm, seed=s) for s in (0, 0, 1))
+    assert r0.tokenizer is smollm.tokenizer and r0.info.n_layers == smollm.info.n_layers
+    assert "random init 0" in r0.info.name and r0.info.sha256 != smollm.info.sha256 != r1.info.sha256
+    w = {n: p for n, p in smollm.model.named_parameters()}
+    for name, p in r0.model.named_parameters():
+        assert p.shape == w[name].shape and p.dtype == w[name].dtype
+    emb = "model.embed_tokens.weight"
+    r0w, againw, r1w = (dict(m.model.named_parameters())[emb] for m in (r0, again, r1))
+    assert torch.equal(r0w, againw) and not torch.equal(r0w, r1w)  # seeded
+    assert not torch.allclose(r0w, w[emb])
+    with pytest.raises(errors.EmbgeoInputError, match="transformers model"):
+        models.random_init(models.LoadedModel(torch.nn.Linear(2, 2), smollm.tokenizer, smollm.info))
