@@ -684,7 +684,7 @@ def random_init(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
     dtype = next(loaded.model.parameters()).dtype
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().to(loaded.device)
     digest = f"random-init-{seed}-{loaded.info.sha256 or loaded.info.name}"
     info = ModelInfo(**{**loaded.info.as_dict(), "name": f"{loaded.info.name} (random init {seed})", "sha256": digest})

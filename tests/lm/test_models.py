@@ -141,5 +141,7 @@ def test_random_init_keeps_the_architecture_and_drops_the_weights(smollm):
     r0w, againw, r1w = (dict(m.model.named_parameters())[emb] for m in (r0, again, r1))
     assert torch.equal(r0w, againw) and not torch.equal(r0w, r1w)  # seeded
     assert not torch.allclose(r0w, w[emb])
+    half = models.load("smollm2-135m", device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in models.random_init(half).model.parameters()} == {torch.bfloat16}  # the dtype is kept
     with pytest.raises(errors.EmbgeoInputError, match="transformers model"):
         models.random_init(models.LoadedModel(torch.nn.Linear(2, 2), smollm.tokenizer, smollm.info))
