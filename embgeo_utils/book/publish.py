@@ -5,6 +5,8 @@ and papermill's injected-parameters cell in the HTML (Jupyter Book's
 ``remove-cell`` tag; the downloaded ``.ipynb`` keeps both) and puts one compact
 table in their place: each parameter, the value the chapter ran with (and the
 default where it was overridden) and the comment of the parameters cell.
+:func:`hide_plumbing` collapses the code of the cells that only import or open
+the chapter (``hide-input``: a reader can still open them; their output stays).
 
 :func:`make_site` turns Jupyter Book's ``_build/html`` into a self-contained folder
 for any static host: a copy with ``.nojekyll`` (GitHub Pages would otherwise hide
@@ -45,6 +47,8 @@ __all__ = [
     "STATIC",
     "TABLE_ROWS",
     "check_site",
+    "hide_plumbing",
+    "is_plumbing",
     "local_links",
     "make_site",
     "parameters_table",
@@ -181,6 +185,49 @@ def show_parameters(executed: str | Path, source: str | Path, overrides: dict[st
         table.metadata["tags"] = [PARAMETERS_TABLE_TAG]
         cells.insert(last + 1, table)
     nb.cells = cells
+    nbformat.write(nb, path)
+
+
+#: The call that opens a chapter (:func:`embgeo_utils.book.results.start_chapter`): its cell is plumbing.
+_OPENS_CHAPTER = "start_chapter"
+
+
+def is_plumbing(source: str) -> bool:
+    """Whether a code cell is plumbing: imports only, or the cell that opens the chapter (every chapter).
+
+    A cell whose every statement is an ``import`` is plumbing, and so is the cell that calls
+    :func:`~embgeo_utils.book.results.start_chapter` (with the lines that adapt the parameters to the models found).
+    A cell that is not valid Python (a magic, say) is not.
+    """
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return False
+    if not tree.body:
+        return False
+    if all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in tree.body):
+        return True
+    calls = (n for n in ast.walk(tree) if isinstance(n, ast.Call))
+    return any(getattr(c.func, "attr", getattr(c.func, "id", None)) == _OPENS_CHAPTER for c in calls)
+
+
+def hide_plumbing(executed: str | Path) -> None:
+    """Collapse the code of an executed notebook's plumbing cells (:func:`is_plumbing`) in the HTML.
+
+    They get Jupyter Book's ``hide-input`` tag: the page shows a button that opens the code, the output (the models
+    found, the device) stays in view. The downloaded ``.ipynb`` is unchanged but for the tag.
+    """
+    import nbformat
+
+    path = Path(executed)
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        hidden = {"hide-input", "remove-input", "remove-cell", "hide-cell"} & set(tags)
+        if cell.cell_type == "code" and not hidden and is_plumbing(cell.source):
+            tags.append("hide-input")
     nbformat.write(nb, path)
 
 

@@ -119,7 +119,8 @@ def execute(
 
     The parameters are checked against the notebook's declarations first, so an unknown name, a wrong type or a
     value out of range fails before a kernel starts. The executed copy shows its parameters once, as a table
-    (:func:`publish.show_parameters`). ``timeout`` bounds each cell in seconds (default :func:`cell_timeout`).
+    (:func:`publish.show_parameters`), and the code of its plumbing cells collapsed (:func:`publish.hide_plumbing`).
+    ``timeout`` bounds each cell in seconds (default :func:`cell_timeout`).
 
     Raises:
         ParameterError: a parameter that the notebook does not declare or whose value it does not allow.
@@ -175,6 +176,7 @@ def measure(
         if target.is_file():
             measured["peak_memory_mib"] = _take_probe(target, source)
     publish.show_parameters(target, source, parameters)
+    publish.hide_plumbing(target)
     return target
 
 
