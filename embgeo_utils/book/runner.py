@@ -35,9 +35,10 @@ from . import timings
 from .parameters import check_overrides, notebook_parameters
 from ..core.progress import LOG, show_messages
 from ..core.errors import ParameterError
-from ..lm.models import check_name
+from ..lm.models import REGISTRY, check_name
 
 __all__ = [
+    "absolute_model_paths",
     "chapter_sources",
     "default_models",
     "execute",
@@ -80,6 +81,23 @@ MODEL_PARAMETERS = (
     "pairs",
     "encoder",
 )
+
+
+def absolute_model_paths(params: dict[str, Any]) -> dict[str, Any]:
+    """The same parameters with every model name that names an existing folder made absolute (own models).
+
+    A notebook runs in ``notebooks/``, not in the folder the command was given in: ``-p model_names '["./my-model"]'``
+    must name the folder the reader meant. Registry names and Hugging Face ids are left as they are.
+    """
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value not in REGISTRY and Path(value).expanduser().is_dir():
+            return str(Path(value).expanduser().resolve())
+        if isinstance(value, (list, tuple)):
+            return [fix(v) for v in value]
+        return value
+
+    return {key: fix(value) if key in MODEL_PARAMETERS else value for key, value in params.items()}
 
 
 def chapter_sources(root: str | Path = ".") -> list[Path]:
@@ -324,7 +342,7 @@ def run_notebooks(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     small_params = small_parameters(root) if small else {}
     overrides = overrides or {}
-    plan = [(s, {**small_params.get(s.stem, {}), **overrides.get(s.stem, {})}) for s in sources]
+    plan = [(s, absolute_model_paths({**small_params.get(s.stem, {}), **overrides.get(s.stem, {})})) for s in sources]
     if ledger:
         plan.append((root / LEDGER, {}))
     for source, params in plan:

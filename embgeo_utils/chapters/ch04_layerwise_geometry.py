@@ -117,6 +117,10 @@ class Parameters:
         """The models the chapter measures, in order."""
         return list(self.model_names)
 
+    def causal_models(self) -> list[str]:
+        """Every model: the chapter reads each one's next-token loss."""
+        return self.models()
+
 
 @dataclass
 class LayerwiseRun:

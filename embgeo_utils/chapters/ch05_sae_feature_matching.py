@@ -176,6 +176,10 @@ class Parameters:
         """The pair of one family, then the cross-tokenizer pair."""
         return [self.model_a, self.model_b] + list(self.cross_pair)
 
+    def causal_models(self) -> list[str]:
+        """Every model: the loss recovered runs each one's language-model head."""
+        return self.models()
+
 
 def non_concept_tokens(tokenizer: Any) -> np.ndarray:
     """Boolean mask over the vocabulary of non-concept tokens (chapter 5, Lan et al.'s filter).

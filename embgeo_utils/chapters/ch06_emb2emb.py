@@ -199,6 +199,10 @@ class Parameters:
         """The scorer's encoder, then every model the pairs name, in order."""
         return [self.encoder] + [name for pair in self.pairs for name in pair]
 
+    def causal_models(self) -> list[str]:
+        """The models that must be causal language models: both of every pair (B generates, A gives its vectors)."""
+        return [name for pair in self.pairs for name in pair]
+
     def topic_sets(self) -> dict[str, list[str]]:
         """``{"development": topics, "confirmation": confirm_topics}``, the second only when given."""
         sets = {"development": list(self.topics)}
