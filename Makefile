@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: book test test-fast lint install models models-book models-all html site lab bench clean
+.PHONY: book test test-fast lint format-notebooks install models models-book models-all html site lab bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,11 +61,15 @@ lab: models
 		--ServerApp.port_retries=0 --ServerApp.open_browser=False --MultiKernelManager.default_kernel_name=python3 \
 		$(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True)
 
-## Lint (ruff), format check and types (mypy); configuration in pyproject.toml.
+## Lint (ruff), format check and types (mypy); configuration in pyproject.toml (notebooks: notebooks/ruff.toml).
 lint: install
-	$(VENV)/bin/ruff check embgeo_utils tests benchmarks
-	$(VENV)/bin/ruff format --check embgeo_utils tests benchmarks
+	$(VENV)/bin/ruff check embgeo_utils tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check embgeo_utils tests benchmarks notebooks
 	$(VENV)/bin/mypy
+
+## Format the chapter notebooks' code for the book's column (notebooks/ruff.toml); rerun after editing them.
+format-notebooks: install
+	$(VENV)/bin/ruff format notebooks
 
 ## The test suite: lint and types, unit tests, every notebook with small parameters, the book build.
 test: models lint

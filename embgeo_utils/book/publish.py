@@ -5,6 +5,8 @@ and papermill's injected-parameters cell in the HTML (Jupyter Book's
 ``remove-cell`` tag; the downloaded ``.ipynb`` keeps both) and puts one compact
 table in their place: each parameter, the value the chapter ran with (and the
 default where it was overridden) and the comment of the parameters cell.
+:func:`hide_plumbing` collapses the code of the cells that only import or open
+the chapter (``hide-input``: a reader can still open them; their output stays).
 
 :func:`make_site` turns Jupyter Book's ``_build/html`` into a self-contained folder
 for any static host: a copy with ``.nojekyll`` (GitHub Pages would otherwise hide
@@ -13,11 +15,17 @@ folder and names a file that exists. Such a folder works when served from a
 sub-path (``https://<user>.github.io/<repo>/``) and when opened from disk.
 ``python -m embgeo_utils.book.publish`` does this for ``make site``.
 
-The module is also a Sphinx extension (``_config.yml`` lists it): Sphinx 7.4 writes
-an inline script that an extension adds after the builder started twice (once with
-file name ``None``, once with ``""``), and sphinx-thebe's ``const THEBE_JS_URL``
-then throws "already been declared" in every browser console. Each page keeps the
-first copy of such a script.
+The module is also a Sphinx extension (``_config.yml`` lists it). It adds the book's
+stylesheet (``static/embgeo.css``: wide tables scroll inside their frame, code and
+outputs never widen the page, the static twin of an interactive figure is kept for
+print) to every page, and plotly.js with the script that draws the interactive
+figures (:mod:`embgeo_utils.chapters.interactive`) to the pages that hold one. plotly.js
+is copied once into the site's ``_static`` folder from the installed plotly package
+and linked relatively: nothing is loaded from outside the site. It also works around
+Sphinx 7.4 writing an inline script that an extension adds after the builder started
+twice (once with file name ``None``, once with ``""``): sphinx-thebe's
+``const THEBE_JS_URL`` then throws "already been declared" in every browser console.
+Each page keeps the first copy of such a script.
 """
 
 from __future__ import annotations
@@ -30,15 +38,21 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from .results import results_dir
-from ..core.errors import EmbgeoInputError, SiteError
+from ..chapters.interactive import HTML_CLASS
+from ..core.errors import EmbgeoInputError, MissingDependencyError, SiteError
 
 __all__ = [
     "PARAMETERS_TABLE_TAG",
+    "PLOTLY_JS",
+    "STATIC",
     "TABLE_ROWS",
     "check_site",
+    "hide_plumbing",
+    "is_plumbing",
     "local_links",
     "make_site",
     "parameters_table",
+    "plotly_js",
     "setup",
     "show_parameters",
     "show_table",
@@ -54,6 +68,14 @@ PARAMETERS_TABLE_TAG = "parameters-as-run"
 
 
 _HIDDEN = ("parameters", "injected-parameters")
+
+
+#: The book's own static files (stylesheet, figure script), copied into the site's ``_static`` folder.
+STATIC = Path(__file__).with_name("static")
+
+
+#: The name of plotly.js in the site's ``_static`` folder (one copy, linked from the pages with interactive figures).
+PLOTLY_JS = "plotly.min.js"
 
 
 _NOT_PAGES = ("_static", "_sources")  # theme templates and page sources, not pages
@@ -166,6 +188,49 @@ def show_parameters(executed: str | Path, source: str | Path, overrides: dict[st
     nbformat.write(nb, path)
 
 
+#: The call that opens a chapter (:func:`embgeo_utils.book.results.start_chapter`): its cell is plumbing.
+_OPENS_CHAPTER = "start_chapter"
+
+
+def is_plumbing(source: str) -> bool:
+    """Whether a code cell is plumbing: imports only, or the cell that opens the chapter (every chapter).
+
+    A cell whose every statement is an ``import`` is plumbing, and so is the cell that calls
+    :func:`~embgeo_utils.book.results.start_chapter` (with the lines that adapt the parameters to the models found).
+    A cell that is not valid Python (a magic, say) is not.
+    """
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return False
+    if not tree.body:
+        return False
+    if all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in tree.body):
+        return True
+    calls = (n for n in ast.walk(tree) if isinstance(n, ast.Call))
+    return any(getattr(c.func, "attr", getattr(c.func, "id", None)) == _OPENS_CHAPTER for c in calls)
+
+
+def hide_plumbing(executed: str | Path) -> None:
+    """Collapse the code of an executed notebook's plumbing cells (:func:`is_plumbing`) in the HTML.
+
+    They get Jupyter Book's ``hide-input`` tag: the page shows a button that opens the code, the output (the models
+    found, the device) stays in view. The downloaded ``.ipynb`` is unchanged but for the tag.
+    """
+    import nbformat
+
+    path = Path(executed)
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        hidden = {"hide-input", "remove-input", "remove-cell", "hide-cell"} & set(tags)
+        if cell.cell_type == "code" and not hidden and is_plumbing(cell.source):
+            tags.append("hide-input")
+    nbformat.write(nb, path)
+
+
 class _Links(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -243,8 +308,48 @@ def make_site(html: str | Path, out: str | Path) -> Path:
     return dst
 
 
-def _drop_repeated_scripts(app: Any, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
-    """``html-page-context`` handler: keep the first of scripts that differ only in file name None vs ""."""
+def plotly_js() -> Path:
+    """The installed plotly package's own ``plotly.min.js`` (what the site serves from ``_static``).
+
+    Raises:
+        MissingDependencyError: plotly is not installed.
+    """
+    try:
+        import plotly
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "The book's interactive figures need plotly: install the book's extras with `pip install -e '.[book]'`."
+        ) from exc
+    path = Path(plotly.__file__).with_name("package_data") / PLOTLY_JS
+    if not path.is_file():
+        raise MissingDependencyError(f"{path} is missing; reinstall plotly (`pip install --force-reinstall plotly`).")
+    return path
+
+
+def _static_folders(app: Any, config: Any) -> None:
+    """``config-inited`` handler: the book's static files and plotly.js join the site's ``_static`` folder."""
+    staged = Path(app.doctreedir).parent / "embgeo-static"
+    staged.mkdir(parents=True, exist_ok=True)
+    source, target = plotly_js(), staged / PLOTLY_JS
+    if not target.is_file() or target.stat().st_size != source.stat().st_size:
+        shutil.copyfile(source, target)
+    config.html_static_path = [*config.html_static_path, str(STATIC), str(staged)]
+
+
+def _page_assets(app: Any, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
+    """``html-page-context`` handler: plotly.js and the figure script on pages with an interactive figure.
+
+    Both load deferred, in this order, from the site's ``_static`` folder (a relative link, as every asset's).
+    Then scripts that differ only in file name None vs "" are dropped, the first kept.
+    """
+    if HTML_CLASS in str(context.get("body", "")):
+        app.add_js_file(PLOTLY_JS, priority=600, loading_method="defer")
+        app.add_js_file("embgeo-figures.js", priority=601, loading_method="defer")
+    _drop_repeated_scripts(context)
+
+
+def _drop_repeated_scripts(context: dict[str, Any]) -> None:
+    """Keep the first of scripts that differ only in file name None vs ""."""
     seen, kept = set(), []
     for script in context.get("script_files", []):
         attributes = getattr(script, "attributes", {})
@@ -260,8 +365,10 @@ def _drop_repeated_scripts(app: Any, pagename: str, templatename: str, context: 
 
 
 def setup(app: Any) -> dict[str, Any]:
-    """Sphinx entry point (the book's ``_config.yml``): drop repeated inline scripts from every page."""
-    app.connect("html-page-context", _drop_repeated_scripts)
+    """Sphinx entry point (the book's ``_config.yml``): the book's stylesheet, plotly.js where needed, no repeats."""
+    app.connect("config-inited", _static_folders)
+    app.add_css_file("embgeo.css")
+    app.connect("html-page-context", _page_assets)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 

@@ -361,12 +361,14 @@ def start_chapter(
     notebook passes nothing but its chapter module; papermill's injected values are there too, and a name it
     injected that the chapter does not declare is refused. Outside a kernel (tests, scripts), pass ``values`` and
     ``declarations`` (:func:`embgeo_utils.book.parameters.notebook_parameters`). Nothing is loaded before every check
-    has passed: types and allowed values, then every model name (:func:`embgeo_utils.lm.models.check_name`).
+    has passed: types and allowed values, then every model name (:func:`embgeo_utils.lm.models.check_name`), then,
+    for a chapter whose ``Parameters`` has ``causal_models()``, that those are causal language models
+    (:func:`embgeo_utils.lm.models.check_causal`).
 
     Args:
         chapter: the chapter module (``embgeo_utils.chapters.chNN_name``): its ``CHAPTER`` (record id), ``TITLE``,
             and ``Parameters`` (a dataclass with one field per declared parameter; ``models()``, when it has it,
-            lists the model names to check).
+            lists the model names to check, and ``causal_models()`` those that must be causal language models).
         values: parameter values by name (default: read from the kernel); names left out take their defaults.
         declarations: the parameters cell's declarations (default: found among the kernel's cells).
 
@@ -389,6 +391,7 @@ def start_chapter(
     requested = list(dict.fromkeys(getattr(params, "models", list)()))
     for name in requested:
         model_zoo.check_name(name)
+    model_zoo.check_causal(list(getattr(params, "causal_models", list)()), f"{title} ({record_id})")
     show_messages()
     seed_everything(int(given.get("seed", 0)))
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")

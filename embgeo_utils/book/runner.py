@@ -8,14 +8,20 @@ writing executed copies to ``_executed/`` and chapter records to
 in ``_executed/results-small/``; ``--only`` picks chapters. Every notebook's
 parameters are checked against its declarations before the first one runs.
 ``--jobs N`` runs up to N chapters at once in separate processes (fewer when
-the free memory is short); the ledger page always runs last. At the end the
-runner prints the time of every notebook and writes the book's "How long it
-takes" page (``_executed/timings.md``, see :mod:`embgeo_utils.book.timings`).
+the free memory is short); the ledger page always runs last. The kernel of every
+notebook reports its own peak memory (:func:`measure`). At the end the runner
+prints the time and memory of every notebook and writes the book's "How long it
+takes" page (``_executed/timings.md``, see :mod:`embgeo_utils.book.timings`). A run
+with the default or the small parameters also keeps each chapter's timing record,
+puts the chapter's cost (cold and warm time, peak memory, models) under its title,
+and rewrites the table of the Teaching page (``_executed/teaching_times.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import sys
 import time
@@ -26,14 +32,17 @@ from typing import Any
 import yaml
 from . import publish
 from . import timings
-from .parameters import check_overrides
+from .parameters import check_overrides, notebook_parameters
 from ..core.progress import LOG, show_messages
 from ..core.errors import ParameterError
-from ..lm.models import check_name
+from ..lm.models import REGISTRY, check_name
 
 __all__ = [
+    "absolute_model_paths",
     "chapter_sources",
+    "default_models",
     "execute",
+    "measure",
     "main",
     "parallel_jobs",
     "results_folder",
@@ -74,6 +83,23 @@ MODEL_PARAMETERS = (
 )
 
 
+def absolute_model_paths(params: dict[str, Any]) -> dict[str, Any]:
+    """The same parameters with every model name that names an existing folder made absolute (own models).
+
+    A notebook runs in ``notebooks/``, not in the folder the command was given in: ``-p model_names '["./my-model"]'``
+    must name the folder the reader meant. Registry names and Hugging Face ids are left as they are.
+    """
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value not in REGISTRY and Path(value).expanduser().is_dir():
+            return str(Path(value).expanduser().resolve())
+        if isinstance(value, (list, tuple)):
+            return [fix(v) for v in value]
+        return value
+
+    return {key: fix(value) if key in MODEL_PARAMETERS else value for key, value in params.items()}
+
+
 def chapter_sources(root: str | Path = ".") -> list[Path]:
     """Chapter notebooks in book order (their file names start with the chapter number)."""
     folder = Path(root) / "notebooks"
@@ -111,30 +137,85 @@ def execute(
 
     The parameters are checked against the notebook's declarations first, so an unknown name, a wrong type or a
     value out of range fails before a kernel starts. The executed copy shows its parameters once, as a table
-    (:func:`publish.show_parameters`). ``timeout`` bounds each cell in seconds (default :func:`cell_timeout`).
+    (:func:`publish.show_parameters`), and the code of its plumbing cells collapsed (:func:`publish.hide_plumbing`).
+    ``timeout`` bounds each cell in seconds (default :func:`cell_timeout`).
 
     Raises:
         ParameterError: a parameter that the notebook does not declare or whose value it does not allow.
     """
+    start = time.perf_counter()
+    return measure(source, out_dir, parameters, {}, timeout), time.perf_counter() - start
+
+
+#: The cell :func:`measure` runs after a notebook's own cells: the peak resident memory of the kernel (and of the
+#: processes it waited for), printed on one line that starts with :data:`_PEAK`.
+_PEAK = "embgeo-peak-memory-kib"
+_MEASURE = f"""import resource as _embgeo_resource
+print("{_PEAK}", max(_embgeo_resource.getrusage(w).ru_maxrss for w in (_embgeo_resource.RUSAGE_SELF,
+      _embgeo_resource.RUSAGE_CHILDREN)))"""
+
+
+def measure(
+    source: Path, out_dir: Path, parameters: dict[str, Any] | None, measured: dict[str, float | None],
+    timeout: int | None = None,
+) -> Path:  # fmt: skip
+    """:func:`execute`, and the peak memory of the notebook's kernel into ``measured["peak_memory_mib"]``.
+
+    The kernel runs one more cell after the notebook's own, which reports the kernel's peak resident memory (and
+    that of the processes it waited for); the cell is taken out of the executed copy again, also when the notebook
+    failed. Where the system has no ``resource`` module (Windows) the peak stays ``None``.
+
+    Returns:
+        The executed copy's path.
+    """
+    import nbformat
     import papermill as pm
 
     parameters = dict(parameters or {})
     check_overrides(source, parameters)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / source.name
-    start = time.perf_counter()
-    pm.execute_notebook(
-        str(source),
-        str(target),
-        parameters=parameters,
-        cwd=str(source.parent),
-        kernel_name="python3",
-        execution_timeout=timeout if timeout is not None else cell_timeout(),
-        progress_bar=False,
-        log_output=False,
-    )
+    nb = nbformat.read(source, as_version=4)
+    probe = nbformat.v4.new_code_cell(_MEASURE if sys.platform != "win32" else "", metadata={"tags": [_PEAK]})
+    nb.cells.append(probe)
+    measured["peak_memory_mib"] = None
+    try:
+        pm.execute_notebook(
+            nb,
+            str(target),
+            parameters=parameters,
+            cwd=str(source.parent),
+            kernel_name="python3",
+            execution_timeout=timeout if timeout is not None else cell_timeout(),
+            progress_bar=False,
+            log_output=False,
+        )
+    finally:
+        if target.is_file():
+            measured["peak_memory_mib"] = _take_probe(target, source)
     publish.show_parameters(target, source, parameters)
-    return target, time.perf_counter() - start
+    publish.hide_plumbing(target)
+    return target
+
+
+def _take_probe(executed: Path, source: Path) -> float | None:
+    """Remove :func:`measure`'s cell from an executed notebook; returns the peak memory it printed (MiB).
+
+    papermill, given the notebook as an object, records that object as its input; the source's path goes back.
+    """
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    if "papermill" in nb.metadata:
+        nb.metadata.papermill["input_path"] = str(source)
+    probes = [c for c in nb.cells if _PEAK in c.get("metadata", {}).get("tags", [])]
+    nb.cells = [c for c in nb.cells if c not in probes]
+    nbformat.write(nb, executed)
+    for out in (o for c in probes for o in c.get("outputs", [])):
+        for line in str(out.get("text", "")).splitlines():
+            if line.startswith(_PEAK):
+                return timings.peak_mib(int(line.split()[1]))
+    return None
 
 
 def results_folder(out: Path, small: bool = False) -> Path:
@@ -164,15 +245,30 @@ def parallel_jobs(jobs: int, n_chapters: int) -> int:
     return int(min(wanted, fits))
 
 
+def _record_models(source: Path, since: float) -> list[str]:
+    """The models a chapter's record written since ``since`` says it loaded (empty: no such record)."""
+    folder = Path(os.environ.get("EMBGEO_RESULTS", ""))
+    found = [p for p in folder.glob(f"ch{source.stem}-*.json") if p.stat().st_mtime >= since] if folder.name else []
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            return [str(m) for m in json.loads(path.read_text())["run"]["models"]]
+        except (ValueError, KeyError, TypeError):
+            continue
+    return []
+
+
 def _run_one(source: Path, out: Path, params: dict[str, Any]) -> tuple[timings.NotebookTime, str | None]:
-    """Execute one notebook, timed; returns its timing row and the failure message (``None`` when it ran)."""
+    """Execute one notebook, timed and measured; returns its timing row and the failure message (``None``: it ran)."""
     import papermill as pm
 
     before = timings.cache_snapshot()
+    load = timings.load_average()
+    since = time.time()
     start = time.perf_counter()
     error = None
+    measured: dict[str, float | None] = {}
     try:
-        execute(source, out, params)
+        measure(source, out, params, measured)
     except pm.PapermillExecutionError as exc:
         error = (
             f"{source.name} FAILED in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
@@ -180,7 +276,41 @@ def _run_one(source: Path, out: Path, params: dict[str, Any]) -> tuple[timings.N
         )
     seconds = time.perf_counter() - start
     cache = timings.cache_written(before, timings.cache_snapshot())
-    return timings.NotebookTime(source.stem, seconds, "failed" if error else "ok", cache), error
+    row = timings.NotebookTime(source.stem, seconds, "failed" if error else "ok", cache)
+    row.peak_memory_mib = measured.get("peak_memory_mib")
+    row.models = _record_models(source, since)
+    row.load_start, row.load_end = load, timings.load_average()
+    return row, error
+
+
+def default_models(source: Path) -> list[str]:
+    """The models a chapter loads at its default parameters (its module's ``Parameters.models()``; empty if none)."""
+    try:
+        module = importlib.import_module(f"embgeo_utils.chapters.ch{source.stem}")
+    except ImportError:
+        return []
+    values = {name: p.default for name, p in notebook_parameters(source).items()}
+    return [str(m) for m in getattr(module.Parameters(**values), "models", list)()]
+
+
+def _timing_kind(small: bool, overrides: dict[str, Any]) -> str | None:
+    """Which timing record a run feeds: the book's defaults, the small parameters, or none (other overrides)."""
+    if overrides:
+        return None
+    return "small" if small else "default"
+
+
+def _keep_timing(
+    source: Path, row: timings.NotebookTime, kind: str | None, results: Path, info: dict[str, Any], jobs: int
+) -> None:
+    """Keep a chapter's run as its timing record and put its cost under its title (chapters, not the ledger)."""
+    if kind is None or source.name == LEDGER.name:
+        return
+    timings.record_measurement(results, row, info, jobs, kind)
+    executed = results.parent / source.name
+    if executed.is_file():
+        record = timings.load_measurements(results).get(source.stem)
+        timings.show_header(executed, timings.chapter_header(source.stem, record, kind))
 
 
 def _report(row: timings.NotebookTime, error: str | None, failed: list[str], name: str) -> None:
@@ -205,11 +335,14 @@ def run_notebooks(
     Every notebook's parameters are checked before the first one runs. Records go to :func:`results_folder`.
     ``jobs`` > 1 runs chapters in that many processes at once (:func:`parallel_jobs`); the ledger runs after
     them all. The time of every notebook is printed and written to ``out/timings.md`` (:mod:`embgeo_utils.book.timings`).
+    A run of a chapter without overrides (beyond ``small``) is kept as its timing record, its cost goes under its
+    title, and ``out/teaching_times.md`` is rewritten from every record.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the book runs offline unless the caller says otherwise
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     small_params = small_parameters(root) if small else {}
-    plan = [(s, {**small_params.get(s.stem, {}), **(overrides or {}).get(s.stem, {})}) for s in sources]
+    overrides = overrides or {}
+    plan = [(s, absolute_model_paths({**small_params.get(s.stem, {}), **overrides.get(s.stem, {})})) for s in sources]
     if ledger:
         plan.append((root / LEDGER, {}))
     for source, params in plan:
@@ -224,6 +357,7 @@ def run_notebooks(
     chapters, last = (plan[:-1], plan[-1:]) if ledger else (plan, [])
     workers = parallel_jobs(jobs, len(chapters))
     start = time.perf_counter()
+    kinds = {s.stem: _timing_kind(small, overrides.get(s.stem, {})) for s, _ in plan}
     if workers > 1:
         LOG.info(f"executing {len(chapters)} chapters, {workers} at a time ...")
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
@@ -232,6 +366,7 @@ def run_notebooks(
                 row, error = future.result()
                 rows.append(row)
                 _report(row, error, failed, futures[future].name)
+                _keep_timing(futures[future], row, kinds[futures[future].stem], results, info, workers)
         order = [s.stem for s, _ in chapters]
         rows.sort(key=lambda r: order.index(r.notebook))
         chapters = []
@@ -240,7 +375,10 @@ def run_notebooks(
         row, error = _run_one(source, out, params)
         rows.append(row)
         _report(row, error, failed, source.name)
+        _keep_timing(source, row, kinds[source.stem], results, info, 1)
     timings.write_timings(out, rows, time.perf_counter() - start, workers, info, small)
+    book = {s.stem: default_models(s) for s in chapter_sources(root)}
+    timings.write_teaching(out, book, results_folder(out, False), results_folder(out, True))
     return failed
 
 

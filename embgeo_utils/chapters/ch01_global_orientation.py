@@ -43,7 +43,8 @@ from ..core.validation import as_matrix, check_pairs
 from ..geometry.similarity import Array, layer_map, permutation_test, spearman_cosine
 from ..lm import activations, models
 from ..lm.vocab import SharedVocabulary
-from .style import figure_axes
+from . import interactive
+from .style import COLUMN_INCHES, figure_axes
 
 __all__ = [
     "CHAPTER",
@@ -52,7 +53,11 @@ __all__ = [
     "TITLE",
     "check_claim6",
     "compare_models",
+    "interactive_cosine_scatter",
+    "interactive_layer_map",
+    "interactive_pair_heatmaps",
     "layer_alignment",
+    "pair_matrix",
     "pair_statistics",
     "plot_cosine_scatter",
     "plot_layer_map",
@@ -372,47 +377,71 @@ def check_claim6(pairs: pd.DataFrame, alpha: float = 0.01, correction: str = "ho
     return stats.verdict(checks, alpha=alpha, correction=correction)
 
 
-def plot_pair_heatmaps(pairs: Any, model_names: Sequence[str]) -> Any:
+def pair_matrix(pairs: Any, model_names: Sequence[str], label: str) -> pd.DataFrame:
+    """Chapter 1: the model x model matrix of ``r <label>`` (``"raw"`` or ``"centred"``), 1 on the diagonal.
+
+    Args:
+        pairs: one row per model pair with ``model A``, ``model B`` and ``r <label>`` (from :func:`compare_models`).
+        model_names: the models, in the order of the rows and columns.
+    """
+    mat = pd.DataFrame(np.eye(len(model_names)), index=list(model_names), columns=list(model_names))
+    for _, r in pairs.iterrows():
+        mat.loc[r["model A"], r["model B"]] = mat.loc[r["model B"], r["model A"]] = r[f"r {label}"]
+    return mat
+
+
+def plot_pair_heatmaps(pairs: Any, model_names: Sequence[str], show: bool = False) -> Any:
     """Chapter 1: model x model heatmaps of the cosine-matrix correlation, raw and mean-centred.
 
     Args:
         pairs: one row per model pair with ``model A``, ``model B``, ``r raw``, ``r centred``
             (from :func:`compare_models`).
         model_names: the models, in the order of the axes.
+        show: display the figure now, then its interactive version (:func:`interactive_pair_heatmaps`).
     """
     import matplotlib.pyplot as plt
-    import numpy as np
-    import pandas as pd
     import seaborn as sns
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(COLUMN_INCHES, 3.9))
+    small = len(model_names) <= 6
     for ax, label in zip(axes, ("raw", "centred")):
-        mat = pd.DataFrame(np.eye(len(model_names)), index=list(model_names), columns=list(model_names))
-        for _, r in pairs.iterrows():
-            mat.loc[r["model A"], r["model B"]] = mat.loc[r["model B"], r["model A"]] = r[f"r {label}"]
         sns.heatmap(
-            mat,
-            annot=True,
+            pair_matrix(pairs, model_names, label),
+            annot=small,
             fmt=".2f",
             vmin=0,
             vmax=1,
             cmap="viridis",
             square=True,
             ax=ax,
-            cbar_kws={"label": "Pearson r of cosine matrices"},
+            cbar_kws={"label": "Pearson r of cosine matrices", "shrink": 0.8},
         )
         ax.set_title(f"Cosine-matrix correlation ({label})")
         ax.set_xlabel("model B")
         ax.set_ylabel("model A")
+    fig.tight_layout()
+    if show:
+        interactive.show(fig, interactive_pair_heatmaps(pairs, model_names))
     return fig
 
 
-def plot_cosine_scatter(cos_pairs: Any, ax: Any = None) -> Any:
+def interactive_pair_heatmaps(pairs: Any, model_names: Sequence[str]) -> interactive.InteractiveFigure:
+    """Chapter 1: :func:`plot_pair_heatmaps` as an interactive figure (hover a cell for the pair's r)."""
+    panels = [(f"{label}", pair_matrix(pairs, model_names, label)) for label in ("raw", "centred")]
+    return interactive.heatmap_panels(
+        panels, "Cosine-matrix correlation of every pair of models", "model B", "model A", "r", zrange=(0.0, 1.0),
+        annotate=len(model_names) <= 6,
+    )  # fmt: skip
+
+
+def plot_cosine_scatter(cos_pairs: Any, ax: Any = None, show: bool = False, seed: int = 0) -> Any:
     """Chapter 1: token-pair cosines in model A against model B, with a least-squares line.
 
     Args:
         cos_pairs: DataFrame whose last two columns are the cosines in A and in B
             (from :func:`token_pair_cosines`).
+        show: display the figure now, then its interactive version (:func:`interactive_cosine_scatter`).
+        seed: the seed of the interactive figure's sample of points (when there are more than it keeps).
     """
     import seaborn as sns
 
@@ -421,18 +450,35 @@ def plot_cosine_scatter(cos_pairs: Any, ax: Any = None) -> Any:
     sns.scatterplot(data=cos_pairs, x=x, y=y, s=6, alpha=0.35, linewidth=0, ax=ax)
     sns.regplot(data=cos_pairs, x=x, y=y, scatter=False, color="black", ax=ax)
     ax.set_title(f"Token-pair cosines (centred), {len(cos_pairs)} pairs")
+    if show:
+        interactive.show(fig, interactive_cosine_scatter(cos_pairs, seed=seed))
     return fig
 
 
-def plot_layer_map(layers: Any, model_a: str, model_b: str, n_tokens: int, ax: Any = None) -> Any:
+def interactive_cosine_scatter(cos_pairs: Any, seed: int = 0) -> interactive.InteractiveFigure:
+    """Chapter 1: :func:`plot_cosine_scatter` as an interactive figure (hover a point for its two tokens).
+
+    At most :data:`~embgeo_utils.chapters.interactive.MAX_POINTS` pairs are drawn (a seeded sample); the line is the
+    least-squares fit over every pair.
+    """
+    x, y = cos_pairs.columns[-2], cos_pairs.columns[-1]
+    fit = tuple(np.polyfit(cos_pairs[x], cos_pairs[y], 1)) if len(cos_pairs) > 1 else None
+    title = f"Token-pair cosines (centred), {len(cos_pairs)} pairs"
+    if len(cos_pairs) > interactive.MAX_POINTS:
+        title += f" ({interactive.MAX_POINTS} drawn)"
+    return interactive.scatter(cos_pairs, x, y, ["token 1", "token 2"], title, seed=seed, line=fit)
+
+
+def plot_layer_map(layers: Any, model_a: str, model_b: str, n_tokens: int, ax: Any = None, show: bool = False) -> Any:
     """Chapter 1: heatmap of the layer x layer cosine-matrix correlation (layer 0 at the bottom).
 
     Args:
         layers: tidy DataFrame with ``layer A``, ``layer B``, ``r`` (``LayerAlignment.table``, from :func:`layer_alignment`).
+        show: display the figure now, then its interactive version (:func:`interactive_layer_map`).
     """
     import seaborn as sns
 
-    fig, ax = figure_axes((7, 6), ax)
+    fig, ax = figure_axes((6.4, 5.4), ax)
     sns.heatmap(
         layers.pivot(index="layer A", columns="layer B", values="r"),
         cmap="viridis",
@@ -443,4 +489,20 @@ def plot_layer_map(layers: Any, model_a: str, model_b: str, n_tokens: int, ax: A
     ax.set_xlabel(f"{model_b} layer")
     ax.set_ylabel(f"{model_a} layer")
     ax.set_title(f"Layer × layer alignment, {n_tokens} lone shared tokens")
+    if show:
+        interactive.show(fig, interactive_layer_map(layers, model_a, model_b, n_tokens))
     return fig
+
+
+def interactive_layer_map(layers: Any, model_a: str, model_b: str, n_tokens: int) -> interactive.InteractiveFigure:
+    """Chapter 1: :func:`plot_layer_map` as an interactive figure (hover a cell for the two layers and their r).
+
+    Layer 0 (the input embeddings) is at the bottom left; maps larger than
+    :data:`~embgeo_utils.chapters.interactive.MAX_SIDE` layers a side are averaged over blocks of layers.
+    """
+    grid = layers.pivot(index="layer A", columns="layer B", values="r")
+    grid.index, grid.columns = [int(v) for v in grid.index], [int(v) for v in grid.columns]
+    return interactive.heatmap_panels(
+        [(f"{model_a} against {model_b}", grid)], f"Layer × layer alignment, {n_tokens} lone shared tokens",
+        f"{model_b} layer", f"{model_a} layer", "r",
+    )  # fmt: skip

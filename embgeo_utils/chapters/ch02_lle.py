@@ -31,7 +31,7 @@ from ..core.validation import check_pairs
 from ..geometry.lle import lle_weights, random_neighbors, reconstruction_error, uniform_weights
 from ..geometry.neighbors import shared_neighbor_counts
 from ..lm.vocab import SharedVocabulary
-from .style import figure_axes
+from .style import COLUMN_INCHES, figure_axes
 
 __all__ = [
     "CHAPTER",
@@ -300,7 +300,7 @@ def plot_lle_errors(errors: Any, k: int, n_tokens: int, order: Sequence[str] | N
     """
     import seaborn as sns
 
-    fig, ax = figure_axes((10, 4.5), ax)
+    fig, ax = figure_axes((COLUMN_INCHES, 4.2), ax)
     sns.boxplot(
         data=errors,
         x="pair",

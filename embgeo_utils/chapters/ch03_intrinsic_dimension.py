@@ -54,7 +54,7 @@ from ..core.errors import EmbgeoInputError
 from ..core.progress import LOG
 from ..geometry import intrinsic_dim, lle, neighbors
 from ..lm import labels, models, steering, vocab
-from .style import model_colors, need_columns
+from .style import COLUMN_INCHES, MAX_PANELS_ACROSS, model_colors, need_columns
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -1333,7 +1333,7 @@ def plot_token_id_distributions(tokens: pd.DataFrame, k: int, variance: float) -
 
 
 def plot_undertrained_id_histograms(tokens: pd.DataFrame, k: int) -> Figure:
-    """Chapter 3: per model, the local-ID histogram of trained and under-trained tokens, stacked.
+    """Chapter 3: per model, the local-ID histogram of trained and under-trained tokens, stacked (two panels across).
 
     Args:
         tokens: :func:`token_frame` of *all* evaluated tokens with a bool column ``under-trained``.
@@ -1344,9 +1344,14 @@ def plot_undertrained_id_histograms(tokens: pd.DataFrame, k: int) -> Figure:
 
     need_columns(tokens, ("model", "local ID", "under-trained"), "token_frame(...) with an 'under-trained' column")
     names = list(dict.fromkeys(tokens["model"]))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 0.6, 3.2), sharey=False, squeeze=False)
+    cols = min(MAX_PANELS_ACROSS, len(names))
+    n_rows = (len(names) + cols - 1) // cols
+    width = COLUMN_INCHES if cols > 1 else COLUMN_INCHES / 2 + 0.6
+    fig, axes = plt.subplots(n_rows, cols, figsize=(width, 3.2 * n_rows), sharey=False, squeeze=False)
     bins = np.arange(0.5, k + 1.5, 1.0)
-    for ax, name in zip(axes[0], names, strict=True):
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")  # an odd number of models leaves the last place empty
+    for ax, name in zip(axes.flat, names):
         group = tokens[tokens["model"] == name]
         flagged = group["under-trained"].to_numpy(dtype=bool)
         values = group["local ID"].to_numpy()
@@ -1357,7 +1362,8 @@ def plot_undertrained_id_histograms(tokens: pd.DataFrame, k: int) -> Figure:
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("local ID")
         ax.legend(fontsize=7, loc="upper right")
-    axes[0][0].set_ylabel("evaluated tokens")
+    for row in axes:
+        row[0].set_ylabel("evaluated tokens")
     fig.suptitle("Local ID of trained and under-trained tokens")
     fig.tight_layout()
     return fig

@@ -53,8 +53,9 @@ from ..geometry.token_clouds import LayerObservables, layer_observables
 from ..lm import activations, corpus, models
 from ..lm.corpus import Passage
 from ..lm.models import LoadedModel
+from . import interactive
 from .claims import CLAIMS
-from .style import finish_axes, model_colors, need_columns
+from .style import MAX_PANELS_ACROSS, finish_axes, model_colors, need_columns
 
 __all__ = [
     "CHAPTER",
@@ -73,6 +74,8 @@ __all__ = [
     "distinct_levels",
     "id_loss_correlation",
     "id_peaks",
+    "interactive_layer_profiles",
+    "layer_profile_table",
     "load_prompts",
     "loss_table",
     "max_mean_cosine",
@@ -113,6 +116,10 @@ class Parameters:
     def models(self) -> list[str]:
         """The models the chapter measures, in order."""
         return list(self.model_names)
+
+    def causal_models(self) -> list[str]:
+        """Every model: the chapter reads each one's next-token loss."""
+        return self.models()
 
 
 @dataclass
@@ -1156,8 +1163,28 @@ def claims_summary(claims: Sequence[ClaimCheck], peaks: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def layer_profile_table(geometry: Any, y: str) -> pd.DataFrame:
+    """Mean and standard error of ``y`` over prompts, per model, shuffle level and layer (chapter 4's profiles).
+
+    Args:
+        geometry: ``LayerwiseRun.geometry`` (columns ``model, S, depth`` and ``y``).
+        y: the column to summarise, e.g. ``"ID"``.
+
+    Returns:
+        One row per model, level and depth: ``model``, ``S``, ``depth``, ``mean``, ``se`` (0 with one prompt).
+    """
+    need_columns(geometry, ["model", "S", "depth", y], "ch04_layerwise_geometry.run_layerwise")
+    grouped = geometry.groupby(["model", "S", "depth"], sort=False)[y]
+    table = grouped.agg(["mean", "std", "count"]).reset_index()
+    table["se"] = (table["std"] / np.sqrt(table["count"])).fillna(0.0)
+    return table.drop(columns=["std", "count"])
+
+
 def plot_layer_profiles(geometry: Any, y: str, ylabel: str, title: str, show: bool = True) -> Any:
     """One panel per model: ``y`` against relative depth, one line per shuffle level, ± one standard error (chapter 4).
+
+    At most two panels sit side by side. With ``show`` the figure is displayed at once, then its interactive
+    version (:func:`interactive_layer_profiles`).
 
     Args:
         geometry: ``LayerwiseRun.geometry`` (columns ``model, S, depth`` and ``y``).
@@ -1178,6 +1205,7 @@ def plot_layer_profiles(geometry: Any, y: str, ylabel: str, title: str, show: bo
         y=y,
         hue="S",
         col="model",
+        col_wrap=MAX_PANELS_ACROSS,
         kind="line",
         errorbar="se",
         palette="viridis",
@@ -1187,7 +1215,23 @@ def plot_layer_profiles(geometry: Any, y: str, ylabel: str, title: str, show: bo
     )
     grid.set_axis_labels("relative depth (layer / number of layers)", ylabel)
     grid.set_titles("{col_name}")
-    return finish_axes(grid.figure, title, show)
+    fig = finish_axes(grid.figure, title, False)
+    if show:
+        interactive.show(fig, interactive_layer_profiles(geometry, y, ylabel, title))
+    return fig
+
+
+def interactive_layer_profiles(geometry: Any, y: str, ylabel: str, title: str) -> interactive.InteractiveFigure:
+    """Chapter 4: :func:`plot_layer_profiles` as an interactive figure (hover a point for its layer and value).
+
+    Lines are the mean over prompts (:func:`layer_profile_table`), bands ± one standard error.
+    """
+    table = layer_profile_table(geometry, y)
+    table = table.assign(low=table["mean"] - table["se"], high=table["mean"] + table["se"])
+    return interactive.line_panels(
+        table, "depth", "mean", "S", "model", title, "relative depth", ylabel, band=("low", "high"),
+        color_title="shuffle level S",
+    )  # fmt: skip
 
 
 def plot_gride_scale_curves(curves: Any, show: bool = True) -> Any:
@@ -1212,6 +1256,7 @@ def plot_gride_scale_curves(curves: Any, show: bool = True) -> Any:
         y="ID",
         hue="S",
         col="model",
+        col_wrap=MAX_PANELS_ACROSS,
         kind="line",
         errorbar="se",
         marker="o",
@@ -1276,7 +1321,16 @@ def plot_id_loss_correlation_by_layer(corr: Any, show: bool = True) -> Any:
 
     need_columns(corr, ["model", "prompts", "depth", "r"], "ch04_layerwise_geometry.id_loss_correlation")
     grid = sns.relplot(
-        data=corr, x="depth", y="r", hue="prompts", col="model", kind="line", marker="o", height=3.2, aspect=1.1
+        data=corr,
+        x="depth",
+        y="r",
+        hue="prompts",
+        col="model",
+        col_wrap=MAX_PANELS_ACROSS,
+        kind="line",
+        marker="o",
+        height=3.2,
+        aspect=1.1,
     )
     for ax in grid.axes.flat:
         ax.axhline(0, color="grey", lw=0.8)

@@ -69,7 +69,8 @@ from ..geometry.matching import (
 from ..lm.alignment import AlignedTokens, aligned_activations
 from ..lm.models import LoadedModel
 from ..lm.sae import TopKSAE, cached_loss_recovered, cached_sae, encode_all, sae_metrics
-from .style import need_columns
+from . import interactive
+from .style import COLUMN_INCHES, need_columns
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -105,6 +106,7 @@ __all__ = [
     "extract",
     "feature_examples",
     "filter_pairs",
+    "interactive_depth_profile",
     "match_and_compare",
     "middle_and_edges",
     "non_concept_tokens",
@@ -176,6 +178,10 @@ class Parameters:
     def models(self) -> list[str]:
         """The pair of one family, then the cross-tokenizer pair."""
         return [self.model_a, self.model_b] + list(self.cross_pair)
+
+    def causal_models(self) -> list[str]:
+        """Every model: the loss recovered runs each one's language-model head."""
+        return self.models()
 
 
 def non_concept_tokens(tokenizer: Any) -> np.ndarray:
@@ -1662,7 +1668,7 @@ def plot_sae_quality(table: pd.DataFrame, curve: pd.DataFrame | None) -> Figure:
     import matplotlib.pyplot as plt
 
     need_columns(table, ("model", "depth", "fvu"), "ch05.train")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(COLUMN_INCHES, 3.8))
     for (name, q), color in zip(table.groupby("model", sort=False), ("#0072B2", "#D55E00")):
         axes[0].plot(q["depth"], q["fvu"], "o", color=color, alpha=0.7, label=name)
         if curve is not None and len(curve):
@@ -1683,12 +1689,15 @@ def plot_sae_quality(table: pd.DataFrame, curve: pd.DataFrame | None) -> Figure:
     return fig
 
 
-def plot_depth_profile(profile: pd.DataFrame) -> Figure:
-    """Chapter 5: one-to-one RSA above its null against depth (seeds' range), its seed ceiling, and FVU beside it."""
+def plot_depth_profile(profile: pd.DataFrame, show: bool = True) -> Figure:
+    """Chapter 5: one-to-one RSA above its null against depth (seeds' range), its seed ceiling, and FVU beside it.
+
+    With ``show`` the figure is displayed at once, then its interactive version (:func:`interactive_depth_profile`).
+    """
     import matplotlib.pyplot as plt
 
     need_columns(profile, ("depth", "RSA excess", "RSA excess min", "RSA excess max", "fvu A", "fvu B"), "ch05.check")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(COLUMN_INCHES, 3.8))
     d = profile["depth"]
     lo, hi = profile["RSA excess"] - profile["RSA excess min"], profile["RSA excess max"] - profile["RSA excess"]
     axes[0].errorbar(d, profile["RSA excess"], yerr=[lo, hi], fmt="o-", color="#0072B2", capsize=3,
@@ -1708,7 +1717,37 @@ def plot_depth_profile(profile: pd.DataFrame) -> Figure:
     axes[1].set_title("SAE quality at the same depths")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
+    if show:
+        interactive.show(fig, interactive_depth_profile(profile))
     return fig
+
+
+def interactive_depth_profile(profile: pd.DataFrame) -> interactive.InteractiveFigure:
+    """Chapter 5: :func:`plot_depth_profile` as an interactive figure (hover a point for its depth and value).
+
+    Left, the one-to-one RSA excess (mean of seeds, band: their range) and the seed ceiling; right, each model's
+    held-out FVU at the same depths.
+    """
+    import pandas as pd
+
+    need_columns(profile, ("depth", "RSA excess", "RSA excess min", "RSA excess max", "fvu A", "fvu B"), "ch05.check")
+    left, right = "paired decoder geometry against depth", "SAE quality at the same depths"
+    parts = [
+        profile.assign(series="A vs B (band: range of seeds)", panel=left, value=profile["RSA excess"],
+                       low=profile["RSA excess min"], high=profile["RSA excess max"]),
+    ]  # fmt: skip
+    if "ceiling RSA excess" in profile:
+        c = profile["ceiling RSA excess"]
+        parts.append(profile.assign(series="seed ceiling (same model)", panel=left, value=c, low=c, high=c))
+    for side in "AB":
+        f = profile[f"fvu {side}"]
+        parts.append(profile.assign(series=f"model {side}", panel=right, value=f, low=f, high=f))
+    table = pd.concat(parts, ignore_index=True)[["depth", "series", "panel", "value", "low", "high"]]
+    titles = {left: "one-to-one RSA minus null mean", right: "held-out FVU (mean of seeds)"}
+    return interactive.line_panels(
+        table, "depth", "value", "series", "panel", "Paired decoder geometry and SAE quality against depth",
+        "relative depth", titles, band=("low", "high"), color_title="series",
+    )  # fmt: skip
 
 
 def plot_svcca_curves(curves: pd.DataFrame, seed: int) -> Figure:

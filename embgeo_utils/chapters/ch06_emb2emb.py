@@ -70,7 +70,7 @@ from ..lm.steering import (
     steer,
 )
 from ..lm.undertrained import find_undertrained
-from .style import need_columns
+from .style import COLUMN_INCHES, need_columns
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -198,6 +198,10 @@ class Parameters:
     def models(self) -> list[str]:
         """The scorer's encoder, then every model the pairs name, in order."""
         return [self.encoder] + [name for pair in self.pairs for name in pair]
+
+    def causal_models(self) -> list[str]:
+        """The models that must be causal language models: both of every pair (B generates, A gives its vectors)."""
+        return [name for pair in self.pairs for name in pair]
 
     def topic_sets(self) -> dict[str, list[str]]:
         """``{"development": topics, "confirmation": confirm_topics}``, the second only when given."""
@@ -1613,7 +1617,7 @@ def example_generations(gens: pd.DataFrame, prompt: int = 0, width: int = 140) -
 
 def plot_dose_response(table: pd.DataFrame, fluency: pd.DataFrame) -> Figure:
     """Chapter 6: per pair, the next-token rise and the continuations' rise of P(topic) against strength, and the
-    continuations' perplexity ratio.
+    continuations' perplexity ratio (two panels across, the legend in the fourth place).
 
     Args:
         table: :func:`dose_response`'s table.
@@ -1628,8 +1632,9 @@ def plot_dose_response(table: pd.DataFrame, fluency: pd.DataFrame) -> Figure:
     pairs = list(dict.fromkeys(table["pair"]))
     conds = [c for c in CONDITIONS if c in set(table["condition"])]
     colors = dict(zip(conds, sns.color_palette("colorblind", n_colors=len(conds))))
-    fig, axes = plt.subplots(len(pairs), 3, figsize=(15, 3.9 * len(pairs)), squeeze=False)
-    for row, pair in zip(axes, pairs):
+    fig, grid = plt.subplots(2 * len(pairs), 2, figsize=(COLUMN_INCHES, 7.4 * len(pairs)), squeeze=False)
+    rows = [(grid[2 * i][0], grid[2 * i][1], grid[2 * i + 1][0], grid[2 * i + 1][1]) for i in range(len(pairs))]
+    for (*row, key), pair in zip(rows, pairs):
         for ax, measure in zip(row[:2], ("next token", "continuations")):
             s = table[(table["pair"] == pair) & (table["measure"] == measure)]
             for c in conds:
@@ -1653,6 +1658,7 @@ def plot_dose_response(table: pd.DataFrame, fluency: pd.DataFrame) -> Figure:
         row[2].set_xlabel("strength (x mean norm of B's topic vectors)")
         row[2].set_ylabel("perplexity ratio under unsteered B (median)")
         row[2].set_title("fluency of the continuations", fontsize=10)
-        row[0].legend(fontsize=7)
+        key.axis("off")  # the fourth place of the pair's 2 x 2 grid holds the legend
+        key.legend(*row[0].get_legend_handles_labels(), loc="center", fontsize=8, title="condition")
     fig.tight_layout()
     return fig

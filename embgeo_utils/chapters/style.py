@@ -2,6 +2,9 @@
 
 ``use_book_style()`` sets a seaborn theme with a colour-blind-safe palette;
 ``model_colors`` gives each packaged model the same colour in every chapter.
+Figures are drawn for the page's column: at most :data:`COLUMN_INCHES` wide and at most
+:data:`MAX_PANELS_ACROSS` panels side by side (more go to further rows), so that the
+page shows them at close to their drawn size and their labels stay legible.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "COLUMN_INCHES",
+    "DPI",
+    "MAX_PANELS_ACROSS",
     "PALETTE",
     "model_colors",
     "use_book_style",
@@ -23,6 +29,12 @@ __all__ = [
 
 
 PALETTE = "colorblind"
+#: Resolution of the figures in the executed notebooks (pixels per inch of figure size).
+DPI = 110
+#: Widest figure, in inches: the page's column at 1280 px shows it at no less than two thirds of its drawn width.
+COLUMN_INCHES = 9.0
+#: Panels side by side at most; more go to further rows.
+MAX_PANELS_ACROSS = 2
 
 
 def use_book_style() -> None:
@@ -31,7 +43,7 @@ def use_book_style() -> None:
     import seaborn as sns
 
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE)
-    mpl.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "axes.titleweight": "bold", "figure.autolayout": True})
+    mpl.rcParams.update({"figure.dpi": DPI, "savefig.dpi": 150, "axes.titleweight": "bold", "figure.autolayout": True})
 
 
 def model_colors(names: Sequence[str]) -> dict[str, tuple[float, float, float]]:

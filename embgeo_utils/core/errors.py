@@ -14,6 +14,7 @@ __all__ = [
     "CorpusError",
     "EmbgeoError",
     "EmbgeoInputError",
+    "MissingDependencyError",
     "ModelNotInstalledError",
     "ParameterError",
     "PromptTooShortError",
@@ -53,6 +54,10 @@ class UnknownModelError(EmbgeoError, ValueError):
 
 class ModelNotInstalledError(EmbgeoError, ImportError):
     """A packaged model's wheel is not installed; the message names the pip command."""
+
+
+class MissingDependencyError(EmbgeoError, ImportError):
+    """An optional package that a feature needs is not installed; the message names the pip command."""
 
 
 class ChecksumError(EmbgeoError, RuntimeError):

@@ -9,7 +9,18 @@ are atomic and every cached copy carries a checksum, so an interrupted or
 corrupted conversion is detected and rebuilt.
 
 Any other name is passed to ``transformers`` as a Hugging Face model id or a
-local path, for readers who have the hub or their own checkpoints.
+local path, for readers who have the hub or their own checkpoints. A local folder
+is checked before anything loads (:func:`check_name`: ``config.json``, weights and
+tokenizer files), and its cache entries follow its weight files
+(:func:`folder_fingerprint`), so a folder rewritten with new weights is recomputed.
+:func:`check_causal` tells a chapter that needs causal language models, before it
+loads anything, which of the names given are not.
+
+Layers are numbered as ``transformers`` numbers ``hidden_states``: layer 0 is the
+input embeddings as the model sees them, layer ``l`` (1 to L) the output of the
+``l``-th transformer block (:func:`transformer_blocks` lists them from 0, so block
+``l`` is ``transformer_blocks(model)[l - 1]``). ``hidden_states[L]`` has the model's
+final norm applied; a hook on block L's output sees it before that norm.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import torch
 
 from ..core.cache import atomic_path, cache_dir, clean_staging, notice, package_dir, sha256_file
 from ..core.device import get_device
-from ..core.errors import ChecksumError, EmbgeoInputError, ModelNotInstalledError, UnknownModelError
+from ..core.errors import ChecksumError, EmbgeoInputError, ModelNotInstalledError, ParameterError, UnknownModelError
 from ..core.progress import tqdm
 
 __all__ = [
@@ -41,11 +52,14 @@ __all__ = [
     "base_model",
     "block_output_hook",
     "cache_problem",
+    "check_causal",
     "check_name",
     "compute_dtype",
+    "folder_fingerprint",
     "gguf_path",
     "input_embeddings",
     "installed_models",
+    "is_causal",
     "known_models",
     "load",
     "output_embeddings",
@@ -179,6 +193,7 @@ class ModelInfo:
     dtype: str = "float32"
     load_seconds: float = 0.0
     from_cache: bool = False
+    fingerprint: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,7 +218,8 @@ class LoadedModel:
         is not (callers that depend on it pass the device type themselves).
         """
         dtype = str(next(self.model.parameters()).dtype)
-        return {"model": self.info.name, "sha256": self.info.sha256, "dtype": dtype, "bos": self.info.needs_bos}
+        weights = self.info.sha256 if self.info.sha256 is not None else self.info.fingerprint
+        return {"model": self.info.name, "sha256": weights, "dtype": dtype, "bos": self.info.needs_bos}
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -559,6 +575,51 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
 
 
+#: Files that hold a checkpoint's weights, as ``save_pretrained`` writes them (one file or shards with an index).
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+#: Files of which a saved tokenizer holds at least one.
+_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for pattern in _WEIGHTS for p in folder.glob(pattern) if p.is_file())
+
+
+def _check_folder(name: str, path: Path) -> None:
+    """A local checkpoint is a folder with ``config.json``, weights and tokenizer files (what save_pretrained writes)."""
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise UnknownModelError(
+            f"{name!r} is not a model folder: a local checkpoint is a folder with config.json and the weights "
+            "(as written by save_pretrained)."
+        )
+    if not _weight_files(path):
+        raise UnknownModelError(
+            f"The folder {name!r} has a config.json but no weights (model.safetensors or pytorch_model.bin): write "
+            "them with model.save_pretrained(folder), or pass the folder that holds them."
+        )
+    if not any((path / f).exists() for f in _TOKENIZER):
+        raise UnknownModelError(
+            f"The folder {name!r} has weights but no tokenizer (tokenizer.json or tokenizer_config.json): every "
+            "chapter tokenizes text, so save it beside the weights with tokenizer.save_pretrained(folder)."
+        )
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """What identifies a local checkpoint's weights in the cache: its config and its weight files' sizes and times.
+
+    A sha256 over ``config.json`` and the name, size and modification time of every weight file: cheap for any
+    size of model, and changed whenever ``save_pretrained`` writes the folder again (chapters 0-6, own models).
+    """
+    import hashlib
+
+    root = Path(folder).expanduser()
+    digest = hashlib.sha256((root / "config.json").read_bytes())
+    for path in _weight_files(root):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return "files:" + digest.hexdigest()
+
+
 def check_name(name: Any) -> str:
     """Check a model name before anything loads; returns its kind: ``"packaged"``, ``"local"`` or ``"hub"`` (every chapter).
 
@@ -568,8 +629,8 @@ def check_name(name: Any) -> str:
 
     Raises:
         EmbgeoInputError: ``name`` is not a string.
-        UnknownModelError: a path that does not exist, a folder without ``config.json``, an id that is not valid or,
-            offline, not in the local Hugging Face cache (the message says how to fetch it).
+        UnknownModelError: a path that does not exist, a folder without ``config.json``, weights or tokenizer, an id
+            that is not valid or, offline, not in the local Hugging Face cache (the message says how to fetch it).
     """
     if not isinstance(name, str) or not name.strip():
         raise EmbgeoInputError(
@@ -580,11 +641,7 @@ def check_name(name: Any) -> str:
         return "packaged"
     path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").exists():
-            raise UnknownModelError(
-                f"{name!r} is not a model folder: a local checkpoint is a folder with config.json and the weights "
-                "(as written by save_pretrained)."
-            )
+        _check_folder(name, path)
         return "local"
     if _looks_like_path(name):
         raise UnknownModelError(
@@ -609,6 +666,48 @@ def check_name(name: Any) -> str:
     return "hub"
 
 
+def _causal_config(config: Any) -> bool:
+    """A causal language model is one whose config names an ``...ForCausalLM`` architecture."""
+    return any(str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
+
+def is_causal(name: str) -> bool:
+    """Whether the model named is a causal language model (chapters 0, 4, 5 and 6), read without loading weights.
+
+    A packaged model's registry entry says; any other name's ``config.json`` must name an ``...ForCausalLM``
+    architecture, the rule :func:`load` uses to pick the model class.
+
+    Raises:
+        UnknownModelError: as :func:`check_name`, or a config.json that cannot be read.
+    """
+    from transformers import AutoConfig
+
+    if check_name(name) == "packaged":
+        return REGISTRY[name].causal
+    try:
+        return _causal_config(AutoConfig.from_pretrained(name))
+    except (OSError, ValueError) as exc:
+        raise UnknownModelError(f"The config.json of {name!r} could not be read: {exc}") from exc
+
+
+def check_causal(names: list[str], where: str) -> None:
+    """Refuse, before anything loads, models that are not causal language models where a chapter needs them.
+
+    Args:
+        names: the model names the chapter runs as language models (next-token loss, generation, the LM head).
+        where: the chapter, for the message.
+
+    Raises:
+        ParameterError: a name that is not a causal language model (the message names the architecture).
+    """
+    for name in dict.fromkeys(names):
+        if not is_causal(name):
+            raise ParameterError(
+                f"{where} needs causal language models (an ...ForCausalLM architecture): {name!r} is an encoder "
+                "without a language-model head. Leave it out of this chapter's models, or give a causal model."
+            )
+
+
 def _load_hub(name: str, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -620,14 +719,22 @@ def _load_hub(name: str, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
             f"{name!r} is not a packaged model ({', '.join(REGISTRY)}) and could not be loaded "
             f"as a Hugging Face id or local folder: {exc}"
         ) from exc
-    causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+    causal = _causal_config(config)
     loader = AutoModelForCausalLM if causal else AutoModel
-    with _progress_off():
-        model: Any = loader.from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+    try:
+        with _progress_off():
+            model: Any = loader.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise UnknownModelError(
+            f"{name!r} has a config.json, but its weights or tokenizer could not be loaded ({exc}). A local folder "
+            "needs what model.save_pretrained(folder) and tokenizer.save_pretrained(folder) write."
+        ) from exc
     model = model.to(dev).eval()
-    source = f"local: {name}" if Path(name).expanduser().exists() else f"Hugging Face: {name}"
+    local = Path(name).expanduser().exists()
+    source = f"local: {name}" if local else f"Hugging Face: {name}"
     info = _info(model, tokenizer, name, getattr(config, "model_type", ""), source, None, causal)
+    info.fingerprint = folder_fingerprint(name) if local else None
     info.needs_bos = bool(getattr(tokenizer, "add_bos_token", False))
     info.load_seconds = time.perf_counter() - start
     return LoadedModel(model, tokenizer, info, dev)

@@ -71,6 +71,37 @@ def test_show_parameters_without_overrides_still_shows_the_defaults_once(tmp_pat
     assert len(tables) == 1 and "(default" not in tables[0].source and "`16`" in tables[0].source
 
 
+@pytest.mark.parametrize(
+    "source, plumbing",
+    [
+        ("import pandas as pd\nfrom embgeo_utils.book import results", True),
+        ("ch = results.start_chapter(ch02)\nmodel_pairs = [p for p in model_pairs if set(p) <= set(ch.models)]", True),
+        ("import pandas as pd\npd.set_option('display.max_rows', 5)", False),
+        ("table = ch01.compare_models(tables, shared, ch.params)", False),
+        ("%load_ext autoreload", False),
+        ("", False),
+    ],
+)
+def test_plumbing_is_imports_and_the_cell_that_opens_the_chapter(source, plumbing):
+    assert publish.is_plumbing(source) is plumbing
+
+
+def test_hide_plumbing_collapses_the_code_of_every_plumbing_cell_of_a_chapter(tmp_path):
+    path = tmp_path / CHAPTER.name
+    shutil.copy(CHAPTER, path)
+    publish.show_parameters(path, CHAPTER, None)
+    for _ in range(2):  # processing twice tags once
+        publish.hide_plumbing(path)
+    cells = nbformat.read(path, as_version=4).cells
+    hidden = [c.source for c in cells if "hide-input" in c.metadata.get("tags", [])]
+    assert any(s.lstrip().startswith(("import", "from")) for s in hidden)
+    assert any("results.start_chapter(" in s for s in hidden)
+    assert all(c.metadata.get("tags", []).count("hide-input") <= 1 for c in cells)
+    parameters = next(c for c in cells if "parameters" in c.metadata.get("tags", []))
+    assert "hide-input" not in parameters.metadata["tags"]  # removed whole, not collapsed
+    assert len(hidden) < sum(c.cell_type == "code" for c in cells) / 3  # the argument stays in view
+
+
 # -- the static site -----------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 
 from embgeo_utils.book import runner, timings
-from embgeo_utils.core.errors import ParameterError
+from embgeo_utils.core.errors import EmbgeoInputError, ParameterError
 
 
 def _notebook(path: Path, body: str) -> None:
@@ -89,3 +89,97 @@ def test_cells_have_no_fixed_time_limit_unless_one_is_set(monkeypatch):
     monkeypatch.setenv("EMBGEO_CELL_TIMEOUT", "soon")
     with pytest.raises(ParameterError, match="EMBGEO_CELL_TIMEOUT"):
         runner.cell_timeout()
+
+
+# -- timing records and the pages that quote them -------------------------------------------------------------------
+
+MACHINE = {"cpu": "Test CPU 3000", "cores": 2, "memory_gib": 7.8, "device": "cpu", "torch_threads": 2}
+
+
+def _row(stem: str, seconds: float, cache: str, status: str = "ok", peak: float | None = 1536.0):
+    row = timings.NotebookTime(stem, seconds, status, cache, peak, ["smollm2-135m", "gemma3-270m"])
+    row.load_start, row.load_end = [3.25, 2.0, 1.0], [2.5, 2.0, 1.0]
+    return row
+
+
+def test_timing_records_keep_the_latest_cold_and_the_latest_warm_run(tmp_path):
+    folder = tmp_path / "results"
+    timings.record_measurement(folder, _row("04_layer", 300.0, "cold (12 MB written)"), MACHINE, 1, "default")
+    timings.record_measurement(folder, _row("04_layer", 90.0, "warm"), MACHINE, 1, "default")
+    timings.record_measurement(folder, _row("04_layer", 80.0, "warm"), MACHINE, 2, "default")
+    assert timings.record_measurement(folder, _row("04_layer", 5.0, "warm", "failed"), MACHINE, 1, "default") is None
+    assert timings.record_measurement(folder, _row("04_layer", 5.0, ""), MACHINE, 1, "default") is None
+    record = timings.load_measurements(folder)["04_layer"]
+    assert record["parameters"] == "default"
+    assert record["cold"]["seconds"] == 300.0 and record["warm"]["seconds"] == 80.0 and record["warm"]["jobs"] == 2
+    assert record["cold"]["machine"]["cpu"] == "Test CPU 3000" and record["cold"]["load_start"] == [3.25, 2.0, 1.0]
+    with pytest.raises(EmbgeoInputError, match="kind"):
+        timings.record_measurement(folder, _row("04_layer", 1.0, "warm"), MACHINE, 1, "lab")
+
+
+def test_a_chapter_header_quotes_its_records_and_says_what_is_missing(tmp_path):
+    folder = tmp_path / "results"
+    assert "not measured yet" in timings.chapter_header("04_layer", None, "default")
+    assert timings.chapter_header("04_layer", None, "default").count("not measured yet") == 5  # models too
+    timings.record_measurement(folder, _row("04_layer", 300.4, "cold (1 MB written)"), MACHINE, 1, "small")
+    header = timings.chapter_header("04_layer", timings.load_measurements(folder)["04_layer"], "small")
+    assert "the small test parameters" in header and "`smollm2-135m`, `gemma3-270m`" in header
+    cold, warm = [line for line in header.splitlines() if line.startswith(("| cold", "| warm"))]
+    assert "300 s" in cold and "1.5 GiB" in cold and "2 cores (Test CPU 3000, 7.8 GiB)" in cold
+    assert "load average 3.2" in cold  # the load when the notebook started
+    assert warm == "| warm | not measured yet | not measured yet | |"
+    no_memory = _row("04_layer", 90.0, "warm", peak=None)
+    timings.record_measurement(folder, no_memory, MACHINE, 1, "small")
+    header = timings.chapter_header("04_layer", timings.load_measurements(folder)["04_layer"], "small")
+    assert "| warm | 90 s | not measured yet |" in header  # a memory that was not measured is not made up
+
+
+def test_the_teaching_table_reads_both_parameter_sets_and_names_the_machines(tmp_path):
+    default, small = tmp_path / "results", tmp_path / "results-small"
+    timings.record_measurement(default, _row("01_b", 356.0, "cold (3 MB written)"), MACHINE, 1, "default")
+    other = {**MACHINE, "cpu": "Other CPU", "cores": 16}
+    timings.record_measurement(small, _row("01_b", 12.0, "warm", peak=300.0), other, 1, "small")
+    chapters = {"00_a": ["minilm-l6"], "01_b": ["smollm2-135m", "gemma3-270m"]}
+    text = timings.write_teaching(tmp_path, chapters, default, small).read_text()
+    lines = text.splitlines()
+    row_a = next(line for line in lines if line.startswith("| 00_a |"))
+    assert row_a.count("not measured yet") == 4
+    row_b = next(line for line in lines if line.startswith("| 01_b |"))
+    cells = [c.strip() for c in row_b.strip("|").split("|")]
+    assert cells[1] == "smollm2-135m, gemma3-270m"
+    assert cells[2].startswith("356 s, 1.5 GiB (M1, ") and "load 3.2" in cells[2]
+    assert cells[3] == "not measured yet" and cells[4] == "not measured yet"
+    assert cells[5].startswith("12 s, 300 MiB (M2, ")
+    assert "- **M1**: 2 cores (Test CPU 3000, 7.8 GiB)" in text and "- **M2**: 16 cores (Other CPU, 7.8 GiB)" in text
+    empty = timings.teaching_table(chapters, {}, {})
+    assert empty.count("not measured yet") == 8 and "no chapter has been measured yet" in empty
+
+
+def test_the_header_goes_under_the_title_once(tmp_path):
+    path = tmp_path / "04_layer.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("setup = 1"), nbformat.v4.new_markdown_cell("# Title\n\ntext"),
+                nbformat.v4.new_code_cell("x = 1")]  # fmt: skip
+    nbformat.write(nb, path)
+    timings.show_header(path, "first")
+    timings.show_header(path, "second")
+    cells = nbformat.read(path, as_version=4).cells
+    assert [c.source for c in cells] == ["setup = 1", "# Title\n\ntext", "second", "x = 1"]
+    assert cells[2].metadata["tags"] == [timings.HEADER_TAG]
+
+
+def test_a_run_with_the_default_parameters_keeps_records_headers_and_the_teaching_table(tiny_root):
+    out = tiny_root / "_defaults"
+    assert runner.run_notebooks(tiny_root, out, runner.chapter_sources(tiny_root)) == []
+    record = timings.load_measurements(runner.results_folder(out))["00_first"]
+    (state,) = [s for s in ("cold", "warm") if record[s]]
+    assert record[state]["peak_memory_mib"] > 10  # the kernel's own peak, measured in its own process
+    rows = json.loads((out / "timings.json").read_text())["rows"]
+    assert all(r["peak_memory_mib"] for r in rows)
+    executed = nbformat.read(out / "00_first.ipynb", as_version=4)
+    assert timings.HEADER_TAG in executed.cells[1].metadata.get("tags", [])
+    teaching = (out / timings.TEACHING_PAGE).read_text()
+    assert "| 00_first |" in teaching and "| 01_second |" in teaching
+    small = tiny_root / "_small_override"
+    runner.run_notebooks(tiny_root, small, runner.chapter_sources(tiny_root)[:1], {"00_first": {"pause": 0.1}})
+    assert not timings.load_measurements(runner.results_folder(small))  # other parameters keep no record
