@@ -1746,7 +1746,7 @@ def interactive_depth_profile(profile: pd.DataFrame) -> interactive.InteractiveF
     titles = {left: "one-to-one RSA minus null mean", right: "held-out FVU (mean of seeds)"}
     return interactive.line_panels(
         table, "depth", "value", "series", "panel", "Paired decoder geometry and SAE quality against depth",
-        "relative depth", titles, band=("low", "high"), color_title="series",
+        "relative depth", titles, band=("low", "high"), color_title="",
     )  # fmt: skip
 
 

@@ -101,13 +101,13 @@ def _plain(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class InteractiveFigure:
-    """A plotly figure's specification, ready for the book's page and for JupyterLab (chapters 1, 4 and 5).
+    """A plotly figure's specification, ready for the book's HTML page (chapters 1, 4 and 5).
 
     Attributes:
         data: plotly traces (plain JSON values).
         layout: plotly layout (plain JSON values).
         label: what the figure shows, in words (its accessible name).
-        kind: ``"heatmap"``, ``"lines"`` or ``"scatter"`` (the page's tests hover the right kind).
+        kind: ``"heatmap"``, ``"lines"`` or ``"scatter"`` (the element's ``data-kind``).
     """
 
     data: list[dict[str, Any]]
@@ -147,7 +147,7 @@ def _finish(figure: Any, label: str, kind: str, height: int) -> InteractiveFigur
     """Book style on a plotly figure, then its plain, bounded specification."""
     figure.update_layout(
         font=_FONT, colorway=COLORWAY, height=height, autosize=True, paper_bgcolor="white",
-        plot_bgcolor="white", margin={"l": 60, "r": 20, "t": 60, "b": 50}, hoverlabel={"font": {"size": 13}},
+        plot_bgcolor="white", margin={"l": 60, "r": 20, "t": 90, "b": 50}, hoverlabel={"font": {"size": 13}},
     )  # fmt: skip
     figure.update_xaxes(showgrid=True, gridcolor="#e5e5e5", zeroline=False, automargin=True)
     figure.update_yaxes(showgrid=True, gridcolor="#e5e5e5", zeroline=False, automargin=True)
@@ -215,7 +215,7 @@ def _grid(n: int) -> tuple[int, int]:
     return (n + cols - 1) // cols, cols
 
 
-def _subplots(titles: Sequence[str], spacing: float) -> tuple[Any, int]:
+def _subplots(titles: Sequence[str], spacing: float, shared_y: bool = False) -> tuple[Any, int]:
     """A plotly figure with one panel per title, at most :data:`MAX_COLUMNS` across; returns it and its columns."""
     from plotly.subplots import make_subplots
 
@@ -225,9 +225,20 @@ def _subplots(titles: Sequence[str], spacing: float) -> tuple[Any, int]:
     ]
     fig = make_subplots(
         rows=n_rows, cols=n_cols, specs=specs, subplot_titles=list(titles), horizontal_spacing=spacing,
-        vertical_spacing=min(0.3, 0.5 / max(1, n_rows)),
+        vertical_spacing=min(0.3, 0.5 / max(1, n_rows)), shared_yaxes=shared_y,
     )  # fmt: skip
     return fig, n_cols
+
+
+def _title(text: str, width: int = 60) -> dict[str, Any]:
+    """A figure title broken into lines of at most ``width`` characters (plotly does not wrap titles)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return {"text": "<br>".join(lines), "x": 0.01, "xanchor": "left"}
 
 
 def heatmap_panels(
@@ -254,7 +265,8 @@ def heatmap_panels(
     go = _plotly()
     if not panels:
         raise EmbgeoInputError("heatmap_panels needs at least one (title, matrix) panel.")
-    fig, n_cols = _subplots([t for t, _ in panels], 0.14)
+    same_rows = all(list(m.index) == list(panels[0][1].index) for _, m in panels)
+    fig, n_cols = _subplots([t for t, _ in panels], 0.06 if same_rows else 0.14, shared_y=same_rows)
     n_rows = (len(panels) + n_cols - 1) // n_cols
     small = [downsample(m, max_side) for _, m in panels]
     lo = min(float(np.nanmin(m.to_numpy(dtype=float))) for m in small) if zrange is None else zrange[0]
@@ -272,8 +284,10 @@ def heatmap_panels(
             row=i // n_cols + 1, col=i % n_cols + 1,
         )  # fmt: skip
     fig.update_xaxes(title_text=x_title, type="category")
-    fig.update_yaxes(title_text=y_title, type="category")
-    fig.update_layout(title={"text": title})
+    fig.update_yaxes(type="category")
+    for row in range(1, n_rows + 1):
+        fig.update_yaxes(title_text=y_title, row=row, col=1)
+    fig.update_layout(title=_title(title))
     return _finish(fig, title, "heatmap", 380 * n_rows + 60)
 
 
@@ -301,7 +315,8 @@ def line_panels(
         title, x_title: the figure's title and the x axis title (with units).
         y_title: the y axis title, or one per panel (by the panel's value).
         band: columns of the lower and upper bound of a band drawn around each line (e.g. ± one standard error).
-        color_title: the name of ``color`` in the legend and the tooltip (default: the column's name).
+        color_title: the name of ``color`` in the legend and the tooltip (default: the column's name; ``""``: none,
+            the values alone).
     """
     go = _plotly()
     need = [c for c in (x, y, color, panel, *(band or ())) if c not in frame.columns]
@@ -311,7 +326,7 @@ def line_panels(
     lines = list(dict.fromkeys(frame[color]))
     fig, n_cols = _subplots([str(n) for n in names], 0.12)
     n_rows = (len(names) + n_cols - 1) // n_cols
-    label = color_title or color
+    label = color if color_title is None else color_title
     titles = {n: y_title if isinstance(y_title, str) else y_title[n] for n in names}
     for i, name in enumerate(names):
         where = {"row": i // n_cols + 1, "col": i % n_cols + 1}
@@ -320,10 +335,11 @@ def line_panels(
             if part.empty:
                 continue
             hue = COLORWAY[j % len(COLORWAY)] if len(lines) <= 3 else _viridis(j, len(lines))
-            tip = f"{name}<br>{label}: {level}<br>{x_title} %{{x:.3g}}<br>{titles[name]} %{{y:.4g}}<extra></extra>"
+            series = f"{label}: {level}" if label else str(level)
+            tip = f"{name}<br>{series}<br>{x_title} %{{x:.3g}}<br>{titles[name]} %{{y:.4g}}<extra></extra>"
             fig.add_trace(
                 go.Scatter(
-                    x=part[x].to_numpy(), y=part[y].to_numpy(), mode="lines+markers", name=f"{label}: {level}",
+                    x=part[x].to_numpy(), y=part[y].to_numpy(), mode="lines+markers", name=series,
                     line={"color": hue, "width": 2}, marker={"size": 6}, legendgroup=str(level),
                     showlegend=not any(str(level) == t.legendgroup and t.showlegend for t in fig.data),
                     hovertemplate=tip,
@@ -334,13 +350,14 @@ def line_panels(
                 xs = np.concatenate([part[x].to_numpy(), part[x].to_numpy()[::-1]])
                 ys = np.concatenate([part[band[1]].to_numpy(), part[band[0]].to_numpy()[::-1]])
                 fig.add_trace(
-                    go.Scatter(x=xs, y=ys, fill="toself", fillcolor=hue, opacity=0.15, line={"width": 0},
+                    go.Scatter(x=xs, y=ys, mode="lines", fill="toself", fillcolor=hue, opacity=0.15, line={"width": 0},
                                hoverinfo="skip", showlegend=False, legendgroup=str(level)),
                     **where,
                 )  # fmt: skip
-        fig.update_yaxes(title_text=titles[name], **where)
+        if where["col"] == 1 or len(set(titles.values())) > 1:
+            fig.update_yaxes(title_text=titles[name], **where)
     fig.update_xaxes(title_text=x_title)
-    fig.update_layout(title={"text": title}, legend={"orientation": "h", "y": -0.2}, hovermode="closest")
+    fig.update_layout(title=_title(title), legend={"orientation": "h", "y": -0.2}, hovermode="closest")
     return _finish(fig, title, "lines", 340 * n_rows + 130)
 
 
@@ -391,7 +408,7 @@ def scatter(
         ends = np.array([float(frame[x].min()), float(frame[x].max())])
         fig.add_trace(go.Scatter(x=ends, y=line[0] * ends + line[1], mode="lines", line={"color": "black"},
                                  name="least-squares line", hoverinfo="skip"))  # fmt: skip
-    fig.update_layout(title={"text": title}, xaxis_title=x, yaxis_title=y, showlegend=False)
+    fig.update_layout(title=_title(title), xaxis_title=x, yaxis_title=y, showlegend=False)
     return _finish(fig, title, "scatter", 480)
 
 

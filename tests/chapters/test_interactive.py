@@ -130,7 +130,6 @@ def test_chapter_headline_figures_have_interactive_versions():
                             "fvu B": [0.25, 0.35]})  # fmt: skip
     depth = ch05.interactive_depth_profile(profile)
     names = [t["name"] for t in depth.data if t.get("mode") == "lines+markers"]
-    assert names == ["series: A vs B (band: range of seeds)", "series: seed ceiling (same model)",
-                     "series: model A", "series: model B"]  # fmt: skip
+    assert names == ["A vs B (band: range of seeds)", "seed ceiling (same model)", "model A", "model B"]
     assert ch05.plot_depth_profile(profile, show=False) is not None
     plt.close("all")
