@@ -317,7 +317,8 @@ def chapter_header(notebook: str, record: Mapping[str, Any] | None, kind: str) -
         kind: the parameters the record is for: ``"default"`` or ``"small"``.
     """
     states = {"cold": "cold cache (models converted, states extracted)", "warm": "warm cache (all read back)"}
-    lines, models = [], []
+    lines: list[str] = []
+    models: list[str] = []
     for state, words in states.items():
         m = (record or {}).get(state)
         if not m:
