@@ -283,6 +283,7 @@ def test_every_page_loads_cleanly_and_every_figure_is_rendered(tab, site_url, sm
             if len(figures) != expected:
                 problems.append(f"{rel}: {len(figures)} figures shown, the executed notebook has {expected}")
             page.screenshot(path=str(SCREENSHOTS / f"{Path(rel).stem}.png"), full_page=True, timeout=120_000)
+            problems += _layout_problems(page, rel, wide=True)  # at 1280 px (test_chapter_pages_fit_... below)
     # every internal link names a page or file of the site, and its anchor exists on that page
     for rel, hrefs in links.items():
         for href in hrefs:
@@ -448,13 +449,14 @@ def _layout_problems(page, rel: str, wide: bool) -> list[str]:
     return problems
 
 
-def test_chapter_pages_fit_the_column_at_1280_px_and_on_a_phone(tab, browser, site_url, small_site):
-    """No code block or output wider than its column, no code line that scrolls at 1280 px, no figure shown below
-    two thirds of its drawn width at 1280 px, and no page wider than a phone's window."""
-    chapters = [f"_executed/{p.stem}.html" for p in runner.chapter_sources(ROOT)]
+def test_pages_fit_a_phone(browser, site_url, small_site):
+    """No page wider than a phone's window, and no block wider than its column there.
+
+    At 1280 px, :func:`test_every_page_loads_cleanly_and_every_figure_is_rendered` checks every chapter page with the
+    same function (:func:`_layout_problems`): no code block or output wider than its column, no code line that
+    scrolls, no figure shown below two thirds of its drawn width.
+    """
     problems = []
-    for rel in chapters:
-        problems += _layout_problems(tab.open(site_url + rel).page, rel, wide=True)
     phone = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True)
     phone.route("**/*", lambda r: r.continue_() if r.request.url.startswith(site_url) else r.abort())
     try:
