@@ -290,7 +290,7 @@ def default_models(source: Path) -> list[str]:
     except ImportError:
         return []
     values = {name: p.default for name, p in notebook_parameters(source).items()}
-    return [str(m) for m in getattr(module.Parameters(**values), "models", list)()]
+    return list(dict.fromkeys(str(m) for m in getattr(module.Parameters(**values), "models", list)()))
 
 
 def _timing_kind(small: bool, overrides: dict[str, Any]) -> str | None:

@@ -318,22 +318,20 @@ def chapter_header(notebook: str, record: Mapping[str, Any] | None, kind: str) -
         record: its timing record (``None``: none yet).
         kind: the parameters the record is for: ``"default"`` or ``"small"``.
     """
-    rows = ["| cache | time | peak memory | measured |", "|---|---:|---:|---|"]
+    states = {"cold": "cold cache (models converted, states extracted)", "warm": "warm cache (all read back)"}
+    lines: list[str] = []
     models: list[str] = []
-    for state in ("cold", "warm"):
+    for state, words in states.items():
         m = (record or {}).get(state)
         if not m:
-            rows.append(f"| {state} | {NOT_MEASURED} | {NOT_MEASURED} | |")
+            lines.append(f"- {words}: {NOT_MEASURED}")
             continue
         models = models or list(m.get("models") or [])
         memory = NOT_MEASURED if m.get("peak_memory_mib") is None else _memory(m["peak_memory_mib"])
-        rows.append(f"| {state} | {m['seconds']:.0f} s | {memory} | {_when(m)} |")
+        lines.append(f"- {words}: {m['seconds']:.0f} s, peak memory {memory} ({_when(m)})")
     loads = ", ".join(f"`{name}`" for name in models) if models else NOT_MEASURED
-    return (
-        f"**Cost of this chapter** with {KINDS[kind]}: wall-clock time of the whole notebook with a *cold* cache "
-        "(models converted, states extracted) and a *warm* one (read back), the peak memory of its kernel, and the "
-        f"models it loads: {loads}.\n\n" + "\n".join(rows)
-    )
+    head = f"**Cost of this chapter**, the whole notebook with {KINDS[kind]}. Models loaded: {loads}."
+    return head + "\n\n" + "\n".join(lines)
 
 
 def show_header(executed: Path, text: str) -> None:

@@ -23,8 +23,8 @@ from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
 import pytest
 
-from embgeo_utils.book import results, runner
-from embgeo_utils.chapters import claims
+from embgeo_utils.book import publish, results, runner
+from embgeo_utils.chapters import claims, interactive
 from embgeo_utils.core import stats
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,6 +152,31 @@ def test_chapter_pages_show_their_parameters_once_and_hide_the_parameter_cells(s
         assert html.count("Parameters of this run") == 1, stem
 
 
+_FIGURE = re.compile(
+    rf'<div class="{interactive.HTML_CLASS}"[^>]*>.*?<script type="application/json">(.*?)</script></div>', re.S
+)
+
+
+def test_interactive_figures_stay_within_the_page_budget_and_plotly_is_served_once_from_the_site(small_site):
+    copies = sorted(p.relative_to(small_site).as_posix() for p in small_site.rglob(publish.PLOTLY_JS))
+    assert copies == [f"_static/{publish.PLOTLY_JS}"], copies
+    with_figures = set()
+    for rel in site_pages(small_site):
+        html = (small_site / rel).read_text()
+        assert "plotly.js v" not in html, f"{rel} embeds plotly.js instead of linking the site's copy"
+        figures = _FIGURE.findall(html)
+        loads = re.findall(r'<script[^>]*src="([^"]*plotly\.min\.js[^"]*)"', html)
+        if not figures:
+            assert not loads, f"{rel} loads plotly.js without an interactive figure"
+            continue
+        with_figures.add(Path(rel).stem)
+        size = sum(len(f.encode()) for f in figures)
+        assert size <= interactive.PAGE_BUDGET, f"{rel}: {size:,} bytes of interactive figures"
+        relative = "../" * rel.count("/") + f"_static/{publish.PLOTLY_JS}"
+        assert [link.split("?")[0] for link in loads] == [relative], f"{rel} loads plotly.js as {loads}"
+    assert {"01_global_orientation", "04_layerwise_geometry", "05_sae_feature_matching"} <= with_figures
+
+
 # -- in a real browser ---------------------------------------------------------------------------
 
 
@@ -258,6 +283,7 @@ def test_every_page_loads_cleanly_and_every_figure_is_rendered(tab, site_url, sm
             if len(figures) != expected:
                 problems.append(f"{rel}: {len(figures)} figures shown, the executed notebook has {expected}")
             page.screenshot(path=str(SCREENSHOTS / f"{Path(rel).stem}.png"), full_page=True, timeout=120_000)
+            problems += _layout_problems(page, rel, wide=True)  # at 1280 px (test_chapter_pages_fit_... below)
     # every internal link names a page or file of the site, and its anchor exists on that page
     for rel, hrefs in links.items():
         for href in hrefs:
@@ -351,3 +377,94 @@ def test_site_opens_from_disk(browser, small_site):
         assert not problems, "\n".join(problems[:20])
     finally:
         context.close()
+
+
+def test_interactive_figures_draw_show_values_on_hover_and_load_nothing_from_outside(tab, site_url):
+    page = tab.open(site_url + "_executed/01_global_orientation.html").page
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.embgeo-plotly')].every(e => e.classList.contains('embgeo-drawn'))",
+        timeout=60_000,
+    )
+    state = page.evaluate(
+        """() => ({
+          figures: document.querySelectorAll('.embgeo-plotly').length,
+          graphs: document.querySelectorAll('.embgeo-plotly .main-svg').length,
+          twins: [...document.querySelectorAll('img.embgeo-static')].map(i => getComputedStyle(i).display),
+          notes: [...document.querySelectorAll('.embgeo-plotly-note')].filter(n => n.offsetParent).length,
+        })"""
+    )
+    assert state["figures"] == 3 and state["graphs"] >= 3, state  # the pair heatmaps, the scatter, the layer map
+    assert state["twins"] == ["none"] * 3 and state["notes"] == 0, state  # each static image kept for print only
+    layer_map = page.locator(f".{interactive.HTML_CLASS}[data-kind='heatmap'] .nsewdrag").last
+    layer_map.scroll_into_view_if_needed()
+    box = layer_map.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector(".hoverlayer .hovertext", state="attached", timeout=10_000)
+    tooltip = page.text_content(".hoverlayer .hovertext") or ""
+    assert re.search(r"layer \d+.*layer \d+.*r = -?\d\.\d{3}", tooltip), tooltip
+    page.emulate_media(media="print")
+    shown = page.evaluate("() => [...document.querySelectorAll('img.embgeo-static')].map(i => i.offsetWidth > 0)")
+    page.emulate_media(media="screen")
+    assert shown == [True] * 3, "in print the static images are shown"
+    assert not tab.problems, tab.problems
+    assert not tab.page.context.external, f"the page loads from outside: {sorted(set(tab.page.context.external))}"
+
+
+_LAYOUT = """(wide) => {
+  // open what a reader can open: collapsed code (hide-input) and the solutions' dropdowns
+  document.querySelectorAll('details').forEach(d => { d.open = true; });
+  document.querySelectorAll('.toggle-hidden').forEach(e => e.classList.remove('toggle-hidden'));
+  const article = document.querySelector('article.bd-article') || document.querySelector('article');
+  const box = article.getBoundingClientRect();
+  const root = document.scrollingElement;
+  const out = {page: [root.scrollWidth, root.clientWidth], overflow: [], scrolls: [], shrunk: []};
+  const shown = el => { const r = el.getBoundingClientRect(); return r.width > 0 && r.height > 0 ? r : null; };
+  for (const el of article.querySelectorAll('.cell_input, .cell_output, .cell_output > .output, .embgeo-plotly')) {
+    const r = shown(el);
+    if (r && (r.right > box.right + 1 || r.left < box.left - 1)) out.overflow.push(`${el.className}: ${Math.round(r.width)} px`);
+  }
+  if (!wide) return out;
+  for (const pre of article.querySelectorAll('.cell_input pre')) {
+    if (shown(pre) && pre.scrollWidth > pre.clientWidth + 1) {
+      const longest = pre.textContent.split('\\n').reduce((a, b) => (b.length > a.length ? b : a), '');
+      out.scrolls.push(`${longest.length} characters: ${longest}`);
+    }
+  }
+  for (const img of article.querySelectorAll('.cell_output img')) {
+    const r = shown(img);
+    if (r && r.width < (2 / 3) * img.naturalWidth) out.shrunk.push(`${img.getAttribute('src')}: ${Math.round(r.width)} of ${img.naturalWidth} px`);
+  }
+  return out;
+}"""
+
+
+def _layout_problems(page, rel: str, wide: bool) -> list[str]:
+    found = page.evaluate(_LAYOUT, wide)
+    problems = [f"{rel}: the page is {found['page'][0]} px wide in a {found['page'][1]} px window"] * (
+        found["page"][0] > found["page"][1]
+    )
+    problems += [f"{rel}: wider than the column: {item}" for item in found["overflow"]]
+    problems += [f"{rel}: a code line does not fit the column: {item}" for item in found["scrolls"]]
+    problems += [f"{rel}: a figure shown below two thirds of its drawn width: {item}" for item in found["shrunk"]]
+    return problems
+
+
+def test_pages_fit_a_phone(browser, site_url, small_site):
+    """No page wider than a phone's window, and no block wider than its column there.
+
+    At 1280 px, :func:`test_every_page_loads_cleanly_and_every_figure_is_rendered` checks every chapter page with the
+    same function (:func:`_layout_problems`): no code block or output wider than its column, no code line that
+    scrolls, no figure shown below two thirds of its drawn width.
+    """
+    problems = []
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True)
+    phone.route("**/*", lambda r: r.continue_() if r.request.url.startswith(site_url) else r.abort())
+    try:
+        visit = Visit(phone, site_url)
+        for rel in site_pages(small_site):
+            if rel in ("genindex.html", "search.html"):
+                continue
+            problems += _layout_problems(visit.open(site_url + rel).page, f"{rel} (phone)", wide=False)
+    finally:
+        phone.close()
+    assert not problems, "\n".join(problems[:40])
