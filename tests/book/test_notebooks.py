@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import nbformat
 import pytest
 import yaml
 
@@ -23,6 +25,17 @@ def test_sources_are_clean_and_parameterized(path):
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "strip outputs"
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_sources_are_valid_nbformat_4_5_with_unique_cell_ids(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cell without an id is a MissingIDFieldWarning
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    assert (nb.nbformat, nb.nbformat_minor) >= (4, 5)
+    ids = [cell.id for cell in nb.cells]
+    assert len(set(ids)) == len(ids), f"{path.name}: repeated cell ids"
 
 
 def test_small_parameters_name_real_notebooks_and_parameters():
