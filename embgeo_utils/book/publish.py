@@ -13,26 +13,34 @@ folder and names a file that exists. Such a folder works when served from a
 sub-path (``https://<user>.github.io/<repo>/``) and when opened from disk.
 ``python -m embgeo_utils.book.publish`` does this for ``make site``.
 
-The module is also a Sphinx extension (``_config.yml`` lists it): Sphinx 7.4 writes
-an inline script that an extension adds after the builder started twice (once with
-file name ``None``, once with ``""``), and sphinx-thebe's ``const THEBE_JS_URL``
-then throws "already been declared" in every browser console. Each page keeps the
-first copy of such a script.
+The module is also a Sphinx extension (``_config.yml`` lists it):
+
+- Sphinx 7.4 writes an inline script that an extension adds after the builder started
+  twice (once with file name ``None``, once with ``""``), and sphinx-thebe's ``const
+  THEBE_JS_URL`` then throws "already been declared" in every browser console. Each
+  page keeps the first copy of such a script.
+- The theme's launch buttons (Colab, Binder) would open ``_executed/NN_name.ipynb``,
+  which is not in the repository: on a chapter page they open the source,
+  ``notebooks/NN_name.ipynb`` (:func:`embgeo_utils.book.launch.launch_links`); other
+  pages (the ledger, which reads this build's records) get none.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
+from . import launch
 from .results import results_dir
 from ..core.errors import EmbgeoInputError, SiteError
 
 __all__ = [
+    "HOSTING_NOTE_TAG",
     "PARAMETERS_TABLE_TAG",
     "TABLE_ROWS",
     "check_site",
@@ -53,7 +61,17 @@ TABLE_ROWS = 20
 PARAMETERS_TABLE_TAG = "parameters-as-run"
 
 
+#: Tag of the markdown cell that says where a chapter fits on Colab and Binder (:func:`launch.hosting_note`).
+HOSTING_NOTE_TAG = "hosting-note"
+
+
 _HIDDEN = ("parameters", "injected-parameters")
+
+
+_CHAPTER_PAGE = re.compile(r"^_executed/(\d\d_\w+)$")
+
+
+_LAUNCH_TEXT = {"Colab": "Open in Colab", "Binder": "Launch Binder"}
 
 
 _NOT_PAGES = ("_static", "_sources")  # theme templates and page sources, not pages
@@ -138,19 +156,23 @@ def parameters_table(source: str | Path, overrides: dict[str, Any] | None = None
     return lead + "\n\n" + "\n".join(lines)
 
 
-def show_parameters(executed: str | Path, source: str | Path, overrides: dict[str, Any] | None = None) -> None:
+def show_parameters(
+    executed: str | Path, source: str | Path, overrides: dict[str, Any] | None = None, note: str | None = None
+) -> None:
     """Hide the parameter cells of an executed notebook in the HTML and show the run's parameters once.
 
     The cell tagged ``parameters`` and papermill's ``injected-parameters`` cell get
     Jupyter Book's ``remove-cell`` tag; a markdown cell tagged
-    :data:`PARAMETERS_TABLE_TAG` with :func:`parameters_table` follows them
-    (replaced, not repeated, when the notebook is processed again).
+    :data:`PARAMETERS_TABLE_TAG` with :func:`parameters_table` follows them, then,
+    when ``note`` is given, a markdown cell tagged :data:`HOSTING_NOTE_TAG` with it
+    (both replaced, not repeated, when the notebook is processed again).
     """
     import nbformat
 
     path = Path(executed)
     nb = nbformat.read(path, as_version=4)
-    cells = [c for c in nb.cells if PARAMETERS_TABLE_TAG not in c.get("metadata", {}).get("tags", [])]
+    ours = (PARAMETERS_TABLE_TAG, HOSTING_NOTE_TAG)
+    cells = [c for c in nb.cells if not set(ours) & set(c.get("metadata", {}).get("tags", []))]
     last = None
     for i, cell in enumerate(cells):
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
@@ -159,9 +181,12 @@ def show_parameters(executed: str | Path, source: str | Path, overrides: dict[st
                 tags.append("remove-cell")
             last = i
     if last is not None:
-        table = nbformat.v4.new_markdown_cell(parameters_table(source, overrides))
-        table.metadata["tags"] = [PARAMETERS_TABLE_TAG]
-        cells.insert(last + 1, table)
+        added = [(PARAMETERS_TABLE_TAG, parameters_table(source, overrides))]
+        added += [(HOSTING_NOTE_TAG, note)] if note else []
+        for offset, (tag, text) in enumerate(added, start=1):
+            cell = nbformat.v4.new_markdown_cell(text)
+            cell.metadata["tags"] = [tag]
+            cells.insert(last + offset, cell)
     nb.cells = cells
     nbformat.write(nb, path)
 
@@ -259,9 +284,41 @@ def _drop_repeated_scripts(app: Any, pagename: str, templatename: str, context: 
         context["script_files"] = kept
 
 
+def _launch_buttons(app: Any, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
+    """``html-page-context`` handler, after the theme's: a chapter's launch buttons open its source notebook.
+
+    The theme builds its links from the page's path (``_executed/NN_name.ipynb``, not in the repository); on a
+    chapter page each becomes :func:`launch.launch_links`' link to ``notebooks/NN_name.ipynb``, and on any other
+    page the launch menu is dropped. Without ``launch_buttons`` in the configuration there is no menu to change.
+    """
+    buttons = context.get("header_buttons") or []
+    group = next((b for b in buttons if isinstance(b, dict) and b.get("label") == "launch-buttons"), None)
+    if group is None:
+        return
+    chapter = _CHAPTER_PAGE.match(pagename)
+    if not chapter:
+        buttons.remove(group)
+        return
+    options = app.config.html_theme_options
+    repo = launch.parse_repository(options.get("repository_url", ""), options.get("repository_branch", ""))
+    providers = options.get("launch_buttons", {})
+    links = launch.launch_links(
+        repo,
+        f"notebooks/{chapter.group(1)}.ipynb",
+        binderhub=providers.get("binderhub_url") or "https://mybinder.org",
+        colab=providers.get("colab_url") or "https://colab.research.google.com",
+    )
+    kept = [b for b in group.get("buttons", []) if b.get("text") in links]
+    for button in kept:
+        button["url"] = links[button["text"]]
+        button["text"] = _LAUNCH_TEXT[button["text"]]
+    group["buttons"] = kept
+
+
 def setup(app: Any) -> dict[str, Any]:
-    """Sphinx entry point (the book's ``_config.yml``): drop repeated inline scripts from every page."""
+    """Sphinx entry point (the book's ``_config.yml``): the fixes and links of every page (module docstring)."""
     app.connect("html-page-context", _drop_repeated_scripts)
+    app.connect("html-page-context", _launch_buttons, priority=502)  # the theme adds its buttons at 501
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 

@@ -23,10 +23,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
-import yaml
+from . import launch
 from . import publish
 from . import timings
-from .parameters import check_overrides
+from .parameters import chapter_sources, check_overrides, small_parameters
 from ..core.progress import LOG, show_messages
 from ..core.errors import ParameterError
 from ..lm.models import check_name
@@ -74,22 +74,6 @@ MODEL_PARAMETERS = (
 )
 
 
-def chapter_sources(root: str | Path = ".") -> list[Path]:
-    """Chapter notebooks in book order (their file names start with the chapter number)."""
-    folder = Path(root) / "notebooks"
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"No notebooks/ folder under {Path(root).resolve()}; run from the repository root or pass --root."
-        )
-    return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
-
-
-def small_parameters(root: str | Path = ".") -> dict[str, dict[str, Any]]:
-    """Small parameters per chapter stem, from ``notebooks/params_small.yml``."""
-    path = Path(root) / "notebooks" / "params_small.yml"
-    return yaml.safe_load(path.read_text()) or {}
-
-
 def cell_timeout() -> int | None:
     """Seconds one notebook cell may run: ``EMBGEO_CELL_TIMEOUT`` when set (``0``: no limit), else no limit.
 
@@ -111,7 +95,8 @@ def execute(
 
     The parameters are checked against the notebook's declarations first, so an unknown name, a wrong type or a
     value out of range fails before a kernel starts. The executed copy shows its parameters once, as a table
-    (:func:`publish.show_parameters`). ``timeout`` bounds each cell in seconds (default :func:`cell_timeout`).
+    (:func:`publish.show_parameters`), followed for a chapter by where it fits on Colab and Binder
+    (:func:`launch.hosting_note`). ``timeout`` bounds each cell in seconds (default :func:`cell_timeout`).
 
     Raises:
         ParameterError: a parameter that the notebook does not declare or whose value it does not allow.
@@ -133,7 +118,7 @@ def execute(
         progress_bar=False,
         log_output=False,
     )
-    publish.show_parameters(target, source, parameters)
+    publish.show_parameters(target, source, parameters, note=launch.hosting_note(source.stem, source.parent.parent))
     return target, time.perf_counter() - start
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "CorpusError",
     "EmbgeoError",
     "EmbgeoInputError",
+    "InstallError",
     "ModelNotInstalledError",
     "ParameterError",
     "PromptTooShortError",
@@ -49,6 +50,10 @@ class PromptTooShortError(EmbgeoError, ValueError):
 
 class UnknownModelError(EmbgeoError, ValueError):
     """The name is neither a packaged model nor a loadable Hugging Face id or path."""
+
+
+class InstallError(EmbgeoError, RuntimeError):
+    """An installation on a hosted kernel (Colab, Binder) left something missing; the message names it."""
 
 
 class ModelNotInstalledError(EmbgeoError, ImportError):

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
 import pytest
 
-from embgeo_utils.book import results, runner
+from embgeo_utils.book import launch, results, runner
 from embgeo_utils.chapters import claims
 from embgeo_utils.core import stats
 
@@ -150,6 +150,19 @@ def test_chapter_pages_show_their_parameters_once_and_hide_the_parameter_cells(s
         html = _get(f"{site_url}_executed/{stem}.html")[1].decode()
         assert "tag_parameters" not in html and "tag_injected-parameters" not in html, stem  # Jupyter Book tag classes
         assert html.count("Parameters of this run") == 1, stem
+
+
+def test_chapter_pages_launch_their_source_notebook_on_colab_and_binder(small_site):
+    repo = launch.repository(ROOT)
+    for stem in [p.stem for p in runner.chapter_sources(ROOT)]:
+        page = (small_site / "_executed" / f"{stem}.html").read_text()
+        links = launch.launch_links(repo, f"notebooks/{stem}.ipynb")
+        assert all(f'href="{url}"' in page for url in links.values()), stem
+        assert "Open in Colab" in page and "Launch Binder" in page, stem
+        assert f"_executed/{stem}.ipynb" not in page.replace(f"_sources/_executed/{stem}.ipynb", ""), stem
+        assert page.count("**On Colab or Binder.**") == 0 and page.count("On Colab or Binder.") == 1, stem
+    ledger = (small_site / "_executed" / "ledger.html").read_text()
+    assert "mybinder.org" not in ledger and "colab.research.google.com" not in ledger
 
 
 # -- in a real browser ---------------------------------------------------------------------------
