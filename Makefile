@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: book test test-fast lint install models models-book models-all html site lab bench clean
+.PHONY: book book-student test test-fast lint install models models-book models-all html site lab bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ book: models-book
 
 html:
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+## The student edition: the executed book (make book first) with every solution removed, in _build/student/html;
+## nothing is executed again. The chapters' notebooks without solutions go to _build/student/notebooks.
+book-student: install
+	$(PY) -m embgeo_utils.book.student --executed $(OUT) --out _build/student
 
 ## The built HTML as a self-contained static site (.nojekyll, relative links checked): publish $(SITE)/ anywhere.
 site: install html

@@ -23,6 +23,8 @@ The module is also a Sphinx extension (``_config.yml`` lists it):
   which is not in the repository: on a chapter page they open the source,
   ``notebooks/NN_name.ipynb`` (:func:`embgeo_utils.book.launch.launch_links`); other
   pages (the ledger, which reads this build's records) get none.
+- ``embgeo_edition`` (``full`` or ``student``, set by :mod:`embgeo_utils.book.student`)
+  becomes a Sphinx tag, so a page can say ``{only} student``.
 """
 
 from __future__ import annotations
@@ -315,8 +317,18 @@ def _launch_buttons(app: Any, pagename: str, templatename: str, context: dict[st
     group["buttons"] = kept
 
 
+def _edition_tag(app: Any, config: Any) -> None:
+    """``config-inited`` handler: the ``embgeo_edition`` (``full`` or ``student``) becomes a Sphinx tag."""
+    edition = str(config.embgeo_edition)
+    if edition not in ("full", "student"):
+        raise SiteError(f"embgeo_edition must be 'full' or 'student', got {edition!r}.")
+    app.tags.add(edition)
+
+
 def setup(app: Any) -> dict[str, Any]:
     """Sphinx entry point (the book's ``_config.yml``): the fixes and links of every page (module docstring)."""
+    app.add_config_value("embgeo_edition", "full", "env")
+    app.connect("config-inited", _edition_tag)
     app.connect("html-page-context", _drop_repeated_scripts)
     app.connect("html-page-context", _launch_buttons, priority=502)  # the theme adds its buttons at 501
     return {"parallel_read_safe": True, "parallel_write_safe": True}
