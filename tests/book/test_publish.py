@@ -303,3 +303,44 @@ def test_binder_installs_cpu_torch_the_project_and_the_books_models():
     env = yaml.safe_load((ROOT / "binder" / "environment.yml").read_text())
     assert "python=3.11" in env["dependencies"] and "pip" in env["dependencies"]
 
+
+# -- the Pages workflow as a GitHub runner runs it -------------------------------------------------
+
+#: Cache kinds the workflow leaves out besides the converted models: hidden states, GBs and minutes to recompute.
+HIDDEN_STATES = {"activations", "sae_float32_states", "steering_states"}
+
+
+def _make_install_torch(tmp_path: Path, **env: str) -> str:
+    """The line ``make install`` would run to install torch, for a fresh virtual environment (a dry run)."""
+    done = subprocess.run(
+        ["make", "-n", "-B", f"VENV={tmp_path / 'venv'}", "install"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return next(line for line in done.stdout.splitlines() if "pip install" in line and "torch" in line)
+
+
+def test_the_workflow_installs_the_cpu_build_of_torch(tmp_path):
+    build = yaml.safe_load(WORKFLOW.read_text())["jobs"]["build"]
+    assert build["env"]["TORCH_INDEX"] == hosted.CPU_INDEX == "https://download.pytorch.org/whl/cpu"
+    line = _make_install_torch(tmp_path, TORCH_INDEX=build["env"]["TORCH_INDEX"])
+    assert line.endswith(f"pip install '{hosted.TORCH}' --index-url '{hosted.CPU_INDEX}'"), line
+    assert _make_install_torch(tmp_path, TORCH_INDEX="").endswith(f"pip install '{hosted.TORCH}'")
+    with_options = _make_install_torch(tmp_path, TORCH=f"{hosted.TORCH} --index-url {hosted.CPU_INDEX}", TORCH_INDEX="")
+    assert with_options.endswith(f"'{hosted.TORCH}' '--index-url' '{hosted.CPU_INDEX}'"), with_options
+
+
+def test_the_workflow_caches_results_but_not_converted_models_or_hidden_states():
+    steps = yaml.safe_load(WORKFLOW.read_text())["jobs"]["build"]["steps"]
+    caches = [s for s in steps if s.get("uses", "").startswith("actions/cache")]
+    paths = [p.strip() for s in caches for p in s["with"]["path"].splitlines() if p.strip()]
+    assert not [p for p in paths if p.rstrip("/") in ("~/.cache", "~/.cache/embgeo") or p.startswith("!")]
+    assert not [p for p in paths if re.match(r"~/\.cache/embgeo/(models|gguf)(/|$)", p)], paths
+    source = "\n".join(p.read_text() for p in (ROOT / "embgeo_utils").rglob("*.py"))
+    kinds = set(re.findall(r'@cached\(\s*"(\w+)"', source))
+    kept = {p.removeprefix("~/.cache/embgeo/") for p in paths if p.startswith("~/.cache/embgeo/")}
+    assert kept <= kinds and kinds - kept == HIDDEN_STATES, f"add a new cache kind to the workflow: {kinds - kept}"
+    results = next(s for s in caches if "~/.cache/embgeo/sae" in s["with"]["path"])
+    assert results["if"] == "steps.executed.outputs.cache-hit != 'true'"  # restored only when the chapters run
+    header = WORKFLOW.read_text().split("\nname:")[0]
+    assert all(word in header for word in ("10 GB", "GB, measured", "estimated", "models and gguf"))
