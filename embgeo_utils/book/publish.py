@@ -15,33 +15,43 @@ folder and names a file that exists. Such a folder works when served from a
 sub-path (``https://<user>.github.io/<repo>/``) and when opened from disk.
 ``python -m embgeo_utils.book.publish`` does this for ``make site``.
 
-The module is also a Sphinx extension (``_config.yml`` lists it). It adds the book's
-stylesheet (``static/embgeo.css``: wide tables scroll inside their frame, code and
-outputs never widen the page, the static twin of an interactive figure is kept for
-print) to every page, and plotly.js with the script that draws the interactive
-figures (:mod:`embgeo_utils.chapters.interactive`) to the pages that hold one. plotly.js
-is copied once into the site's ``_static`` folder from the installed plotly package
-and linked relatively: nothing is loaded from outside the site. It also works around
-Sphinx 7.4 writing an inline script that an extension adds after the builder started
-twice (once with file name ``None``, once with ``""``): sphinx-thebe's
-``const THEBE_JS_URL`` then throws "already been declared" in every browser console.
-Each page keeps the first copy of such a script.
+The module is also a Sphinx extension (``_config.yml`` lists it):
+
+- It adds the book's stylesheet (``static/embgeo.css``: wide tables scroll inside their
+  frame, code and outputs never widen the page, the static twin of an interactive figure
+  is kept for print) to every page, and plotly.js with the script that draws the
+  interactive figures (:mod:`embgeo_utils.chapters.interactive`) to the pages that hold
+  one. plotly.js is copied once into the site's ``_static`` folder from the installed
+  plotly package and linked relatively: nothing is loaded from outside the site.
+- Sphinx 7.4 writes an inline script that an extension adds after the builder started
+  twice (once with file name ``None``, once with ``""``), and sphinx-thebe's ``const
+  THEBE_JS_URL`` then throws "already been declared" in every browser console. Each
+  page keeps the first copy of such a script.
+- The theme's launch buttons (Colab, Binder) would open ``_executed/NN_name.ipynb``,
+  which is not in the repository: on a chapter page they open the source,
+  ``notebooks/NN_name.ipynb`` (:func:`embgeo_utils.book.launch.launch_links`); other
+  pages (the ledger, which reads this build's records) get none.
+- ``embgeo_edition`` (``full`` or ``student``, set by :mod:`embgeo_utils.book.student`)
+  becomes a Sphinx tag, so a page can say ``{only} student``.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
+from . import launch
 from .results import results_dir
 from ..chapters.interactive import HTML_CLASS
 from ..core.errors import EmbgeoInputError, MissingDependencyError, SiteError
 
 __all__ = [
+    "HOSTING_NOTE_TAG",
     "PARAMETERS_TABLE_TAG",
     "PLOTLY_JS",
     "STATIC",
@@ -67,6 +77,10 @@ TABLE_ROWS = 20
 PARAMETERS_TABLE_TAG = "parameters-as-run"
 
 
+#: Tag of the markdown cell that says where a chapter fits on Colab and Binder (:func:`launch.hosting_note`).
+HOSTING_NOTE_TAG = "hosting-note"
+
+
 _HIDDEN = ("parameters", "injected-parameters")
 
 
@@ -76,6 +90,10 @@ STATIC = Path(__file__).with_name("static")
 
 #: The name of plotly.js in the site's ``_static`` folder (one copy, linked from the pages with interactive figures).
 PLOTLY_JS = "plotly.min.js"
+_CHAPTER_PAGE = re.compile(r"^_executed/(\d\d_\w+)$")
+
+
+_LAUNCH_TEXT = {"Colab": "Open in Colab", "Binder": "Launch Binder"}
 
 
 _NOT_PAGES = ("_static", "_sources")  # theme templates and page sources, not pages
@@ -160,19 +178,23 @@ def parameters_table(source: str | Path, overrides: dict[str, Any] | None = None
     return lead + "\n\n" + "\n".join(lines)
 
 
-def show_parameters(executed: str | Path, source: str | Path, overrides: dict[str, Any] | None = None) -> None:
+def show_parameters(
+    executed: str | Path, source: str | Path, overrides: dict[str, Any] | None = None, note: str | None = None
+) -> None:
     """Hide the parameter cells of an executed notebook in the HTML and show the run's parameters once.
 
     The cell tagged ``parameters`` and papermill's ``injected-parameters`` cell get
     Jupyter Book's ``remove-cell`` tag; a markdown cell tagged
-    :data:`PARAMETERS_TABLE_TAG` with :func:`parameters_table` follows them
-    (replaced, not repeated, when the notebook is processed again).
+    :data:`PARAMETERS_TABLE_TAG` with :func:`parameters_table` follows them, then,
+    when ``note`` is given, a markdown cell tagged :data:`HOSTING_NOTE_TAG` with it
+    (both replaced, not repeated, when the notebook is processed again).
     """
     import nbformat
 
     path = Path(executed)
     nb = nbformat.read(path, as_version=4)
-    cells = [c for c in nb.cells if PARAMETERS_TABLE_TAG not in c.get("metadata", {}).get("tags", [])]
+    ours = (PARAMETERS_TABLE_TAG, HOSTING_NOTE_TAG)
+    cells = [c for c in nb.cells if not set(ours) & set(c.get("metadata", {}).get("tags", []))]
     last = None
     for i, cell in enumerate(cells):
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
@@ -181,9 +203,12 @@ def show_parameters(executed: str | Path, source: str | Path, overrides: dict[st
                 tags.append("remove-cell")
             last = i
     if last is not None:
-        table = nbformat.v4.new_markdown_cell(parameters_table(source, overrides))
-        table.metadata["tags"] = [PARAMETERS_TABLE_TAG]
-        cells.insert(last + 1, table)
+        added = [(PARAMETERS_TABLE_TAG, parameters_table(source, overrides))]
+        added += [(HOSTING_NOTE_TAG, note)] if note else []
+        for offset, (tag, text) in enumerate(added, start=1):
+            cell = nbformat.v4.new_markdown_cell(text)
+            cell.metadata["tags"] = [tag]
+            cells.insert(last + offset, cell)
     nb.cells = cells
     nbformat.write(nb, path)
 
@@ -364,11 +389,53 @@ def _drop_repeated_scripts(context: dict[str, Any]) -> None:
         context["script_files"] = kept
 
 
+def _launch_buttons(app: Any, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
+    """``html-page-context`` handler, after the theme's: a chapter's launch buttons open its source notebook.
+
+    The theme builds its links from the page's path (``_executed/NN_name.ipynb``, not in the repository); on a
+    chapter page each becomes :func:`launch.launch_links`' link to ``notebooks/NN_name.ipynb``, and on any other
+    page the launch menu is dropped. Without ``launch_buttons`` in the configuration there is no menu to change.
+    """
+    buttons = context.get("header_buttons") or []
+    group = next((b for b in buttons if isinstance(b, dict) and b.get("label") == "launch-buttons"), None)
+    if group is None:
+        return
+    chapter = _CHAPTER_PAGE.match(pagename)
+    if not chapter:
+        buttons.remove(group)
+        return
+    options = app.config.html_theme_options
+    repo = launch.parse_repository(options.get("repository_url", ""), options.get("repository_branch", ""))
+    providers = options.get("launch_buttons", {})
+    links = launch.launch_links(
+        repo,
+        f"notebooks/{chapter.group(1)}.ipynb",
+        binderhub=providers.get("binderhub_url") or "https://mybinder.org",
+        colab=providers.get("colab_url") or "https://colab.research.google.com",
+    )
+    kept = [b for b in group.get("buttons", []) if b.get("text") in links]
+    for button in kept:
+        button["url"] = links[button["text"]]
+        button["text"] = _LAUNCH_TEXT[button["text"]]
+    group["buttons"] = kept
+
+
+def _edition_tag(app: Any, config: Any) -> None:
+    """``config-inited`` handler: the ``embgeo_edition`` (``full`` or ``student``) becomes a Sphinx tag."""
+    edition = str(config.embgeo_edition)
+    if edition not in ("full", "student"):
+        raise SiteError(f"embgeo_edition must be 'full' or 'student', got {edition!r}.")
+    app.tags.add(edition)
+
+
 def setup(app: Any) -> dict[str, Any]:
-    """Sphinx entry point (the book's ``_config.yml``): the book's stylesheet, plotly.js where needed, no repeats."""
+    """Sphinx entry point (the book's ``_config.yml``): the fixes, assets and links of every page (module docstring)."""
+    app.add_config_value("embgeo_edition", "full", "env")
+    app.connect("config-inited", _edition_tag)
     app.connect("config-inited", _static_folders)
     app.add_css_file("embgeo.css")
     app.connect("html-page-context", _page_assets)
+    app.connect("html-page-context", _launch_buttons, priority=502)  # the theme adds its buttons at 501
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 

@@ -29,10 +29,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
-import yaml
+from . import launch
 from . import publish
 from . import timings
-from .parameters import check_overrides, notebook_parameters
+from .parameters import chapter_sources, check_overrides, notebook_parameters, small_parameters
 from ..core.progress import LOG, show_messages
 from ..core.errors import ParameterError
 from ..lm.models import REGISTRY, check_name
@@ -100,22 +100,6 @@ def absolute_model_paths(params: dict[str, Any]) -> dict[str, Any]:
     return {key: fix(value) if key in MODEL_PARAMETERS else value for key, value in params.items()}
 
 
-def chapter_sources(root: str | Path = ".") -> list[Path]:
-    """Chapter notebooks in book order (their file names start with the chapter number)."""
-    folder = Path(root) / "notebooks"
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"No notebooks/ folder under {Path(root).resolve()}; run from the repository root or pass --root."
-        )
-    return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
-
-
-def small_parameters(root: str | Path = ".") -> dict[str, dict[str, Any]]:
-    """Small parameters per chapter stem, from ``notebooks/params_small.yml``."""
-    path = Path(root) / "notebooks" / "params_small.yml"
-    return yaml.safe_load(path.read_text()) or {}
-
-
 def cell_timeout() -> int | None:
     """Seconds one notebook cell may run: ``EMBGEO_CELL_TIMEOUT`` when set (``0``: no limit), else no limit.
 
@@ -137,7 +121,8 @@ def execute(
 
     The parameters are checked against the notebook's declarations first, so an unknown name, a wrong type or a
     value out of range fails before a kernel starts. The executed copy shows its parameters once, as a table
-    (:func:`publish.show_parameters`), and the code of its plumbing cells collapsed (:func:`publish.hide_plumbing`).
+    (:func:`publish.show_parameters`) followed for a chapter by where it fits on Colab and Binder
+    (:func:`launch.hosting_note`), and the code of its plumbing cells collapsed (:func:`publish.hide_plumbing`).
     ``timeout`` bounds each cell in seconds (default :func:`cell_timeout`).
 
     Raises:
@@ -193,7 +178,7 @@ def measure(
     finally:
         if target.is_file():
             measured["peak_memory_mib"] = _take_probe(target, source)
-    publish.show_parameters(target, source, parameters)
+    publish.show_parameters(target, source, parameters, note=launch.hosting_note(source.stem, source.parent.parent))
     publish.hide_plumbing(target)
     return target
 
@@ -391,7 +376,6 @@ def _check_model_names(plans: list[dict[str, Any]]) -> None:
             items = [value] if isinstance(value, str) else list(value or [])
             names += [n for item in items for n in (item if isinstance(item, (list, tuple)) else [item])]
     if names:
-
         for name in dict.fromkeys(names):
             check_name(name)
 

@@ -14,6 +14,7 @@ __all__ = [
     "CorpusError",
     "EmbgeoError",
     "EmbgeoInputError",
+    "InstallError",
     "MissingDependencyError",
     "ModelNotInstalledError",
     "ParameterError",
@@ -50,6 +51,10 @@ class PromptTooShortError(EmbgeoError, ValueError):
 
 class UnknownModelError(EmbgeoError, ValueError):
     """The name is neither a packaged model nor a loadable Hugging Face id or path."""
+
+
+class InstallError(EmbgeoError, RuntimeError):
+    """An installation on a hosted kernel (Colab, Binder) left something missing; the message names it."""
 
 
 class ModelNotInstalledError(EmbgeoError, ImportError):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 
+import nbformat
 import pytest
 import yaml
 
@@ -23,6 +26,48 @@ def test_sources_are_clean_and_parameterized(path):
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "strip outputs"
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_sources_are_valid_nbformat_4_5_with_unique_cell_ids(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cell without an id is a MissingIDFieldWarning
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    assert (nb.nbformat, nb.nbformat_minor) >= (4, 5)
+    ids = [cell.id for cell in nb.cells]
+    assert len(set(ids)) == len(ids), f"{path.name}: repeated cell ids"
+
+
+#: The papers whose claims each chapter tests, by arXiv id (chapter 0 tests none).
+REPRODUCES = {
+    "00": [],
+    "01": ["2503.21073"],
+    "02": ["2503.21073"],
+    "03": ["2503.21073"],
+    "04": ["2501.10573"],
+    "05": ["2507.22918", "2410.06981"],
+    "06": ["2503.21073"],
+}
+
+
+def _entries(markdown: str) -> list[str]:
+    """The list items of a markdown text, each on one line."""
+    items = re.split(r"^- ", markdown, flags=re.M)[1:]
+    return [" ".join(item.split()) for item in items]
+
+
+@pytest.mark.parametrize("path", runner.chapter_sources(ROOT), ids=lambda p: p.stem)
+def test_each_chapter_ends_with_the_references_it_uses_first_the_papers_it_tests(path):
+    last = json.loads(path.read_text())["cells"][-1]
+    text = "".join(last["source"])
+    assert last["cell_type"] == "markdown" and text.startswith("## References\n")
+    entries = _entries(text)
+    papers = REPRODUCES[path.stem[:2]]
+    assert [any(f"arXiv:{p}" in e for p in papers) for e in entries[: len(papers)]] == [True] * len(papers)
+    assert "<../book/references>" in text
+    book = _entries((ROOT / "book" / "references.md").read_text())
+    assert [e for e in entries if e not in book] == [], "each entry as book/references.md gives it"
 
 
 def test_small_parameters_name_real_notebooks_and_parameters():

@@ -23,7 +23,7 @@ import yaml
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from embgeo_utils.book import publish
+from embgeo_utils.book import hosted, launch, publish
 from embgeo_utils.core.errors import EmbgeoInputError, SiteError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,12 +54,24 @@ def test_show_parameters_hides_both_parameter_cells_and_adds_one_table(tmp_path)
         publish.show_parameters(path, CHAPTER, {"n_passages": 4})
     cells = nbformat.read(path, as_version=4).cells
     tags = [c.metadata.get("tags", []) for c in cells]
-    hidden = [i for i, t in enumerate(tags) if "remove-cell" in t]
+    hidden = [i for i, t in enumerate(tags) if "remove-cell" in t and launch.SETUP_TAG not in t]
     assert [("parameters" in tags[i]) or ("injected-parameters" in tags[i]) for i in hidden] == [True, True]
     tables = [i for i, t in enumerate(tags) if publish.PARAMETERS_TABLE_TAG in t]
     assert tables == [hidden[-1] + 1]
     assert cells[tables[0]].cell_type == "markdown" and "`4` (default `16`)" in cells[tables[0]].source
     assert len(cells) == len(nb.cells) + 1
+
+
+def test_the_note_on_colab_and_binder_follows_the_table_once(tmp_path):
+    path = tmp_path / CHAPTER.name
+    shutil.copy(CHAPTER, path)
+    note = launch.hosting_note(CHAPTER.stem, ROOT)
+    for _ in range(2):
+        publish.show_parameters(path, CHAPTER, None, note=note)
+    tags = [c.metadata.get("tags", []) for c in nbformat.read(path, as_version=4).cells]
+    table = [i for i, t in enumerate(tags) if publish.PARAMETERS_TABLE_TAG in t]
+    notes = [i for i, t in enumerate(tags) if publish.HOSTING_NOTE_TAG in t]
+    assert len(table) == 1 and notes == [table[0] + 1]
 
 
 def test_show_parameters_without_overrides_still_shows_the_defaults_once(tmp_path):
@@ -308,3 +320,58 @@ def test_make_lab_serves_jupyterlab_on_loopback_with_a_token(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+# -- Binder ----------------------------------------------------------------------------------------
+
+
+def test_binder_installs_cpu_torch_the_project_and_the_books_models():
+    post_build = (ROOT / "binder" / "postBuild").read_text()
+    assert os.access(ROOT / "binder" / "postBuild", os.X_OK)
+    lines = [line for line in post_build.splitlines() if line.startswith("python -m pip install")]
+    assert f'"{hosted.TORCH}" --index-url {hosted.CPU_INDEX}' in lines[0]
+    assert lines[1].endswith(" -e .") and lines[2].endswith("--no-deps -r requirements/models-book.txt")
+    env = yaml.safe_load((ROOT / "binder" / "environment.yml").read_text())
+    assert "python=3.11" in env["dependencies"] and "pip" in env["dependencies"]
+
+
+# -- the Pages workflow as a GitHub runner runs it -------------------------------------------------
+
+#: Cache kinds the workflow leaves out besides the converted models: hidden states, GBs and minutes to recompute.
+HIDDEN_STATES = {"activations", "sae_float32_states", "steering_states"}
+
+
+def _make_install_torch(tmp_path: Path, **env: str) -> str:
+    """The line ``make install`` would run to install torch, for a fresh virtual environment (a dry run)."""
+    done = subprocess.run(
+        ["make", "-n", "-B", f"VENV={tmp_path / 'venv'}", "install"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return next(line for line in done.stdout.splitlines() if "pip install" in line and "torch" in line)
+
+
+def test_the_workflow_installs_the_cpu_build_of_torch(tmp_path):
+    build = yaml.safe_load(WORKFLOW.read_text())["jobs"]["build"]
+    assert build["env"]["TORCH_INDEX"] == hosted.CPU_INDEX == "https://download.pytorch.org/whl/cpu"
+    line = _make_install_torch(tmp_path, TORCH_INDEX=build["env"]["TORCH_INDEX"])
+    assert line.endswith(f"pip install '{hosted.TORCH}' --index-url '{hosted.CPU_INDEX}'"), line
+    assert _make_install_torch(tmp_path, TORCH_INDEX="").endswith(f"pip install '{hosted.TORCH}'")
+    with_options = _make_install_torch(tmp_path, TORCH=f"{hosted.TORCH} --index-url {hosted.CPU_INDEX}", TORCH_INDEX="")
+    assert with_options.endswith(f"'{hosted.TORCH}' '--index-url' '{hosted.CPU_INDEX}'"), with_options
+
+
+def test_the_workflow_caches_results_but_not_converted_models_or_hidden_states():
+    steps = yaml.safe_load(WORKFLOW.read_text())["jobs"]["build"]["steps"]
+    caches = [s for s in steps if s.get("uses", "").startswith("actions/cache")]
+    paths = [p.strip() for s in caches for p in s["with"]["path"].splitlines() if p.strip()]
+    assert not [p for p in paths if p.rstrip("/") in ("~/.cache", "~/.cache/embgeo") or p.startswith("!")]
+    assert not [p for p in paths if re.match(r"~/\.cache/embgeo/(models|gguf)(/|$)", p)], paths
+    source = "\n".join(p.read_text() for p in (ROOT / "embgeo_utils").rglob("*.py"))
+    kinds = set(re.findall(r'@cached\(\s*"(\w+)"', source))
+    kept = {p.removeprefix("~/.cache/embgeo/") for p in paths if p.startswith("~/.cache/embgeo/")}
+    assert kept <= kinds and kinds - kept == HIDDEN_STATES, f"add a new cache kind to the workflow: {kinds - kept}"
+    results = next(s for s in caches if "~/.cache/embgeo/sae" in s["with"]["path"])
+    assert results["if"] == "steps.executed.outputs.cache-hit != 'true'"  # restored only when the chapters run
+    header = WORKFLOW.read_text().split("\nname:")[0]
+    assert all(word in header for word in ("10 GB", "GB, measured", "estimated", "models and gguf"))

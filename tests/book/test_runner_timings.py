@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import nbformat
@@ -66,6 +67,21 @@ def test_a_failing_chapter_is_reported_and_timed(tiny_root):
     assert failed == ["00_first.ipynb", "ledger.ipynb"]
     rows = json.loads((out / "timings.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["failed", "failed"]
+
+
+def test_an_executed_copy_keeps_every_cell_id_and_nothing_warns_about_ids(tiny_root, tmp_path, monkeypatch):
+    source = runner.chapter_sources(tiny_root)[0]
+    monkeypatch.setenv("EMBGEO_RESULTS", str(tmp_path))  # where the tiny chapter writes its time stamps
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        target, _ = runner.execute(source, tmp_path, {"pause": 0.0})
+    assert not [w for w in seen if "MissingIDField" in w.category.__name__ or "id field" in str(w.message)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nb = nbformat.read(target, as_version=4)
+        nbformat.validate(nb)
+    ids = [cell.id for cell in nb.cells]
+    assert nb.nbformat_minor >= 5 and len(set(ids)) == len(ids) == len(nbformat.read(source, as_version=4).cells) + 2
 
 
 def test_jobs_are_bounded_by_chapters_and_free_memory(monkeypatch):

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
 import pytest
 
-from embgeo_utils.book import publish, results, runner
+from embgeo_utils.book import launch, publish, results, runner
 from embgeo_utils.chapters import claims, interactive
 from embgeo_utils.core import stats
 
@@ -175,6 +175,19 @@ def test_interactive_figures_stay_within_the_page_budget_and_plotly_is_served_on
         relative = "../" * rel.count("/") + f"_static/{publish.PLOTLY_JS}"
         assert [link.split("?")[0] for link in loads] == [relative], f"{rel} loads plotly.js as {loads}"
     assert {"01_global_orientation", "04_layerwise_geometry", "05_sae_feature_matching"} <= with_figures
+
+
+def test_chapter_pages_launch_their_source_notebook_on_colab_and_binder(small_site):
+    repo = launch.repository(ROOT)
+    for stem in [p.stem for p in runner.chapter_sources(ROOT)]:
+        page = (small_site / "_executed" / f"{stem}.html").read_text()
+        links = launch.launch_links(repo, f"notebooks/{stem}.ipynb")
+        assert all(f'href="{url}"' in page for url in links.values()), stem
+        assert "Open in Colab" in page and "Launch Binder" in page, stem
+        assert f"_executed/{stem}.ipynb" not in page.replace(f"_sources/_executed/{stem}.ipynb", ""), stem
+        assert page.count("**On Colab or Binder.**") == 0 and page.count("On Colab or Binder.") == 1, stem
+    ledger = (small_site / "_executed" / "ledger.html").read_text()
+    assert "mybinder.org" not in ledger and "colab.research.google.com" not in ledger
 
 
 # -- in a real browser ---------------------------------------------------------------------------
