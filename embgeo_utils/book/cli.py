@@ -23,12 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any, TextIO
-from ..lm import models
-from . import results
-from . import runner
-from .parameters import parse_cli_value
+
 from ..core.cache import cache_root, clean_staging, folder_size
 from ..core.errors import EmbgeoError, ParameterError
+from ..lm import models
+from . import results, runner
+from .parameters import parse_cli_value
 
 __all__ = [
     "cache_report",

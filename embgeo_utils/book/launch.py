@@ -114,7 +114,10 @@ def repository(root: str | Path = ".") -> Repository:
 
 
 def launch_links(
-    repo: Repository, notebook: str, binderhub: str = "https://mybinder.org", colab: str = "https://colab.research.google.com"
+    repo: Repository,
+    notebook: str,
+    binderhub: str = "https://mybinder.org",
+    colab: str = "https://colab.research.google.com",
 ) -> dict[str, str]:
     """The Colab and Binder URLs that open ``notebook`` (a path in the repository) on ``repo``'s branch.
 
@@ -156,12 +159,12 @@ def setup_cell_source(repo: Repository, models: list[str]) -> str:
             "import subprocess",
             "import sys",
             "",
-            'colab = "google.colab" in sys.modules',
-            'if colab and importlib.util.find_spec("embgeo_utils") is None:',
-            f'    url = "{repo.pip_url}"',
-            '    pip = [sys.executable, "-m", "pip", "install", "--quiet"]',
-            '    subprocess.run([*pip, "--no-deps", url], check=True)',
-            "    importlib.invalidate_caches()",
+            'if "google.colab" in sys.modules:',
+            '    if importlib.util.find_spec("embgeo_utils") is None:',
+            f'        url = "{repo.pip_url}"',
+            '        pip = [sys.executable, "-m", "pip", "install", "--quiet"]',
+            '        subprocess.run([*pip, "--no-deps", url], check=True)',
+            "        importlib.invalidate_caches()",
             "from embgeo_utils.book import hosted",
             "",
             "models = [",

@@ -45,10 +45,11 @@ from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
-from . import launch
-from .results import results_dir
+
 from ..chapters.interactive import HTML_CLASS
 from ..core.errors import EmbgeoInputError, MissingDependencyError, SiteError
+from . import launch
+from .results import results_dir
 
 __all__ = [
     "HOSTING_NOTE_TAG",
@@ -128,7 +129,6 @@ def show_table(frame: Any, name: str, max_rows: int = TABLE_ROWS) -> Any:
     import os
 
     from IPython.display import Markdown, display
-
 
     if max_rows < 1:
         raise EmbgeoInputError(f"max_rows must be at least 1, got {max_rows}.")
@@ -447,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     site = make_site(args.html, args.out)
     pages = sum(1 for p in site.rglob("*.html") if p.relative_to(site).parts[0] not in _NOT_PAGES)
     where = PurePosixPath(site.resolve().as_posix())
-    sys.stdout.write(f"The site: {where} ({pages} pages, links checked). Publish the folder as it is, or open {where}/index.html\n")
+    sys.stdout.write(
+        f"The site: {where} ({pages} pages, links checked). Publish the folder as it is, or open {where}/index.html\n"
+    )
     return 0
 
 

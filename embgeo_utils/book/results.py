@@ -17,13 +17,12 @@ is typed by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import platform
 import random
 import time
-import dataclasses
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -35,16 +34,17 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from ..chapters.claims import CLAIMS
 from ..chapters.style import use_book_style
+from ..core.cache import atomic_path, cache_dir, clean_staging, notice
+from ..core.device import get_device
+from ..core.errors import EmbgeoInputError
 from ..core.progress import show_messages
+from ..core.serial import json_ready
+from ..core.stats import Verdict
 from ..lm import models as model_zoo
 from . import parameters as declared_parameters
 from .parameters import Parameter, parameters_hash
-from ..core.cache import atomic_path, cache_dir, clean_staging, notice
-from ..core.device import get_device
-from ..core.errors import EmbgeoInputError, ParameterError
-from ..core.stats import VERDICTS, Verdict
-from ..chapters.claims import CLAIMS
 
 __all__ = [
     "Chapter",
@@ -80,21 +80,6 @@ def results_dir() -> Path:
     path = Path(env) if env else cache_dir("results")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: numpy scalars to Python, NaN/inf to None."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 @dataclass
@@ -185,13 +170,13 @@ class ChapterRecord:
             number,
             CLAIMS[number][0],
             statistic,
-            _plain(value),
+            json_ready(value),
             null,
-            _plain(verdict.p_value),
+            json_ready(verdict.p_value),
             verdict.verdict,
             _rule_line(verdict),
-            _plain(checks),
-            _plain(details),
+            json_ready(checks),
+            json_ready(details),
         )
         self.claims = [c for c in self.claims if c.number != number] + [item]
         return item
@@ -219,7 +204,7 @@ class ChapterRecord:
             "device": device,
             "models": self.models,
             "missing_models": self.missing,
-            "parameters": _plain(self.parameters),
+            "parameters": json_ready(self.parameters),
             "parameters_hash": self.parameters_hash or parameters_hash(self.parameters),
             "defaults": self.defaults,
             "complete": self.complete,
@@ -241,7 +226,7 @@ class ChapterRecord:
             "chapter": self.chapter,
             "title": self.title,
             "claims": [asdict(c) for c in self.claims],
-            "numbers": _plain(self.numbers),
+            "numbers": json_ready(self.numbers),
             "run": self.run_info(device),
         }
         folder = results_dir()

@@ -29,13 +29,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
-from . import launch
-from . import publish
-from . import timings
-from .parameters import chapter_sources, check_overrides, notebook_parameters, small_parameters
-from ..core.progress import LOG, show_messages
+
 from ..core.errors import ParameterError
+from ..core.progress import LOG, show_messages
 from ..lm.models import REGISTRY, check_name
+from . import launch, publish, timings
+from .parameters import chapter_sources, check_overrides, notebook_parameters, small_parameters
 
 __all__ = [
     "absolute_model_paths",

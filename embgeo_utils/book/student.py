@@ -165,11 +165,15 @@ def build(root: str | Path = ".", out: str | Path = "_build/student", executed: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=".", help="repository root (default: current folder)")
-    parser.add_argument("--executed", default="_executed", help="executed notebooks, under the root (default: _executed)")
+    parser.add_argument(
+        "--executed", default="_executed", help="executed notebooks, under the root (default: _executed)"
+    )
     parser.add_argument("--out", default="_build/student", help="output folder (default: _build/student)")
     args = parser.parse_args(argv)
     html = build(args.root, args.out, args.executed)
-    sys.stdout.write(f"The student edition: file://{html.resolve()}/index.html (notebooks: {Path(args.out) / 'notebooks'})\n")
+    sys.stdout.write(
+        f"The student edition: file://{html.resolve()}/index.html (notebooks: {Path(args.out) / 'notebooks'})\n"
+    )
     return 0
 
 

@@ -22,8 +22,6 @@ written by :func:`write_teaching` to ``teaching_times.md``, which
 
 from __future__ import annotations
 
-from ..core.progress import LOG
-
 import json
 import os
 import platform
@@ -33,9 +31,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
 from ..core.cache import atomic_path, cache_root
 from ..core.device import get_device
 from ..core.errors import EmbgeoInputError
+from ..core.progress import LOG
 
 __all__ = [
     "HEADER_TAG",
@@ -99,7 +99,6 @@ class NotebookTime:
 def machine() -> dict[str, Any]:
     """CPU model, cores, load average, torch threads, device and memory of the machine that runs the book."""
     import torch
-
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -243,9 +242,7 @@ def _measurement(row: NotebookTime, info: Mapping[str, Any], jobs: int) -> dict[
     }
 
 
-def record_measurement(
-    folder: Path, row: NotebookTime, info: Mapping[str, Any], jobs: int, kind: str
-) -> Path | None:
+def record_measurement(folder: Path, row: NotebookTime, info: Mapping[str, Any], jobs: int, kind: str) -> Path | None:
     """Keep a notebook's run as its latest cold or warm timing record (every chapter); returns the record's path.
 
     A failed run, or one whose cache state is unknown, is not kept (``None``). The record is
@@ -387,7 +384,9 @@ def teaching_table(chapters: Mapping[str, Sequence[str]], default: Mapping[str, 
         cells = [_cell((records.get(stem) or {}).get(state), machines) for records in (default, small)
                  for state in ("cold", "warm")]  # fmt: skip
         lines.append(f"| {stem} | {', '.join(models)} | " + " | ".join(cells) + " |")
-    where = [f"- **{label}**: {text}" for text, label in machines.items()] or ["- none: no chapter has been measured yet"]
+    where = [f"- **{label}**: {text}" for text, label in machines.items()] or [
+        "- none: no chapter has been measured yet"
+    ]
     return "\n".join(lines) + "\n\nThe machines:\n\n" + "\n".join(where) + "\n"
 
 

