@@ -295,3 +295,21 @@ def test_precision_agreement_compares_stored_activations_with_float32(smollm, ge
     assert (table["relative squared error"] < 1e-4).all() and (table["mean cosine"] > 0.9999).all()  # float16 storage
     two = ch05.precision_agreement(smollm, gemma, ch05.extract(smollm, gemma, texts, [0.5], p), p, n_passages=2)
     assert two.empty and "mean cosine" in two  # two tokenizers: nothing to compare position by position
+
+
+def test_the_notebooks_defaults_give_the_holm_floor_room():
+    """At the chapter's default depths and permutations every tested check can pass (with the negative control)."""
+    from pathlib import Path
+
+    from embgeo_utils.book.parameters import notebook_parameters
+
+    source = Path(__file__).resolve().parents[2] / "notebooks" / "05_sae_feature_matching.ipynb"
+    defaults = {name: p.default for name, p in notebook_parameters(source).items()}
+    depths = defaults["depths"]
+    excess = [0.2] * len(depths)
+    verdict = ch05.check_claim10(
+        _profile(excess, depths=depths), _peak(0.1), defaults["n_permutations"], alpha=defaults["alpha"],
+        random=_random([0.0] * len(depths), depths=depths),
+    )  # fmt: skip
+    assert verdict.n_claim_checks == 3 * len(depths) + 1
+    assert verdict.verdict == "reproduced"
