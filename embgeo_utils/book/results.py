@@ -273,7 +273,11 @@ class Chapter(Generic[ParamsT]):
         )
 
     def claims_table(self) -> Any:
-        """The claims recorded so far as a pandas DataFrame (the chapter's summary)."""
+        """The claims recorded so far as a pandas DataFrame (the chapter's summary).
+
+        The p column is the largest Holm-adjusted p over the claim's checks (what the verdict rests on), not the
+        p of the headline statistic beside it; the checks table gives each check's own.
+        """
         import pandas as pd
 
         return pd.DataFrame(
@@ -283,7 +287,7 @@ class Chapter(Generic[ParamsT]):
                     "statement": c.claim,
                     "statistic": c.statistic,
                     "value": c.value,
-                    "p": c.p_value,
+                    "largest adjusted p (all checks)": c.p_value,
                     "verdict": c.verdict,
                     "checks": c.rule,
                 }

@@ -1203,8 +1203,12 @@ def peak_statistic(layers: LayerComparisons, table: pd.DataFrame, names: tuple[s
         and the effect ± 1.96 standard errors), ``per seed`` (the checked statistic), ``per seed raw``, ``per seed
         fvu``; ``peak per seed`` (best interior depth minus the better edge, reported); ``seeds``; ``draws`` (the
         bootstrap draws used) and ``draws table`` (every seed's and draw's statistics, replicate -1 being the full
-        comparison); ``best depth`` (of the seeds' mean similarity), ``depths``, ``middle`` and ``edges``.
+        comparison); ``best depth`` (of the seeds' mean similarity) and ``best depth per seed``, ``depths``,
+        ``middle`` and ``edges``. The contrast's interval (``low``, ``high``) is 95 % with t quantiles (seeds - 1
+        degrees of freedom), like its check.
     """
+    from scipy.stats import t as student
+
     depths = sorted(layers.cross["depth"].unique())
     middle, edges = middle_and_edges(depths)
     rows = _part_b_rows(layers, table, names, depths)
@@ -1218,12 +1222,15 @@ def peak_statistic(layers: LayerComparisons, table: pd.DataFrame, names: tuple[s
     effect, se = float(point["both"].mean()), float(np.sqrt(seed_var + boot_var_mean))
     cross = layers.cross.assign(sim=layers.cross["RSA"] - layers.cross["RSA null mean"])
     best = cross.groupby("depth")["sim"].mean().idxmax()
+    best_per_seed = cross.groupby(["seed", "depth"])["sim"].mean().groupby(level="seed").idxmax()
+    half = float(student.ppf(0.975, max(1, n - 1))) * se
     contrast = {"effect": effect, "se": se, "seed se": float(np.sqrt(seed_var)), "boot se": float(np.sqrt(boot_var_mean)),
-                "low": effect - 1.96 * se, "high": effect + 1.96 * se}  # fmt: skip
+                "low": effect - half, "high": effect + half}  # fmt: skip
     return {
         "contrast": contrast, "per seed": point["both"].tolist(), "per seed raw": point["raw"].tolist(),
         "per seed fvu": point["fvu"].tolist(), "peak per seed": point["peak"].tolist(), "seeds": n,
         "draws": len(draws), "draws table": rows.to_dict(orient="records"), "best depth": float(best),
+        "best depth per seed": [float(d) for _, d in best_per_seed.tolist()],
         "depths": [float(d) for d in depths], "middle": [float(depths[i]) for i in middle],
         "edges": [float(depths[i]) for i in edges],
     }  # fmt: skip
@@ -1340,7 +1347,7 @@ def check_claim10(
     mid = ", ".join(f"{d:.2f}" for d in peak["middle"])
     edges = " and ".join(f"{d:.2f}" for d in peak["edges"])
     checks.append(Check(f"middle depths ({mid}) minus edges ({edges}), raw and with FVU as a covariate",
-                        e["effect"], p, minimum, int(peak["seeds"]), se=se, min_effect_source=source))  # fmt: skip
+                        e["effect"], p, minimum, int(peak["seeds"]), se=se, min_effect_source=source, df=df))  # fmt: skip
     return verdict(checks, alpha=alpha)
 
 
@@ -1377,6 +1384,11 @@ def check(pair: PairResult, p: Parameters, random: RandomControl | None = None) 
     status = next(st for c, st in zip(result.checks, result.status) if c.name.startswith("middle depths"))
     if status == "holds":
         text = f"higher in the middle depths than at the edges within depths {span}"
+    elif status == "absent" and result.verdict.startswith("inconclusive (positive control"):
+        text = (
+            f"a peak in the middle depths is not seen within depths {span}, but with a positive control failing "
+            "that absence does not count (inconclusive)"
+        )
     elif status == "absent":
         text = f"a peak in the middle depths is not supported within depths {span}"
     else:
@@ -1569,7 +1581,8 @@ def _part_b_line(pk: dict[str, Any], text: str) -> str:
         f"FVU as a covariate: {values('per seed')} (mean {c['effect']:.4f}, standard error {c['se']:.4f}: "
         f"{c['seed se']:.4f} from the seeds, {c['boot se']:.4f} from {pk['draws']} resampled draws of the held-out "
         f"passages); raw {values('per seed raw')}, with FVU as a covariate {values('per seed fvu')}. The best "
-        f"interior depth minus the better edge, per seed (reported, not checked): {values('peak per seed')}. "
+        f"interior depth minus the better edge, per seed (reported, not checked): {values('peak per seed')}; the "
+        f"most similar depth, per seed: {', '.join(f'{d:.2f}' for d in pk['best depth per seed'])}. "
         f"{text[0].upper()}{text[1:]}."
     )
 
@@ -1607,11 +1620,15 @@ def summary_lines(
             f"{_span(c['RSA p (many-to-one, B shuffled)'], '.4f')} against the shuffled-B null and "
             f"{_span(c['RSA p (many-to-one, groups kept)'], '.4f')} against the null that keeps the groups."
         )
-    share = _span(m["fraction of ceiling"] * 100, ".0f")
+    both = (m["ceiling RSA excess A"] >= CONTROL_MIN_RSA) & (m["ceiling RSA excess B"] >= CONTROL_MIN_RSA)
     share = (
-        f"the cross-model excess is {share} % of the ceiling where the ceiling passes the control"
-        if share != "n/a"
-        else f"no depth's ceiling reaches the control's {CONTROL_MIN_RSA}, so no share of it is given"
+        f"the cross-model excess is {_span(m['fraction of geometric ceiling'] * 100, '.0f')} % of the geometric mean "
+        "of the two own ceilings; "
+        + (
+            f"both own ceilings pass the control at depths {', '.join(f'{d:.2f}' for d in m.loc[both, 'depth'])}"
+            if both.any()
+            else f"at no depth do both own ceilings reach the control's {CONTROL_MIN_RSA}"
+        )
     )
     lines += [
         f"- Seeds' mean one-to-one RSA above its null: {_span(m['RSA excess'])} over depths; the seed ceiling's "

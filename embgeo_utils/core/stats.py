@@ -117,23 +117,35 @@ class TestResult:
 DETECTABLE_POWER = 0.8
 
 
-def detectable_effect(se: float, alpha: float = 0.01, m: int = 1, power: float = DETECTABLE_POWER) -> float:
+def detectable_effect(
+    se: float, alpha: float = 0.01, m: int = 1, power: float = DETECTABLE_POWER, df: float | None = None
+) -> float:
     """Smallest effect a one-sided test at level ``alpha / m`` detects with probability ``power`` (every chapter).
 
     The normal approximation ``(z_{1 - alpha/m} + z_power) * se``, with ``se`` the
     standard error of the effect under the null (for a permutation test, the
     standard deviation of its null). ``m`` is the number of tested checks of the
     claim: Holm's first step is Bonferroni's, so this is the conservative bound.
-    The Claims ledger reports it next to each check with its ``n``.
+    With ``df`` (a t statistic, e.g. over a few seeds) both quantiles are those of
+    the t distribution with ``df`` degrees of freedom. The Claims ledger reports it
+    next to each check with its ``n``.
     """
-    from scipy.stats import norm
+    if df is not None and not (np.isfinite(df) and df > 0):
+        raise EmbgeoInputError(f"df must be a positive number of degrees of freedom, got {df}.")
 
     if not (np.isfinite(se) and se >= 0):
         raise EmbgeoInputError(f"se must be a finite non-negative number, got {se}.")
     if not 0 < alpha < 1 or not 0 < power < 1:
         raise EmbgeoInputError(f"alpha and power must lie in (0, 1), got {alpha} and {power}.")
     m = _check_count(m, "m")
-    return float((norm.ppf(1 - alpha / m) + norm.ppf(power)) * se)
+    return float((_quantile(1 - alpha / m, df) + _quantile(power, df)) * se)
+
+
+def _quantile(q: float, df: float | None) -> float:
+    """The standard normal quantile, or Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import norm, t
+
+    return float(norm.ppf(q) if df is None else t.ppf(q, df))
 
 
 def _check_alternative(alternative: str) -> None:
@@ -430,6 +442,8 @@ class Check:
             (its smallest possible value is ``1 / (n_permutations + 1)``); ``None`` otherwise.
         control: a positive control: an effect known to be there on the same data, which the pipeline must see
             before the absence of another effect counts. A claim whose control does not hold is inconclusive.
+        df: degrees of freedom when ``p_value`` comes from a t distribution (e.g. a mean over a few seeds); the
+            upper confidence bound and the detectable effect then use t quantiles too. ``None``: normal.
     """
 
     name: str
@@ -442,6 +456,7 @@ class Check:
     min_effect_source: str = ""
     n_permutations: int | None = None
     control: bool = False
+    df: float | None = None
 
 
 @dataclass(frozen=True)
@@ -578,14 +593,15 @@ def permutation_floor(checks: Sequence[Check], alpha: float = 0.01) -> list[str]
 
 
 def _status(c: Check, p_adj: float | None, alpha: float, level_m: int) -> tuple[str, float | None]:
-    """A check's status and its effect's one-sided upper confidence bound at level ``alpha / level_m``."""
-    from scipy.stats import norm
+    """A check's status and its effect's one-sided upper confidence bound at level ``alpha / level_m``.
 
+    The bound uses the normal quantile, or Student's t with ``c.df`` degrees of freedom when the check has them.
+    """
+    upper = None if c.se is None else float(c.effect + _quantile(1 - alpha / level_m, c.df) * c.se)
     if c.effect > 0 and c.effect >= c.min_effect and (p_adj is None or p_adj < alpha):
-        return "holds", None if c.se is None else float(c.effect + norm.ppf(1 - alpha / level_m) * c.se)
-    if c.se is None:
+        return "holds", upper
+    if upper is None:
         return "inconclusive", None
-    upper = float(c.effect + norm.ppf(1 - alpha / level_m) * c.se)
     return ("absent" if upper < c.min_effect else "inconclusive"), upper
 
 
@@ -627,7 +643,7 @@ def verdict(checks: Sequence[Check], alpha: float = 0.01, correction: str = "hol
     judged = [_status(c, p, alpha, family_size[c.control] * c.corrected_for) for c, p in zip(checks, adjusted)]
     status = tuple(s for s, _ in judged)
     detectable = tuple(
-        detectable_effect(c.se, alpha, family_size[c.control] * c.corrected_for)
+        detectable_effect(c.se, alpha, family_size[c.control] * c.corrected_for, df=c.df)
         if c.se is not None and c.p_value is not None
         else None
         for c in checks

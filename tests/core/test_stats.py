@@ -288,3 +288,20 @@ def test_verdict_reports_detectable_effects():
     assert "n 3-40" in v.summary()
     with pytest.raises(EmbgeoInputError, match="standard error"):
         stats.verdict([_check("bad", 0.5, 0.001, se=float("nan"))])
+
+
+def test_a_t_check_uses_t_quantiles_for_its_bound_and_detectable_effect():
+    """With few degrees of freedom a bound from the normal quantile is too narrow: 'absent' needs the t bound."""
+    from scipy.stats import norm
+    from scipy.stats import t as student
+
+    common = dict(effect=-0.002, p_value=0.6, min_effect=0.006, n=3, se=0.002, min_effect_source="test")
+    normal = stats.verdict([stats.Check("c", **common)], alpha=0.01)
+    with_df = stats.verdict([stats.Check("c", **common, df=2)], alpha=0.01)
+    assert normal.status == ("absent",)  # -0.002 + 2.33 * 0.002 = 0.0027 < 0.006
+    assert with_df.status == ("inconclusive",)  # -0.002 + 6.96 * 0.002 = 0.0119 > 0.006
+    assert with_df.upper[0] == pytest.approx(-0.002 + student.ppf(0.99, 2) * 0.002)
+    assert stats.detectable_effect(1.0, 0.01, 1, df=2) == pytest.approx(student.ppf(0.99, 2) + student.ppf(0.8, 2))
+    assert stats.detectable_effect(1.0, 0.01, 1) == pytest.approx(norm.ppf(0.99) + norm.ppf(0.8))
+    with pytest.raises(EmbgeoInputError, match="degrees of freedom"):
+        stats.detectable_effect(1.0, 0.01, 1, df=0)
