@@ -40,7 +40,7 @@ import torch
 
 from ..core.device import chunk_budget, chunk_rows, get_device
 from ..core.errors import EmbgeoInputError
-from ..core.stats import PermutationResult, permutation_test
+from ..core.stats import PermutationResult, permutation_test, permutation_tests
 
 __all__ = [
     "FeaturePairs",
@@ -316,24 +316,42 @@ def svcca_curve_test(
     """:func:`svcca_test` at several ``n_components`` with one SVD per side (chapter 5).
 
     The singular vectors of each side do not depend on how many are kept, so
-    they are computed once and truncated for every value; each null uses the
-    same seeded permutations.
+    they are computed once and truncated for every value, and every value is
+    tested on the same seeded permutations
+    (:func:`~embgeo_utils.core.stats.permutation_tests`). For a re-pairing
+    ``p``, ``Ux^T Uy[p] = Ux[q]^T Uy`` with ``q`` the inverse of ``p``:
+    :func:`_svcca_null` gathers the side with fewer columns and forms the
+    products of a whole chunk of permutations as one matrix product, at the
+    largest ``n_components``; every smaller value's matrix is its leading block.
     """
     dev = get_device(device)
     x, y = _paired_rows(X, Y, dev)
     values = [_check_components(n, x.shape[0]) for n in n_components]
     (ux_all, rx), (uy_all, ry) = _left_vectors(x), _left_vectors(y)
-    out = []
-    for n in values:
-        ux, uy = ux_all[:, : min(n, rx)], uy_all[:, : min(n, ry)]
+    sizes = [(min(n, rx), min(n, ry)) for n in values]
+    ux = ux_all[:, : max(k for k, _ in sizes)].contiguous()
+    uy = uy_all[:, : max(c for _, c in sizes)].contiguous()
+    n = ux.shape[0]
+    step = chunk_rows(16 * n * min(ux.shape[1], uy.shape[1]), dev, max_rows=64)
 
-        def statistic(perms: torch.Tensor, ux: torch.Tensor = ux, uy: torch.Tensor = uy) -> torch.Tensor:
-            # Re-pairing rows permutes the rows of Uy (the SVD of a row-permuted matrix).
-            m = torch.einsum("nk,bnl->bkl", ux, uy[perms])
-            return torch.linalg.svdvals(m).clamp(0, 1).mean(dim=1)
+    def statistic(perms: torch.Tensor) -> torch.Tensor:
+        m = _svcca_null(ux, uy, perms)
+        return torch.stack([torch.linalg.svdvals(m[:, :k, :c]).clamp(0, 1).mean(dim=1) for k, c in sizes], dim=1)
 
-        out.append(permutation_test(statistic, ux.shape[0], n_permutations, seed, dev, chunk_size=64))
-    return out
+    return permutation_tests(statistic, n, n_permutations, seed, dev, chunk_size=step)
+
+
+def _svcca_null(ux: torch.Tensor, uy: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """``Ux^T Uy[p]`` for every permutation ``p``, ``(b, k, c)``, as one product with the gathered narrow side."""
+    b, n = perms.shape
+    k, c = ux.shape[1], uy.shape[1]
+    if k <= c:
+        inverse = torch.empty_like(perms).scatter_(1, perms, torch.arange(n, device=perms.device).expand(b, n))
+        # Column block j of `wide` is Ux[q_j]: one (l, n) @ (n, b k) product gives every Uy^T Ux[q_j].
+        wide = ux.index_select(0, inverse.T.reshape(-1)).view(n, b * k)
+        return (uy.T @ wide).view(c, b, k).permute(1, 2, 0)
+    wide = uy.index_select(0, perms.T.reshape(-1)).view(n, b * c)
+    return (ux.T @ wide).view(k, b, c).permute(1, 0, 2)
 
 
 def _rank_matrix(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

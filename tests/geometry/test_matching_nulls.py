@@ -166,3 +166,19 @@ def test_rsa_null_counts_the_identity_as_the_observed_value():
     assert identity.sum() > 0  # 5! = 120 orders: the identity is drawn a few times
     assert np.all(new.null[identity] == new.statistic)
     assert new.p_value == rsa_test_ref(x, y, None, 300, 2).p_value
+
+
+@pytest.mark.parametrize(
+    ("n", "width_x", "width_y", "components", "n_permutations"),
+    [(130, 12, 30, (3, 10, 20), 150), (97, 40, 9, (5, 20, 8), 70), (60, 6, 6, (4, 6, 10), 65)],
+)
+def test_svcca_curve_null_equals_the_previous_kernel(n, width_x, width_y, components, n_permutations):
+    g = np.random.default_rng(n)
+    x = g.normal(size=(n, width_x))
+    x[:, -1] = x[:, 0]  # rank below the width on the A side: n_components above it are capped
+    y = x[:, :1] @ g.normal(size=(1, width_y)) + g.normal(size=(n, width_y))
+    new = matching.svcca_curve_test(x, y, components, n_permutations, seed=9, device="cpu")
+    for got, ref in zip(new, svcca_curve_ref(x, y, components, n_permutations, 9)):
+        _assert_same_test(got, ref, atol=1e-10)
+    one = matching.svcca_test(x, y, components[1], n_permutations, seed=9, device="cpu")
+    _assert_same_test(one, new[1], atol=1e-12)
