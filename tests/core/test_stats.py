@@ -288,3 +288,19 @@ def test_verdict_reports_detectable_effects():
     assert "n 3-40" in v.summary()
     with pytest.raises(EmbgeoInputError, match="standard error"):
         stats.verdict([_check("bad", 0.5, 0.001, se=float("nan"))])
+
+
+def test_permutation_tests_share_the_draws_of_permutation_test():
+    weights = torch.linspace(-1.0, 1.0, 23, dtype=torch.float64)
+
+    def one(perms):
+        return (weights[perms] * weights).sum(dim=1)
+
+    def two(perms):
+        return torch.stack([one(perms), -one(perms)], dim=1)
+
+    both = stats.permutation_tests(two, 23, 150, seed=4, device="cpu", chunk_size=16)
+    first = stats.permutation_test(one, 23, 150, seed=4, device="cpu", chunk_size=64)
+    np.testing.assert_array_equal(both[0].null, first.null)
+    assert both[0].p_value == first.p_value and both[0].statistic == first.statistic
+    np.testing.assert_array_equal(both[1].null, -first.null)
