@@ -48,6 +48,7 @@ __all__ = [
     "paired_permutation",
     "permutation_p",
     "permutation_test",
+    "permutation_tests",
     "spearman",
     "verdict",
     "wilcoxon",
@@ -222,6 +223,28 @@ def permutation_test(
     Returns:
         A :class:`PermutationResult`.
     """
+    return permutation_tests(
+        lambda perms: torch.as_tensor(statistic(perms)).reshape(-1, 1),
+        n_items, n_permutations, seed, device, chunk_size, alternative,
+    )[0]  # fmt: skip
+
+
+def permutation_tests(
+    statistic: Callable[[torch.Tensor], torch.Tensor],
+    n_items: int,
+    n_permutations: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    chunk_size: int | None = None,
+    alternative: Alternative = "greater",
+) -> list[PermutationResult]:
+    """Several statistics tested on the same seeded permutations (every chapter; chapter 5's SVCCA curve).
+
+    As :func:`permutation_test`, but ``statistic`` returns a ``(b, m)`` tensor, ``m`` statistics of each of the
+    ``b`` permutations, so that work they share (chapter 5: one product for every number of SVCCA directions) is
+    done once. The permutations are those :func:`permutation_test` draws with the same seed; one
+    :class:`PermutationResult` per statistic, in order.
+    """
     n_items = _check_count(n_items, "n_items")
     n_permutations = _check_count(n_permutations, "n_permutations")
     if n_items < 2:
@@ -229,19 +252,20 @@ def permutation_test(
     dev = get_device(device)
     step = chunk_rows(8 * n_items, dev, chunk_size, max_rows=1024, budget_bytes=1 << 24)
     gen = torch.Generator().manual_seed(int(seed))
-    observed = statistic(torch.arange(n_items, device=dev)[None, :])
-    observed_value = float(torch.as_tensor(observed).reshape(-1)[0])
+    observed = torch.as_tensor(statistic(torch.arange(n_items, device=dev)[None, :]))
+    observed_values = observed.reshape(1, -1)[0].detach().double().cpu().numpy()
     null = []
     for start in range(0, n_permutations, step):
         b = min(step, n_permutations - start)
         perms = torch.argsort(torch.rand((b, n_items), generator=gen), dim=1).to(dev)
-        values = torch.as_tensor(statistic(perms)).reshape(-1)
+        values = torch.as_tensor(statistic(perms))
         if values.shape[0] != b:
             raise EmbgeoInputError(
                 f"statistic returned {values.shape[0]} values for {b} permutations; return one per row."
             )
-        null.append(values.detach().double().cpu().numpy())
-    return from_null(observed_value, np.concatenate(null), alternative)
+        null.append(values.reshape(b, -1).detach().double().cpu().numpy())
+    table = np.concatenate(null)
+    return [from_null(float(o), table[:, i], alternative) for i, o in enumerate(observed_values)]
 
 
 def _paired(a: Any, b: Any | None) -> np.ndarray:

@@ -38,9 +38,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..core.device import chunk_rows, get_device
+from ..core.device import chunk_budget, chunk_rows, get_device
 from ..core.errors import EmbgeoInputError
-from ..core.stats import PermutationResult, permutation_test
+from ..core.stats import PermutationResult, permutation_test, permutation_tests
 
 __all__ = [
     "FeaturePairs",
@@ -316,24 +316,42 @@ def svcca_curve_test(
     """:func:`svcca_test` at several ``n_components`` with one SVD per side (chapter 5).
 
     The singular vectors of each side do not depend on how many are kept, so
-    they are computed once and truncated for every value; each null uses the
-    same seeded permutations.
+    they are computed once and truncated for every value, and every value is
+    tested on the same seeded permutations
+    (:func:`~embgeo_utils.core.stats.permutation_tests`). For a re-pairing
+    ``p``, ``Ux^T Uy[p] = Ux[q]^T Uy`` with ``q`` the inverse of ``p``:
+    :func:`_svcca_null` gathers the side with fewer columns and forms the
+    products of a whole chunk of permutations as one matrix product, at the
+    largest ``n_components``; every smaller value's matrix is its leading block.
     """
     dev = get_device(device)
     x, y = _paired_rows(X, Y, dev)
     values = [_check_components(n, x.shape[0]) for n in n_components]
     (ux_all, rx), (uy_all, ry) = _left_vectors(x), _left_vectors(y)
-    out = []
-    for n in values:
-        ux, uy = ux_all[:, : min(n, rx)], uy_all[:, : min(n, ry)]
+    sizes = [(min(n, rx), min(n, ry)) for n in values]
+    ux = ux_all[:, : max(k for k, _ in sizes)].contiguous()
+    uy = uy_all[:, : max(c for _, c in sizes)].contiguous()
+    n = ux.shape[0]
+    step = chunk_rows(16 * n * min(ux.shape[1], uy.shape[1]), dev, max_rows=64)
 
-        def statistic(perms: torch.Tensor, ux: torch.Tensor = ux, uy: torch.Tensor = uy) -> torch.Tensor:
-            # Re-pairing rows permutes the rows of Uy (the SVD of a row-permuted matrix).
-            m = torch.einsum("nk,bnl->bkl", ux, uy[perms])
-            return torch.linalg.svdvals(m).clamp(0, 1).mean(dim=1)
+    def statistic(perms: torch.Tensor) -> torch.Tensor:
+        m = _svcca_null(ux, uy, perms)
+        return torch.stack([torch.linalg.svdvals(m[:, :k, :c]).clamp(0, 1).mean(dim=1) for k, c in sizes], dim=1)
 
-        out.append(permutation_test(statistic, ux.shape[0], n_permutations, seed, dev, chunk_size=64))
-    return out
+    return permutation_tests(statistic, n, n_permutations, seed, dev, chunk_size=step)
+
+
+def _svcca_null(ux: torch.Tensor, uy: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """``Ux^T Uy[p]`` for every permutation ``p``, ``(b, k, c)``, as one product with the gathered narrow side."""
+    b, n = perms.shape
+    k, c = ux.shape[1], uy.shape[1]
+    if k <= c:
+        inverse = torch.empty_like(perms).scatter_(1, perms, torch.arange(n, device=perms.device).expand(b, n))
+        # Column block j of `wide` is Ux[q_j]: one (l, n) @ (n, b k) product gives every Uy^T Ux[q_j].
+        wide = ux.index_select(0, inverse.T.reshape(-1)).view(n, b * k)
+        return (uy.T @ wide).view(c, b, k).permute(1, 2, 0)
+    wide = uy.index_select(0, perms.T.reshape(-1)).view(n, b * c)
+    return (ux.T @ wide).view(k, b, c).permute(1, 0, 2)
 
 
 def _rank_matrix(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,27 +410,48 @@ def rsa_test(
     """RSA against random re-pairings of the rows (chapter 5).
 
     Re-pairing permutes the rows and columns of B's rank matrix; ranks are
-    unchanged as a set, so each null value is one gather and one dot product.
+    unchanged as a set, so each null value is a gather and a dot product. With
+    ``S`` A's centred, normalised ranks in the strict lower triangle (zero
+    elsewhere) and ``R`` B's centred ranks, the value of permutation ``p`` is
+    ``sum(S * R[p][:, p])`` over ``nb``: :func:`_rsa_null` gathers whole rows of
+    ``R``, then the columns of a cache-sized block of rows, and dots them with
+    the block of ``S`` (no index arithmetic over the triangle). Every
+    permutation is computed alone, so its value does not depend on the chunk it
+    is drawn in: the identity gives exactly the observed value.
     """
     dev = get_device(device)
     a, rb, tri, mb, nb = _rsa_parts(X, Y, max_rows, seed, dev)
-
     n = rb.shape[0]
-    # Ranks are integers or halves below 2**24, exact in float32; the triangle is gathered
-    # from the flattened matrix for a batch of permutations at once.
-    flat = (rb - mb).to(torch.float32).reshape(-1)
-    a32 = a.to(torch.float32)
-    step = chunk_rows(12 * tri.shape[1], dev, max_rows=64)
+    # Ranks are integers or halves below 2**24, exact in float32 (the diagonal's -mb meets S's zeros).
+    r32 = (rb - mb).to(torch.float32)
+    lower = torch.zeros((n, n), dtype=torch.float32, device=dev)
+    lower[tri[0], tri[1]] = a.to(torch.float32)
+    # Row blocks that stay in the CPU's cache; on a GPU, large blocks (few kernel launches).
+    budget = 1 << 21 if dev.type == "cpu" else chunk_budget(dev) // 8
+    rows = chunk_rows(8 * n, dev, max_rows=n, budget_bytes=budget)
+    blocks = [(s, min(n, s + rows), lower[s : s + rows, : min(n, s + rows)].contiguous()) for s in range(0, n, rows)]
+    del lower
 
     def statistic(perms: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(perms.shape[0], dtype=torch.float64, device=dev)
-        for start in range(0, perms.shape[0], step):
-            p = perms[start : start + step]
-            gathered = flat[p[:, tri[0]] * n + p[:, tri[1]]]
-            out[start : start + step] = (gathered @ a32).double() / nb
-        return out
+        return _rsa_null(r32, blocks, perms) / nb
 
-    return permutation_test(statistic, n, n_permutations, seed, dev, chunk_size=step)
+    return permutation_test(statistic, n, n_permutations, seed, dev, chunk_size=64)
+
+
+def _rsa_null(r: torch.Tensor, blocks: Sequence[tuple[int, int, torch.Tensor]], perms: torch.Tensor) -> torch.Tensor:
+    """``sum(S * r[p][:, p])`` for every permutation ``p``, ``S`` given as row blocks of its lower triangle.
+
+    Block ``(start, stop, s)`` holds rows ``start:stop`` and columns ``:stop``; each block's dot product is
+    accumulated in float32, the blocks' sum in float64. One permutation at a time, the same operations for each.
+    """
+    out = []
+    for p in perms:
+        parts = [
+            torch.dot(r.index_select(0, p[start:stop]).index_select(1, p[:stop]).reshape(-1), s.reshape(-1))
+            for start, stop, s in blocks
+        ]
+        out.append(torch.stack(parts).double().sum())
+    return torch.stack(out)
 
 
 def _average_ranks(values: torch.Tensor) -> torch.Tensor:

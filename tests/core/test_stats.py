@@ -305,3 +305,19 @@ def test_a_t_check_uses_t_quantiles_for_its_bound_and_detectable_effect():
     assert stats.detectable_effect(1.0, 0.01, 1) == pytest.approx(norm.ppf(0.99) + norm.ppf(0.8))
     with pytest.raises(EmbgeoInputError, match="degrees of freedom"):
         stats.detectable_effect(1.0, 0.01, 1, df=0)
+
+
+def test_permutation_tests_share_the_draws_of_permutation_test():
+    weights = torch.linspace(-1.0, 1.0, 23, dtype=torch.float64)
+
+    def one(perms):
+        return (weights[perms] * weights).sum(dim=1)
+
+    def two(perms):
+        return torch.stack([one(perms), -one(perms)], dim=1)
+
+    both = stats.permutation_tests(two, 23, 150, seed=4, device="cpu", chunk_size=16)
+    first = stats.permutation_test(one, 23, 150, seed=4, device="cpu", chunk_size=64)
+    np.testing.assert_array_equal(both[0].null, first.null)
+    assert both[0].p_value == first.p_value and both[0].statistic == first.statistic
+    np.testing.assert_array_equal(both[1].null, -first.null)
