@@ -1,6 +1,6 @@
 """Benchmark: converting each packaged GGUF model into its safetensors folder, one pass vs transformers (chapter 0).
 
-Chapter 0's first load of a GGUF model writes a float safetensors folder (``models._convert_gguf``). Each
+Chapter 0's first load of a GGUF model writes a float safetensors folder (``models.convert_gguf``). Each
 conversion runs in a fresh process, cold (nothing converted yet; the imports of transformers and of the model's
 architecture are done before the clock starts, since every load needs them): the one-pass path of
 ``embgeo_utils.lm.convert``, and the path it replaced, transformers' ``from_pretrained(gguf_file=...)``, a plain
@@ -28,34 +28,9 @@ from pathlib import Path
 import _timing
 
 from embgeo_utils.core import cache
-from embgeo_utils.lm import models
+from embgeo_utils.lm import convert, models
 
 MODULES = {"llama": "llama", "gemma3": "gemma3", "qwen2": "qwen2"}
-
-
-def reference(spec: models.ModelSpec, gguf_file: Path, target: Path) -> None:
-    """The previous conversion: transformers loads the GGUF, a plain model is rebuilt, both halves are saved."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
-
-    storage = getattr(torch, spec.storage_dtype)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=storage, local_files_only=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with no_init_weights():
-        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_dict()), dtype=storage)
-    state = loaded.state_dict()
-    models._check_finite(spec, gguf_file, state)
-    plain.load_state_dict(state, assign=True)
-    plain.tie_weights()
-    target.mkdir(parents=True)
-    plain.save_pretrained(target)
-    tokenizer.save_pretrained(target)
 
 
 def floor(gguf_file: Path) -> None:
@@ -86,9 +61,9 @@ def child(mode: str, name: str, out: Path) -> None:
     source = models.gguf_path(name, verify=False)
     cpu, wall = sum(os.times()[:2]), time.perf_counter()
     if mode == "new":
-        models._convert_gguf(spec, source, str(spec.sha256), out)
+        models.convert_gguf(spec, source, str(spec.sha256), out)
     elif mode == "old":
-        reference(spec, source, out)
+        convert.convert_with_transformers(source, out, spec.storage_dtype)
     else:
         floor(source)
     wall, cpu = time.perf_counter() - wall, sum(os.times()[:2]) - cpu

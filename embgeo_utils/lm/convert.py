@@ -39,6 +39,7 @@ __all__ = [
     "GgufFile",
     "GgufTensor",
     "config_dict",
+    "convert_with_transformers",
     "parsed_once",
     "read_gguf",
     "weight_names",
@@ -380,3 +381,30 @@ def parsed_once(gg: GgufFile, config: dict[str, Any]) -> Iterator[None]:
     finally:
         for (module, name, _answer), original in zip(swaps, originals):
             setattr(module, name, original)
+
+
+def convert_with_transformers(gguf_file: Path, target: Path, storage_dtype: str) -> None:
+    """The conversion as ``transformers`` alone does it (chapter 0): the reference the one-pass conversion must equal.
+
+    ``from_pretrained(gguf_file=...)`` loads the GGUF, a plain model is rebuilt from its config without the
+    quantization settings, and ``save_pretrained`` writes it and the tokenizer into ``target`` (created). Slow:
+    it parses the file's metadata three times. The conversion test and the conversion benchmark compare against it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    storage = getattr(torch, storage_dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=storage, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with no_init_weights():
+        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_dict()), dtype=storage)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
+    target.mkdir(parents=True)
+    plain.save_pretrained(target)
+    tokenizer.save_pretrained(target)

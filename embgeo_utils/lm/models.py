@@ -57,6 +57,7 @@ __all__ = [
     "check_causal",
     "check_name",
     "compute_dtype",
+    "convert_gguf",
     "folder_fingerprint",
     "gguf_path",
     "input_embeddings",
@@ -407,7 +408,7 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _convert_gguf(spec: ModelSpec, gguf: Path, digest: str, target: Path) -> None:
+def convert_gguf(spec: ModelSpec, gguf: Path, digest: str, target: Path) -> None:
     """Convert a GGUF into a safetensors folder atomically, with a manifest of every file (chapter 0).
 
     The file's metadata is parsed once (:mod:`embgeo_utils.lm.convert`); the weights are dequantized and written
@@ -529,7 +530,7 @@ def _load_packaged(spec: ModelSpec, dev: torch.device, dtype: torch.dtype, verif
             from_cache = False
             if problem != "not converted yet":
                 notice(f"the cached copy of {spec.name} in {folder} is unusable ({problem}); rebuilding it")
-            _convert_gguf(spec, gguf_path(spec.name, verify=True), digest, folder)
+            convert_gguf(spec, gguf_path(spec.name, verify=True), digest, folder)
             loaded = _read_folder(loader, folder, dtype)
         model, tokenizer = loaded
     model.to(dev).eval()

@@ -17,28 +17,6 @@ from embgeo_utils.lm import convert, models
 SPEC = models.REGISTRY["smollm2-135m"]
 
 
-def convert_with_transformers(gguf_file: Path, target: Path) -> None:
-    """The conversion as transformers alone does it: load the GGUF, rebuild a plain model, save both halves."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
-
-    storage = getattr(torch, SPEC.storage_dtype)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=storage, local_files_only=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with no_init_weights():
-        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_dict()), dtype=storage)
-    plain.load_state_dict(loaded.state_dict(), assign=True)
-    plain.tie_weights()
-    target.mkdir(parents=True)
-    plain.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-
-
 def sums(folder: Path) -> dict[str, str]:
     return {p.name: cache.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -58,7 +36,7 @@ def both(tmp_path_factory) -> tuple[dict, Path, Path, list[str]]:
     with pytest.MonkeyPatch.context() as patch:
         # the reference parses the file three times with the same deterministic reader: one parse serves all
         patch.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=1)(gguf.GGUFReader))
-        convert_with_transformers(source, root / "reference")
+        convert.convert_with_transformers(source, root / "reference", SPEC.storage_dtype)
         config = load_gguf_checkpoint(str(source))["config"]
     reads: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
@@ -66,7 +44,7 @@ def both(tmp_path_factory) -> tuple[dict, Path, Path, list[str]]:
         patch.setattr(gguf, "GGUFReader", lambda *a, **k: reads.append("gguf.GGUFReader"))
         patch.setattr(reader, "read_gguf_metadata", lambda *a, **k: reads.append("transformers") or original(*a, **k))
         patch.setattr(convert, "read_gguf", lambda path: reads.append("convert.read_gguf") or parse(path))
-        models._convert_gguf(SPEC, source, str(SPEC.sha256), root / "one-pass")
+        models.convert_gguf(SPEC, source, str(SPEC.sha256), root / "one-pass")
     return config, root / "reference", root / "one-pass", reads
 
 
@@ -107,7 +85,7 @@ def test_a_non_finite_weight_is_refused_with_its_name_and_nothing_is_left(tmp_pa
     with pytest.raises(
         errors.ChecksumError, match=r"NaN or infinite weights in 1 tensors \(model\.layers\.21\.mlp\.up"
     ):
-        models._convert_gguf(SPEC, models.gguf_path("smollm2-135m"), str(SPEC.sha256), tmp_path / "out")
+        models.convert_gguf(SPEC, models.gguf_path("smollm2-135m"), str(SPEC.sha256), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
 
 

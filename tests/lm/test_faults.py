@@ -117,7 +117,7 @@ def smollm_cache(smollm, tmp_path, monkeypatch):
     rebuilds: list[float] = []
     place()
     rebuilds.clear()
-    monkeypatch.setattr(models, "_convert_gguf", place)
+    monkeypatch.setattr(models, "convert_gguf", place)
     monkeypatch.setattr(models, "gguf_path", lambda name, verify=True: source)
     return target, rebuilds
 
